@@ -1,0 +1,210 @@
+"""Denoisers behind one call signature, and widening of their input layer for channel-concat conditions.
+
+Every denoiser is a diffusers model wrapped by a :class:`Denoiser`:
+``forward(latents, timestep, context, context_mask, condition=None)`` returns the prediction with
+the latent's channel count, in the objective's convention (flow velocity for SANA, noise for
+SDXL/SD1.5 UNets). ``timestep`` is what the model's time embedding eats: ``sigma * 1000`` for flow
+matching (see :mod:`zoo.blocks.objectives`), the integer DDPM step for UNets.
+
+Edit conditioning by channel concatenation (DIM's ``expand_channels``, GoT's 12-channel ``conv_in``)
+is :func:`widen_input_conv` plus :func:`widen_model_input`, which also records the new
+``in_channels`` in the diffusers config so ``save_pretrained``/``from_pretrained`` round-trips the
+widened model without widening it again.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TypeVar
+
+import torch
+from diffusers import ModelMixin, SanaTransformer2DModel
+from torch import Tensor, nn
+
+from zoo.blocks.pretrained import resolve_pretrained
+
+ModelT = TypeVar("ModelT", bound=ModelMixin)
+
+
+def load_diffusers_model(
+    model_cls: type[ModelT], pretrained: str | None, config: dict | None, subfolder: str | None
+) -> ModelT:
+    """Build ``model_cls`` from a published id / local folder, or from constructor kwargs (a tiny config).
+
+    The one code path for both sizes (DESIGN.md): exactly one of ``pretrained`` and ``config``.
+    ``pretrained`` goes through :func:`resolve_pretrained` first, so a missing model is one clear line.
+    """
+    if (pretrained is None) == (config is None):
+        raise ValueError(
+            f"{model_cls.__name__}: give exactly one of pretrained= (a hub id or local folder) or "
+            f"config= (constructor kwargs, e.g. a tiny config); got pretrained={pretrained!r}, config={config!r}"
+        )
+    if pretrained is not None:
+        folder = resolve_pretrained(pretrained, subfolder)
+        return model_cls.from_pretrained(folder, subfolder=subfolder)
+    try:
+        return model_cls(**config)
+    except TypeError as err:
+        raise TypeError(f"config is not valid for {model_cls.__name__}: {err}") from err
+
+
+def widen_input_conv(conv: nn.Conv2d, extra_channels: int, *, zero_init: bool, copy_bias: bool = True) -> nn.Conv2d:
+    """Return a copy of ``conv`` taking ``extra_channels`` more input channels, appended after the old ones.
+
+    The old weights go into ``weight[:, :conv.in_channels]``. The new input channels are zero
+    (``zero_init=True``: the widened model starts as the old one) or keep the fresh default init
+    (DIM ``expand_channels(zero_init=False)``, official default). ``copy_bias=False`` leaves the bias
+    at its fresh init, as GoT's ``conv_in`` widening does (official-code-facts §3A).
+    """
+    if extra_channels <= 0:
+        raise ValueError(f"extra_channels must be positive, got {extra_channels}")
+    if conv.groups != 1:
+        raise ValueError(f"cannot widen a grouped convolution (groups={conv.groups})")
+    wide = nn.Conv2d(
+        conv.in_channels + extra_channels,
+        conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    with torch.no_grad():
+        if zero_init:
+            wide.weight.zero_()
+        wide.weight[:, : conv.in_channels].copy_(conv.weight)
+        if copy_bias and conv.bias is not None:
+            wide.bias.copy_(conv.bias)
+    return wide
+
+
+def widen_model_input(
+    model: ModelMixin, conv_name: str, condition_channels: int, *, zero_init: bool, copy_bias: bool = True
+) -> None:
+    """Widen ``model``'s input conv (dotted name, e.g. ``"patch_embed.proj"``, ``"conv_in"``) in place.
+
+    The latent channel count is ``config.out_channels``; the widened ``in_channels`` is written to
+    the config, so a saved widened model loads with the right shape. A model that is already wide
+    (loaded from such a folder) is left alone; any other channel count is an error.
+    """
+    in_channels, latent_channels = model.config.in_channels, model.config.out_channels or model.config.in_channels
+    if in_channels == latent_channels + condition_channels:
+        return
+    if in_channels != latent_channels:
+        raise ValueError(
+            f"{type(model).__name__} takes {in_channels} input channels for {latent_channels} latent channels, "
+            f"i.e. it was widened by {in_channels - latent_channels} condition channels; set "
+            f"condition_channels={in_channels - latent_channels} (got {condition_channels})"
+        )
+    parent_name, _, attr = conv_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    conv = getattr(parent, attr)
+    setattr(parent, attr, widen_input_conv(conv, condition_channels, zero_init=zero_init, copy_bias=copy_bias))
+    model.register_to_config(in_channels=latent_channels + condition_channels, out_channels=latent_channels)
+
+
+class Denoiser(nn.Module, ABC):
+    """The call signature every denoiser in the zoo shares (see the module docstring)."""
+
+    @property
+    @abstractmethod
+    def in_channels(self) -> int:
+        """Channels of the latent being denoised (not counting concatenated condition channels)."""
+
+    @property
+    @abstractmethod
+    def context_dim(self) -> int:
+        """Width of the ``context`` tokens the denoiser cross-attends to."""
+
+    @abstractmethod
+    def forward(
+        self, latents: Tensor, timestep: Tensor, context: Tensor, context_mask: Tensor, condition: Tensor | None = None
+    ) -> Tensor:
+        """Predict from ``latents [B,C,H,W]``, ``timestep [B]`` (or scalar), ``context [B,L,D]``,
+        ``context_mask [B,L]`` (1/True = real token) and an optional channel-concat ``condition``."""
+
+    def _check_inputs(
+        self, latents: Tensor, context: Tensor, context_mask: Tensor, condition: Tensor | None, condition_channels: int
+    ) -> None:
+        if latents.ndim != 4 or latents.shape[1] != self.in_channels:
+            raise ValueError(f"latents must be [B, {self.in_channels}, H, W], got {tuple(latents.shape)}")
+        batch = latents.shape[0]
+        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != self.context_dim:
+            raise ValueError(f"context must be [{batch}, L, {self.context_dim}], got {tuple(context.shape)}")
+        if tuple(context_mask.shape) != tuple(context.shape[:2]):
+            raise ValueError(
+                f"context_mask must be [B, L] = {tuple(context.shape[:2])}, got {tuple(context_mask.shape)}"
+            )
+        if condition_channels == 0:
+            if condition is not None:
+                raise ValueError("a condition was given but this denoiser has condition_channels=0")
+            return
+        expected = (batch, condition_channels, *latents.shape[2:])
+        if condition is None or tuple(condition.shape) != expected:
+            got = None if condition is None else tuple(condition.shape)
+            raise ValueError(f"condition must be {expected} (condition_channels={condition_channels}), got {got}")
+
+
+class SanaDenoiser(Denoiser):
+    """SANA / SANA-1.5 DiT (diffusers ``SanaTransformer2DModel``), the decoder of DIM.
+
+    Maps to DIM's ``SanaMS[ChannelCond]_1600M_P1_D20`` (official-code-facts §1A): with
+    ``condition_channels > 0`` the condition (DIM edit: the source's DC-AE latent) is concatenated
+    after the noisy latent before the patch embedding, whose ``proj`` conv is widened with
+    ``zero_init`` (official default False: random new channels) and the bias copied. T2I uses
+    ``condition_channels=0`` (plain SanaMS).
+
+    Args:
+        pretrained: hub id or local folder of a diffusers SANA (``subfolder`` inside it).
+        config: ``SanaTransformer2DModel`` kwargs instead of ``pretrained`` (tiny test/demo models).
+        subfolder: folder of the transformer inside ``pretrained``.
+        condition_channels: channels concatenated to the latent; 0 for none.
+        zero_init_condition: start the new input channels at zero instead of random.
+        gradient_checkpointing: recompute transformer blocks in backward to save memory.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        config: dict | None = None,
+        *,
+        subfolder: str | None = "transformer",
+        condition_channels: int = 0,
+        zero_init_condition: bool = False,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if condition_channels < 0:
+            raise ValueError(f"condition_channels must be >= 0, got {condition_channels}")
+        self.model = load_diffusers_model(SanaTransformer2DModel, pretrained, config, subfolder)
+        self.condition_channels = condition_channels
+        widen_model_input(self.model, "patch_embed.proj", condition_channels, zero_init=zero_init_condition)
+        if gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+
+    @property
+    def in_channels(self) -> int:
+        return self.model.config.out_channels
+
+    @property
+    def context_dim(self) -> int:
+        return self.model.config.caption_channels
+
+    def forward(
+        self, latents: Tensor, timestep: Tensor, context: Tensor, context_mask: Tensor, condition: Tensor | None = None
+    ) -> Tensor:
+        """Flow-velocity prediction ``[B, in_channels, H, W]``; ``timestep`` is ``sigma * 1000``."""
+        self._check_inputs(latents, context, context_mask, condition, self.condition_channels)
+        hidden = latents if condition is None else torch.cat([latents, condition.to(latents.dtype)], dim=1)
+        # SanaPipeline scales the timestep by config.timestep_scale before the call (1.0 for SANA/SANA-1.5).
+        timestep = torch.as_tensor(timestep, device=latents.device).to(latents.dtype).expand(latents.shape[0])
+        return self.model(
+            hidden,
+            encoder_hidden_states=context.to(latents.dtype),
+            timestep=timestep * self.model.config.timestep_scale,
+            encoder_attention_mask=context_mask,
+            return_dict=False,
+        )[0]

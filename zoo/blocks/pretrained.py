@@ -1,0 +1,42 @@
+"""Resolve a pretrained model id or path to a local folder, offline.
+
+Every block that loads published weights calls :func:`resolve_pretrained` first, so a missing
+model gives one actionable line instead of a hub stack trace (DESIGN.md, "One code path, two
+sizes"). The zoo never downloads at run time: users fetch weights once and point recipes at them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+
+class MissingPretrainedError(RuntimeError):
+    """A pretrained model named in a config is neither a local folder nor in the hub cache."""
+
+
+def resolve_pretrained(name_or_path: str, subfolder: str | None = None) -> str:
+    """Return a local folder holding ``name_or_path`` (a folder, or a hub id already cached).
+
+    Raises:
+        MissingPretrainedError: with a one-line message naming the model and how to provide it.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        folder = path
+    else:
+        try:
+            folder = Path(snapshot_download(name_or_path, local_files_only=True))
+        except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, OSError) as err:
+            raise MissingPretrainedError(
+                f"pretrained model '{name_or_path}' is not available offline: download it once with "
+                f"`hf download {name_or_path}` (it is then found in the hub cache, HF_HOME) or set the "
+                f"recipe's path to a local folder holding it"
+            ) from err
+    if subfolder is not None and not (folder / subfolder).is_dir():
+        raise MissingPretrainedError(
+            f"pretrained model '{name_or_path}' has no subfolder '{subfolder}' (looked in {folder})"
+        )
+    return str(folder)

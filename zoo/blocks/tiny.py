@@ -1,0 +1,301 @@
+"""The one factory of tiny, randomly initialised real components (DESIGN.md, "Tiny components
+without a model hub").
+
+No machine here reaches a model hub, so tests, tiny recipes and the demo build the real
+transformers classes at toy size from this file, deterministically: the tokenizer is trained on a
+fixed built-in corpus (no randomness involved) and weights are drawn from a private generator
+seeded by ``seed``. Same arguments → identical tokenizer and identical ``state_dict``.
+
+Qwen2.5-VL pieces mirror the published layout: byte-level BPE with Qwen's special-token strings
+appended after the learned vocabulary (so later additions, such as GoT's 66 generation tokens,
+never shift an existing id), a ``Qwen2VLImageProcessor``/``Qwen2VLVideoProcessor`` pair with a
+small patch, and a chat template that renders Qwen's format, default system prompt included.
+Token ids are always looked up by string, never hard-coded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import lru_cache
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+)
+from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
+
+# Qwen2.5's special-token strings, in Qwen's own id order (each becomes a single token).
+QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# Qwen2's pre-tokenizer split: digits one by one (box coordinates stay digit-wise), letters with
+# one leading non-letter, punctuation runs, newlines apart from words.
+_QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Qwen's default system prompt, injected by its chat template when a conversation has none.
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+# Renders Qwen2.5-VL's chat format: "<|im_start|>{role}\n{content}<|im_end|>\n" per turn, an image
+# as "<|vision_start|><|image_pad|><|vision_end|>" (the processor expands the pad to the image's
+# token count), the default system turn when the first message is not a system message.
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}"
+    "{{ message['content'] }}"
+    "{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Toy-edit vocabulary the BPE learns merges from (datamodules/toy.py speaks this language).
+_SHAPES = "circle square triangle rectangle star heart ring cross diamond ellipse object shape"
+_COLOURS = "red green blue yellow orange purple pink black white gray grey brown cyan magenta"
+_POSITIONS = (
+    "left right top bottom center middle corner above below behind front next to near inside "
+    "outside upper lower background foreground image picture canvas area region"
+)
+_VERBS = (
+    "add remove delete replace change turn make move put place shift resize enlarge shrink "
+    "recolor recolour paint fill swap erase insert keep rotate flip extract draw edit"
+)
+_GLUE = (
+    "the a an of with and or to in on at by from into is are it its this that new same small "
+    "large big tiny size color colour style please should be no not only all one two three "
+    "system user assistant you helpful describe what where how many there yes"
+)
+_DIM_SECTIONS = (
+    "1. Edit Instruction: ",
+    "2. Global Layout Perception: ",
+    "3. Local Object Perception: ",
+    "4. Edit Area Localization: ",
+    "5. Edited Image Imagination: ",
+)
+_SENTENCES = (
+    "Remove the red circle in the top left corner.",
+    "Change the color of the blue square to green.",
+    "Add a yellow star to the right of the triangle.",
+    "Replace the purple heart with an orange ring.",
+    "Move the black cross to the center of the image.",
+    "Make the white diamond larger and put it at the bottom.",
+    "Turn the background gray, keep all objects the same.",
+    "The image shows two shapes: a red circle (left) and a blue square (right).",
+    "Edited image: the triangle is now pink; nothing else changes!",
+    "You are a helpful assistant.",
+    "Box (120,340),(560,780) [red] {x: 0.25, y: 0.75} 0 1 2 3 4 5 6 7 8 9 10 100 1000",
+    "Score: 4\nBrief reasoning: the edit follows the instruction? yes - mostly; 3/5 #1 @2 \"ok\" 'fine'",
+)
+
+
+def _corpus() -> list[str]:
+    words = " ".join((_SHAPES, _COLOURS, _POSITIONS, _VERBS, _GLUE)).split()
+    lines = list(_SENTENCES) + [" ".join(_DIM_SECTIONS)]
+    # Every word with and without a leading space, so both byte-level forms get merged.
+    lines += [" ".join(words), "\n".join(words), " ".join(w.capitalize() for w in words)]
+    return lines * 4
+
+
+@lru_cache(maxsize=8)
+def _bpe_json(vocab_size: int) -> str:
+    # Cached as JSON so every call returns a fresh, independent tokenizer object.
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    return tokenizer.to_str()
+
+
+def tiny_qwen_tokenizer(
+    vocab_size: int = 768, extra_special_tokens: list[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the toy-edit corpus, with Qwen2.5's special tokens appended.
+
+    Args:
+        vocab_size: target size of the learned BPE vocabulary (256 byte symbols + merges); the
+            corpus supports up to about 1000.
+        extra_special_tokens: further special strings appended after Qwen's (e.g. GoT's
+            ``<|im_gen_start|>``…), each a single token; existing ids do not move.
+    """
+    if vocab_size < 256:
+        raise ValueError(f"vocab_size must be >= 256 (the byte alphabet), got {vocab_size}")
+    extra = list(extra_special_tokens or [])
+    clash = sorted(set(extra) & set(QWEN_SPECIAL_TOKENS))
+    if clash or len(set(extra)) != len(extra):
+        raise ValueError(f"extra_special_tokens must be new and unique, got duplicates/Qwen's own: {clash or extra}")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_bpe_json(vocab_size)),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [*QWEN_SPECIAL_TOKENS, *extra]})
+    return tokenizer
+
+
+def tiny_qwen2_5_vl_processor(
+    vocab_size: int = 768,
+    extra_special_tokens: list[str] | None = None,
+    patch_size: int = 4,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+    min_pixels: int = 16 * 16,
+    max_pixels: int = 64 * 64,
+) -> Qwen2_5_VLProcessor:
+    """A ``Qwen2_5_VLProcessor`` for 16–64 px images: tiny tokenizer, small patches, Qwen's template.
+
+    An image of side ``s`` (a multiple of ``patch_size * merge_size``) gives
+    ``(s / patch_size / merge_size)²`` ``<|image_pad|>`` tokens, as in Qwen2.5-VL (paper §2.1).
+    """
+    tokenizer = tiny_qwen_tokenizer(vocab_size, extra_special_tokens)
+    sizes = {"patch_size": patch_size, "merge_size": merge_size, "temporal_patch_size": temporal_patch_size}
+    pixels = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**sizes, **pixels),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**sizes, **pixels),
+        chat_template=QWEN_VL_CHAT_TEMPLATE,
+    )
+
+
+def tiny_qwen2_5_vl_config(
+    tokenizer: PreTrainedTokenizerFast,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vision_hidden_size: int = 32,
+    vision_depth: int = 2,
+    vision_heads: int = 2,
+    patch_size: int = 4,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+    **overrides: object,
+) -> Qwen2_5_VLConfig:
+    """``Qwen2_5_VLConfig`` at toy size whose token ids come from ``tokenizer``.
+
+    The vision tower's patch/merge sizes must equal the processor's; its output width equals the
+    text hidden size (the merger projects into the LLM). ``overrides`` go to the text config
+    (e.g. ``rms_norm_eps``, ``max_position_embeddings``).
+    """
+    unknown = sorted(set(overrides) - {field.name for field in dataclasses.fields(Qwen2_5_VLTextConfig)})
+    if unknown:
+        raise ValueError(f"unknown tiny Qwen2.5-VL option(s) {unknown}: use the named arguments or Qwen2_5_VLTextConfig fields")
+    head_dim = hidden_size // num_heads
+    if hidden_size % num_heads or head_dim % 2:
+        raise ValueError(f"hidden_size {hidden_size} must split into {num_heads} heads of even size")
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    missing = [token for token, i in ids.items() if i is None or i == tokenizer.unk_token_id]
+    if missing:
+        raise ValueError(f"tokenizer lacks Qwen special tokens {missing}; build it with tiny_qwen_tokenizer")
+    # M-RoPE splits each head's rotary half into (temporal, height, width) sections, like
+    # Qwen's [16, 24, 24] for head_dim 128.
+    half = head_dim // 2
+    mrope_section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        **overrides,
+    }
+    vision_config = {
+        "depth": vision_depth,
+        "hidden_size": vision_hidden_size,
+        "intermediate_size": 2 * vision_hidden_size,
+        "num_heads": vision_heads,
+        "patch_size": patch_size,
+        "spatial_merge_size": merge_size,
+        "temporal_patch_size": temporal_patch_size,
+        "out_hidden_size": hidden_size,
+        # Windows of 2×2 merged patches, as Qwen's 112 px windows are for its 14 px patches.
+        "window_size": 2 * patch_size * merge_size,
+        "fullatt_block_indexes": [vision_depth - 1],
+    }
+    return Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+
+
+def tiny_qwen2_5_vl(
+    seed: int = 0,
+    vocab_size: int = 768,
+    extra_special_tokens: list[str] | None = None,
+    patch_size: int = 4,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+    min_pixels: int = 16 * 16,
+    max_pixels: int = 64 * 64,
+    attn_implementation: str = "sdpa",
+    **config: object,
+) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor]:
+    """A randomly initialised ``Qwen2_5_VLForConditionalGeneration`` and its matching processor.
+
+    Weights are drawn under ``torch.manual_seed(seed)`` inside a forked RNG, so the caller's
+    global random state is untouched and the same seed gives the same ``state_dict``.
+    ``config`` keys go to :func:`tiny_qwen2_5_vl_config` (``hidden_size``, ``num_layers``, ...).
+    """
+    sizes = {"patch_size": patch_size, "merge_size": merge_size, "temporal_patch_size": temporal_patch_size}
+    processor = tiny_qwen2_5_vl_processor(
+        vocab_size, extra_special_tokens, min_pixels=min_pixels, max_pixels=max_pixels, **sizes
+    )
+    model_config = tiny_qwen2_5_vl_config(processor.tokenizer, **sizes, **config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(model_config)
+    model.set_attn_implementation(attn_implementation)
+    return model.eval(), processor
