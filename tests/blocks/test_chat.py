@@ -13,7 +13,15 @@ import torch
 from PIL import Image
 
 from tests.helpers.openai_server import OpenAIServer, Reply, Request, completion, error
-from zoo.blocks.chat import JPEG_QUALITIES, ChatError, OpenAIChatClient, complete_many, encode_image, to_pil
+from zoo.blocks.chat import (
+    JPEG_QUALITIES,
+    ChatError,
+    MissingAPIKeyError,
+    OpenAIChatClient,
+    complete_many,
+    encode_image,
+    to_pil,
+)
 
 KEY = "sk-test-4f9a2c81e7d3"
 
@@ -157,7 +165,7 @@ def test_other_4xx_fails_at_once_with_the_server_message(api_key: str) -> None:
 def test_missing_key_variable_is_named_and_nothing_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ZOO_TEST_KEY", raising=False)
     with OpenAIServer(completion("never")) as server:
-        with pytest.raises(ChatError, match="environment variable ZOO_TEST_KEY .* is not set"):
+        with pytest.raises(MissingAPIKeyError, match="environment variable ZOO_TEST_KEY .* is not set"):
             make_client(server).complete(["hi"])
     assert server.requests == []
 
@@ -228,5 +236,6 @@ def test_bad_images_and_settings_give_clear_errors() -> None:
         OpenAIChatClient("api.openai.com/v1", "gpt-4o")
     with pytest.raises(ValueError, match="image_format"):
         OpenAIChatClient("http://localhost/v1", "gpt-4o", image_format="webp")
+    client = OpenAIChatClient("http://localhost/v1", "gpt-4o", api_key_env=None)
     with pytest.raises(ValueError, match="non-empty list"):
-        OpenAIChatClient("http://localhost/v1", "gpt-4o", api_key_env=None).complete("just a string")  # type: ignore[arg-type]
+        client.complete("just a string")  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from diffusers import AutoencoderDC
 from torch import Tensor, nn
 
-from zoo.blocks.denoisers import load_diffusers_model
+from zoo.blocks.pretrained import load_diffusers_model
 
 
 class Codec(nn.Module, ABC):
@@ -130,3 +130,11 @@ class IdentityCodec(Codec):
     def decode(self, latents: Tensor) -> Tensor:
         self._check_latents(latents)
         return latents
+
+
+def build_codec(kind: str, **kwargs: object) -> Codec:
+    """A codec from a config dict: ``{"kind": "dc", ...DCAutoencoder kwargs}`` or ``{"kind": "identity"}``."""
+    codecs: dict[str, type[Codec]] = {"dc": DCAutoencoder, "identity": IdentityCodec}
+    if kind not in codecs:
+        raise ValueError(f"autoencoder kind must be one of {sorted(codecs)}, got '{kind}'")
+    return codecs[kind](**kwargs)

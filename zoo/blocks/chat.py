@@ -1,6 +1,6 @@
 """One chat client for every vision-language call the zoo makes to a remote or local model.
 
-DIM's external designer (paper §3.2, the chain-of-thought "blueprint"), the ImgEdit-Bench and
+DIM's external designer (DIM paper §3.2, the chain-of-thought "blueprint"), the ImgEdit-Bench and
 GEdit-Bench judges and data annotation all send the same thing: one user turn made of images and
 text, optionally preceded by a system prompt, and read back one text reply. :class:`ChatClient` is
 that call; :class:`OpenAIChatClient` speaks the OpenAI chat-completions protocol over HTTP (OpenAI,
@@ -28,10 +28,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
+import numpy as np
 import requests
 import torch
 from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,14 @@ class ChatError(RuntimeError):
         super().__init__(message)
         self.status = status
         self.attempts = attempts
+
+
+class MissingAPIKeyError(RuntimeError):
+    """The environment variable that should hold the API key is unset or empty.
+
+    Not a :class:`ChatError`: it is a set-up mistake that would fail every call the same way, so
+    batch helpers that collect per-call failures let it through.
+    """
 
 
 class ChatClient(Protocol):
@@ -110,14 +118,13 @@ def to_pil(image: ChatImage) -> Image.Image:
             f"a chat image tensor must hold values in [0, 1], got [{low:.3f}, {high:.3f}]; map an "
             f"image in [-1, 1] with (x + 1) / 2 first"
         )
-    # Rounding instead of to_pil_image's truncation keeps 0.5/255 steps faithful.
     pixels = (image.detach().float().cpu() * 255).round().to(torch.uint8)
-    return to_pil_image(pixels)
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
 
 
 def to_tensor(image: ChatImage) -> torch.Tensor:
     """A float tensor ``[3, H, W]`` in ``[0, 1]`` from either accepted image form."""
-    return pil_to_tensor(to_pil(image)).float() / 255
+    return torch.from_numpy(np.array(to_pil(image))).permute(2, 0, 1).float() / 255
 
 
 def encode_image(image: ChatImage, image_format: str = "jpeg", max_bytes: int = 18_000_000) -> str:
@@ -234,8 +241,9 @@ class OpenAIChatClient:
         """Send one user turn (images become base64 ``image_url`` parts, in order); return the reply.
 
         Raises:
-            ChatError: missing API key variable, a rejected request (4xx other than 429, with the
-                server's message), or no usable reply after ``max_retries`` retries.
+            MissingAPIKeyError: the ``api_key_env`` variable is unset.
+            ChatError: a rejected request (4xx other than 429, with the server's message), or no
+                usable reply after ``max_retries`` retries.
             ValueError, TypeError: empty content, or an image that cannot be encoded.
         """
         key = self._api_key()
@@ -269,7 +277,7 @@ class OpenAIChatClient:
                     if reply is not None:
                         return reply
                 elif status == 429 or status >= 500:
-                    reason = f"HTTP {status}: {_redact(_server_message(response), key)}"
+                    reason = f"HTTP {status}: {_server_message(response)}"
                     retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
                 else:
                     raise ChatError(
@@ -278,6 +286,7 @@ class OpenAIChatClient:
                         status=status,
                         attempts=attempt,
                     )
+            reason = _redact(reason, key)
             if attempt == attempts:
                 raise ChatError(
                     f"chat request to {self.url} (model {self.model!r}) failed after {attempts} attempts; "
@@ -297,11 +306,10 @@ class OpenAIChatClient:
             return None
         key = os.environ.get(self.api_key_env, "").strip()
         if not key:
-            raise ChatError(
+            raise MissingAPIKeyError(
                 f"environment variable {self.api_key_env} holding the API key for {self.base_url} is not "
                 f"set: export {self.api_key_env}=<key>, or set api_key_env to null for a server without "
-                f"authentication",
-                attempts=0,
+                f"authentication"
             )
         return key
 
@@ -330,6 +338,62 @@ class OpenAIChatClient:
             return min(retry_after, self.max_backoff)
         # Jitter spreads the retries of many concurrent judge calls hit by the same rate limit.
         return min(self.backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.0), self.max_backoff)
+
+
+class LocalVLMChatClient:
+    """A chat client running a transformers VLM in-process (:class:`~zoo.blocks.mllm.QwenVLEncoder`).
+
+    The open-designer path of DIM (Qwen/InternVL/MiMo/GLM, greedy decoding, research notes §1A) and
+    a local judge. Decoding is greedy, so replies are deterministic. One call runs at a time: use
+    ``complete_many(..., max_workers=1)``.
+
+    Args:
+        pretrained: folder or cached hub id of a Qwen2.5-VL checkpoint (e.g.
+            ``Qwen/Qwen2.5-VL-7B-Instruct``). Exclusive with ``tiny``.
+        tiny: options of :func:`zoo.blocks.tiny.tiny_qwen2_5_vl` for a random toy model (tests).
+        max_new_tokens: longest reply in tokens (DIM's open designers allow 8192).
+        device: where the model runs, e.g. ``cuda`` (each rank's current GPU) or ``cpu``.
+        torch_dtype: ``float32``, ``bfloat16`` or ``float16``.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        tiny: dict[str, Any] | None = None,
+        max_new_tokens: int = 1024,
+        device: str = "cpu",
+        torch_dtype: str = "float32",
+    ) -> None:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        # Imported here so remote-only users (API judges, designer) never load transformers.
+        from zoo.blocks.mllm import QwenVLEncoder
+
+        self.vlm = QwenVLEncoder(pretrained=pretrained, tiny=tiny, torch_dtype=torch_dtype).to(device)
+        self.max_new_tokens = max_new_tokens
+
+    def complete(self, content: Sequence[ChatPart], *, system: str | None = None) -> str:
+        """Greedy reply to one user turn of at most one image and any texts (joined by blank lines).
+
+        The image is placed before the text whatever its position in ``content`` (Qwen's chat
+        format as :meth:`QwenVLEncoder.generate` builds it).
+
+        Raises:
+            ValueError: more than one image, no text, or a system prompt (not supported by the
+                local wrapper yet: put it at the start of the text).
+        """
+        if system is not None:
+            raise ValueError("LocalVLMChatClient does not take a system prompt; put it at the start of the text")
+        images = [part for part in content if not isinstance(part, str)]
+        texts = [part for part in content if isinstance(part, str)]
+        if len(images) > 1:
+            raise ValueError(f"LocalVLMChatClient takes at most one image per turn, got {len(images)}")
+        if not texts:
+            raise ValueError("LocalVLMChatClient needs at least one text part in the turn")
+        device = next(self.vlm.parameters()).device
+        pixels = to_tensor(images[0])[None].to(device) if images else None
+        (reply,) = self.vlm.generate(pixels, ["\n\n".join(texts)], max_new_tokens=self.max_new_tokens)
+        return reply
 
 
 def _reply_text(response: requests.Response) -> tuple[str | None, str]:

@@ -15,38 +15,11 @@ widened model without widening it again.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TypeVar
-
 import torch
 from diffusers import ModelMixin, SanaTransformer2DModel
 from torch import Tensor, nn
 
-from zoo.blocks.pretrained import resolve_pretrained
-
-ModelT = TypeVar("ModelT", bound=ModelMixin)
-
-
-def load_diffusers_model(
-    model_cls: type[ModelT], pretrained: str | None, config: dict | None, subfolder: str | None
-) -> ModelT:
-    """Build ``model_cls`` from a published id / local folder, or from constructor kwargs (a tiny config).
-
-    The one code path for both sizes (DESIGN.md): exactly one of ``pretrained`` and ``config``.
-    ``pretrained`` goes through :func:`resolve_pretrained` first, so a missing model is one clear line.
-    """
-    if (pretrained is None) == (config is None):
-        raise ValueError(
-            f"{model_cls.__name__}: give exactly one of pretrained= (a hub id or local folder) or "
-            f"config= (constructor kwargs, e.g. a tiny config); got pretrained={pretrained!r}, config={config!r}"
-        )
-    if pretrained is not None:
-        folder = resolve_pretrained(pretrained, subfolder)
-        return model_cls.from_pretrained(folder, subfolder=subfolder)
-    try:
-        return model_cls(**config)
-    except TypeError as err:
-        raise TypeError(f"config is not valid for {model_cls.__name__}: {err}") from err
-
+from zoo.blocks.pretrained import load_diffusers_model
 
 def widen_input_conv(conv: nn.Conv2d, extra_channels: int, *, zero_init: bool, copy_bias: bool = True) -> nn.Conv2d:
     """Return a copy of ``conv`` taking ``extra_channels`` more input channels, appended after the old ones.
@@ -187,11 +160,16 @@ class SanaDenoiser(Denoiser):
 
     @property
     def in_channels(self) -> int:
-        return self.model.config.out_channels
+        return self.model.config.out_channels or self.model.config.in_channels
 
     @property
     def context_dim(self) -> int:
         return self.model.config.caption_channels
+
+    @property
+    def sample_size(self) -> int:
+        """Latent side length the model was configured for (default generation size)."""
+        return self.model.config.sample_size
 
     def forward(
         self, latents: Tensor, timestep: Tensor, context: Tensor, context_mask: Tensor, condition: Tensor | None = None

@@ -58,7 +58,9 @@ class FlowMatching(nn.Module):
         """Draw ``batch_size`` step indices in ``[0, N)`` with logit-normal density (int64)."""
         draw_device = generator.device if generator is not None else "cpu"
         # Same call as SANA's compute_density_for_timestep_sampling, so seeded draws match it.
-        normal = torch.normal(self.logit_mean, self.logit_std, size=(batch_size,), generator=generator, device=draw_device)
+        normal = torch.normal(
+            self.logit_mean, self.logit_std, size=(batch_size,), generator=generator, device=draw_device
+        )
         u = torch.sigmoid(normal)
         # sigmoid rounds to exactly 1.0 in float32 for n > ~17; keep that (official: index N) on the grid.
         t = (u * self.num_train_timesteps).long().clamp_(max=self.num_train_timesteps - 1)

@@ -8,6 +8,9 @@ sizes"). The zoo never downloads at run time: users fetch weights once and point
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
+
+from diffusers import ModelMixin
 
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
@@ -40,3 +43,28 @@ def resolve_pretrained(name_or_path: str, subfolder: str | None = None) -> str:
             f"pretrained model '{name_or_path}' has no subfolder '{subfolder}' (looked in {folder})"
         )
     return str(folder)
+
+
+ModelT = TypeVar("ModelT", bound=ModelMixin)
+
+
+def load_diffusers_model(
+    model_cls: type[ModelT], pretrained: str | None, config: dict | None, subfolder: str | None
+) -> ModelT:
+    """Build ``model_cls`` from a published id / local folder, or from constructor kwargs (a tiny config).
+
+    The one code path for both sizes (DESIGN.md): exactly one of ``pretrained`` and ``config``.
+    ``pretrained`` goes through :func:`resolve_pretrained` first, so a missing model is one clear line.
+    """
+    if (pretrained is None) == (config is None):
+        raise ValueError(
+            f"{model_cls.__name__}: give exactly one of pretrained= (a hub id or local folder) or "
+            f"config= (constructor kwargs, e.g. a tiny config); got pretrained={pretrained!r}, config={config!r}"
+        )
+    if pretrained is not None:
+        folder = resolve_pretrained(pretrained, subfolder)
+        return model_cls.from_pretrained(folder, subfolder=subfolder)
+    try:
+        return model_cls(**config)
+    except TypeError as err:
+        raise TypeError(f"config is not valid for {model_cls.__name__}: {err}") from err

@@ -21,6 +21,7 @@ equivalent, and the step count and guidance here are whatever the caller passes.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -71,7 +72,12 @@ def model_timesteps(scheduler: SchedulerMixin) -> Tensor:
 
 @torch.no_grad()
 def sample(
-    predict: Callable[[Tensor, Tensor], Tensor], noise: Tensor, scheduler: SchedulerMixin, num_steps: int
+    predict: Callable[[Tensor, Tensor], Tensor],
+    noise: Tensor,
+    scheduler: SchedulerMixin,
+    num_steps: int,
+    *,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Denoise ``noise`` in ``num_steps`` scheduler steps (one ``predict`` call each).
 
@@ -81,6 +87,7 @@ def sample(
         noise: the initial ``x_T``, e.g. ``randn`` of the latent shape from a seeded generator.
         scheduler: from :func:`build_scheduler` (or any diffusers scheduler); its state is reset.
         num_steps: number of denoising steps.
+        generator: seeds the noise that stochastic schedulers (DDPM, as GoT samples) add per step.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -88,11 +95,12 @@ def sample(
     if len(scheduler.timesteps) != num_steps:
         raise ValueError(f"{type(scheduler).__name__} made {len(scheduler.timesteps)} steps for num_steps={num_steps}")
     inputs = model_timesteps(scheduler)
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
     for t, model_t in zip(scheduler.timesteps, inputs):
         model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         output = predict(model_input, model_t.expand(x.shape[0]))
         if output.shape != x.shape:
             raise ValueError(f"predict returned {tuple(output.shape)} for x_t of shape {tuple(x.shape)}")
-        x = scheduler.step(output, t, x, return_dict=False)[0]
+        x = scheduler.step(output, t, x, return_dict=False, **step_kwargs)[0]
     return x

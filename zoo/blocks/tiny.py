@@ -19,7 +19,7 @@ import dataclasses
 from functools import lru_cache
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
@@ -163,14 +163,18 @@ def tiny_qwen_tokenizer(
     clash = sorted(set(extra) & set(QWEN_SPECIAL_TOKENS))
     if clash or len(set(extra)) != len(extra):
         raise ValueError(f"extra_special_tokens must be new and unique, got duplicates/Qwen's own: {clash or extra}")
+    backend = Tokenizer.from_str(_bpe_json(vocab_size))
+    # Added on the backend first so ids follow Qwen's order, not the wrapper's eos/pad-first order.
+    specials = [*QWEN_SPECIAL_TOKENS, *extra]
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_bpe_json(vocab_size)),
+        tokenizer_object=backend,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         padding_side="right",
         clean_up_tokenization_spaces=False,
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": [*QWEN_SPECIAL_TOKENS, *extra]})
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
     return tokenizer
 
 

@@ -1,0 +1,54 @@
+"""Convert a DIM "tos" release (jsonl + images [+ CoT jsonl]) into tar shards with ``index.json``.
+
+``python -m zoo data convert --jsonl X --image-root Y [--cot-jsonl Z] --out DIR --samples-per-shard N``
+Images are re-encoded losslessly as PNG (the schema's ``source.png``/``target.png``), so JPEG bytes
+under a .png name and real PNGs end up alike; the row's extra fields go into the sample json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from typing import Iterator
+
+from datamodules.formats.dim import TosJsonl
+from datamodules.samples import EditSample, T2ISample
+from datamodules.shards import write_split
+
+log = logging.getLogger(__name__)
+
+
+def _shard_key(key: str) -> str:
+    # webdataset splits member names at the first dot, so ids like "a.b" would break grouping.
+    return re.sub(r"[./\\\s]", "_", key)
+
+
+def _records(reader: TosJsonl) -> Iterator[tuple[EditSample | T2ISample, dict]]:
+    for row, sample in reader.pairs():
+        extra = dict(row.extra)
+        shard_key = _shard_key(sample.key)
+        if shard_key != sample.key:
+            extra["id"] = sample.key
+            sample.key = shard_key
+        yield sample, extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns a process exit code (0 ok, 1 when nothing could be converted)."""
+    parser = argparse.ArgumentParser(prog="zoo data convert", description=__doc__.splitlines()[0])
+    parser.add_argument("--jsonl", required=True, help="DIM tos jsonl (id, image_path, prompt[, image_path_target])")
+    parser.add_argument("--image-root", default=None, help="folder the image paths are relative to (default: the jsonl's)")
+    parser.add_argument("--cot-jsonl", default=None, help="DIM *_cot.jsonl whose prompts become the blueprint field")
+    parser.add_argument("--out", required=True, help="output split folder (tars + index.json)")
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--strict", action="store_true", help="fail on the first missing or undecodable image")
+    args = parser.parse_args(argv)
+    reader = TosJsonl(args.jsonl, image_root=args.image_root, cot_jsonl=args.cot_jsonl, strict=args.strict)
+    index = write_split(args.out, _records(reader), args.samples_per_shard)
+    print(f"wrote {index['total']} samples in {len(index['shards'])} shard(s) to {args.out}; skipped {reader.skipped}")
+    return 0 if index["total"] > 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,604 @@
+"""WebDataset tar shards: the on-disk schema, writers, and the resumable ``ShardDataModule``.
+
+Shard schema (one split = one folder)
+-------------------------------------
+``<split>/shard-000000.tar, shard-000001.tar, ...`` written with ``webdataset.ShardWriter``.
+One sample is the group of tar members sharing a ``__key__`` (keys must not contain "." or "/",
+because webdataset splits a member name at its first dot):
+
+* ``<key>.json``   utf-8 JSON object: ``task`` ("edit" | "t2i"), ``instruction`` (T2I: the prompt),
+  ``blueprint`` (DIM 5-section CoT or null), ``edit_type`` (or null), ``boxes`` (list of
+  ``{"box": [x1, y1, x2, y2] ints in [0,1000), "color": str, "label": str}``), plus free extra fields
+  (kept out of the batch, e.g. the toy generator's scene description).
+* ``<key>.source.png``  edit only: the source image (RGB; any PIL-readable bytes are accepted).
+* ``<key>.target.png``  the edited image (T2I: the image); absent in predict sets.
+* ``<key>.mask.png``    optional "L" image, 255 inside the edit region.
+
+``<split>/index.json`` = ``{"shards": [{"url": "shard-000000.tar", "samples": n}, ...], "total": N}``
+(urls relative to the folder) is written by :func:`write_split`, so sample counts are known without
+reading the tars: this is what makes exact epochs, equal per-rank batch counts and ``len()`` possible.
+
+Epoch plan (train)
+------------------
+Each epoch the shard list is shuffled with a seed derived from ``(seed, epoch)`` -- the same on every
+rank, so the ranks partition one global sample order. Rank r of W takes positions
+``[r * N//W, (r+1) * N//W)``: only the ``N mod W`` (< W) samples at the tail of the epoch's order are
+dropped, which is what equal per-rank batch counts need. A rank's ``ceil((N//W) / batch_size)``
+batches (the last may be short) are dealt round-robin to its dataloader workers, matching the order
+in which ``torch.utils.data.DataLoader`` collects them; each worker reads one contiguous run of the
+rank's positions and shuffles it through a buffer seeded by ``(seed, epoch, rank, worker)``. Ranks x
+workers therefore cover each kept sample exactly once per epoch, and the order is a pure function of
+``(seed, epoch, world_size, num_workers, batch_size, shuffle_buffer)``.
+
+Resume: the DataModule's ``state_dict`` stores the epoch and the number of batches the trainer has
+*processed* in it (Lightning prefetches a batch ahead, so batches handed out would over-count);
+every rank processes the same number, and the derived per-worker positions are stored keyed by rank.
+On restore the workers skip exactly that many batches without decoding them.
+
+Val/test/predict: index order (no shuffle), contiguous uneven split over ranks, every sample kept,
+``limit_val_samples`` keeps the first n samples of val and test.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import multiprocessing
+import os
+import random
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import lightning as L
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from datamodules.samples import EditSample, T2ISample, collate
+
+log = logging.getLogger(__name__)
+
+SHARD_PATTERN = "shard-%06d.tar"
+INDEX_NAME = "index.json"
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    # Level 1: shards are read far more often than written, and decode speed barely depends on it.
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def encode_sample(sample: EditSample | T2ISample, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Turn a record into a ``ShardWriter`` sample following the schema above."""
+    if "." in sample.key or "/" in sample.key or not sample.key:
+        raise ValueError(f"shard keys must be non-empty and contain no '.' or '/': {sample.key!r}")
+    meta: dict[str, Any] = dict(extra or {})
+    record: dict[str, Any] = {"__key__": sample.key}
+    if isinstance(sample, EditSample):
+        meta.update(task="edit", instruction=sample.instruction, edit_type=sample.edit_type)
+        record["source.png"] = _png(sample.source)
+        target = sample.target
+        if sample.mask is not None:
+            record["mask.png"] = _png(sample.mask)
+    else:
+        meta.update(task="t2i", instruction=sample.prompt, edit_type=None)
+        target = sample.image
+    meta.update(blueprint=sample.blueprint, boxes=sample.boxes)
+    if target is not None:
+        record["target.png"] = _png(target)
+    record["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    return record
+
+
+def write_split(
+    out_dir: str | os.PathLike[str],
+    records: Iterable[EditSample | T2ISample | tuple[EditSample | T2ISample, dict[str, Any]]],
+    samples_per_shard: int,
+) -> dict[str, Any]:
+    """Write one split folder of tar shards plus its ``index.json``; returns the index."""
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts: list[dict[str, Any]] = []
+    holder: list[wds.ShardWriter] = []
+
+    def record_count(fname: str) -> None:
+        counts.append({"url": Path(fname).name, "samples": holder[0].count})
+
+    writer = wds.ShardWriter(
+        str(out / SHARD_PATTERN), maxcount=samples_per_shard, maxsize=float(1 << 40), post=record_count, verbose=0
+    )
+    holder.append(writer)
+    seen: set[str] = set()
+    for item in records:
+        sample, extra = item if isinstance(item, tuple) else (item, None)
+        if sample.key in seen:
+            raise ValueError(f"duplicate sample key {sample.key!r} in split {out}")
+        seen.add(sample.key)
+        writer.write(encode_sample(sample, extra))
+    writer.close()
+    # ShardWriter opens its first shard eagerly, so an empty split leaves an empty tar behind.
+    for entry in [c for c in counts if c["samples"] == 0]:
+        (out / entry["url"]).unlink(missing_ok=True)
+    shards = [c for c in counts if c["samples"] > 0]
+    index = {"shards": shards, "total": sum(c["samples"] for c in shards)}
+    (out / INDEX_NAME).write_text(json.dumps(index, indent=1))
+    return index
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def _count_tar(url: str) -> int:
+    return sum(1 for _ in _raw_samples(url))
+
+
+def resolve_shards(spec: str) -> list[tuple[str, int]]:
+    """``(url, n_samples)`` per shard from a split folder with ``index.json`` or a brace pattern.
+
+    A brace pattern (``data/train/shard-{000000..000009}.tar``) has no index, so its tars are read
+    once here to count samples; write splits with :func:`write_split` to avoid that.
+    """
+    path = Path(spec)
+    if path.is_dir():
+        index_file = path / INDEX_NAME
+        if not index_file.is_file():
+            raise FileNotFoundError(f"{path} is a folder without {INDEX_NAME}; write it with write_split()")
+        index = json.loads(index_file.read_text())
+        return [(str(path / s["url"]), int(s["samples"])) for s in index["shards"]]
+    urls = wds.shardlists.expand_urls(spec)
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(f"shard spec {spec!r}: no such file(s) {missing[:3]}")
+    log.info("counting samples of %d shards (no %s for %s)", len(urls), INDEX_NAME, spec)
+    return [(u, _count_tar(u)) for u in urls]
+
+
+def _raw_samples(url: str) -> Iterator[dict[str, Any]]:
+    """Grouped raw members of one tar (bytes, undecoded) through webdataset's tar iterators."""
+    streams = wds.tariterators.url_opener([{"url": url}])
+    yield from wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(streams))
+
+
+def _open_image(data: bytes, mode: str) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert(mode)
+
+
+def decode_sample(raw: dict[str, Any]) -> EditSample | T2ISample:
+    """Raw webdataset sample (member suffix -> bytes) -> typed record; raises on any defect."""
+    key = raw["__key__"]
+    if "json" not in raw:
+        raise ValueError("no .json member")
+    meta = json.loads(raw["json"].decode("utf-8"))
+    if not isinstance(meta, dict) or meta.get("task") not in ("edit", "t2i"):
+        raise ValueError(f"json must be an object with task 'edit' or 't2i', got {str(meta)[:80]!r}")
+    if not isinstance(meta.get("instruction"), str):
+        raise ValueError("json has no string 'instruction'")
+    target = _open_image(raw["target.png"], "RGB") if "target.png" in raw else None
+    boxes = meta.get("boxes") or []
+    if meta["task"] == "t2i":
+        return T2ISample(key=key, image=target, prompt=meta["instruction"], blueprint=meta.get("blueprint"), boxes=boxes)
+    if "source.png" not in raw:
+        raise ValueError("edit sample without source.png")
+    return EditSample(
+        key=key,
+        source=_open_image(raw["source.png"], "RGB"),
+        instruction=meta["instruction"],
+        target=target,
+        blueprint=meta.get("blueprint"),
+        edit_type=meta.get("edit_type"),
+        mask=_open_image(raw["mask.png"], "L") if "mask.png" in raw else None,
+        boxes=boxes,
+    )
+
+
+def _batch_sizes(num_samples: int, batch_size: int) -> list[int]:
+    full, rest = divmod(num_samples, batch_size)
+    return [batch_size] * full + ([rest] if rest else [])
+
+
+def _consumed_by_worker(worker: int, consumed: int, num_workers: int) -> int:
+    """Batches of logical worker ``worker`` among the first ``consumed`` round-robin batches."""
+    return len(range(worker, consumed, num_workers))
+
+
+class ShardStream(IterableDataset):
+    """One split of one rank, yielding collated batches (``DataLoader(batch_size=None)``).
+
+    The DataModule sets ``epoch`` and ``skip_batches`` in the main process before each
+    ``iter(loader)``; workers are started afterwards and receive that copy.
+    """
+
+    def __init__(
+        self,
+        shards: list[tuple[str, int]],
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        resolution: int,
+        mllm_resolution: int,
+        train: bool,
+        seed: int,
+        shuffle_buffer: int,
+        strict: bool,
+        limit_samples: int | None,
+        skipped: Any,
+    ) -> None:
+        self.shards, self.rank, self.world_size = shards, rank, world_size
+        self.batch_size, self.resolution, self.mllm_resolution = batch_size, resolution, mllm_resolution
+        self.train, self.seed, self.shuffle_buffer, self.strict = train, seed, shuffle_buffer, strict
+        self.skipped = skipped
+        total = sum(n for _, n in shards)
+        self.num_samples = total if limit_samples is None else min(total, limit_samples)
+        if train:
+            per_rank = self.num_samples // world_size
+            if per_rank == 0:
+                raise ValueError(f"{self.num_samples} training samples cannot feed {world_size} ranks")
+            self.rank_start, self.rank_stop = rank * per_rank, (rank + 1) * per_rank
+        else:
+            self.rank_start = rank * self.num_samples // world_size
+            self.rank_stop = (rank + 1) * self.num_samples // world_size
+        self.epoch = 0
+        self.skip_batches = 0
+
+    @property
+    def rank_batch_sizes(self) -> list[int]:
+        return _batch_sizes(self.rank_stop - self.rank_start, self.batch_size)
+
+    def __len__(self) -> int:
+        return len(self.rank_batch_sizes)
+
+    def _shard_order(self) -> list[tuple[str, int]]:
+        order = list(self.shards)
+        if self.train:
+            random.Random(f"shards/{self.seed}/{self.epoch}").shuffle(order)
+        return order
+
+    def _worker_intervals(self, worker: int, num_workers: int) -> tuple[list[tuple[int, int]], list[int]]:
+        """Global positions read by a logical worker, and the sizes of its batches in order."""
+        sizes = self.rank_batch_sizes
+        mine = list(range(worker, len(sizes), num_workers))
+        starts = [self.rank_start + sum(sizes[:j]) for j in range(len(sizes))]
+        if not self.train:
+            # Index order is kept: each worker reads its own batches where they lie.
+            return [(starts[j], starts[j] + sizes[j]) for j in mine], [sizes[j] for j in mine]
+        # Train: one contiguous run per worker (cheap I/O); the shuffle buffer mixes it.
+        before = sum(sizes[j] for w in range(worker) for j in range(w, len(sizes), num_workers))
+        length = sum(sizes[j] for j in mine)
+        start = self.rank_start + before
+        return [(start, start + length)], [sizes[j] for j in mine]
+
+    def _count_skip(self, url: str, key: str, error: BaseException, lost: int = 1) -> None:
+        if self.strict:
+            raise RuntimeError(f"undecodable sample in shard {url}, key {key!r}: {error}") from error
+        with self.skipped.get_lock():
+            self.skipped.value += lost
+        log.warning("skipped %d sample(s) in shard %s, key %r: %s", lost, url, key, error)
+
+    def _raw_stream(self, intervals: list[tuple[int, int]]) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(shard url, raw sample)`` at the given positions of the epoch order; losses are counted."""
+        cursor = 0
+        stop_all = intervals[-1][1] if intervals else 0
+        for url, count in self._shard_order():
+            first, cursor = cursor, cursor + count
+            wanted = [(max(a, first), min(b, cursor)) for a, b in intervals if a < cursor and b > first]
+            if not wanted:
+                if first >= stop_all:
+                    return
+                continue
+            expected = sum(b - a for a, b in wanted)
+            delivered = 0
+            position, key = first, "<start of shard>"
+            try:
+                for raw in _raw_samples(url):
+                    key = raw.get("__key__", key)
+                    if position >= wanted[-1][1]:
+                        break
+                    if any(a <= position < b for a, b in wanted):
+                        delivered += 1
+                        yield url, raw
+                    position += 1
+            except Exception as error:  # a damaged tar ends its shard; the rest is counted as lost
+                self._count_skip(url, f"after {key}", error, lost=expected - delivered)
+                delivered = expected
+            if delivered < expected:
+                self._count_skip(url, "<end of shard>", ValueError("fewer samples than index.json"), expected - delivered)
+
+    def _shuffled(self, stream: Iterator[Any], worker: int) -> Iterator[Any]:
+        """Seeded buffer shuffle (webdataset's takes no rng we can pin to (seed, epoch, rank, worker))."""
+        if not self.train or self.shuffle_buffer <= 1:
+            yield from stream
+            return
+        rng = random.Random(f"buffer/{self.seed}/{self.epoch}/{self.rank}/{worker}")
+        buffer: list[Any] = []
+        for item in stream:
+            buffer.append(item)
+            if len(buffer) >= self.shuffle_buffer:
+                index = rng.randrange(len(buffer))
+                buffer[index], buffer[-1] = buffer[-1], buffer[index]
+                yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # After a resume at batch k, batch k must come from the loader's first worker.
+        worker = (physical + self.skip_batches) % num_workers
+        intervals, sizes = self._worker_intervals(worker, num_workers)
+        skip = _consumed_by_worker(worker, self.skip_batches, num_workers)
+        stream = self._shuffled(self._raw_stream(intervals), worker)
+        previous: list[EditSample | T2ISample] = []
+        for index, size in enumerate(sizes):
+            raws = [item for _, item in zip(range(size), stream)]
+            if index < skip:
+                continue
+            samples = []
+            for url, raw in raws:
+                try:
+                    samples.append(decode_sample(raw))
+                except Exception as error:
+                    self._count_skip(url, raw.get("__key__", "?"), error)
+            if not samples:
+                if not previous:
+                    raise RuntimeError(
+                        f"rank {self.rank} worker {worker}: no decodable sample in batch {index} "
+                        f"(epoch {self.epoch}); see the skipped-sample warnings above"
+                    )
+                # Ranks must yield equal batch counts (else DDP hangs), so a fully lost batch repeats the last one.
+                log.warning("rank %d worker %d: batch %d fully lost, repeating the previous batch", self.rank, worker, index)
+                samples = previous
+            previous = samples
+            yield collate(samples, self.resolution, self.mllm_resolution)
+
+
+# --- the DataModule ----------------------------------------------------------------------------
+
+
+class _TrainLoader(DataLoader):
+    """A DataLoader that asks the DataModule for the epoch (and resume skip) at every ``iter()``.
+
+    Lightning creates the train loader once and calls ``iter()`` at each epoch start with
+    ``trainer.current_epoch`` already advanced; non-persistent workers are spawned at that moment
+    and receive the updated ``ShardStream`` copy.
+    """
+
+    def __init__(self, dataset: ShardStream, begin_epoch: Any, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._begin_epoch = begin_epoch
+
+    def __iter__(self) -> Any:
+        self._begin_epoch(self.dataset)
+        return super().__iter__()
+
+
+class _ListDataset(Dataset):
+    """Predict rows of a DIM jsonl, decoded lazily (images can be 1024 px)."""
+
+    def __init__(self, reader: Any, rows: list[Any]) -> None:
+        self.reader, self.rows = reader, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> EditSample | T2ISample:
+        return self.reader.load(self.rows[index])
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Streams WebDataset shards (schema in this module's docstring) into the zoo's batch dict.
+
+    Args:
+        train_shards: Training split: a folder holding ``index.json`` and its tars, or a brace
+            pattern of tar paths. None leaves the split unused.
+        val_shards: Validation split (same forms), read in index order.
+        test_shards: Test split (same forms), read in index order.
+        predict_shards: Predict split (same forms); targets may be absent.
+        predict_jsonl: A DIM "tos" jsonl for ``zoo predict`` (image paths relative to the jsonl's
+            folder); used when ``predict_shards`` is None.
+        batch_size: Training batch size per rank.
+        val_batch_size: Batch size of val/test/predict; defaults to ``batch_size``.
+        num_workers: Dataloader worker processes per rank (0 = read in the main process).
+        resolution: Side R of the square ``source``/``target``/``mask`` tensors.
+        mllm_resolution: Side M of the squashed full source image fed to the MLLM.
+        seed: Seed of the shard order and shuffle buffers (combined with epoch, rank, worker).
+        shuffle_buffer: Samples held by each worker's shuffle buffer (1 = shard order only).
+        strict: Raise on the first undecodable sample (naming shard and key) instead of
+            skipping and counting it.
+        limit_val_samples: Keep only the first n samples of the val and test splits.
+    """
+
+    def __init__(
+        self,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        test_shards: str | None = None,
+        predict_shards: str | None = None,
+        predict_jsonl: str | None = None,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        resolution: int = 32,
+        mllm_resolution: int = 32,
+        seed: int = 0,
+        shuffle_buffer: int = 256,
+        strict: bool = False,
+        limit_val_samples: int | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
+            raise ValueError("batch sizes must be >= 1")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters()
+        self.train_shards, self.val_shards, self.test_shards = train_shards, val_shards, test_shards
+        self.predict_shards, self.predict_jsonl = predict_shards, predict_jsonl
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers, self.resolution, self.mllm_resolution = num_workers, resolution, mllm_resolution
+        self.seed, self.shuffle_buffer, self.strict = seed, shuffle_buffer, strict
+        self.limit_val_samples = limit_val_samples
+        self.rank, self.world_size = 0, 1
+        self.streams: dict[str, ShardStream] = {}
+        self._counters: dict[str, Any] = {}
+        self._predict_reader: Any = None
+        self._epoch = 0
+        self._resume: dict[str, Any] | None = None
+
+    # -- setup --
+
+    def setup(self, stage: str | None = None) -> None:
+        """Capture rank/world size from the trainer (workers must not guess them from the env)."""
+        if self.trainer is not None:
+            self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
+        wanted = {
+            "fit": ["train", "val"],
+            "validate": ["val"],
+            "test": ["test"],
+            "predict": ["predict"],
+        }.get(stage or "", ["train", "val", "test", "predict"])
+        specs = {"train": self.train_shards, "val": self.val_shards, "test": self.test_shards, "predict": self.predict_shards}
+        for split in wanted:
+            if specs[split] is None or split in self.streams:
+                continue
+            self._counters.setdefault(split, multiprocessing.Value("q", 0))
+            train = split == "train"
+            self.streams[split] = ShardStream(
+                resolve_shards(specs[split]),
+                rank=self.rank,
+                world_size=self.world_size,
+                batch_size=self.batch_size if train else self.val_batch_size,
+                resolution=self.resolution,
+                mllm_resolution=self.mllm_resolution,
+                train=train,
+                seed=self.seed,
+                shuffle_buffer=self.shuffle_buffer,
+                strict=self.strict,
+                limit_samples=self.limit_val_samples if split in ("val", "test") else None,
+                skipped=self._counters[split],
+            )
+        if "predict" in wanted and self.predict_shards is None and self.predict_jsonl is not None:
+            from datamodules.formats.dim import TosJsonl
+
+            self._predict_reader = TosJsonl(self.predict_jsonl, strict=self.strict)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped so far per split (undecodable or lost), summed over this rank's workers."""
+        counts = {split: counter.value for split, counter in self._counters.items()}
+        if self._predict_reader is not None:
+            counts["predict"] = counts.get("predict", 0) + self._predict_reader.skipped
+        return counts
+
+    @property
+    def num_batches_per_epoch(self) -> int:
+        """Training batches each rank yields per epoch (equal on every rank)."""
+        return len(self._stream("train"))
+
+    def _stream(self, split: str) -> ShardStream:
+        if split not in self.streams:
+            raise RuntimeError(f"no {split} split: pass {split}_shards and call setup() first")
+        return self.streams[split]
+
+    # -- epochs and resume --
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used by the next ``iter(train_dataloader)`` when no trainer is attached."""
+        self._epoch = epoch
+
+    def _layout(self) -> dict[str, int]:
+        stream = self._stream("train")
+        return {
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "shuffle_buffer": self.shuffle_buffer,
+            "num_samples": stream.num_samples,
+        }
+
+    def _begin_train_epoch(self, stream: ShardStream) -> None:
+        if self.trainer is not None:
+            self._epoch = self.trainer.current_epoch
+        skip = 0
+        resume, self._resume = self._resume, None
+        if resume is not None and resume["epoch"] == self._epoch:
+            if resume["layout"] != self._layout():
+                log.warning(
+                    "data layout changed since the checkpoint (%s -> %s): epoch %d restarts from its first batch "
+                    "under the new layout, so samples already seen this epoch may repeat",
+                    resume["layout"],
+                    self._layout(),
+                    self._epoch,
+                )
+            elif resume["batches_consumed"] >= len(stream):
+                # Saved after the epoch's last batch: Lightning restarts with the old epoch number and
+                # this iterator feeds the next epoch's pass, so it must already be the next epoch.
+                self._epoch += 1
+            else:
+                skip = resume["batches_consumed"]
+        stream.epoch, stream.skip_batches = self._epoch, skip
+
+    def state_dict(self) -> dict[str, Any]:
+        """Epoch and batches processed in it, with each rank's per-worker position (Lightning saves rank 0's)."""
+        if "train" not in self.streams or self.trainer is None:
+            return {}
+        consumed = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        workers = max(1, self.num_workers)
+        return {
+            "epoch": self.trainer.current_epoch,
+            "batches_consumed": consumed,
+            "layout": self._layout(),
+            "ranks": {
+                str(rank): {"worker_batches_consumed": [_consumed_by_worker(w, consumed, workers) for w in range(workers)]}
+                for rank in range(self.world_size)
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Remember the position; applied at the next ``iter(train_dataloader)`` of that epoch."""
+        if state_dict:
+            self._resume = {
+                "epoch": int(state_dict["epoch"]),
+                "batches_consumed": int(state_dict["batches_consumed"]),
+                "layout": dict(state_dict["layout"]),
+            }
+
+    # -- loaders --
+
+    def _loader(self, stream: ShardStream) -> DataLoader:
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return _TrainLoader(self._stream("train"), self._begin_train_epoch, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._stream("val"))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._stream("test"))
+
+    def predict_dataloader(self) -> DataLoader:
+        if "predict" in self.streams:
+            return self._loader(self.streams["predict"])
+        if self._predict_reader is None:
+            raise RuntimeError("no predict split: pass predict_shards or predict_jsonl and call setup('predict')")
+        rows = self._predict_reader.rows()
+        mine = rows[self.rank * len(rows) // self.world_size : (self.rank + 1) * len(rows) // self.world_size]
+        return DataLoader(
+            _ListDataset(self._predict_reader, mine),
+            batch_size=self.val_batch_size,
+            num_workers=self.num_workers,
+            collate_fn=partial(collate, resolution=self.resolution, mllm_resolution=self.mllm_resolution),
+        )

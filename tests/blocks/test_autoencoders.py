@@ -1,0 +1,110 @@
+"""DCAutoencoder over a tiny real AutoencoderDC, and the identity codec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from zoo.blocks.autoencoders import DCAutoencoder, IdentityCodec
+from zoo.blocks.pretrained import MissingPretrainedError
+
+# Tiny DC-AE: factor 2 (two stages), 4 latent channels, one ResBlock + one EfficientViT (linear
+# attention) stage, the SANA-1.1 decoder's interpolate upsampling and batch/rms norms.
+TINY_DCAE = {
+    "in_channels": 3,
+    "latent_channels": 4,
+    "attention_head_dim": 4,
+    "encoder_block_types": ["ResBlock", "EfficientViTBlock"],
+    "decoder_block_types": ["ResBlock", "EfficientViTBlock"],
+    "encoder_block_out_channels": [8, 16],
+    "decoder_block_out_channels": [8, 16],
+    "encoder_layers_per_block": [1, 1],
+    "decoder_layers_per_block": [1, 1],
+    "encoder_qkv_multiscales": [[], [5]],
+    "decoder_qkv_multiscales": [[], [5]],
+    "upsample_block_type": "interpolate",
+    "decoder_norm_types": ["batch_norm", "rms_norm"],
+    "decoder_act_fns": ["relu", "silu"],
+}
+
+
+def make_codec(scaling_factor: float = 0.41407) -> DCAutoencoder:
+    torch.manual_seed(0)
+    return DCAutoencoder(config=TINY_DCAE, scaling_factor=scaling_factor)
+
+
+def images(batch: int = 2, size: int = 16) -> torch.Tensor:
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+def test_encode_decode_shapes_and_properties() -> None:
+    codec = make_codec()
+    assert (codec.latent_channels, codec.downsample_factor) == (4, 2)
+    z = codec.encode(images(size=16))
+    assert z.shape == (2, 4, 8, 8)
+    assert codec.decode(z).shape == (2, 3, 16, 16)
+
+
+def test_encode_scales_and_decode_unscales() -> None:
+    codec = make_codec(scaling_factor=0.5)
+    x = images()
+    raw = codec.model.encode(x).latent
+    torch.testing.assert_close(codec.encode(x), raw * 0.5)
+    z = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(codec.decode(z), codec.model.decode(z / 0.5).sample)
+    # Scaling is exactly linear: another factor scales the latent, and decode undoes it.
+    other = make_codec(scaling_factor=2.0)
+    torch.testing.assert_close(other.encode(x), codec.encode(x) * 4.0)
+    torch.testing.assert_close(other.decode(z * 4.0), codec.decode(z))
+
+
+def test_codec_is_frozen_and_stays_in_eval() -> None:
+    codec = make_codec()
+    assert not any(p.requires_grad for p in codec.parameters())
+    codec.train()
+    assert not codec.training and not any(m.training for m in codec.modules())
+    # Batch-norm statistics must not move while a module around it trains.
+    stats = {k: v.clone() for k, v in codec.state_dict().items() if "running" in k}
+    assert stats, "the tiny decoder should contain batch norms"
+    codec.decode(torch.randn(2, 4, 8, 8))
+    for key, value in stats.items():
+        assert torch.equal(codec.state_dict()[key], value)
+
+
+def test_round_trip_through_save_pretrained(tmp_path: Path) -> None:
+    codec = make_codec()
+    codec.model.save_pretrained(tmp_path / "vae")
+    loaded = DCAutoencoder(pretrained=str(tmp_path))
+    x = images()
+    torch.testing.assert_close(loaded.encode(x), codec.encode(x), rtol=0, atol=0)
+    z = torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(loaded.decode(z), codec.decode(z), rtol=0, atol=0)
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_missing_pretrained_is_one_clear_error() -> None:
+    with pytest.raises(MissingPretrainedError, match="mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers"):
+        DCAutoencoder(pretrained="mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers", subfolder=None)
+
+
+def test_bad_inputs_are_explained() -> None:
+    codec = make_codec()
+    with pytest.raises(ValueError, match="multiples of 2"):
+        codec.encode(torch.zeros(1, 3, 15, 16))
+    with pytest.raises(ValueError, match=r"latents must be \[B, 4, h, w\]"):
+        codec.decode(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="scaling_factor must be positive"):
+        DCAutoencoder(config=TINY_DCAE, scaling_factor=0.0)
+    with pytest.raises(ValueError, match="exactly one of pretrained"):
+        DCAutoencoder()
+
+
+def test_identity_codec_is_pixel_space() -> None:
+    codec = IdentityCodec()
+    x = images()
+    assert (codec.latent_channels, codec.downsample_factor) == (3, 1)
+    assert codec.encode(x) is x and codec.decode(x) is x
+    with pytest.raises(ValueError, match=r"latents must be \[B, 3, h, w\]"):
+        codec.encode(torch.zeros(1, 4, 8, 8))

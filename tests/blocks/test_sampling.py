@@ -1,0 +1,147 @@
+"""Sampling loops over real diffusers flow schedulers, checked with oracle velocity predictors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+from zoo.blocks.guidance import text_cfg
+from zoo.blocks.objectives import FlowMatching
+from zoo.blocks.sampling import build_scheduler, model_timesteps, sample
+
+SCHEDULERS = ["dpm_solver++", "flow_euler"]
+
+
+def data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, 6, 6, generator=g), torch.randn(2, 4, 6, 6, generator=g)
+
+
+def oracle(x0: torch.Tensor, calls: list[float] | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Exact flow velocity eps - x0 for x_t = (1 - sigma) x0 + sigma eps, with sigma = model_t / 1000."""
+
+    def predict(x_t: torch.Tensor, model_t: torch.Tensor) -> torch.Tensor:
+        assert model_t.shape == (x_t.shape[0],)
+        if calls is not None:
+            calls.append(model_t[0].item())
+        sigma = (model_t / 1000).view(-1, 1, 1, 1)
+        eps = (x_t - (1 - sigma) * x0) / sigma
+        return eps - x0
+
+    return predict
+
+
+def test_build_scheduler_configurations() -> None:
+    dpm = build_scheduler("dpm_solver++", flow_shift=3.0)
+    assert isinstance(dpm, DPMSolverMultistepScheduler)
+    cfg = dpm.config
+    assert (cfg.prediction_type, cfg.use_flow_sigmas, cfg.flow_shift) == ("flow_prediction", True, 3.0)
+    assert (cfg.algorithm_type, cfg.solver_order, cfg.num_train_timesteps) == ("dpmsolver++", 2, 1000)
+    euler = build_scheduler("flow_euler", flow_shift=2.0, num_train_timesteps=500)
+    assert isinstance(euler, FlowMatchEulerDiscreteScheduler)
+    assert (euler.config.shift, euler.config.num_train_timesteps) == (2.0, 500)
+    with pytest.raises(ValueError, match="unknown scheduler 'ddim'"):
+        build_scheduler("ddim")
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("num_steps", [1, 4, 30])
+def test_oracle_velocity_recovers_x0_in_exactly_num_steps_calls(name: str, num_steps: int) -> None:
+    x0, noise = data()
+    calls: list[float] = []
+    out = sample(oracle(x0, calls), noise, build_scheduler(name), num_steps)
+    assert len(calls) == num_steps
+    assert all(a > b for a, b in zip(calls, calls[1:])) and 0 < calls[-1] <= calls[0] <= 1000
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_the_opposite_velocity_sign_does_not_recover(name: str) -> None:
+    x0, noise = data()
+    predict = oracle(x0)
+    out = sample(lambda x, t: -predict(x, t), noise, build_scheduler(name), 10)
+    assert (out - x0).abs().max() > 0.5
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_steps_move_along_the_training_interpolation(name: str) -> None:
+    """With sigma = model_t / 1000, every x_t the loop produces is (1 - sigma) x0 + sigma eps for ONE eps:
+    the scheduler integrates FlowMatching's path with FlowMatching's timestep input."""
+    x0, noise = data()
+    seen: list[torch.Tensor] = []
+
+    def predict(x_t: torch.Tensor, model_t: torch.Tensor) -> torch.Tensor:
+        sigma = (model_t / 1000).view(-1, 1, 1, 1)
+        seen.append((x_t - (1 - sigma) * x0) / sigma)
+        return seen[-1] - x0
+
+    sample(predict, noise, build_scheduler(name), 8)
+    for eps in seen[1:]:
+        torch.testing.assert_close(eps, seen[0], rtol=0, atol=1e-4)
+
+
+def test_dpm_model_timesteps_lie_on_the_training_curve() -> None:
+    scheduler = build_scheduler("dpm_solver++", flow_shift=3.0)
+    scheduler.set_timesteps(20)
+    inputs = model_timesteps(scheduler)
+    training = FlowMatching(shift=3.0)
+    # First step = the noisiest training input sigma'_999 * 1000 (0.999 shifted).
+    assert inputs[0].item() == pytest.approx(training.sigmas[-1].item() * 1000, abs=1e-3)
+    # Unshifting gives an evenly spaced base grid inside [0, 0.999], as in training.
+    sigma = inputs.double() / 1000
+    base = sigma / (3.0 - 2.0 * sigma)
+    torch.testing.assert_close(base, torch.linspace(0.999, 0.999 / 20, 20, dtype=torch.float64), rtol=0, atol=1e-6)
+    # diffusers' own int64 timesteps are the same values truncated; we pass the exact ones.
+    assert torch.all((inputs - scheduler.timesteps).abs() < 1) and not torch.equal(inputs, scheduler.timesteps.float())
+
+
+def test_euler_model_timesteps_are_its_timesteps() -> None:
+    scheduler = build_scheduler("flow_euler")
+    scheduler.set_timesteps(7)
+    torch.testing.assert_close(model_timesteps(scheduler), scheduler.timesteps)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("scale", [1.0, 4.5, 7.5])
+def test_guidance_scale_is_honoured(name: str, scale: float) -> None:
+    """Velocity is affine in x0, so guiding two oracles lands on x0_u + s (x0_c - x0_u)."""
+    (x0_u, noise), (x0_c, _) = data(0), data(1)
+    uncond, cond = oracle(x0_u), oracle(x0_c)
+    out = sample(lambda x, t: text_cfg(uncond(x, t), cond(x, t), scale), noise, build_scheduler(name), 12)
+    torch.testing.assert_close(out, x0_u + scale * (x0_c - x0_u), rtol=0, atol=1e-3)
+
+
+def test_ddpm_gets_its_integer_timesteps_and_the_seeded_generator() -> None:
+    """Non-flow schedulers (GoT's DDPM) see scheduler.timesteps as they are and draw step noise from `generator`."""
+    x0, noise = data()
+    scheduler = DDPMScheduler(prediction_type="sample", clip_sample=False)
+
+    def run(seed: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        times: list[torch.Tensor] = []
+        states: list[torch.Tensor] = []
+
+        def predict(x_t: torch.Tensor, model_t: torch.Tensor) -> torch.Tensor:
+            times.append(model_t)
+            states.append(x_t)
+            return x0
+
+        out = sample(predict, noise, scheduler, 5, generator=torch.Generator().manual_seed(seed))
+        return out, times, states
+
+    out, times, states = run(0)
+    assert torch.equal(torch.stack([t[0] for t in times]), scheduler.timesteps) and times[0].dtype == torch.int64
+    torch.testing.assert_close(out, x0)  # the last DDPM step (t = 0) returns the predicted sample
+    _, _, same = run(0)
+    _, _, other = run(1)
+    assert torch.equal(states[2], same[2]) and not torch.allclose(states[2], other[2])
+
+
+def test_bad_arguments_are_explained() -> None:
+    x0, noise = data()
+    with pytest.raises(ValueError, match="num_steps must be >= 1"):
+        sample(oracle(x0), noise, build_scheduler(), 0)
+    with pytest.raises(ValueError, match=r"predict returned \(2, 4, 3, 3\)"):
+        sample(lambda x, t: x[..., :3, :3], noise, build_scheduler(), 2)

@@ -1,0 +1,121 @@
+"""The tiny-asset factory: deterministic, real classes, Qwen's token layout looked up by string."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zoo.blocks.tiny import (
+    DEFAULT_SYSTEM_PROMPT,
+    QWEN_SPECIAL_TOKENS,
+    _bpe_json,
+    tiny_qwen2_5_vl,
+    tiny_qwen2_5_vl_config,
+    tiny_qwen2_5_vl_processor,
+    tiny_qwen_tokenizer,
+)
+
+SENTENCE = "Remove the red circle in the top left corner, then add 2 blue squares."
+GOT_TOKENS = ["<|im_gen_start|>", "<|im_gen_end|>"] + [f"<|im_gen_{i:04d}|>" for i in range(64)]
+
+
+def test_tokenizer_is_deterministic_and_toy_sized() -> None:
+    a, b = tiny_qwen_tokenizer(), tiny_qwen_tokenizer()
+    assert a(SENTENCE).input_ids == b(SENTENCE).input_ids
+    assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+    assert 500 <= len(a) <= 1000
+    # The corpus was learned: common toy words are whole tokens, not bytes.
+    assert a.tokenize(" circle") == ["Ġcircle"]
+    assert a.decode(a("Größe (120,345) ✓\n\n").input_ids) == "Größe (120,345) ✓\n\n"
+
+
+def test_digits_are_split_like_qwen() -> None:
+    # Qwen2's pre-tokenizer keeps every digit apart; GoT box coordinates rely on it.
+    assert tiny_qwen_tokenizer().tokenize("(120,345)") == ["(", "1", "2", "0", ",", "3", "4", "5", ")"]
+
+
+def test_special_tokens_are_single_and_match_config_ids() -> None:
+    tokenizer = tiny_qwen_tokenizer()
+    for token in QWEN_SPECIAL_TOKENS:
+        ids = tokenizer(token, add_special_tokens=False).input_ids
+        assert ids == [tokenizer.convert_tokens_to_ids(token)], token
+    config = tiny_qwen2_5_vl_config(tokenizer)
+    lookup = tokenizer.convert_tokens_to_ids
+    assert config.image_token_id == lookup("<|image_pad|>")
+    assert config.video_token_id == lookup("<|video_pad|>")
+    assert config.vision_start_token_id == lookup("<|vision_start|>")
+    assert config.vision_end_token_id == lookup("<|vision_end|>")
+    assert config.text_config.eos_token_id == lookup("<|im_end|>") == tokenizer.eos_token_id
+    assert config.text_config.pad_token_id == lookup("<|endoftext|>") == tokenizer.pad_token_id
+    assert config.text_config.vocab_size == len(tokenizer)
+    # Qwen's order, after the learned vocabulary.
+    assert [lookup(t) for t in QWEN_SPECIAL_TOKENS] == list(range(len(tokenizer) - 11, len(tokenizer)))
+
+
+def test_extra_special_tokens_append_without_moving_ids() -> None:
+    plain, got = tiny_qwen_tokenizer(), tiny_qwen_tokenizer(extra_special_tokens=GOT_TOKENS)
+    assert len(got) == len(plain) + 66
+    assert got(SENTENCE).input_ids == plain(SENTENCE).input_ids
+    for token in QWEN_SPECIAL_TOKENS:
+        assert got.convert_tokens_to_ids(token) == plain.convert_tokens_to_ids(token)
+    ids = got("<|im_gen_start|><|im_gen_0000|><|im_gen_0063|>", add_special_tokens=False).input_ids
+    assert ids == [len(plain), len(plain) + 2, len(plain) + 65]
+    with pytest.raises(ValueError, match="extra_special_tokens"):
+        tiny_qwen_tokenizer(extra_special_tokens=["<|im_end|>"])
+
+
+def test_chat_template_renders_qwen_format_with_default_system_prompt() -> None:
+    processor = tiny_qwen2_5_vl_processor()
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Remove it."}]}
+    text = processor.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    assert text == (
+        f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Remove it.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    system = {"role": "system", "content": "Be brief."}
+    text = processor.apply_chat_template([system, user], tokenize=False, add_generation_prompt=False)
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert DEFAULT_SYSTEM_PROMPT not in text and not text.endswith("assistant\n")
+
+
+@pytest.mark.parametrize("side", [16, 32, 64])
+def test_image_processor_token_count(side: int) -> None:
+    processor = tiny_qwen2_5_vl_processor()
+    out = processor.image_processor(torch.rand(3, side, side), do_rescale=False, return_tensors="pt")
+    assert out["image_grid_thw"].tolist() == [[1, side // 4, side // 4]]
+    assert processor._get_num_multimodal_tokens(image_sizes=[(side, side)])["num_image_tokens"] == [(side // 8) ** 2]
+
+
+def test_config_matches_processor_and_validates() -> None:
+    processor = tiny_qwen2_5_vl_processor()
+    config = tiny_qwen2_5_vl_config(processor.tokenizer, hidden_size=48, num_heads=4, num_kv_heads=2)
+    vision = config.vision_config
+    assert (vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size) == (4, 2, 2)
+    assert vision.out_hidden_size == config.text_config.hidden_size == 48
+    assert sum(config.text_config.rope_parameters["mrope_section"]) == 48 // 4 // 2
+    assert tiny_qwen2_5_vl_config(processor.tokenizer, rms_norm_eps=1e-3).text_config.rms_norm_eps == 1e-3
+    with pytest.raises(ValueError, match="unknown tiny Qwen2.5-VL option"):
+        tiny_qwen2_5_vl_config(processor.tokenizer, hiden_size=64)
+    with pytest.raises(ValueError, match="heads"):
+        tiny_qwen2_5_vl_config(processor.tokenizer, hidden_size=60, num_heads=8)
+
+
+def test_same_seed_same_weights_and_global_rng_untouched() -> None:
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a, _ = tiny_qwen2_5_vl(seed=0)
+    after = torch.rand(3)
+    assert torch.equal(before, after)
+    b, _ = tiny_qwen2_5_vl(seed=0)
+    c, _ = tiny_qwen2_5_vl(seed=1)
+    state_a, state_b, state_c = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert not torch.equal(state_a["lm_head.weight"], state_c["lm_head.weight"])
+
+
+def test_bpe_training_is_reproducible_not_just_cached() -> None:
+    # Retrain (bypassing the cache): the Rust trainer's hash maps get fresh random keys each time,
+    # so equal JSON means the merges do not depend on iteration order.
+    assert len({_bpe_json.__wrapped__(768) for _ in range(3)}) == 1

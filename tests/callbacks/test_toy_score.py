@@ -1,0 +1,77 @@
+"""Toy edit score on hand-built images with known answers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from callbacks.toy_score import report, summarize, toy_edit_scores
+from datamodules.toy import PALETTE
+
+
+def _solid(name: str, size: int = 8) -> torch.Tensor:
+    rgb = torch.tensor(PALETTE[name], dtype=torch.float32) / 255
+    return rgb.view(3, 1, 1).expand(3, size, size).clone()
+
+
+def _recolour_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 4x4 square recoloured: source has colour A there, target colour B; 16 of 64 pixels."""
+    names = list(PALETTE)
+    background, before, after = names[0], names[1], names[2]
+    source, target = _solid(background), _solid(background)
+    source[:, 2:6, 2:6] = _solid(before)[:, :4, :4]
+    target[:, 2:6, 2:6] = _solid(after)[:, :4, :4]
+    mask = torch.zeros(1, 8, 8)
+    mask[:, 2:6, 2:6] = 1
+    return source[None], target[None], mask[None]
+
+
+def test_perfect_edit_scores_one_and_copy_scores_half() -> None:
+    source, target, mask = _recolour_case()
+    perfect = toy_edit_scores(target, target, mask)
+    copy = toy_edit_scores(source, target, mask)
+    assert perfect["score"].item() == 1.0
+    assert copy["edit"].item() == 0.0 and copy["preserve"].item() == 1.0
+    assert copy["score"].item() == 0.5
+
+
+def test_small_noise_keeps_agreement_and_wrong_colour_does_not() -> None:
+    source, target, mask = _recolour_case()
+    noisy = target + 0.03 * torch.randn(target.shape, generator=torch.Generator().manual_seed(0))
+    assert toy_edit_scores(noisy, target, mask)["score"].item() == 1.0
+    half_done = target.clone()
+    half_done[:, :, 2:4, 2:6] = source[:, :, 2:4, 2:6]
+    scores = toy_edit_scores(half_done, target, mask)
+    assert scores["edit"].item() == pytest.approx(0.5)
+    assert scores["score"].item() == pytest.approx(0.75)
+
+
+def test_empty_edit_region_is_an_error() -> None:
+    source, target, _ = _recolour_case()
+    with pytest.raises(ValueError, match="empty edit region"):
+        toy_edit_scores(source, target, torch.zeros(1, 1, 8, 8))
+
+
+def test_summary_groups_by_type() -> None:
+    records = [
+        {"edit_type": "add", "score": 1.0, "edit": 1.0, "preserve": 1.0},
+        {"edit_type": "add", "score": 0.5, "edit": 0.0, "preserve": 1.0},
+        {"edit_type": "move", "score": 0.0, "edit": 0.0, "preserve": 0.0},
+    ]
+    summary = summarize(records)
+    assert summary["add"]["score"] == 0.75 and summary["add"]["count"] == 2
+    assert summary["overall"]["score"] == pytest.approx(0.5)
+
+
+def test_report_says_whether_the_trained_model_beats_the_rest(tmp_path) -> None:
+    def write(name: str, label: str, model: float, copy: float) -> str:
+        path = tmp_path / name
+        path.write_text(json.dumps({label: {"overall": {"score": model}}, "copy_source": {"overall": {"score": copy}}}))
+        return str(path)
+
+    out = tmp_path / "metrics.json"
+    assert report([write("u.json", "untrained", 0.2, 0.5), write("t.json", "trained", 0.6, 0.5)], str(out))
+    assert json.loads(out.read_text())["learned"] is True
+    assert not report([write("u.json", "untrained", 0.2, 0.5), write("t.json", "trained", 0.45, 0.5)], str(out))

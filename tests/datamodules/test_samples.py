@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.samples import EditSample, T2ISample, collate, resize_center_crop
+
+
+def _gradient(width: int, height: int) -> Image.Image:
+    x = np.tile(np.arange(width, dtype=np.uint8)[None, :], (height, 1))
+    return Image.fromarray(np.stack([x, x, x], axis=2))
+
+
+def test_edit_batch_contract_and_ranges() -> None:
+    src = Image.new("RGB", (16, 16), (255, 0, 0))
+    tgt = Image.new("RGB", (16, 16), (0, 0, 255))
+    mask = Image.new("L", (16, 16), 0)
+    mask.paste(255, (0, 0, 8, 8))
+    boxes = [{"box": [0, 0, 499, 499], "color": "red", "label": "square"}]
+    samples = [EditSample("a", src, "do x", tgt, "bp", "add", mask, boxes), EditSample("b", src, "do y", tgt, mask=mask)]
+    batch = collate(samples, resolution=16, mllm_resolution=8)
+    assert batch["key"] == ["a", "b"]
+    assert batch["instruction"] == ["do x", "do y"]
+    assert batch["blueprint"] == ["bp", ""] and batch["edit_type"] == ["add", ""]
+    assert batch["boxes"] == [boxes, []]
+    assert batch["source"].shape == (2, 3, 16, 16) and batch["target"].shape == (2, 3, 16, 16)
+    assert torch.equal(batch["source"][0, :, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
+    assert torch.equal(batch["target"][0, :, 0, 0], torch.tensor([-1.0, -1.0, 1.0]))
+    assert batch["mllm_image"].shape == (2, 3, 8, 8)
+    assert torch.allclose(batch["mllm_image"][0, :, 3, 3], torch.tensor([1.0, 0.0, 0.0]))
+    assert batch["mask"].shape == (2, 1, 16, 16)
+    assert batch["mask"][0, 0, :8, :8].eq(1).all() and batch["mask"][0, 0].sum() == 64
+
+
+def test_dim_transform_crops_centre_but_mllm_sees_full_image() -> None:
+    src = _gradient(64, 32)  # wide: x value == column
+    out = resize_center_crop(src, 16)
+    assert out.size == (16, 16)
+    # Shorter side 32 -> 16 halves the width to 32; the centre crop keeps columns 8..23 (source 16..47).
+    row = np.asarray(out)[8, :, 0].astype(int)
+    assert abs(row[0] - 17) <= 2 and abs(row[-1] - 47) <= 2
+    batch = collate([EditSample("k", src, "x")], resolution=16, mllm_resolution=8)
+    full = batch["mllm_image"][0, 0, 4] * 255  # squashed: spans the whole 0..63 range
+    assert full[0] < 8 and full[-1] > 55
+    assert "target" not in batch and "mask" not in batch
+
+
+def test_t2i_batch_and_errors() -> None:
+    img = Image.new("RGB", (20, 20), (0, 255, 0))
+    batch = collate([T2ISample("t", img, "a green square")], resolution=16, mllm_resolution=8)
+    assert batch["instruction"] == ["a green square"] and batch["target"].shape == (1, 3, 16, 16)
+    assert "source" not in batch and "mllm_image" not in batch
+    with pytest.raises(ValueError, match="mixes EditSample and T2ISample"):
+        collate([T2ISample("t", img, "p"), EditSample("e", img, "i")], 16, 8)
+    with pytest.raises(ValueError, match="some samples of the batch have a target"):
+        collate([EditSample("a", img, "i", img), EditSample("b", img, "i")], 16, 8)
+    with pytest.raises(ValueError, match="box 0 must be"):
+        EditSample("bad", img, "i", boxes=[{"box": [0, 0, 1000, 5]}])
+    batch = collate([EditSample("a", img, "i", mask=Image.new("L", (20, 20))), EditSample("b", img, "i")], 16, 8)
+    assert "mask" not in batch

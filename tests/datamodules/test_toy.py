@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from datamodules.toy import EDIT_TYPES, PALETTE, POSITIONS, edit_sample, generate, t2i_sample
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_every_edit_type_changes_exactly_the_mask(resolution: int) -> None:
+    seen = set()
+    for index in range(24):
+        sample, extra = edit_sample(seed=1, split="train", index=index, resolution=resolution)
+        seen.add(sample.edit_type)
+        src, tgt = np.asarray(sample.source), np.asarray(sample.target)
+        mask = np.asarray(sample.mask) == 255
+        assert src.shape == (resolution, resolution, 3)
+        assert set(np.unique(np.asarray(sample.mask))) <= {0, 255}
+        changed = (src != tgt).any(axis=2)
+        assert mask.any(), sample.instruction
+        assert np.array_equal(changed, mask), f"{sample.edit_type}: {sample.instruction}"
+        if sample.edit_type == "background":
+            background = PALETTE[extra["source_scene"]["background"]]
+            assert (src[mask] == background).all()
+    assert seen == set(EDIT_TYPES)
+
+
+def test_boxes_match_rendered_target_objects() -> None:
+    for index in range(12):
+        sample, extra = edit_sample(seed=2, split="val", index=index)
+        tgt = np.asarray(sample.target)
+        objects = extra["target_scene"]["objects"]
+        covered = np.zeros(tgt.shape[:2], dtype=bool)
+        assert len(sample.boxes) == len(objects) and 1 <= len(objects) <= 3
+        for box in sample.boxes:
+            colour = np.all(tgt == PALETTE[box["color"]], axis=2)
+            x1, y1, x2, y2 = (round(v * 32 / 1000) for v in box["box"])
+            inside = colour[y1:y2, x1:x2]
+            # The box is the tight bounding box of that object's pixels (objects of one colour
+            # are distinct shapes in distinct cells, so restrict to the box region).
+            rows, cols = np.nonzero(inside)
+            assert rows.min() == 0 and cols.min() == 0 and rows.max() == y2 - y1 - 1 and cols.max() == x2 - x1 - 1
+            assert box["label"] in ("circle", "square", "triangle")
+            covered[y1:y2, x1:x2] = True
+        background = PALETTE[extra["target_scene"]["background"]]
+        assert (tgt[~covered] == background).all()
+
+
+def test_deterministic_by_seed_and_instruction_names_the_edit() -> None:
+    a = [s for s, _ in generate("edit", 5, "train", 6)]
+    b = [s for s, _ in generate("edit", 5, "train", 6)]
+    c = [s for s, _ in generate("edit", 6, "train", 6)]
+    assert [s.instruction for s in a] == [s.instruction for s in b]
+    assert all(np.array_equal(np.asarray(x.target), np.asarray(y.target)) for x, y in zip(a, b))
+    assert [s.instruction for s in a] != [s.instruction for s in c]
+    for sample in a:
+        sections = re.findall(r"^(\d)\. ([A-Za-z ]+):", sample.blueprint, flags=re.M)
+        assert [n for n, _ in sections] == ["1", "2", "3", "4", "5"]
+        assert [t for _, t in sections] == [
+            "Edit Instruction", "Global Layout Perception", "Local Object Perception",
+            "Edit Area Localization", "Edited Image Imagination",
+        ]
+        assert sample.blueprint.startswith(f"1. Edit Instruction: {sample.instruction}\n")
+    move = next(s for s in a if s.edit_type == "move")
+    assert any(p in move.instruction for p in POSITIONS)
+
+
+def test_t2i_prompt_and_boxes_describe_the_image() -> None:
+    sample, extra = t2i_sample(seed=0, split="test", index=3)
+    image = np.asarray(sample.image)
+    objects = extra["scene"]["objects"]
+    assert len(sample.boxes) == len(objects)
+    for obj in objects:
+        assert f"{obj['colour']} {obj['shape']} at the {POSITIONS[obj['cell']]}" in sample.prompt
+        assert np.all(image == PALETTE[obj["colour"]], axis=2).any()
+    assert f"on a {extra['scene']['background']} background" in sample.prompt

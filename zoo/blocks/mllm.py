@@ -1,0 +1,232 @@
+"""Qwen2.5-VL as a condition encoder and a local chat model.
+
+:class:`QwenVLEncoder` wraps transformers' ``Qwen2_5_VLForConditionalGeneration`` and
+``Qwen2_5_VLProcessor``. Two uses:
+
+- ``condition()`` — DIM's conditioning (official-code-facts §1A): one user turn
+  ``[image, instruction]`` in Qwen's chat format (default system prompt, no generation prompt),
+  the last hidden state after the final RMSNorm (``hidden_states[-1]``), restricted to the user
+  turn's content (``<|vision_start|>`` … last instruction token), zero-padded or truncated (keeping
+  the last tokens) to ``max_condition_length`` with a boolean mask. Unlike the official code it
+  runs batches: right padding leaves each sample's states unchanged.
+- ``generate()`` — greedy chat completion, for a local designer or judge.
+
+The same constructor builds the published model (``pretrained``) or a tiny random one (``tiny``,
+see :mod:`zoo.blocks.tiny`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import BatchFeature, GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+from zoo.blocks.pretrained import resolve_pretrained
+from zoo.blocks.tiny import tiny_qwen2_5_vl
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The chat template opens the user turn with this header; the condition starts right after it.
+_USER_HEADER = "<|im_start|>user\n"
+
+
+class QwenVLEncoder(nn.Module):
+    """Frozen (by default) Qwen2.5-VL giving DIM-style conditions and greedy chat replies.
+
+    Args:
+        pretrained: local folder or cached hub id of a Qwen2.5-VL checkpoint (model + processor),
+            e.g. ``Qwen/Qwen2.5-VL-3B-Instruct`` for DIM. Exclusive with ``tiny``.
+        tiny: options of :func:`zoo.blocks.tiny.tiny_qwen2_5_vl` for a random toy model, e.g.
+            ``{"hidden_size": 64, "num_layers": 2, "seed": 0}``. Exclusive with ``pretrained``.
+        max_condition_length: length ``L`` of ``condition()`` outputs (DIM scripts: 8192).
+        image_size: squash images (aspect not kept) to this square side, rounded by Qwen's
+            ``smart_resize`` to a multiple of patch×merge (DIM: 1024 → 1036, 1369 tokens); ``None``
+            lets the processor keep the aspect ratio.
+        freeze: no gradients and always in eval mode, so the owner can leave it out of the
+            optimizer and the checkpoint; ``False`` keeps it trainable.
+        torch_dtype: ``float32``, ``bfloat16`` or ``float16``.
+        attn_implementation: transformers attention backend (``sdpa``, ``eager``, ``flash_attention_2``).
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        tiny: dict | None = None,
+        *,
+        max_condition_length: int = 8192,
+        image_size: int | None = None,
+        freeze: bool = True,
+        torch_dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        if (pretrained is None) == (tiny is None):
+            raise ValueError("QwenVLEncoder needs exactly one of `pretrained` (id or folder) and `tiny` (dict)")
+        if torch_dtype not in _DTYPES:
+            raise ValueError(f"torch_dtype must be one of {sorted(_DTYPES)}, got {torch_dtype!r}")
+        if max_condition_length < 1:
+            raise ValueError(f"max_condition_length must be >= 1, got {max_condition_length}")
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"image_size must be a positive side length or None, got {image_size}")
+        dtype = _DTYPES[torch_dtype]
+        if pretrained is not None:
+            folder = resolve_pretrained(pretrained)
+            self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                folder, dtype=dtype, attn_implementation=attn_implementation
+            )
+            self.processor = Qwen2_5_VLProcessor.from_pretrained(folder)
+        else:
+            try:
+                model, self.processor = tiny_qwen2_5_vl(**tiny, attn_implementation=attn_implementation)
+            except TypeError as err:
+                raise ValueError(f"bad `tiny` options {tiny}: {err}") from err
+            self.model = model.to(dtype)
+        self.max_condition_length = max_condition_length
+        self.image_size = image_size
+        self.frozen = freeze
+        tokenizer = self.processor.tokenizer
+        self._im_end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self._stop_ids = [self._im_end_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+        if freeze:
+            self.model.requires_grad_(False)
+        self.train()
+
+    @property
+    def hidden_size(self) -> int:
+        """Width ``D`` of the language model's hidden states (Qwen2.5-VL-3B: 2048)."""
+        return self.model.config.text_config.hidden_size
+
+    def train(self, mode: bool = True) -> QwenVLEncoder:
+        # A frozen encoder ignores the parent's .train(): dropout off, same features in fit and eval.
+        return super().train(mode and not self.frozen)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write model and processor so that ``QwenVLEncoder(pretrained=path)`` reloads them."""
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+
+    def _prompts(self, with_image: bool, texts: list[str], add_generation_prompt: bool) -> list[str]:
+        content = [{"type": "image"}] if with_image else []
+        conversations = [[{"role": "user", "content": [*content, {"type": "text", "text": t}]}] for t in texts]
+        return self.processor.apply_chat_template(
+            conversations, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _images(self, images: Tensor | None, batch: int) -> tuple[list[Tensor] | None, dict]:
+        if images is None:
+            return None, {}
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"images must be a float tensor [B, 3, H, W], got {tuple(images.shape)} {images.dtype}")
+        if images.shape[0] != batch:
+            raise ValueError(f"got {images.shape[0]} images for {batch} texts; give one image per text")
+        if images.min() < 0 or images.max() > 1:
+            raise ValueError("images must be in [0, 1] (got values outside); undo any [-1, 1] normalisation first")
+        kwargs: dict = {"do_rescale": False}
+        if self.image_size is not None:
+            # One resample straight to Qwen's grid-aligned size, as the official DIM pipeline does.
+            ip = self.processor.image_processor
+            side = smart_resize(
+                self.image_size,
+                self.image_size,
+                factor=ip.patch_size * ip.merge_size,
+                min_pixels=ip.size.shortest_edge,
+                max_pixels=ip.size.longest_edge,
+            )
+            images = F.interpolate(images.float(), size=side, mode="bicubic", antialias=True, align_corners=False)
+            images = images.clamp(0, 1)
+            kwargs["do_resize"] = False
+        return list(images.float().cpu()), kwargs
+
+    def build_inputs(self, images: Tensor | None, texts: list[str]) -> BatchFeature:
+        """Tokenise ``[image?, text]`` user turns, right-padded, plus the boolean ``user_span`` [B, T].
+
+        ``user_span`` marks the user turn's content: ``<|vision_start|>``, the image pads,
+        ``<|vision_end|>`` and the text (only the text without an image), never the system
+        prompt, the role header or ``<|im_end|>`` (official-code-facts §1A, ``user_labels``).
+        """
+        if not texts:
+            raise ValueError("texts must hold at least one instruction")
+        pixels, image_kwargs = self._images(images, len(texts))
+        prompts = self._prompts(pixels is not None, texts, add_generation_prompt=False)
+        inputs = self.processor(
+            text=prompts,
+            images=pixels,
+            padding=True,
+            padding_side="right",
+            return_offsets_mapping=True,
+            return_tensors="pt",
+            **image_kwargs,
+        )
+        offsets = inputs.pop("offset_mapping")
+        span = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+        for b, prompt in enumerate(prompts):
+            content_start = prompt.rindex(_USER_HEADER) + len(_USER_HEADER)
+            # Images only expand after content_start, so the character offset holds in the
+            # expanded text; the first token starting there opens the span.
+            real = inputs["attention_mask"][b].bool()
+            after = (offsets[b, :, 0] >= content_start) & real
+            ends = ((inputs["input_ids"][b] == self._im_end_id) & after).nonzero()
+            start = int(after.nonzero()[0]) if after.any() else len(real)
+            end = int(ends[0]) if len(ends) else start
+            if end <= start:
+                raise ValueError(f"sample {b} has nothing to condition on: no image and empty text")
+            span[b, start:end] = True
+        inputs["user_span"] = span
+        return inputs
+
+    def condition(self, images: Tensor | None, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """DIM condition: user-span last hidden states, ``(states [B, L, D] float32, mask [B, L] bool)``.
+
+        ``L = max_condition_length``; shorter spans are zero-padded on the right, longer ones keep
+        their last ``L`` tokens (official DIM ``y[..., -max_length:]``).
+        """
+        inputs = self.build_inputs(images, texts).to(self.model.device)
+        span = inputs.pop("user_span")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            # Only the hidden states are needed: logits for one position keep the LM head cheap.
+            out = self.model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        hidden = out.hidden_states[-1]
+        length = self.max_condition_length
+        states = hidden.new_zeros(len(texts), length, hidden.shape[-1], dtype=torch.float32)
+        mask = torch.zeros(len(texts), length, dtype=torch.bool, device=hidden.device)
+        for b in range(len(texts)):
+            selected = hidden[b, span[b]][-length:]
+            states[b, : len(selected)] = selected.float()
+            mask[b, : len(selected)] = True
+        return states, mask
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: Tensor | None,
+        texts: list[str],
+        max_new_tokens: int = 256,
+        stop_strings: list[str] | None = None,
+    ) -> list[str]:
+        """Greedy reply per sample (special tokens removed), at most ``max_new_tokens`` tokens.
+
+        Stops at ``<|im_end|>``/``<|endoftext|>`` or a ``stop_strings`` match (the match is kept
+        in the reply, as transformers does).
+        """
+        if not texts:
+            raise ValueError("texts must hold at least one prompt")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        pixels, image_kwargs = self._images(images, len(texts))
+        prompts = self._prompts(pixels is not None, texts, add_generation_prompt=True)
+        # Left padding: every sample's reply then starts at the same position.
+        inputs = self.processor(
+            text=prompts, images=pixels, padding=True, padding_side="left", return_tensors="pt", **image_kwargs
+        ).to(self.model.device)
+        tokenizer = self.processor.tokenizer
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=self._stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            stop_strings=stop_strings,
+        )
+        output = self.model.generate(**inputs, generation_config=config, tokenizer=tokenizer)
+        replies = output[:, inputs["input_ids"].shape[1] :]
+        return tokenizer.batch_decode(replies, skip_special_tokens=True, clean_up_tokenization_spaces=False)
