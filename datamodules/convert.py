@@ -8,7 +8,6 @@ under a .png name and real PNGs end up alike; the row's extra fields go into the
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 from typing import Iterator
 
@@ -16,7 +15,6 @@ from datamodules.formats.dim import TosJsonl
 from datamodules.samples import EditSample, T2ISample
 from datamodules.shards import write_split
 
-log = logging.getLogger(__name__)
 
 
 def _shard_key(key: str) -> str:

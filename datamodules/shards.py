@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import lightning as L
-import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
@@ -138,7 +137,7 @@ def write_split(
 
 
 def _count_tar(url: str) -> int:
-    return sum(1 for _ in _raw_samples(url))
+    return sum(1 for _ in read_tar(url))
 
 
 def resolve_shards(spec: str) -> list[tuple[str, int]]:
@@ -162,8 +161,8 @@ def resolve_shards(spec: str) -> list[tuple[str, int]]:
     return [(u, _count_tar(u)) for u in urls]
 
 
-def _raw_samples(url: str) -> Iterator[dict[str, Any]]:
-    """Grouped raw members of one tar (bytes, undecoded) through webdataset's tar iterators."""
+def read_tar(url: str) -> Iterator[dict[str, Any]]:
+    """Undecoded samples of one tar, ``{"__key__": ..., suffix: bytes}``, via webdataset's tar iterators."""
     streams = wds.tariterators.url_opener([{"url": url}])
     yield from wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(streams))
 
@@ -301,7 +300,7 @@ class ShardStream(IterableDataset):
             delivered = 0
             position, key = first, "<start of shard>"
             try:
-                for raw in _raw_samples(url):
+                for raw in read_tar(url):
                     key = raw.get("__key__", key)
                     if position >= wanted[-1][1]:
                         break
@@ -528,27 +527,42 @@ class ShardDataModule(L.LightningDataModule):
             "num_samples": stream.num_samples,
         }
 
+    def _batches_processed_total(self) -> int:
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed if self.trainer is not None else 0
+
     def _begin_train_epoch(self, stream: ShardStream) -> None:
         if self.trainer is not None:
             self._epoch = self.trainer.current_epoch
-        skip = 0
-        resume, self._resume = self._resume, None
-        if resume is not None and resume["epoch"] == self._epoch:
-            if resume["layout"] != self._layout():
-                log.warning(
-                    "data layout changed since the checkpoint (%s -> %s): epoch %d restarts from its first batch "
-                    "under the new layout, so samples already seen this epoch may repeat",
-                    resume["layout"],
-                    self._layout(),
-                    self._epoch,
-                )
-            elif resume["batches_consumed"] >= len(stream):
-                # Saved after the epoch's last batch: Lightning restarts with the old epoch number and
-                # this iterator feeds the next epoch's pass, so it must already be the next epoch.
-                self._epoch += 1
-            else:
-                skip = resume["batches_consumed"]
-        stream.epoch, stream.skip_batches = self._epoch, skip
+        stream.epoch, stream.skip_batches = self._epoch, 0
+        resume = self._resume
+        if resume is None:
+            return
+        if resume["layout"] != self._layout():
+            self._resume = None
+            log.warning(
+                "data layout changed since the checkpoint (%s -> %s): epoch %d restarts from its first batch "
+                "under the new layout, so samples already seen this epoch may repeat",
+                resume["layout"],
+                self._layout(),
+                resume["epoch"],
+            )
+            return
+        if resume["batches_consumed"] < len(stream):
+            if self._epoch == resume["epoch"]:
+                stream.skip_batches = resume["batches_consumed"]
+            self._resume = None
+            return
+        # Saved after the epoch's last batch. Lightning then first iterates with the old epoch number
+        # (and, for a save at epoch end, trains one batch from that iterator before iterating again
+        # with the next epoch number), so both iterators must serve the next epoch, the second one
+        # skipping the batches trained since the restore.
+        if self._epoch == resume["epoch"]:
+            stream.epoch = self._epoch + 1
+            stream.skip_batches = self._batches_processed_total() - resume["batches_total"]
+            return
+        if self._epoch == resume["epoch"] + 1:
+            stream.skip_batches = self._batches_processed_total() - resume["batches_total"]
+        self._resume = None
 
     def state_dict(self) -> dict[str, Any]:
         """Epoch and batches processed in it, with each rank's per-worker position (Lightning saves rank 0's)."""
@@ -559,6 +573,7 @@ class ShardDataModule(L.LightningDataModule):
         return {
             "epoch": self.trainer.current_epoch,
             "batches_consumed": consumed,
+            "batches_total": self._batches_processed_total(),
             "layout": self._layout(),
             "ranks": {
                 str(rank): {"worker_batches_consumed": [_consumed_by_worker(w, consumed, workers) for w in range(workers)]}
@@ -567,11 +582,12 @@ class ShardDataModule(L.LightningDataModule):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Remember the position; applied at the next ``iter(train_dataloader)`` of that epoch."""
+        """Remember the position; applied at the next ``iter(train_dataloader)`` calls."""
         if state_dict:
             self._resume = {
                 "epoch": int(state_dict["epoch"]),
                 "batches_consumed": int(state_dict["batches_consumed"]),
+                "batches_total": int(state_dict["batches_total"]),
                 "layout": dict(state_dict["layout"]),
             }
 

@@ -70,7 +70,8 @@ def test_dim_resolution_gives_1369_tokens_with_qwen_patching() -> None:
     encoder = QwenVLEncoder(tiny=qwen_patching, image_size=1024)
     inputs = encoder.build_inputs(_images(1, 64, 80), ["Remove the lemons."])
     assert inputs["image_grid_thw"].tolist() == [[1, 74, 74]]
-    assert int(inputs["user_span"].sum()) == 1 + 1369 + 1 + len(encoder.processor.tokenizer("Remove the lemons.").input_ids)
+    text_tokens = len(encoder.processor.tokenizer("Remove the lemons.").input_ids)
+    assert int(inputs["user_span"].sum()) == 1 + 1369 + 1 + text_tokens
 
 
 def test_condition_is_last_normed_state_of_the_span_zero_padded() -> None:
@@ -191,3 +192,6 @@ def test_bad_arguments_and_inputs_are_rejected() -> None:
         encoder.condition(_images(1)[0], ["x"])
     with pytest.raises(ValueError, match="nothing to condition on"):
         encoder.condition(None, ["ok", ""])
+    encoder.processor.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'][-1]['text'] }}{% endfor %}"
+    with pytest.raises(ValueError, match="user header"):
+        encoder.build_inputs(None, ["x"])

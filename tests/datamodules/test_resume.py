@@ -28,10 +28,13 @@ class KeyRecorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def _fit(root: Path, workers: int, max_steps: int, ckpt_dir: Path, every: int | None = None, ckpt_path: str | None = None) -> list[str]:
+def _fit(
+    root: Path, workers: int, max_steps: int, ckpt_dir: Path, every: int | None = None, ckpt_path: str | None = None, at_epoch_end: bool = False
+) -> list[str]:
     dm = ShardDataModule(train_shards=str(root / "train"), batch_size=4, num_workers=workers, seed=11, shuffle_buffer=5)
     model = KeyRecorder()
-    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=every, save_top_k=-1, filename="{step}")] if every else []
+    when = {"every_n_epochs": 1} if at_epoch_end else {"every_n_train_steps": every}
+    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, filename="{step}", **when)] if every else []
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -47,13 +50,21 @@ def _fit(root: Path, workers: int, max_steps: int, ckpt_dir: Path, every: int | 
     return model.keys
 
 
-@pytest.mark.parametrize("workers,stop", [(0, 9), (2, 9), (2, 6)])
-def test_resume_continues_with_exactly_the_uninterrupted_samples(tmp_path: Path, toy_root: Path, workers: int, stop: int) -> None:
+@pytest.mark.parametrize(
+    "workers,stop,at_epoch_end",
+    [(0, 9, False), (2, 9, False), (2, 6, False), (2, 6, True)],
+    ids=["mid-epoch", "mid-epoch-2-workers", "last-batch", "epoch-end-callback"],
+)
+def test_resume_continues_with_exactly_the_uninterrupted_samples(
+    tmp_path: Path, toy_root: Path, workers: int, stop: int, at_epoch_end: bool
+) -> None:
     full = _fit(toy_root, workers, 15, tmp_path / "unused")
     assert len(full) == 22 + 22 + 3 * 4  # two epochs of 22, then three batches of the third epoch
     assert full[:22] != full[22:44] and sorted(full[:22]) == sorted(full[22:44])
 
-    first = _fit(toy_root, workers, stop, tmp_path / "ckpt", every=stop)
+    # An epoch-end checkpoint is written by on_train_epoch_end; run on past it and keep its prefix.
+    first = _fit(toy_root, workers, stop + 6 * at_epoch_end, tmp_path / "ckpt", every=stop, at_epoch_end=at_epoch_end)
+    first = first[: len(full) - len(full[sum(4 if i % 6 < 5 else 2 for i in range(stop)) :])]
     ckpt = tmp_path / "ckpt" / f"step={stop}.ckpt"
     state = torch.load(ckpt, weights_only=False)["ShardDataModule"]
     epoch = (stop - 1) // 6  # a checkpoint after an epoch's last batch still belongs to that epoch

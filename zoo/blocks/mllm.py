@@ -161,6 +161,8 @@ class QwenVLEncoder(nn.Module):
         offsets = inputs.pop("offset_mapping")
         span = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
         for b, prompt in enumerate(prompts):
+            if _USER_HEADER not in prompt:
+                raise ValueError(f"the processor's chat template does not render Qwen's user header {_USER_HEADER!r}")
             content_start = prompt.rindex(_USER_HEADER) + len(_USER_HEADER)
             # Images only expand after content_start, so the character offset holds in the
             # expanded text; the first token starting there opens the span.

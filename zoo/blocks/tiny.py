@@ -123,7 +123,7 @@ def _corpus() -> list[str]:
     lines = list(_SENTENCES) + [" ".join(_DIM_SECTIONS)]
     # Every word with and without a leading space, so both byte-level forms get merged.
     lines += [" ".join(words), "\n".join(words), " ".join(w.capitalize() for w in words)]
-    return lines * 4
+    return lines
 
 
 @lru_cache(maxsize=8)
@@ -190,7 +190,8 @@ def tiny_qwen2_5_vl_processor(
     """A ``Qwen2_5_VLProcessor`` for 16–64 px images: tiny tokenizer, small patches, Qwen's template.
 
     An image of side ``s`` (a multiple of ``patch_size * merge_size``) gives
-    ``(s / patch_size / merge_size)²`` ``<|image_pad|>`` tokens, as in Qwen2.5-VL (paper §2.1).
+    ``(s / patch_size / merge_size)²`` ``<|image_pad|>`` tokens, as Qwen2.5-VL's 14 px patches and
+    2×2 merge do at full size.
     """
     tokenizer = tiny_qwen_tokenizer(vocab_size, extra_special_tokens)
     sizes = {"patch_size": patch_size, "merge_size": merge_size, "temporal_patch_size": temporal_patch_size}
@@ -226,7 +227,9 @@ def tiny_qwen2_5_vl_config(
     """
     unknown = sorted(set(overrides) - {field.name for field in dataclasses.fields(Qwen2_5_VLTextConfig)})
     if unknown:
-        raise ValueError(f"unknown tiny Qwen2.5-VL option(s) {unknown}: use the named arguments or Qwen2_5_VLTextConfig fields")
+        raise ValueError(
+            f"unknown tiny Qwen2.5-VL option(s) {unknown}: use the named arguments or Qwen2_5_VLTextConfig fields"
+        )
     head_dim = hidden_size // num_heads
     if hidden_size % num_heads or head_dim % 2:
         raise ValueError(f"hidden_size {hidden_size} must split into {num_heads} heads of even size")

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datamodules.formats.dim import BLUEPRINT_SECTIONS, TosJsonl, read_blueprints, read_jsonl, resolve_image
+from datamodules.samples import EditSample, T2ISample
+
+
+def test_demo_edits_load_with_cot_blueprints(dim_data: Path) -> None:
+    reader = TosJsonl(str(dim_data / "tos_dataset_edit_demo.jsonl"), cot_jsonl=str(dim_data / "tos_dataset_edit_cot_demo.jsonl"))
+    samples = list(reader)
+    assert reader.skipped == 0
+    assert [s.key for s in samples] == ["0", "1", "2", "3"]
+    assert samples[0].instruction == "Remove the lemons on the table."
+    assert samples[3].instruction == "Put a black sunglasses on the dog."
+    for sample in samples:
+        assert isinstance(sample, EditSample) and sample.source.size == (1024, 1024) and sample.source.mode == "RGB"
+        titles = re.findall(r"^\s*(\d)\. ([A-Za-z ]+):", sample.blueprint, flags=re.M)
+        assert [t for _, t in titles] == list(BLUEPRINT_SECTIONS)
+        assert sample.instruction in sample.blueprint
+    # Demo images 2 and 3 are JPEG bytes under a .png name: they must decode all the same.
+    assert (dim_data / "edit_demo_0002.png").read_bytes()[:2] == b"\xff\xd8"
+    assert np.asarray(samples[2].source).std() > 10
+
+
+def test_t2i_rows_have_no_image(dim_data: Path) -> None:
+    samples = list(TosJsonl(str(dim_data / "tos_dataset_demo.jsonl")))
+    assert [s.key for s in samples] == ["0000", "0001", "0002", "0003"]
+    assert all(isinstance(s, T2ISample) and s.image is None for s in samples)
+    assert samples[0].prompt == "A yummy cupcake floating in the air dark background"
+
+
+def test_imgedit_release_counts_ids_and_missing_images(dim_data: Path) -> None:
+    raw, bad = read_jsonl(dim_data / "tos_dataset_edit.jsonl")
+    assert bad == 0 and len(raw) == 737 and len({r["id"] for r in raw}) == 737
+    assert all(r["image_path"].startswith("./cache/ImgEdit/Benchmark/singleturn/") for r in raw)
+    blueprints = read_blueprints(dim_data / "tos_dataset_edit_cot.jsonl")
+    assert set(blueprints) == {r["id"] for r in raw}
+    basic = dim_data.parent / "imgedit-bench" / "basic_edit.json"
+    if basic.is_file():
+        assert set(json.loads(basic.read_text())) == {r["id"] for r in raw}
+    # The benchmark images are not part of the release: every row is a counted skip, or an error.
+    reader = TosJsonl(str(dim_data / "tos_dataset_edit.jsonl"))
+    assert reader.rows() == [] and reader.skipped == 737
+    with pytest.raises(FileNotFoundError, match="000342021.jpg"):
+        TosJsonl(str(dim_data / "tos_dataset_edit.jsonl"), strict=True).rows()
+    en, _ = read_jsonl(dim_data / "tos_dataset_edit_en.jsonl")
+    assert len(en) == 606 and {"task_type", "key"} <= set(en[0])
+
+
+def test_bad_lines_and_undecodable_images(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    lines = [
+        json.dumps({"id": "a", "image_path": "./cache/x/ok.png", "prompt": "p", "image_path_target": "ok.png", "extra": 1}),
+        "{oops",
+        json.dumps({"id": "b", "prompt": "no image_path"}),
+        json.dumps({"id": "c", "image_path": "broken.png", "prompt": "p", "image_path_target": "ok.png"}),
+    ]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    reader = TosJsonl(str(path))
+    pairs = list(reader.pairs())
+    assert [s.key for _, s in pairs] == ["a"] and pairs[0][0].extra == {"extra": 1}
+    assert reader.skipped == 3
+    assert resolve_image(tmp_path, "./cache/x/ok.png") == tmp_path / "ok.png"
+    with pytest.raises(ValueError, match=r"t\.jsonl:2"):
+        TosJsonl(str(path), strict=True).rows()
