@@ -315,20 +315,11 @@ class ShardStream(IterableDataset):
                 self._count_skip(url, "<end of shard>", ValueError("fewer samples than index.json"), expected - delivered)
 
     def _shuffled(self, stream: Iterator[Any], worker: int) -> Iterator[Any]:
-        """Seeded buffer shuffle (webdataset's takes no rng we can pin to (seed, epoch, rank, worker))."""
+        """webdataset's buffer shuffle with an rng pinned to (seed, epoch, rank, worker)."""
         if not self.train or self.shuffle_buffer <= 1:
-            yield from stream
-            return
+            return stream
         rng = random.Random(f"buffer/{self.seed}/{self.epoch}/{self.rank}/{worker}")
-        buffer: list[Any] = []
-        for item in stream:
-            buffer.append(item)
-            if len(buffer) >= self.shuffle_buffer:
-                index = rng.randrange(len(buffer))
-                buffer[index], buffer[-1] = buffer[-1], buffer[index]
-                yield buffer.pop()
-        rng.shuffle(buffer)
-        yield from buffer
+        return wds.filters.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(stream)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

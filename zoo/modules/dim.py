@@ -173,7 +173,7 @@ class DIMModule(EditingModule):
 
         def predict(x_t: Tensor, timestep: Tensor) -> Tensor:
             x_in = torch.cat([x_t, x_t])
-            t_in = timestep.expand(x_in.shape[0]).to(x_in.device)
+            t_in = torch.cat([timestep, timestep]).to(x_in.device)
             uncond, cond = self.denoiser(x_in, t_in, both_context, both_mask, both_condition).chunk(2)
             return text_cfg(uncond, cond, self.guidance_scale)
 
