@@ -55,18 +55,19 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m zoo``; returns the process exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["toy-report"]:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["toy-report"]:
         from callbacks.toy_score import main as toy_report
 
-        return toy_report(argv[1:])
-    if argv[:1] == ["data"]:
+        return toy_report(words[1:])
+    if words[:1] == ["data"]:
         tools = _data_tools()
-        if len(argv) < 2 or argv[1] not in tools:
+        if len(words) < 2 or words[1] not in tools:
             print(f"zoo: error: usage: zoo data {{{','.join(tools)}}} ...", file=sys.stderr)
             return 2
-        return tools[argv[1]](argv[2:])
+        return tools[words[1]](words[2:])
     try:
+        # args=None lets LightningCLI read sys.argv itself (it warns when given both).
         ZooCLI(args=argv)
     except ArgumentError as error:
         print(f"zoo: error: {_one_line(error)} (see --help)", file=sys.stderr)

@@ -1,0 +1,160 @@
+"""DIMModule at tiny size: what trains, what is saved, that it learns, and inference entry points."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from PIL import Image
+
+from tests.modules.conftest import toy_batch, tiny_dim_kwargs
+from zoo.modules.base import Optimization
+from zoo.modules.dim import DIMModule
+
+
+def _fit(model: DIMModule, batch: dict[str, Any], steps: int, lr: float = 3e-3) -> list[float]:
+    """Plain AdamW steps over the module's own trainable parameters on one fixed batch."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model.training_loss(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_only_trainable_parts_get_gradients(batch: dict[str, Any]) -> None:
+    torch.manual_seed(0)
+    model = DIMModule(**tiny_dim_kwargs())
+    model.train()
+    model.training_loss(batch)["loss"].backward()
+    assert not model.mllm.training, "the frozen MLLM must stay in eval mode"
+    assert all(p.grad is None and not p.requires_grad for p in model.mllm.parameters())
+    for name in ("connector", "denoiser"):
+        grads = [p.grad for p in getattr(model, name).parameters()]
+        assert grads and all(g is not None for g in grads), name
+
+
+def test_dropped_conditions_train_the_null_table(batch: dict[str, Any]) -> None:
+    torch.manual_seed(0)
+    model = DIMModule(**tiny_dim_kwargs(cfg_dropout=1.0))
+    model.train()
+    model.training_loss(batch)["loss"].backward()
+    assert model.null_condition.table.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.connector.parameters())
+
+
+def test_connector_only_warmup_freezes_the_dit(batch: dict[str, Any]) -> None:
+    torch.manual_seed(0)
+    model = DIMModule(**tiny_dim_kwargs(train_denoiser=False))
+    model.train()
+    model.training_loss(batch)["loss"].backward()
+    assert all(p.grad is None for p in model.denoiser.parameters())
+    assert all(p.grad is not None for p in model.connector.parameters())
+
+
+def test_frozen_mllm_is_absent_from_optimizer_and_checkpoint(tmp_path, batch: dict[str, Any]) -> None:
+    torch.manual_seed(0)
+    model = DIMModule(**tiny_dim_kwargs(optim=Optimization(lr=1e-3)))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    model.trainer = trainer
+    optimizer = model.configure_optimizers()["optimizer"]
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not optimised & {id(p) for p in model.mllm.parameters()}
+    assert optimised == {id(p) for p in model.parameters() if p.requires_grad}
+
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    keys = set(checkpoint["state_dict"])
+    assert not any(k.startswith("mllm.") for k in keys)
+    assert {k for k in keys if k.startswith("connector.")} == {k for k in model.state_dict() if k.startswith("connector.")}
+    assert any(k.startswith("denoiser.") for k in keys) and "null_condition.table" in keys
+
+    restored = DIMModule(**tiny_dim_kwargs())
+    restored.on_load_checkpoint(checkpoint)
+    restored.load_state_dict(checkpoint["state_dict"], strict=False)
+    for key, value in checkpoint["state_dict"].items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    checkpoint["state_dict"].pop("connector.net.0.weight")
+    with pytest.raises(KeyError, match="trainable"):
+        restored.on_load_checkpoint(checkpoint)
+
+
+def test_loss_decreases_on_a_fixed_toy_batch() -> None:
+    torch.manual_seed(0)
+    model = DIMModule(**tiny_dim_kwargs(cfg_dropout=0.0))
+    batch = toy_batch(size=8)
+    # The flow-matching loss is noisy per step (random t, ε): compare seeded evaluations.
+    def evaluate() -> float:
+        with torch.random.fork_rng():
+            torch.manual_seed(123)
+            model.eval()
+            with torch.no_grad():
+                return sum(model.training_loss(batch)["loss"].item() for _ in range(4)) / 4
+
+    before = evaluate()
+    _fit(model, batch, steps=40)
+    after = evaluate()
+    assert after < 0.6 * before, (before, after)
+
+
+def test_edit_returns_an_image_of_the_model_size_and_is_deterministic() -> None:
+    torch.manual_seed(0)
+    model = DIMModule(**tiny_dim_kwargs())
+    model.eval()
+    source = Image.new("RGB", (40, 24), (200, 30, 30))
+    edited = model.edit(source, "make the background blue", blueprint=None)
+    assert isinstance(edited, Image.Image) and edited.size == (16, 16) and edited.mode == "RGB"
+    again = model.edit(source, "make the background blue")
+    assert list(edited.getdata()) == list(again.getdata())
+    other = model.edit(source, "remove the red square")
+    assert list(edited.getdata()) != list(other.getdata())
+
+
+def test_edit_mode_requires_the_source_and_t2i_generates() -> None:
+    torch.manual_seed(0)
+    t2i = DIMModule(**tiny_dim_kwargs(mode="t2i"))
+    image = t2i.generate("a red circle at the top left")
+    assert image.size == (16, 16)
+    with pytest.raises(ValueError, match="mode='edit'"):
+        t2i.edit(Image.new("RGB", (16, 16)), "x")
+    edit = DIMModule(**tiny_dim_kwargs())
+    batch = toy_batch(size=2)
+    batch.pop("source")
+    with pytest.raises(KeyError, match="source"):
+        edit.training_loss(batch)
+
+
+def test_blueprint_is_the_condition_when_present() -> None:
+    model = DIMModule(**tiny_dim_kwargs())
+    batch = toy_batch(size=2)
+    assert model.condition_text(batch) == batch["blueprint"]
+    batch["blueprint"] = ["", batch["blueprint"][1]]
+    assert model.condition_text(batch) == [batch["instruction"][0], batch["blueprint"][1]]
+    plain = DIMModule(**tiny_dim_kwargs(use_blueprint=False))
+    assert plain.condition_text(batch) == batch["instruction"]
+
+
+def test_stage_two_starts_from_a_t2i_checkpoint_with_widened_input(tmp_path) -> None:
+    torch.manual_seed(0)
+    t2i = DIMModule(**tiny_dim_kwargs(mode="t2i"))
+    checkpoint = {"state_dict": t2i.state_dict()}
+    t2i.on_save_checkpoint(checkpoint)
+    path = tmp_path / "t2i.ckpt"
+    torch.save(checkpoint, path)
+
+    edit = DIMModule(**tiny_dim_kwargs(mode="edit", zero_init_condition=True, init_from=str(path)))
+    old = t2i.denoiser.model.patch_embed.proj.weight
+    new = edit.denoiser.model.patch_embed.proj.weight
+    assert new.shape[1] == 2 * old.shape[1]
+    assert torch.equal(new[:, : old.shape[1]], old)
+    assert torch.equal(new[:, old.shape[1] :], torch.zeros_like(new[:, old.shape[1] :]))
+    assert torch.equal(edit.connector.net[0].weight, t2i.connector.net[0].weight)
+    with pytest.raises(Exception, match="does not exist"):
+        DIMModule(**tiny_dim_kwargs(init_from=str(tmp_path / "missing.ckpt")))
