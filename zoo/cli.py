@@ -21,6 +21,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from callbacks.edit_writer import EditWriter
 from zoo.blocks.pretrained import MissingPretrainedError
 from zoo.modules.base import EditingModule
 
@@ -35,7 +36,9 @@ class ZooCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [RichProgressBar(), LearningRateMonitor(logging_interval="step")]},
+            trainer_defaults={
+                "callbacks": [RichProgressBar(), LearningRateMonitor(logging_interval="step"), EditWriter()]
+            },
             parser_kwargs={"exit_on_error": False},
             args=args,
             run=run,

@@ -1,0 +1,50 @@
+"""Writes ``zoo predict`` results: one PNG per edit and a JSONL of what produced it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torchvision.utils import save_image
+
+
+class EditWriter(BasePredictionWriter):
+    """Saves ``<output_dir>/<key>.png`` and appends ``{"key", "instruction", "text", "image"}`` to
+    ``<output_dir>/predictions.rank<R>.jsonl``: every rank writes the samples it edited.
+
+    Args:
+        output_dir: folder for the images; defaults to ``<log_dir>/predictions``.
+    """
+
+    def __init__(self, output_dir: str | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = output_dir
+
+    def _folder(self, trainer: L.Trainer) -> Path:
+        folder = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: dict[str, Any],
+        batch_indices: Sequence[int] | None,
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        folder = self._folder(trainer)
+        lines = []
+        for i, key in enumerate(prediction["key"]):
+            path = folder / f"{key}.png"
+            save_image(((prediction["edited"][i].float().cpu() + 1) / 2).clamp(0, 1), path)
+            record = {"key": key, "instruction": batch["instruction"][i], "text": prediction["text"][i], "image": path.name}
+            lines.append(json.dumps(record) + "\n")
+        with open(folder / f"predictions.rank{trainer.global_rank}.jsonl", "a") as handle:
+            handle.writelines(lines)

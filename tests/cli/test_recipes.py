@@ -1,0 +1,155 @@
+"""Every recipe parses; paper recipes fail in one line without weights; tiny recipes fit, test, predict, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules import toy
+from zoo.cli import ZooCLI, main
+
+ROOT = Path(__file__).resolve().parents[2]
+PAPER_RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").glob("dim_*.yaml"))
+STAGES = {  # paper recipe (+ stage overlay) -> toy task
+    "dim_t2i": (["recipes/dim_t2i.yaml", "recipes/dim_t2i_warmup.yaml"], "t2i"),
+    "dim_edit_stage1": (["recipes/dim_edit_stage1.yaml"], "edit"),
+    "dim_edit": (["recipes/dim_edit.yaml"], "edit"),
+}
+
+
+class _ParseOnly(ZooCLI):
+    """Stops after parsing and validation: paper recipes name checkpoints no test machine has."""
+
+    def instantiate_classes(self) -> None:
+        return None
+
+
+def _configs(files: list[str]) -> list[str]:
+    return [arg for path in files for arg in ("--config", str(ROOT / path))]
+
+
+@pytest.mark.parametrize("recipe", PAPER_RECIPES)
+def test_paper_recipe_parses(recipe: str) -> None:
+    cli = _ParseOnly(args=_configs([recipe]), run=False)
+    assert cli.config.model.class_path == "zoo.modules.dim.DIMModule"
+    assert cli.config.data.class_path == "datamodules.shards.ShardDataModule"
+    init = cli.config.model.init_args
+    assert init.mllm["pretrained"] == "Qwen/Qwen2.5-VL-3B-Instruct"
+    assert init.guidance_scale == 7.5 and init.num_inference_steps == 30 and init.cfg_dropout == 0.1
+    assert init.connector_hidden == 2304 and init.flow_shift == 3.0
+
+
+def test_tiny_overlay_parses_over_every_paper_recipe() -> None:
+    for recipe in PAPER_RECIPES:
+        cli = _ParseOnly(args=_configs([recipe, "recipes/tiny/dim.yaml"]), run=False)
+        init = cli.config.model.init_args
+        assert "pretrained" not in init.mllm and init.autoencoder == {"kind": "identity"}
+        assert cli.config.trainer.accelerator == "cpu" and init.init_from is None
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "zoo", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("zoo: error:")]
+
+
+def test_paper_recipe_without_weights_fails_in_one_line() -> None:
+    result = _run("fit", "--config", "recipes/dim_edit.yaml")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    [line] = _error_lines(result.stderr)
+    assert "Qwen/Qwen2.5-VL-3B-Instruct" in line and "hf download" in line and "local folder" in line
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [("--model.init_args.mode=sideways", "mode"), ("--trainer.max_stepz=3", "max_stepz")],
+)
+def test_bad_config_exits_2_with_one_line(override: str, needle: str) -> None:
+    result = _run("fit", "--config", "recipes/dim_edit.yaml", "--config", "recipes/tiny/dim.yaml", override)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    [line] = _error_lines(result.stderr)
+    assert needle in line
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("toy")
+    for task in ("edit", "t2i"):
+        args = ["--out", str(root / task), "--train", "64", "--val", "8", "--test", "8", "--seed", "0"]
+        assert toy.main([*args, "--resolution", "32", "--samples-per-shard", "32", "--task", task]) == 0
+    return {"edit": root / "edit", "t2i": root / "t2i"}
+
+
+def _tiny_args(stage: str, toy_data: dict[str, Path], run_dir: Path) -> list[str]:
+    files, task = STAGES[stage]
+    data = toy_data[task]
+    return [
+        *_configs([*files, "recipes/tiny/dim.yaml"]),
+        f"--data.init_args.train_shards={data / 'train'}",
+        f"--data.init_args.val_shards={data / 'val'}",
+        f"--data.init_args.test_shards={data / 'test'}",
+        "--data.init_args.num_workers=0",
+        f"--trainer.default_root_dir={run_dir}",
+        f"--trainer.logger.init_args.save_dir={run_dir}",
+        f"--trainer.callbacks.dirpath={run_dir / 'checkpoints'}",
+        "--trainer.callbacks.every_n_train_steps=2",
+        "--trainer.max_steps=3",
+        "--trainer.val_check_interval=3",
+        "--trainer.limit_val_batches=1",
+        "--model.init_args.num_inference_steps=2",
+        "--model.init_args.mllm.max_condition_length=32",
+    ]
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_tiny_recipe_fits_and_tests(stage: str, toy_data: dict[str, Path], tmp_path: Path) -> None:
+    args = _tiny_args(stage, toy_data, tmp_path)
+    assert main(["fit", *args]) == 0
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 3
+    assert not any(k.startswith("mllm.") for k in checkpoint["state_dict"])
+    assert (tmp_path / "train" / "config.yaml").is_file()
+    assert list((tmp_path / "train" / "images").glob("val_step*.png"))
+    assert main(["test", *args, f"--ckpt_path={last}", "--trainer.limit_test_batches=1"]) == 0
+
+
+def test_tiny_fit_resumes_and_requeue_overwrites_config(toy_data: dict[str, Path], tmp_path: Path) -> None:
+    args = _tiny_args("dim_edit", toy_data, tmp_path)
+    assert main(["fit", *args]) == 0
+    step2 = tmp_path / "checkpoints" / "epoch=0-step=2.ckpt"
+    first = torch.load(step2, map_location="cpu", weights_only=True)
+    assert main(["fit", *args, "--trainer.max_steps=5", f"--ckpt_path={step2}"]) == 0
+    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert first["global_step"] == 2 and resumed["global_step"] == 5
+    assert first["ShardDataModule"]["batches_total"] == 2, "the data-stream position must be checkpointed"
+    assert resumed["ShardDataModule"]["batches_total"] == 5
+    moved = [k for k in first["state_dict"] if not torch.equal(first["state_dict"][k], resumed["state_dict"][k])]
+    assert moved, "training after resume must change the trainable weights"
+
+
+def test_tiny_predict_writes_edits_from_a_tos_jsonl(tmp_path: Path) -> None:
+    image = tmp_path / "images" / "a.png"
+    image.parent.mkdir()
+    sample, _ = toy.edit_sample(0, "test", 0, 32)
+    sample.source.save(image)
+    jsonl = tmp_path / "edits.jsonl"
+    jsonl.write_text('{"id": "a", "image_path": "images/a.png", "prompt": "make the background white"}\n')
+    args = _tiny_args("dim_edit", {"edit": tmp_path}, tmp_path)
+    args = [a for a in args if "_shards=" not in a]
+    assert main(["predict", *args, f"--data.init_args.predict_jsonl={jsonl}"]) == 0
+    [written] = list(tmp_path.glob("**/predictions/a.png"))
+    record = json.loads(written.with_name("predictions.rank0.jsonl").read_text())
+    assert record == {"key": "a", "instruction": "make the background white", "text": "make the background white", "image": "a.png"}
+    from PIL import Image
+
+    assert Image.open(written).size == (32, 32)
