@@ -50,7 +50,8 @@ class EditSample:
     """One instruction-guided edit: ``source`` + ``instruction`` -> ``target``.
 
     ``target`` is None for predict sets; ``blueprint`` is DIM's 5-section chain-of-thought;
-    ``mask`` is a PIL "L" image, 255 inside the edit region; ``boxes`` describe the target image.
+    ``mask`` is a PIL "L" image, 255 inside the edit region; ``boxes`` describe the target image;
+    ``chain`` is GoT's reasoning chain (text with ``<|box_start|>(x1,y1),(x2,y2)<|box_end|> (colour)``).
     """
 
     key: str
@@ -61,6 +62,7 @@ class EditSample:
     edit_type: str | None = None
     mask: Image.Image | None = None
     boxes: list[dict[str, Any]] = field(default_factory=list)
+    chain: str | None = None
 
     def __post_init__(self) -> None:
         if self.source.mode != "RGB":
@@ -74,13 +76,14 @@ class EditSample:
 
 @dataclass
 class T2ISample:
-    """One text-to-image pair; ``image`` is None for predict sets (prompts only)."""
+    """One text-to-image pair; ``image`` is None for predict sets (prompts only); ``chain`` as in EditSample."""
 
     key: str
     image: Image.Image | None
     prompt: str
     blueprint: str | None = None
     boxes: list[dict[str, Any]] = field(default_factory=list)
+    chain: str | None = None
 
     def __post_init__(self) -> None:
         if self.image is not None and self.image.mode != "RGB":
@@ -115,8 +118,8 @@ def _signed(image: Image.Image, resolution: int) -> torch.Tensor:
 def collate(samples: Sequence[EditSample | T2ISample], resolution: int, mllm_resolution: int) -> dict[str, Any]:
     """Build the batch dict of the zoo's data contract.
 
-    Keys: ``key``, ``instruction`` (T2I: the prompt), ``blueprint`` and ``edit_type`` ("" where
-    absent), ``boxes``; ``target`` [B,3,R,R] in [-1,1] unless no sample has one; edit batches add
+    Keys: ``key``, ``instruction`` (T2I: the prompt), ``blueprint``, ``chain`` and ``edit_type``
+    ("" where absent), ``boxes``; ``target`` [B,3,R,R] in [-1,1] unless no sample has one; edit batches add
     ``source`` [B,3,R,R] in [-1,1] and ``mllm_image`` [B,3,M,M] in [0,1] (full source squashed);
     ``mask`` [B,1,R,R] in {0,1} only when every sample has a mask.
     """
@@ -131,6 +134,7 @@ def collate(samples: Sequence[EditSample | T2ISample], resolution: int, mllm_res
     batch: dict[str, Any] = {
         "key": [s.key for s in samples],
         "blueprint": [s.blueprint or "" for s in samples],
+        "chain": [s.chain or "" for s in samples],
         "boxes": [s.boxes for s in samples],
     }
     if all(is_edit):

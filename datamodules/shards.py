@@ -7,7 +7,8 @@ One sample is the group of tar members sharing a ``__key__`` (keys must not cont
 because webdataset splits a member name at its first dot):
 
 * ``<key>.json``   utf-8 JSON object: ``task`` ("edit" | "t2i"), ``instruction`` (T2I: the prompt),
-  ``blueprint`` (DIM 5-section CoT or null), ``edit_type`` (or null), ``boxes`` (list of
+  ``blueprint`` (DIM 5-section CoT or null), ``chain`` (GoT reasoning chain, absent or null),
+  ``edit_type`` (or null), ``boxes`` (list of
   ``{"box": [x1, y1, x2, y2] ints in [0,1000), "color": str, "label": str}``), plus free extra fields
   (kept out of the batch, e.g. the toy generator's scene description).
 * ``<key>.source.png``  edit only: the source image (RGB; any PIL-readable bytes are accepted).
@@ -90,6 +91,8 @@ def encode_sample(sample: EditSample | T2ISample, extra: dict[str, Any] | None =
         meta.update(task="t2i", instruction=sample.prompt, edit_type=None)
         target = sample.image
     meta.update(blueprint=sample.blueprint, boxes=sample.boxes)
+    if sample.chain is not None:
+        meta["chain"] = sample.chain
     if target is not None:
         record["target.png"] = _png(target)
     record["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
@@ -186,7 +189,9 @@ def decode_sample(raw: dict[str, Any]) -> EditSample | T2ISample:
     target = _open_image(raw["target.png"], "RGB") if "target.png" in raw else None
     boxes = meta.get("boxes") or []
     if meta["task"] == "t2i":
-        return T2ISample(key=key, image=target, prompt=meta["instruction"], blueprint=meta.get("blueprint"), boxes=boxes)
+        return T2ISample(
+            key=key, image=target, prompt=meta["instruction"], blueprint=meta.get("blueprint"), boxes=boxes, chain=meta.get("chain")
+        )
     if "source.png" not in raw:
         raise ValueError("edit sample without source.png")
     return EditSample(
@@ -198,6 +203,7 @@ def decode_sample(raw: dict[str, Any]) -> EditSample | T2ISample:
         edit_type=meta.get("edit_type"),
         mask=_open_image(raw["mask.png"], "L") if "mask.png" in raw else None,
         boxes=boxes,
+        chain=meta.get("chain"),
     )
 
 

@@ -10,7 +10,9 @@ of (source, instruction): a tiny model can learn it on a CPU in minutes. Each sa
 * a DIM-style 5-section blueprint filled from the ground truth;
 * the edit mask: exactly the pixels that change (union of old and new object pixels; the
   background pixels for a background change);
-* GoT-style boxes of the TARGET objects in [0, 1000) with colour name and shape label.
+* GoT-style boxes of the TARGET objects in [0, 1000) with colour name and shape label;
+* a GoT reasoning chain naming each target object with exactly those boxes and colours
+  (:func:`chain`); the colour names are PIL colour names, as GoT's mask renderer fills with them.
 
 ``toy --out DIR --train N --val N --test N --seed S --resolution R --samples-per-shard N [--task edit|t2i]``
 writes DIR/train, DIR/val and DIR/test, each with its ``index.json``.
@@ -26,6 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
+from datamodules.formats.got import object_chain
 from datamodules.samples import BOX_RANGE, EditSample, T2ISample
 from datamodules.shards import write_split
 
@@ -166,6 +169,15 @@ def blueprint(instruction: str, source: Scene, target: Scene, area: str, resolut
     )
 
 
+def chain(scene: Scene, resolution: int, instruction: str | None = None) -> str:
+    """GoT-style chain describing ``scene`` (an edit's target) with one grounded entry per object."""
+    lead = f"{instruction} The edited image shows" if instruction else "The image shows"
+    objects = object_chain(boxes(scene, resolution))
+    if not objects:
+        return f"{lead} a plain {scene.background} background."
+    return f"{lead} a {scene.background} background with {objects}."
+
+
 # --- sampling ----------------------------------------------------------------------------------
 
 
@@ -249,6 +261,7 @@ def edit_sample(seed: int, split: str, index: int, resolution: int = 32) -> tupl
         edit_type=edit_type,
         mask=Image.fromarray(mask.astype(np.uint8) * 255),
         boxes=boxes(target, resolution),
+        chain=chain(target, resolution, instruction),
     )
     return sample, {"source_scene": _scene_json(source), "target_scene": _scene_json(target)}
 
@@ -263,6 +276,7 @@ def t2i_sample(seed: int, split: str, index: int, resolution: int = 32) -> tuple
         image=Image.fromarray(render(scene, resolution)),
         prompt=prompt[0].upper() + prompt[1:] + ".",
         boxes=boxes(scene, resolution),
+        chain=chain(scene, resolution),
     )
     return sample, {"scene": _scene_json(scene)}
 

@@ -13,6 +13,7 @@ status 2, not a stack trace.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 
@@ -51,9 +52,19 @@ def _data_tools() -> dict[str, Callable[[list[str] | None], int]]:
     return {"convert": convert.main, "toy": toy.main}
 
 
+_NOISE = ("Does not validate", "Subtypes:", "Errors:", "- Problem with given class_path", "Given value", "- Expected a <class 'NoneType'>")
+
+
 def _one_line(error: BaseException) -> str:
+    """One line from an error; jsonargparse's nested reports become ``key.path: first reason``."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+    if not lines:
+        return type(error).__name__
+    keys = [m.group(1) for line in lines if (m := re.fullmatch(r'Parser key "(.+)":', line))]
+    reasons = [line for line in lines if not line.startswith(_NOISE) and not re.fullmatch(r'Parser key ".+":', line)]
+    if not keys:
+        return lines[0]
+    return f"{'.'.join(keys)}: {reasons[0] if reasons else 'invalid value'}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +86,20 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as error:
         print(f"zoo: error: {_one_line(error)} (see --help)", file=sys.stderr)
         return 2
-    except MissingPretrainedError as error:
-        print(f"zoo: error: {_one_line(error)}", file=sys.stderr)
+    except Exception as error:
+        missing = _missing_pretrained(error)
+        if missing is None:
+            raise
+        print(f"zoo: error: {_one_line(missing)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _missing_pretrained(error: BaseException) -> MissingPretrainedError | None:
+    """The MissingPretrainedError behind ``error`` (jsonargparse wraps instantiation errors), if any."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, MissingPretrainedError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -1,4 +1,4 @@
-"""DCAutoencoder over a tiny real AutoencoderDC, and the identity codec."""
+"""DCAutoencoder / KLAutoencoder over tiny real AutoencoderDC / AutoencoderKL, and the identity codec."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoo.blocks.autoencoders import DCAutoencoder, IdentityCodec
+from zoo.blocks.autoencoders import DCAutoencoder, IdentityCodec, KLAutoencoder, build_codec
 from zoo.blocks.pretrained import MissingPretrainedError
 
 # Tiny DC-AE: factor 2 (two stages), 4 latent channels, one ResBlock + one EfficientViT (linear
@@ -108,3 +108,99 @@ def test_identity_codec_is_pixel_space() -> None:
     assert codec.encode(x) is x and codec.decode(x) is x
     with pytest.raises(ValueError, match=r"latents must be \[B, 3, h, w\]"):
         codec.encode(torch.zeros(1, 4, 8, 8))
+
+
+# --- KLAutoencoder ----------------------------------------------------------------------------
+
+# Tiny SDXL-style AutoencoderKL: factor 2 (two blocks), 4 latent channels, SDXL's scaling factor.
+TINY_KL = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 4,
+    "sample_size": 16,
+    "scaling_factor": 0.13025,
+}
+
+
+def make_kl(**kwargs: object) -> KLAutoencoder:
+    torch.manual_seed(0)
+    return KLAutoencoder(config=TINY_KL, **kwargs)  # type: ignore[arg-type]
+
+
+def test_kl_shapes_and_scaling_factor_from_the_config() -> None:
+    codec = make_kl()
+    assert (codec.latent_channels, codec.downsample_factor) == (4, 2)
+    assert (codec.scaling_factor, codec.shift_factor) == (0.13025, 0.0)
+    x = images(size=16)
+    mode = codec.model.encode(x).latent_dist.mode()
+    z = codec.encode(x)
+    assert z.shape == (2, 4, 8, 8)
+    torch.testing.assert_close(z, mode * 0.13025, rtol=0, atol=0)
+    # GoT's conditioning latents: the same posterior mode, not scaled (InstructPix2Pix convention).
+    torch.testing.assert_close(codec.encode_unscaled(x), mode, rtol=0, atol=0)
+    assert (codec.encode_unscaled(x) - z).abs().max() > 0.1
+    latents = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(codec.decode(latents), codec.model.decode(latents / 0.13025).sample)
+    assert codec.decode(latents).shape == (2, 3, 16, 16)
+
+
+def test_kl_explicit_scale_and_shift() -> None:
+    codec = make_kl(scaling_factor=0.5, shift_factor=0.1159)
+    x = images()
+    mode = codec.model.encode(x).latent_dist.mode()
+    torch.testing.assert_close(codec.encode(x), (mode - 0.1159) * 0.5)
+    torch.testing.assert_close(codec.decode(codec.encode(x)), codec.model.decode(mode).sample, rtol=1e-5, atol=1e-5)
+    flux_like = KLAutoencoder(config={**TINY_KL, "shift_factor": 0.1159, "scaling_factor": 0.3611})
+    assert (flux_like.scaling_factor, flux_like.shift_factor) == (0.3611, 0.1159)
+
+
+def test_kl_sample_draws_from_the_posterior() -> None:
+    codec = make_kl(sample=True)
+    x = images()
+    posterior = codec.model.encode(x).latent_dist
+    torch.manual_seed(7)
+    z = codec.encode(x)
+    torch.manual_seed(7)
+    expected = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape)) * 0.13025
+    torch.testing.assert_close(z, expected)
+    assert not torch.allclose(codec.encode(x), z)
+    # encode_unscaled stays deterministic: conditions are the mode whatever `sample` says.
+    torch.testing.assert_close(codec.encode_unscaled(x), posterior.mode(), rtol=0, atol=0)
+
+
+def test_kl_is_frozen_and_built_by_kind(tmp_path: Path) -> None:
+    codec = build_codec("kl", config=TINY_KL)
+    assert isinstance(codec, KLAutoencoder) and not any(p.requires_grad for p in codec.parameters())
+    codec.train()
+    assert not codec.training
+    with pytest.raises(ValueError, match="'dc', 'identity', 'kl'"):
+        build_codec("vq")
+
+
+def test_kl_round_trip_through_save_pretrained(tmp_path: Path) -> None:
+    codec = make_kl()
+    codec.model.save_pretrained(tmp_path / "vae")
+    loaded = KLAutoencoder(pretrained=str(tmp_path))
+    assert loaded.scaling_factor == 0.13025
+    x = images()
+    torch.testing.assert_close(loaded.encode(x), codec.encode(x), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.encode_unscaled(x), codec.encode_unscaled(x), rtol=0, atol=0)
+    z = torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(loaded.decode(z), codec.decode(z), rtol=0, atol=0)
+
+
+def test_kl_bad_inputs_are_explained() -> None:
+    codec = make_kl()
+    with pytest.raises(ValueError, match="multiples of 2"):
+        codec.encode_unscaled(torch.zeros(1, 3, 15, 16))
+    with pytest.raises(ValueError, match=r"latents must be \[B, 4, h, w\]"):
+        codec.decode(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="scaling_factor must be positive"):
+        KLAutoencoder(config=TINY_KL, scaling_factor=-1.0)
+    with pytest.raises(MissingPretrainedError, match="stabilityai/stable-diffusion-xl-base-1.0"):
+        KLAutoencoder(pretrained="stabilityai/stable-diffusion-xl-base-1.0")

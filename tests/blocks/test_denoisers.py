@@ -1,4 +1,4 @@
-"""SanaDenoiser over a tiny real SanaTransformer2DModel, and input-conv widening (parity checks 4, 8)."""
+"""SanaDenoiser / UNetDenoiser over tiny real diffusers models, and input-conv widening (parity checks 4, 8)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import SanaTransformer2DModel
+from diffusers import SanaTransformer2DModel, UNet2DConditionModel
 from torch import nn
 
-from zoo.blocks.denoisers import SanaDenoiser, widen_input_conv, widen_model_input
+from zoo.blocks.denoisers import SanaDenoiser, UNetDenoiser, sdxl_time_ids, widen_input_conv, widen_model_input
 from zoo.blocks.pretrained import load_diffusers_model
 from zoo.blocks.pretrained import MissingPretrainedError
 
@@ -225,3 +225,162 @@ def test_bad_inputs_are_explained() -> None:
         widened(**{**x, "context_mask": x["context_mask"][:, :4]})
     with pytest.raises(ValueError, match="condition_channels=0"):
         make_denoiser()(**x)
+
+
+def test_sana_rejects_added_conditions() -> None:
+    x = make_inputs()
+    with pytest.raises(ValueError, match="SanaDenoiser takes no added_conditions"):
+        make_denoiser()(x["latents"], x["timestep"], x["context"], x["context_mask"], None, {"a": x["latents"]})
+
+
+# --- UNetDenoiser (SDXL-style, GoT's SSGM UNet) -------------------------------------------------
+
+# Tiny SDXL UNet: two levels (32, 64), cross-attention on the second, context width 32, SDXL's
+# "text_time" micro-conditioning with a 16-d pooled embedding: 6 * 8 + 16 = 64 projection inputs.
+TINY_SDXL_UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "cross_attention_dim": 32,
+    "attention_head_dim": [2, 4],
+    "transformer_layers_per_block": [1, 1],
+    "norm_num_groups": 8,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 64,
+}
+TINY_SD15_UNET = {k: v for k, v in TINY_SDXL_UNET.items() if "addition" not in k and "projection_class" not in k}
+
+
+def unet_inputs(batch: int = 2, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "latents": torch.randn(batch, 4, 8, 8, generator=g),
+        "timestep": torch.tensor([999, 250][:batch]),
+        "context": torch.randn(batch, 6, 32, generator=g),
+        "context_mask": torch.ones(batch, 6, dtype=torch.bool),
+        "condition": torch.randn(batch, 8, 8, 8, generator=g),
+        "added_conditions": {"text_embeds": torch.randn(batch, 16, generator=g), "time_ids": sdxl_time_ids(64, 64)},
+    }
+
+
+def make_unet(seed: int = 0, **kwargs: object) -> UNetDenoiser:
+    torch.manual_seed(seed)
+    return UNetDenoiser(config=TINY_SDXL_UNET, **kwargs).eval()  # type: ignore[arg-type]
+
+
+def test_sdxl_time_ids() -> None:
+    assert sdxl_time_ids(1024, 768).tolist() == [[1024.0, 768.0, 0.0, 0.0, 1024.0, 768.0]]
+    assert sdxl_time_ids(512, 512, crop=(3, 4), target=(256, 128)).tolist() == [[512.0, 512.0, 3.0, 4.0, 256.0, 128.0]]
+    with pytest.raises(ValueError, match="positive sizes"):
+        sdxl_time_ids(0, 64)
+
+
+def test_got_widening_of_a_pretrained_unet(tmp_path: Path) -> None:
+    """Parity check 8: 12-channel conv_in, pretrained weights in the first 4, zeros after, bias not copied."""
+    torch.manual_seed(0)
+    pretrained = UNet2DConditionModel(**TINY_SDXL_UNET)
+    pretrained.save_pretrained(tmp_path / "unet")
+    old = pretrained.conv_in
+    denoiser = UNetDenoiser(pretrained=str(tmp_path), condition_channels=8)
+    conv = denoiser.model.conv_in
+    assert (conv.in_channels, denoiser.model.config.in_channels, denoiser.in_channels) == (12, 12, 4)
+    torch.testing.assert_close(conv.weight[:, :4], old.weight, rtol=0, atol=0)
+    assert torch.count_nonzero(conv.weight[:, 4:]) == 0
+    assert not torch.allclose(conv.bias, old.bias)
+    copied = UNetDenoiser(pretrained=str(tmp_path), condition_channels=8, copy_bias=True)
+    torch.testing.assert_close(copied.model.conv_in.bias, old.bias, rtol=0, atol=0)
+    # Every other pretrained weight is untouched.
+    state = pretrained.state_dict()
+    for key, value in denoiser.model.state_dict().items():
+        if not key.startswith("conv_in."):
+            torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+
+
+def test_unet_forward_matches_the_diffusers_call() -> None:
+    denoiser = make_unet(condition_channels=8)
+    x = unet_inputs()
+    out = denoiser(**x)
+    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+    assert (denoiser.context_dim, denoiser.sample_size, denoiser.needs_added_conditions) == (32, 8, True)
+    direct = denoiser.model(
+        torch.cat([x["latents"], x["condition"]], 1),
+        x["timestep"],
+        encoder_hidden_states=x["context"],
+        added_cond_kwargs={
+            "text_embeds": x["added_conditions"]["text_embeds"],
+            "time_ids": sdxl_time_ids(64, 64).expand(2, 6),
+        },
+    ).sample
+    torch.testing.assert_close(out, direct)
+
+
+def test_zero_condition_with_copied_bias_reproduces_the_plain_unet() -> None:
+    plain = make_unet(seed=3)
+    x = unet_inputs()
+    expected = plain(x["latents"], x["timestep"], x["context"], x["context_mask"], None, x["added_conditions"])
+    widened = make_unet(seed=3, condition_channels=8, copy_bias=True)
+    torch.testing.assert_close(widened(**x), expected)
+    torch.testing.assert_close(widened(**{**x, "condition": 3 * x["condition"]}), expected)
+    # The official (fresh-bias) widening changes the output until the bias is trained/loaded.
+    official = make_unet(seed=3, condition_channels=8)
+    assert (official(**x) - expected).abs().max() > 1e-4
+
+
+def test_zero_initialised_condition_channels_still_learn() -> None:
+    denoiser = make_unet(condition_channels=8).train()
+    denoiser(**unet_inputs()).square().mean().backward()
+    grad = denoiser.model.conv_in.weight.grad
+    assert grad is not None and grad[:, 4:].abs().sum() > 0
+
+
+def test_added_conditions_are_used_and_a_batch_of_one_is_shared() -> None:
+    denoiser = make_unet(condition_channels=8)
+    x = unet_inputs()
+    pooled = x["added_conditions"]["text_embeds"][:1]
+    shared = denoiser(**{**x, "added_conditions": {"text_embeds": pooled, "time_ids": sdxl_time_ids(64, 64)}})
+    repeated_conditions = {"text_embeds": pooled.expand(2, -1), "time_ids": sdxl_time_ids(64, 64).repeat(2, 1)}
+    repeated = denoiser(**{**x, "added_conditions": repeated_conditions})
+    torch.testing.assert_close(shared, repeated)
+    other_size = denoiser(**{**x, "added_conditions": {"text_embeds": pooled, "time_ids": sdxl_time_ids(128, 64)}})
+    assert (other_size - shared).abs().max() > 1e-4
+
+
+def test_unet_added_condition_errors() -> None:
+    denoiser = make_unet(condition_channels=8)
+    x = unet_inputs()
+    with pytest.raises(ValueError, match="needs added_conditions with exactly 'text_embeds'"):
+        denoiser(**{**x, "added_conditions": None})
+    with pytest.raises(ValueError, match=r"text_embeds must be \[2 or 1, 16\]"):
+        denoiser(**{**x, "added_conditions": {"text_embeds": torch.zeros(2, 15), "time_ids": sdxl_time_ids(8, 8)}})
+    with pytest.raises(ValueError, match=r"time_ids must be \[2 or 1, 6\]"):
+        denoiser(**{**x, "added_conditions": {"text_embeds": torch.zeros(2, 16), "time_ids": torch.zeros(3, 6)}})
+    with pytest.raises(ValueError, match=r"condition must be \(2, 8, 8, 8\)"):
+        denoiser(**{**x, "condition": None})
+    torch.manual_seed(0)
+    sd15 = UNetDenoiser(config=TINY_SD15_UNET)
+    assert not sd15.needs_added_conditions
+    out = sd15(x["latents"], x["timestep"], x["context"], x["context_mask"])
+    assert out.shape == (2, 4, 8, 8)
+    with pytest.raises(ValueError, match="takes no added_conditions"):
+        sd15(x["latents"], x["timestep"], x["context"], x["context_mask"], added_conditions=x["added_conditions"])
+
+
+def test_widened_unet_round_trips_through_save_pretrained(tmp_path: Path) -> None:
+    denoiser = make_unet(condition_channels=8)
+    with torch.no_grad():
+        denoiser.model.conv_in.weight[:, 4:].normal_()  # as after training
+    denoiser.model.save_pretrained(tmp_path / "unet")
+    loaded = UNetDenoiser(pretrained=str(tmp_path), condition_channels=8).eval()
+    assert loaded.model.conv_in.in_channels == 12
+    x = unet_inputs()
+    torch.testing.assert_close(loaded(**x), denoiser(**x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="set condition_channels=8"):
+        UNetDenoiser(pretrained=str(tmp_path), condition_channels=4)
+    with pytest.raises(MissingPretrainedError, match="stabilityai/stable-diffusion-xl-base-1.0"):
+        UNetDenoiser(pretrained="stabilityai/stable-diffusion-xl-base-1.0")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from zoo.blocks.guidance import NullCondition, got_cfg, text_cfg
+from zoo.blocks.guidance import NullCondition, got_cfg, got_cfg_batch, text_cfg
 
 
 def test_null_table_init_and_shape() -> None:
@@ -94,3 +94,80 @@ def test_got_cfg_formula() -> None:
     torch.testing.assert_close(got_cfg(cond, text, image, uncond, 7.5, 4.0, 1.0), 4 * cond + 3.5 * text - 6.5 * image)
     # With every scale 1 the guided prediction is the fully conditioned branch.
     torch.testing.assert_close(got_cfg(cond, text, image, uncond, 1.0, 1.0, 1.0), cond)
+
+
+def got_inputs(batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "latents": torch.randn(batch, 4, 6, 5, generator=g),
+        "context_gen": torch.randn(batch, 3, 8, generator=g),
+        "context_null": torch.randn(1, 3, 8, generator=g),
+        "reference": torch.randn(batch, 4, 6, 5, generator=g),
+        "mask": torch.randn(batch, 4, 6, 5, generator=g),
+        "pooled_gen": torch.randn(batch, 7, generator=g),
+    }
+
+
+def test_got_cfg_batch_matches_the_official_assembly() -> None:
+    """Parity check 7: latents x4; context (gen, gen, null, null); reference (img, img, img, 0);
+    mask (mask, 0, 0, 0); pooled shared by all branches; condition = [reference | mask] channels."""
+    x = got_inputs()
+    out = got_cfg_batch(**x)
+    lat, gen, ref, mask, pooled = x["latents"], x["context_gen"], x["reference"], x["mask"], x["pooled_gen"]
+    null = x["context_null"].expand(2, -1, -1)
+    zero = torch.zeros_like(ref)
+    torch.testing.assert_close(out.latents, torch.cat([lat, lat, lat, lat]), rtol=0, atol=0)
+    torch.testing.assert_close(out.context, torch.cat([gen, gen, null, null]), rtol=0, atol=0)
+    references = torch.cat([ref, ref, ref, zero])
+    masks = torch.cat([mask, zero, zero, zero])
+    torch.testing.assert_close(out.condition, torch.cat([references, masks], dim=1), rtol=0, atol=0)
+    torch.testing.assert_close(out.pooled, torch.cat([pooled] * 4), rtol=0, atol=0)
+    # chunk(4) of the batch gives got_cfg's argument order; branch k of sample b sits at k * B + b.
+    cond, text, image, uncond = out.condition.chunk(4)
+    assert torch.equal(cond[1, 4:], mask[1]) and not text[:, 4:].any() and not uncond.any()
+    assert torch.equal(image[0, :4], ref[0])
+
+
+def test_got_cfg_batch_pooled_null_and_shared_conditions() -> None:
+    x = got_inputs()
+    pooled_null = torch.full((1, 7), -1.0)
+    out = got_cfg_batch(**x, pooled_null=pooled_null)
+    expected = torch.cat([x["pooled_gen"], x["pooled_gen"], pooled_null.expand(2, -1), pooled_null.expand(2, -1)])
+    torch.testing.assert_close(out.pooled, expected, rtol=0, atol=0)
+    shared = got_cfg_batch(**{**x, "reference": x["reference"][:1], "mask": x["mask"][:1]})
+    assert torch.equal(shared.condition[1, :4], x["reference"][0])
+    assert torch.equal(shared.condition[1, 4:], x["mask"][0])
+
+
+def test_got_cfg_batch_then_got_cfg_on_a_linear_model() -> None:
+    """With a denoiser linear in its inputs, the guided output is the formula applied per branch."""
+    x = got_inputs(batch=1)
+    weights = torch.randn(3, generator=torch.Generator().manual_seed(3))
+
+    def model(latents: torch.Tensor, context: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        per_sample_context = context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        return weights[0] * latents + weights[1] * condition[:, :4] + weights[2] * condition[:, 4:] + per_sample_context
+
+    out = got_cfg_batch(**x)
+    guided = got_cfg(*model(out.latents, out.context, out.condition).chunk(4), 7.5, 4.0, 1.0)
+    lat, ref, mask = x["latents"], x["reference"], x["mask"]
+    eps = {
+        "cond": model(lat, x["context_gen"], torch.cat([ref, mask], 1)),
+        "text": model(lat, x["context_gen"], torch.cat([ref, 0 * mask], 1)),
+        "image": model(lat, x["context_null"], torch.cat([ref, 0 * mask], 1)),
+        "uncond": model(lat, x["context_null"], torch.cat([0 * ref, 0 * mask], 1)),
+    }
+    expected = got_cfg(eps["cond"], eps["text"], eps["image"], eps["uncond"], 7.5, 4.0, 1.0)
+    torch.testing.assert_close(guided, expected)
+
+
+def test_got_cfg_batch_rejects_mismatched_inputs() -> None:
+    x = got_inputs()
+    with pytest.raises(ValueError, match="context_gen must have 3 dims and batch 2 or 1"):
+        got_cfg_batch(**{**x, "context_gen": torch.zeros(3, 3, 8)})
+    with pytest.raises(ValueError, match="context_gen .* and context_null .* differ"):
+        got_cfg_batch(**{**x, "context_null": torch.zeros(1, 4, 8)})
+    with pytest.raises(ValueError, match="spatial size"):
+        got_cfg_batch(**{**x, "mask": torch.zeros(2, 4, 3, 5)})
+    with pytest.raises(ValueError, match="pooled_gen must have 2 dims"):
+        got_cfg_batch(**{**x, "pooled_gen": torch.zeros(2, 1, 7)})

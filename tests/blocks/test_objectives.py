@@ -1,4 +1,4 @@
-"""FlowMatching against SANA/DIM's formulas (parity check 3), computed directly here."""
+"""FlowMatching (parity check 3) and EpsilonDiffusion against SANA/DIM and DDPM formulas computed here."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from zoo.blocks.objectives import FlowMatching
+from diffusers import DDPMScheduler
+
+from zoo.blocks.objectives import EpsilonDiffusion, FlowMatching
 
 
 def test_sigmas_are_the_shifted_linear_flow_grid() -> None:
@@ -106,3 +108,101 @@ def test_bad_inputs_are_explained() -> None:
         objective.loss(x, torch.zeros(2, 3))
     with pytest.raises(ValueError, match="shift > 0"):
         FlowMatching(shift=0.0)
+
+
+# --- EpsilonDiffusion (SDXL / GoT) ------------------------------------------------------------
+
+
+def sdxl_alphas_cumprod() -> torch.Tensor:
+    """scaled_linear: beta linear in sqrt from sqrt(0.00085) to sqrt(0.012); abar_t = prod (1 - beta)."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def test_epsilon_schedule_is_sdxls_scaled_linear() -> None:
+    objective = EpsilonDiffusion()
+    expected = sdxl_alphas_cumprod()
+    torch.testing.assert_close(objective.alphas_cumprod.double(), expected, rtol=0, atol=1e-6)
+    assert objective.alphas_cumprod[0].item() == pytest.approx(1 - 0.00085, abs=1e-7)
+    assert objective.alphas_cumprod[-1].item() == pytest.approx(0.0047, abs=1e-4)
+
+
+def test_epsilon_add_noise_target_and_model_timestep() -> None:
+    objective = EpsilonDiffusion()
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 4, 5, 5, generator=g)
+    t = torch.tensor([0, 499, 999])
+    x_t, abar, model_t = objective.add_noise(x0, noise, t)
+    a = sdxl_alphas_cumprod()[t].float()
+    torch.testing.assert_close(abar, a, rtol=0, atol=1e-6)
+    a4 = a.view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, a4.sqrt() * x0 + (1 - a4).sqrt() * noise, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model_t, t)
+    assert objective.target(x0, noise) is noise
+    v = EpsilonDiffusion(prediction_type="v_prediction")
+    torch.testing.assert_close(v.target(x0, noise, t), a4.sqrt() * noise - (1 - a4).sqrt() * x0, rtol=1e-5, atol=1e-5)
+    pred = torch.randn(3, 4, 5, 5, generator=g)
+    expected = ((pred - noise) ** 2).mean()
+    torch.testing.assert_close(objective.loss(pred, noise), expected)
+
+
+def test_epsilon_timesteps_are_uniform_integers() -> None:
+    t = EpsilonDiffusion().sample_timesteps(20_000, generator=torch.Generator().manual_seed(0))
+    assert t.dtype == torch.int64 and (t.min().item(), t.max().item()) == (0, 999)
+    counts = torch.bincount(t // 100, minlength=10).float()
+    # Each tenth holds 2000 draws in expectation; binomial sd ~42, so 250 is a 6-sigma band.
+    assert (counts - 2000).abs().max() < 250
+    same = EpsilonDiffusion().sample_timesteps(20_000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(t, same)
+
+
+def test_noise_offset_is_a_per_sample_per_channel_constant() -> None:
+    x0 = torch.zeros(2, 3, 4, 4)
+    noise = EpsilonDiffusion(noise_offset=0.1).sample_noise(x0, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    eps = torch.randn(2, 3, 4, 4, generator=g)
+    torch.testing.assert_close(noise, eps + 0.1 * torch.randn(2, 3, 1, 1, generator=g), rtol=0, atol=0)
+    plain = EpsilonDiffusion().sample_noise(x0, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(plain, eps, rtol=0, atol=0)
+
+
+def test_noise_offset_statistics() -> None:
+    """Spatial means of an 8x8 map: variance 1/64 from eps plus offset^2 = 0.01; channels independent."""
+    x0 = torch.zeros(4000, 2, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    means = EpsilonDiffusion(noise_offset=0.1).sample_noise(x0, generator=g).mean(dim=(2, 3))
+    # 8000 means: the variance estimate has sd ~ 0.0256 * sqrt(2 / 8000) = 0.0004.
+    assert means.var().item() == pytest.approx(1 / 64 + 0.01, abs=0.0016)
+    assert abs(torch.corrcoef(means.T)[0, 1].item()) < 0.06
+    plain = EpsilonDiffusion().sample_noise(x0, generator=g).mean(dim=(2, 3))
+    assert plain.var().item() == pytest.approx(1 / 64, abs=0.0012)
+
+
+def test_sampling_scheduler_is_sdxls_ddpm_config() -> None:
+    scheduler = EpsilonDiffusion().sampling_scheduler()
+    assert isinstance(scheduler, DDPMScheduler)
+    cfg = scheduler.config
+    assert (cfg.prediction_type, cfg.clip_sample, cfg.timestep_spacing, cfg.steps_offset) == (
+        "epsilon",
+        False,
+        "leading",
+        1,
+    )
+    torch.testing.assert_close(scheduler.alphas_cumprod.double(), sdxl_alphas_cumprod(), rtol=0, atol=1e-6)
+    scheduler.set_timesteps(50)
+    assert scheduler.timesteps.tolist() == list(range(981, 0, -20))
+
+
+def test_epsilon_bad_inputs_are_explained() -> None:
+    objective = EpsilonDiffusion()
+    x0 = torch.zeros(2, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1000\)"):
+        objective.add_noise(x0, x0, torch.tensor([0, 1000]))
+    with pytest.raises(ValueError, match="integer step indices"):
+        objective.add_noise(x0, x0, torch.tensor([0.5, 1.0]))
+    with pytest.raises(ValueError, match="needs the step indices"):
+        EpsilonDiffusion(prediction_type="v_prediction").target(x0, x0)
+    with pytest.raises(ValueError, match="prediction_type must be"):
+        EpsilonDiffusion(prediction_type="sample")
+    with pytest.raises(ValueError, match="noise_offset >= 0"):
+        EpsilonDiffusion(noise_offset=-0.1)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
-from zoo.blocks.guidance import text_cfg
-from zoo.blocks.objectives import FlowMatching
+from zoo.blocks.guidance import got_cfg, text_cfg
+from zoo.blocks.objectives import EpsilonDiffusion, FlowMatching
 from zoo.blocks.sampling import build_scheduler, model_timesteps, sample
 
 SCHEDULERS = ["dpm_solver++", "flow_euler"]
@@ -145,3 +145,45 @@ def test_bad_arguments_are_explained() -> None:
         sample(oracle(x0), noise, build_scheduler(), 0)
     with pytest.raises(ValueError, match=r"predict returned \(2, 4, 3, 3\)"):
         sample(lambda x, t: x[..., :3, :3], noise, build_scheduler(), 2)
+
+
+def epsilon_oracle(
+    x0: torch.Tensor, calls: list[int] | None = None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Exact noise for x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps on SDXL's schedule."""
+    abar = EpsilonDiffusion().alphas_cumprod
+
+    def predict(x_t: torch.Tensor, model_t: torch.Tensor) -> torch.Tensor:
+        if calls is not None:
+            calls.append(int(model_t[0]))
+        a = abar[model_t].view(-1, 1, 1, 1)
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+    return predict
+
+
+def test_got_ddpm_epsilon_sampling_in_50_steps() -> None:
+    """GoT's sampler: SDXL's DDPM config (leading spacing, offset 1), 50 steps, eps prediction, seeded noise."""
+    x0, noise = data()
+    calls: list[int] = []
+    scheduler = EpsilonDiffusion().sampling_scheduler()
+    out = sample(epsilon_oracle(x0, calls), noise, scheduler, 50, generator=torch.Generator().manual_seed(42))
+    assert calls == list(range(981, 0, -20))
+    # The last step (t=1 -> abar_prev = 1) returns the predicted x0, exact for an oracle.
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-5)
+
+
+def test_got_four_branch_guidance_through_ddpm_sampling() -> None:
+    """eps is affine in x0 at a fixed x_t and GoT's weights sum to 1, so guiding four oracles lands on
+    4 x0_cond + 3.5 x0_text - 6.5 x0_image + 0 x0_uncond for (g, c, i) = (7.5, 4, 1)."""
+    targets = [data(seed)[0] for seed in range(4)]
+    noise = data(9)[1]
+    oracles = [epsilon_oracle(x0) for x0 in targets]
+
+    def predict(x_t: torch.Tensor, model_t: torch.Tensor) -> torch.Tensor:
+        return got_cfg(*(o(x_t, model_t) for o in oracles), 7.5, 4.0, 1.0)
+
+    scheduler = EpsilonDiffusion().sampling_scheduler()
+    out = sample(predict, noise, scheduler, 50, generator=torch.Generator().manual_seed(0))
+    cond, text, image, _ = targets
+    torch.testing.assert_close(out, 4 * cond + 3.5 * text - 6.5 * image, rtol=0, atol=1e-4)

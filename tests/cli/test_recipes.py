@@ -14,12 +14,13 @@ from datamodules import toy
 from zoo.cli import ZooCLI, main
 
 ROOT = Path(__file__).resolve().parents[2]
-PAPER_RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").glob("dim_*.yaml"))
-STAGES = {  # paper recipe (+ stage overlay) -> toy task
-    "dim_t2i": (["recipes/dim_t2i.yaml", "recipes/dim_t2i_warmup.yaml"], "t2i"),
+STAGES = {  # paper run -> (recipe + stage overlays, toy task)
+    "dim_t2i_warmup": (["recipes/dim_t2i.yaml", "recipes/dim_t2i_warmup.yaml"], "t2i"),
+    "dim_t2i": (["recipes/dim_t2i.yaml"], "t2i"),
     "dim_edit_stage1": (["recipes/dim_edit_stage1.yaml"], "edit"),
     "dim_edit": (["recipes/dim_edit.yaml"], "edit"),
 }
+OVERLAYS = {"recipes/demo.yaml"}  # CPU overlays applied after recipes/tiny/dim.yaml
 
 
 class _ParseOnly(ZooCLI):
@@ -33,20 +34,28 @@ def _configs(files: list[str]) -> list[str]:
     return [arg for path in files for arg in ("--config", str(ROOT / path))]
 
 
-@pytest.mark.parametrize("recipe", PAPER_RECIPES)
-def test_paper_recipe_parses(recipe: str) -> None:
-    cli = _ParseOnly(args=_configs([recipe]), run=False)
+def test_every_recipe_is_covered() -> None:
+    listed = {path for files, _ in STAGES.values() for path in files} | OVERLAYS
+    on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "recipes").glob("*.yaml")}
+    assert on_disk == listed
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_paper_recipe_parses(stage: str) -> None:
+    cli = _ParseOnly(args=_configs(STAGES[stage][0]), run=False)
     assert cli.config.model.class_path == "zoo.modules.dim.DIMModule"
     assert cli.config.data.class_path == "datamodules.shards.ShardDataModule"
     init = cli.config.model.init_args
     assert init.mllm["pretrained"] == "Qwen/Qwen2.5-VL-3B-Instruct"
     assert init.guidance_scale == 7.5 and init.num_inference_steps == 30 and init.cfg_dropout == 0.1
     assert init.connector_hidden == 2304 and init.flow_shift == 3.0
+    assert init.train_denoiser == (stage != "dim_t2i_warmup")
+    assert (init.mode == "t2i") == stage.startswith("dim_t2i")
 
 
 def test_tiny_overlay_parses_over_every_paper_recipe() -> None:
-    for recipe in PAPER_RECIPES:
-        cli = _ParseOnly(args=_configs([recipe, "recipes/tiny/dim.yaml"]), run=False)
+    for files, _ in STAGES.values():
+        cli = _ParseOnly(args=_configs([*files, "recipes/tiny/dim.yaml"]), run=False)
         init = cli.config.model.init_args
         assert "pretrained" not in init.mllm and init.autoencoder == {"kind": "identity"}
         assert cli.config.trainer.accelerator == "cpu" and init.init_from is None

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import ImageColor
 
+from datamodules.samples import collate
+from datamodules.shards import decode_sample, read_tar
 from datamodules.toy import EDIT_TYPES, PALETTE, POSITIONS, edit_sample, generate, t2i_sample
 
 
@@ -76,3 +80,37 @@ def test_t2i_prompt_and_boxes_describe_the_image() -> None:
         assert f"{obj['colour']} {obj['shape']} at the {POSITIONS[obj['cell']]}" in sample.prompt
         assert np.all(image == PALETTE[obj["colour"]], axis=2).any()
     assert f"on a {extra['scene']['background']} background" in sample.prompt
+
+
+# GoT's box parser (got/models/utils.py): object, box in [0, 1000), one space, "(colour)".
+_GOT_OBJECT = re.compile(
+    r"<\|object_ref_start\|>(\w+)<\|object_ref_end\|><\|box_start\|>\((\d+),(\d+)\),\((\d+),(\d+)\)<\|box_end\|> \((\w+)\)"
+)
+
+
+def _chain_boxes(chain: str) -> list[dict]:
+    return [{"box": [int(v) for v in m[1:5]], "color": m[5], "label": m[0]} for m in _GOT_OBJECT.findall(chain)]
+
+
+def test_got_chains_hold_exactly_the_target_boxes() -> None:
+    for index in range(12):
+        edit, extra = edit_sample(seed=4, split="train", index=index)
+        assert _chain_boxes(edit.chain) == edit.boxes and len(edit.boxes) == len(extra["target_scene"]["objects"])
+        assert edit.chain.startswith(edit.instruction)
+        assert f"a {extra['target_scene']['background']} background" in edit.chain
+        t2i, extra = t2i_sample(seed=4, split="train", index=index)
+        assert _chain_boxes(t2i.chain) == t2i.boxes and len(t2i.boxes) == len(extra["scene"]["objects"])
+
+
+def test_chain_colours_are_pil_colour_names() -> None:
+    # GoT fills each box on its mask canvas with PIL's colour of that name.
+    for name in PALETTE:
+        assert ImageColor.getrgb(name)
+
+
+def test_toy_shards_carry_the_chain(toy_root: Path) -> None:
+    raw = next(read_tar(str(toy_root / "val" / "shard-000000.tar")))
+    decoded = decode_sample(raw)
+    index = int(decoded.key.rsplit("_", 1)[1])
+    assert decoded.chain == edit_sample(seed=3, split="val", index=index)[0].chain
+    assert collate([decoded], resolution=16, mllm_resolution=16)["chain"] == [decoded.chain]

@@ -6,18 +6,17 @@ and frozen parts are reloaded from their source rather than checkpointed (DESIGN
 
 - :class:`DCAutoencoder`: diffusers ``AutoencoderDC`` (DIM / SANA: ``dc-ae-f32c32-sana-1.1``,
   ``z = ae.encode(x) * 0.41407``, ``x = ae.decode(z / 0.41407)``; official-code-facts §1A).
+- :class:`KLAutoencoder`: diffusers ``AutoencoderKL`` (SDXL / SD1.5 / FLUX VAEs),
+  ``z = (posterior - shift_factor) * scaling_factor``; :meth:`KLAutoencoder.encode_unscaled` is the
+  raw posterior mode GoT conditions its UNet on (official-code-facts §3A).
 - :class:`IdentityCodec`: latent = pixels, for toy runs in pixel space.
-
-An ``AutoencoderKL`` codec (SDXL / SD1.5) slots in next to them as another :class:`Codec` whose
-``encode`` takes the posterior mean (``latent_dist.mode()``) or a sample, with a switch for GoT's
-unscaled conditioning latents (official-code-facts §3A).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from diffusers import AutoencoderDC
+from diffusers import AutoencoderDC, AutoencoderKL
 from torch import Tensor, nn
 
 from zoo.blocks.pretrained import load_diffusers_model
@@ -108,6 +107,71 @@ class DCAutoencoder(Codec):
         return self.model.decode(latents / self.scaling_factor).sample
 
 
+class KLAutoencoder(Codec):
+    """KL-regularised VAE (diffusers ``AutoencoderKL``): SDXL / SD1.5, and FLUX with its shift.
+
+    GoT (paper §5.2; official-code-facts §3A, ``GenCot.generate`` L255-293) uses SDXL's VAE three
+    ways: the denoised latent lives in the scaled space (``decode`` divides by ``scaling_factor``),
+    while the reference image and the box-mask canvases enter the UNet as the *unscaled* posterior
+    mode (InstructPix2Pix convention) -- :meth:`encode_unscaled`.
+
+    Args:
+        pretrained: hub id or local folder of a diffusers pipeline or VAE (``subfolder`` inside it),
+            e.g. ``stabilityai/stable-diffusion-xl-base-1.0``.
+        config: ``AutoencoderKL`` kwargs instead of ``pretrained`` (tiny test/demo models).
+        subfolder: folder of the VAE inside ``pretrained`` (``None`` for a bare VAE folder).
+        scaling_factor: multiplies latents; ``None`` takes the model config's (SDXL 0.13025,
+            SD1.5 0.18215, FLUX 0.3611).
+        shift_factor: subtracted before scaling; ``None`` takes the model config's (FLUX 0.1159;
+            SDXL/SD1.5 have none, i.e. 0).
+        sample: draw ``z`` from the posterior instead of taking its mode (mean) in :meth:`encode`.
+            diffusers' SD/SDXL training scripts sample; GoT's inference code takes the mode.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        config: dict | None = None,
+        *,
+        subfolder: str | None = "vae",
+        scaling_factor: float | None = None,
+        shift_factor: float | None = None,
+        sample: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = load_diffusers_model(AutoencoderKL, pretrained, config, subfolder)
+        self.scaling_factor = float(self.model.config.scaling_factor if scaling_factor is None else scaling_factor)
+        if self.scaling_factor <= 0:
+            raise ValueError(f"scaling_factor must be positive, got {self.scaling_factor}")
+        self.shift_factor = float((self.model.config.shift_factor or 0.0) if shift_factor is None else shift_factor)
+        self.sample = sample
+        self.freeze()
+
+    @property
+    def latent_channels(self) -> int:
+        return self.model.config.latent_channels
+
+    @property
+    def downsample_factor(self) -> int:
+        # One 2x downsampling between consecutive encoder blocks (diffusers' pipelines' vae_scale_factor).
+        return 2 ** (len(self.model.config.block_out_channels) - 1)
+
+    def encode_unscaled(self, images: Tensor) -> Tensor:
+        """Posterior mode ``[B, latent_channels, H/f, W/f]`` with no shift or scale (GoT's condition latents)."""
+        self._check_images(images)
+        return self.model.encode(images).latent_dist.mode()
+
+    def encode(self, images: Tensor) -> Tensor:
+        self._check_images(images)
+        posterior = self.model.encode(images).latent_dist
+        z = posterior.sample() if self.sample else posterior.mode()
+        return (z - self.shift_factor) * self.scaling_factor
+
+    def decode(self, latents: Tensor) -> Tensor:
+        self._check_latents(latents)
+        return self.model.decode(latents / self.scaling_factor + self.shift_factor).sample
+
+
 class IdentityCodec(Codec):
     """Latent = pixels (factor 1): lets toy runs train a denoiser directly in pixel space."""
 
@@ -133,8 +197,8 @@ class IdentityCodec(Codec):
 
 
 def build_codec(kind: str, **kwargs: object) -> Codec:
-    """A codec from a config dict: ``{"kind": "dc", ...DCAutoencoder kwargs}`` or ``{"kind": "identity"}``."""
-    codecs: dict[str, type[Codec]] = {"dc": DCAutoencoder, "identity": IdentityCodec}
+    """A codec from a config dict: ``{"kind": "dc" | "kl" | "identity", ...that class's kwargs}``."""
+    codecs: dict[str, type[Codec]] = {"dc": DCAutoencoder, "kl": KLAutoencoder, "identity": IdentityCodec}
     if kind not in codecs:
         raise ValueError(f"autoencoder kind must be one of {sorted(codecs)}, got '{kind}'")
     return codecs[kind](**kwargs)

@@ -1,10 +1,12 @@
 """Denoisers behind one call signature, and widening of their input layer for channel-concat conditions.
 
 Every denoiser is a diffusers model wrapped by a :class:`Denoiser`:
-``forward(latents, timestep, context, context_mask, condition=None)`` returns the prediction with
-the latent's channel count, in the objective's convention (flow velocity for SANA, noise for
-SDXL/SD1.5 UNets). ``timestep`` is what the model's time embedding eats: ``sigma * 1000`` for flow
-matching (see :mod:`zoo.blocks.objectives`), the integer DDPM step for UNets.
+``forward(latents, timestep, context, context_mask, condition=None, added_conditions=None)``
+returns the prediction with the latent's channel count, in the objective's convention (flow
+velocity for SANA, noise for SDXL/SD1.5 UNets). ``timestep`` is what the model's time embedding
+eats: ``sigma * 1000`` for flow matching (see :mod:`zoo.blocks.objectives`), the integer DDPM step
+for UNets. ``added_conditions`` carries model-specific extra inputs: SDXL's micro-conditioning
+``{"text_embeds": pooled [B, P], "time_ids": [B, 6]}`` (see :func:`sdxl_time_ids`).
 
 Edit conditioning by channel concatenation (DIM's ``expand_channels``, GoT's 12-channel ``conv_in``)
 is :func:`widen_input_conv` plus :func:`widen_model_input`, which also records the new
@@ -15,11 +17,13 @@ widened model without widening it again.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+
 import torch
-from diffusers import ModelMixin, SanaTransformer2DModel
+from diffusers import ModelMixin, SanaTransformer2DModel, UNet2DConditionModel
 from torch import Tensor, nn
 
 from zoo.blocks.pretrained import load_diffusers_model
+
 
 def widen_input_conv(conv: nn.Conv2d, extra_channels: int, *, zero_init: bool, copy_bias: bool = True) -> nn.Conv2d:
     """Return a copy of ``conv`` taking ``extra_channels`` more input channels, appended after the old ones.
@@ -94,10 +98,17 @@ class Denoiser(nn.Module, ABC):
 
     @abstractmethod
     def forward(
-        self, latents: Tensor, timestep: Tensor, context: Tensor, context_mask: Tensor, condition: Tensor | None = None
+        self,
+        latents: Tensor,
+        timestep: Tensor,
+        context: Tensor,
+        context_mask: Tensor,
+        condition: Tensor | None = None,
+        added_conditions: dict[str, Tensor] | None = None,
     ) -> Tensor:
         """Predict from ``latents [B,C,H,W]``, ``timestep [B]`` (or scalar), ``context [B,L,D]``,
-        ``context_mask [B,L]`` (1/True = real token) and an optional channel-concat ``condition``."""
+        ``context_mask [B,L]`` (1/True = real token), an optional channel-concat ``condition`` and
+        the model's optional extra inputs ``added_conditions``."""
 
     def _check_inputs(
         self, latents: Tensor, context: Tensor, context_mask: Tensor, condition: Tensor | None, condition_channels: int
@@ -172,9 +183,17 @@ class SanaDenoiser(Denoiser):
         return self.model.config.sample_size
 
     def forward(
-        self, latents: Tensor, timestep: Tensor, context: Tensor, context_mask: Tensor, condition: Tensor | None = None
+        self,
+        latents: Tensor,
+        timestep: Tensor,
+        context: Tensor,
+        context_mask: Tensor,
+        condition: Tensor | None = None,
+        added_conditions: dict[str, Tensor] | None = None,
     ) -> Tensor:
         """Flow-velocity prediction ``[B, in_channels, H, W]``; ``timestep`` is ``sigma * 1000``."""
+        if added_conditions is not None:
+            raise ValueError(f"SanaDenoiser takes no added_conditions, got keys {sorted(added_conditions)}")
         self._check_inputs(latents, context, context_mask, condition, self.condition_channels)
         hidden = latents if condition is None else torch.cat([latents, condition.to(latents.dtype)], dim=1)
         # SanaPipeline scales the timestep by config.timestep_scale before the call (1.0 for SANA/SANA-1.5).
@@ -185,4 +204,145 @@ class SanaDenoiser(Denoiser):
             timestep=timestep * self.model.config.timestep_scale,
             encoder_attention_mask=context_mask,
             return_dict=False,
+        )[0]
+
+
+def sdxl_time_ids(
+    height: int,
+    width: int,
+    crop: tuple[int, int] = (0, 0),
+    target: tuple[int, int] | None = None,
+) -> Tensor:
+    """SDXL's micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)`` as ``[1, 6]``.
+
+    ``target`` defaults to ``(height, width)``; GoT passes ``(H, W, 0, 0, H, W)`` for the generated
+    size (official-code-facts §3A, ``_get_add_time_ids``). Float32; the denoiser casts and broadcasts it.
+    """
+    target_h, target_w = (height, width) if target is None else target
+    if min(height, width, target_h, target_w) <= 0 or min(crop) < 0:
+        raise ValueError(f"need positive sizes and a non-negative crop, got {height}x{width}, {crop=}, {target=}")
+    return torch.tensor([[height, width, crop[0], crop[1], target_h, target_w]], dtype=torch.float32)
+
+
+class UNetDenoiser(Denoiser):
+    """SDXL / SD1.5 UNet (diffusers ``UNet2DConditionModel``), GoT's SSGM diffusion module.
+
+    Maps to GoT (paper §5.2; official-code-facts §3A, ``got_model.py`` L26-38): SDXL base with
+    ``conv_in`` widened from 4 to 12 input channels = [noisy latent 4 | reference latent 4 |
+    box-mask latent 4], i.e. ``condition_channels=8``; the new input channels are zero and the
+    pretrained weights go to the first 4. The official code does *not* copy the conv bias (the GoT
+    checkpoint overwrites it), hence ``copy_bias=False`` by default; ``copy_bias=True`` makes the
+    widened UNet start exactly as the pretrained one (InstructPix2Pix's widening). SDXL's
+    ``addition_embed_type="text_time"`` needs ``added_conditions={"text_embeds": [B, P],
+    "time_ids": [B, 6]}``; GoT's pooled embedding is the mean of its 1280-d projected tokens.
+
+    Args:
+        pretrained: hub id or local folder of a diffusers pipeline or UNet (``subfolder`` inside it).
+        config: ``UNet2DConditionModel`` kwargs instead of ``pretrained`` (tiny test/demo models).
+        subfolder: folder of the UNet inside ``pretrained``.
+        condition_channels: channels concatenated to the latent (GoT: 8); 0 for none.
+        zero_init_condition: start the new input channels at zero (GoT, InstructPix2Pix) instead of random.
+        copy_bias: copy the pretrained ``conv_in`` bias into the widened conv (GoT official: no).
+        gradient_checkpointing: recompute UNet blocks in backward to save memory.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        config: dict | None = None,
+        *,
+        subfolder: str | None = "unet",
+        condition_channels: int = 0,
+        zero_init_condition: bool = True,
+        copy_bias: bool = False,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if condition_channels < 0:
+            raise ValueError(f"condition_channels must be >= 0, got {condition_channels}")
+        self.model = load_diffusers_model(UNet2DConditionModel, pretrained, config, subfolder)
+        if not isinstance(self.model.config.cross_attention_dim, int):
+            raise ValueError(
+                f"per-block cross_attention_dim {self.model.config.cross_attention_dim} is not supported: "
+                "the context has one width"
+            )
+        self.condition_channels = condition_channels
+        widen_model_input(self.model, "conv_in", condition_channels, zero_init=zero_init_condition, copy_bias=copy_bias)
+        if gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+
+    @property
+    def in_channels(self) -> int:
+        return self.model.config.out_channels
+
+    @property
+    def context_dim(self) -> int:
+        return self.model.config.cross_attention_dim
+
+    @property
+    def sample_size(self) -> int:
+        """Latent side length the model was configured for (SDXL: 128, i.e. 1024 px)."""
+        return self.model.config.sample_size
+
+    @property
+    def needs_added_conditions(self) -> bool:
+        """Whether the UNet takes SDXL's ``text_embeds`` + ``time_ids`` (``addition_embed_type="text_time"``)."""
+        return self.model.config.addition_embed_type == "text_time"
+
+    def _added_cond_kwargs(self, added_conditions: dict[str, Tensor] | None, batch: int, dtype: torch.dtype) -> dict:
+        if not self.needs_added_conditions:
+            if added_conditions:
+                raise ValueError(
+                    f"this UNet (addition_embed_type={self.model.config.addition_embed_type!r}) takes no "
+                    f"added_conditions, got keys {sorted(added_conditions)}"
+                )
+            return {}
+        if added_conditions is None or set(added_conditions) != {"text_embeds", "time_ids"}:
+            got = None if added_conditions is None else sorted(added_conditions)
+            raise ValueError(
+                "an SDXL-style UNet (addition_embed_type='text_time') needs added_conditions with exactly "
+                f"'text_embeds' [B, pooled] and 'time_ids' [B, 6] (see sdxl_time_ids), got {got}"
+            )
+        pooled_dim = self.model.config.projection_class_embeddings_input_dim - 6 * (
+            self.model.config.addition_time_embed_dim
+        )
+        text_embeds, time_ids = added_conditions["text_embeds"], added_conditions["time_ids"]
+        if text_embeds.ndim != 2 or text_embeds.shape[0] not in (1, batch) or text_embeds.shape[1] != pooled_dim:
+            raise ValueError(f"text_embeds must be [{batch} or 1, {pooled_dim}], got {tuple(text_embeds.shape)}")
+        if time_ids.ndim != 2 or time_ids.shape[0] not in (1, batch) or time_ids.shape[1] != 6:
+            raise ValueError(f"time_ids must be [{batch} or 1, 6], got {tuple(time_ids.shape)}")
+        # diffusers reshapes the time embedding by text_embeds' batch: both must be [B, ...] together.
+        return {
+            "added_cond_kwargs": {
+                "text_embeds": text_embeds.to(dtype).expand(batch, -1),
+                "time_ids": time_ids.to(dtype).expand(batch, -1),
+            }
+        }
+
+    def forward(
+        self,
+        latents: Tensor,
+        timestep: Tensor,
+        context: Tensor,
+        context_mask: Tensor,
+        condition: Tensor | None = None,
+        added_conditions: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """Noise (or v) prediction ``[B, in_channels, H, W]``; ``timestep`` is the integer DDPM step.
+
+        ``text_embeds`` / ``time_ids`` of batch 1 are shared by the whole batch, as in GoT's CFG
+        batch (one pooled embedding and one ``[1, 6]`` time id for all four branches).
+        """
+        self._check_inputs(latents, context, context_mask, condition, self.condition_channels)
+        batch = latents.shape[0]
+        extra = self._added_cond_kwargs(added_conditions, batch, latents.dtype)
+        hidden = latents if condition is None else torch.cat([latents, condition.to(latents.dtype)], dim=1)
+        timestep = torch.as_tensor(timestep, device=latents.device)
+        return self.model(
+            hidden,
+            timestep.expand(batch) if timestep.ndim == 0 else timestep,
+            encoder_hidden_states=context.to(latents.dtype),
+            encoder_attention_mask=context_mask,
+            return_dict=False,
+            **extra,
         )[0]

@@ -4,7 +4,8 @@
   re-initialised by DIM's ``expand_context`` as ``randn(L, D) / sqrt(D)``); ``drop`` is
   ``CaptionEmbedder.token_drop`` (whole samples replaced, padding mask kept).
 - :func:`text_cfg`: single text CFG ``u + s (c - u)`` (DIM ``DIMDecoder.denoise``).
-- :func:`got_cfg`: GoT's four-branch multi-guidance (official-code-facts §3A).
+- :func:`got_cfg`: GoT's four-branch multi-guidance (official-code-facts §3A), and
+  :func:`got_cfg_batch`, which stacks the four branches' inputs into one denoiser batch.
 
 The guided combinations are plain functions of the branch predictions, so a sampler's ``predict``
 closure batches the branches however the model needs and combines them with one of these.
@@ -13,6 +14,7 @@ closure batches the branches however the model needs and combines them with one 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -76,3 +78,86 @@ def got_cfg(
     (image_guidance_scale).
     """
     return eps_uncond + g * (eps_text - eps_image) + c * (eps_cond - eps_text) + i * (eps_image - eps_uncond)
+
+
+@dataclass(frozen=True)
+class GoTBranchBatch:
+    """Inputs of one denoiser call for GoT's four CFG branches, stacked ``[cond, text, image, uncond]``.
+
+    Each field has batch ``4B``; ``prediction.chunk(4)`` gives the branches in :func:`got_cfg`'s
+    argument order. ``condition`` is ``[reference | mask]`` along channels, the order GoT's
+    ``conv_in`` reads them after the noisy latent.
+    """
+
+    latents: Tensor
+    context: Tensor
+    condition: Tensor
+    pooled: Tensor
+
+
+def _to_batch(x: Tensor, batch: int, name: str, ndim: int) -> Tensor:
+    if x.ndim != ndim or x.shape[0] not in (1, batch):
+        raise ValueError(f"{name} must have {ndim} dims and batch {batch} or 1, got {tuple(x.shape)}")
+    return x.expand(batch, *x.shape[1:])
+
+
+def got_cfg_batch(
+    latents: Tensor,
+    context_gen: Tensor,
+    context_null: Tensor,
+    reference: Tensor,
+    mask: Tensor,
+    pooled_gen: Tensor,
+    pooled_null: Tensor | None = None,
+) -> GoTBranchBatch:
+    """GoT's 4-way CFG batch (paper §5.3; official-code-facts §3A, ``GenCot.generate`` L295-320).
+
+    ===========  =======  =======  =======  =======
+    branch       cond     text     image    uncond
+    ===========  =======  =======  =======  =======
+    context      gen      gen      null     null
+    reference    img      img      img      0
+    mask         mask     0        0        0
+    pooled       gen      gen      gen*     gen*
+    ===========  =======  =======  =======  =======
+
+    Dropped latents are zeros (not the encoded black canvas). The official code feeds the
+    generated pooled embedding to every branch (*); ``pooled_null`` (e.g. the projector of a zero
+    hidden state, like ``context_null``) replaces it in the null-context branches instead.
+
+    Args:
+        latents: noisy latents ``[B, C, h, w]`` (already ``scale_model_input``-ed).
+        context_gen: projected MLLM context ``[B, L, D]``; ``context_null``: the null one (batch B or 1).
+        reference: unscaled reference latent ``[B, Cr, h, w]`` (source image, or a black image for T2I).
+        mask: averaged unscaled box-mask latent ``[B, Cm, h, w]``.
+        pooled_gen: SDXL ``text_embeds`` ``[B, P]``; ``pooled_null``: optional null-branch one.
+        Every condition may have batch 1 to share it over the batch.
+    """
+    if latents.ndim != 4:
+        raise ValueError(f"latents must be [B, C, h, w], got {tuple(latents.shape)}")
+    batch, spatial = latents.shape[0], latents.shape[2:]
+    context_gen = _to_batch(context_gen, batch, "context_gen", 3)
+    context_null = _to_batch(context_null, batch, "context_null", 3)
+    if context_gen.shape != context_null.shape:
+        raise ValueError(f"context_gen {tuple(context_gen.shape)} and context_null {tuple(context_null.shape)} differ")
+    reference = _to_batch(reference, batch, "reference", 4)
+    mask = _to_batch(mask, batch, "mask", 4)
+    if reference.shape[2:] != spatial or mask.shape[2:] != spatial:
+        shapes = f"reference {tuple(reference.shape)} and mask {tuple(mask.shape)}"
+        raise ValueError(f"{shapes} must have the latents' spatial size {tuple(spatial)}")
+    pooled_gen = _to_batch(pooled_gen, batch, "pooled_gen", 2)
+    pooled_null = pooled_gen if pooled_null is None else _to_batch(pooled_null, batch, "pooled_null", 2)
+    no_reference, no_mask = torch.zeros_like(reference), torch.zeros_like(mask)
+    return GoTBranchBatch(
+        latents=torch.cat([latents] * 4),
+        context=torch.cat([context_gen, context_gen, context_null, context_null]),
+        condition=torch.cat(
+            [
+                torch.cat([reference, mask], dim=1),
+                torch.cat([reference, no_mask], dim=1),
+                torch.cat([reference, no_mask], dim=1),
+                torch.cat([no_reference, no_mask], dim=1),
+            ]
+        ),
+        pooled=torch.cat([pooled_gen, pooled_gen, pooled_null, pooled_null]),
+    )

@@ -1,0 +1,193 @@
+"""GEdit-Bench (Step1X-Edit paper §5; VIEScore-style scoring): judging, parsing and aggregation.
+
+Facts from the official scorer (``GEdit-Bench/``, research notes §5): per sample the judge is asked
+twice. Semantic consistency (SC) gets the source and edited images and answers two 0-10 scores
+(editing success, over-editing); perceptual quality (PQ) gets the edited image only and answers two
+(naturalness, artifacts). ``SC = min``, ``PQ = min``, ``O = sqrt(SC * PQ)`` per sample; per group
+the means of the three, over all cases and over the "intersection" subset
+(``Intersection_exist``); overall = unweighted mean over the 11 groups. Case ids are
+``(task_type, key)``: two keys repeat across groups.
+
+The official parser guesses ``random.randint(0, 10)`` for a score it cannot read (and for failed
+calls, whose reply is empty). Here such a sample is recorded as a failure with its raw reply and
+left out of the means (counted in ``failed``); ``official_random_guess=True`` restores the guess
+(seeded) to reproduce the official behaviour.
+
+The SC/PQ prompts below follow VIEScore's structure (task context, rules, JSON answer
+``{"score": [...], "reasoning": "..."}``) in our own words; they are not the official text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from collections import defaultdict
+from typing import Any
+
+from callbacks.judges import Judge, JudgeRequest
+from callbacks.results import BenchmarkEvaluator, ResultsFolder, Table
+from datamodules.formats.gedit import GROUPS
+from zoo.blocks.chat import ChatError
+
+SC_PROMPT = """You evaluate an AI image edit. The first image is the original, the second is the edited result.
+Editing instruction: <instruction>
+Give two scores from 0 to 10:
+- editing success: 0 = the instruction was not followed at all, 10 = it was followed perfectly;
+- over-editing: 0 = the edited image no longer resembles the original, 10 = nothing beyond the instruction changed.
+Reply with JSON only: {"score": [editing success, over-editing], "reasoning": "<one sentence>"}"""
+
+PQ_PROMPT = """You evaluate the perceptual quality of an AI-generated image (shown below).
+Give two scores from 0 to 10:
+- naturalness: 0 = the scene looks impossible or unnatural, 10 = it looks like a real photograph or artwork;
+- artifacts: 0 = heavy distortion, blur, broken parts or watermarks, 10 = no artifacts at all.
+Reply with JSON only: {"score": [naturalness, artifacts], "reasoning": "<one sentence>"}"""
+
+_DELIMITER = "||V^=^V||"
+_LIST = re.compile(r"\[\s*(-?\d+(?:\.\d+)?(?:\s*,\s*-?\d+(?:\.\d+)?)*)\s*\]")
+
+
+def parse_vie(text: str, count: int = 2) -> list[float] | str:
+    """The ``score`` list of a VIEScore reply (``||V^=^V||`` delimiters, JSON with single quotes or
+    trailing commas, or a bare ``[a, b]``), each in [0, 10]; or the reason it cannot be read."""
+    body = text.split(_DELIMITER)[1] if text.count(_DELIMITER) >= 2 else text
+    scores: list[Any] | None = None
+    start, end = body.find("{"), body.rfind("}")
+    if 0 <= start < end:
+        chunk = body[start : end + 1]
+        for candidate in (chunk, re.sub(r",\s*([}\]])", r"\1", chunk.replace("'", '"'))):
+            try:
+                data = json.loads(candidate)
+            except ValueError:
+                continue
+            if isinstance(data, dict) and isinstance(data.get("score"), list):
+                scores = data["score"]
+                break
+    if scores is None:
+        match = _LIST.search(body)
+        if match is None:
+            return "no score list in the reply"
+        scores = [float(v) for v in match[1].split(",")]
+    if len(scores) != count or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
+        return f"expected {count} numeric scores, got {scores!r}"
+    if not all(0 <= s <= 10 for s in scores):
+        return f"scores {scores} are outside [0, 10]"
+    return [float(s) for s in scores]
+
+
+def gedit_record(
+    case: dict[str, Any],
+    sc_reply: str | ChatError,
+    pq_reply: str | ChatError,
+    rng: random.Random | None = None,
+) -> dict[str, Any]:
+    """One sample: SC/PQ score lists, SC, PQ, O; ``error`` when a part failed. With ``rng`` (the
+    official compatibility mode) an unreadable part gets ``rng.randint(0, 10)`` per score, flagged."""
+    record: dict[str, Any] = {**case, "sc_scores": None, "pq_scores": None, "sc": None, "pq": None, "o": None, "error": None, "guessed": False}
+    errors = []
+    for part, reply in (("sc", sc_reply), ("pq", pq_reply)):
+        record[f"raw_{part}"] = reply if isinstance(reply, str) else None
+        parsed = parse_vie(reply) if isinstance(reply, str) else f"judge call failed: {reply}"
+        if isinstance(parsed, str) and rng is not None:
+            parsed, record["guessed"] = [float(rng.randint(0, 10)) for _ in range(2)], True
+        if isinstance(parsed, str):
+            errors.append(f"{part.upper()}: {parsed}")
+        else:
+            record[f"{part}_scores"] = parsed
+    if errors:
+        record["error"] = "; ".join(errors)
+        return record
+    record["sc"], record["pq"] = min(record["sc_scores"]), min(record["pq_scores"])
+    record["o"] = math.sqrt(record["sc"] * record["pq"])
+    return record
+
+
+def aggregate_gedit(records: list[dict[str, Any]], intersection: bool = False) -> dict[str, dict[str, float]]:
+    """Per-group means of SC, PQ, O with ``count``/``failed``; ``overall`` = unweighted mean over groups present."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        if not intersection or record["intersection"]:
+            groups[record["task_type"]].append(record)
+    table: dict[str, dict[str, float]] = {}
+    for group in [g for g in GROUPS if g in groups]:
+        scored = [r for r in groups[group] if r["error"] is None]
+        table[group] = {m: (sum(r[m] for r in scored) / len(scored) if scored else math.nan) for m in ("sc", "pq", "o")}
+        table[group] |= {"count": float(len(scored)), "failed": float(len(groups[group]) - len(scored))}
+    present = [v for v in table.values() if v["count"]]
+    overall = {m: (sum(v[m] for v in present) / len(present) if present else math.nan) for m in ("sc", "pq", "o")}
+    overall |= {"count": sum(v["count"] for v in table.values()), "failed": sum(v["failed"] for v in table.values())}
+    table["overall"] = overall
+    return table
+
+
+def gedit_table(records: list[dict[str, Any]], label: str) -> Table:
+    """Step1X-Edit layout: rows per subset and metric (G_SC, G_PQ, G_O), columns = groups + overall."""
+    rows: list[list[Any]] = []
+    header: list[str] = [""]
+    for subset, flag in (("full", False), ("intersection", True)):
+        agg = aggregate_gedit(records, flag)
+        columns = [g for g in GROUPS if g in agg] + ["overall"]
+        header = ["", *columns] if subset == "full" else header
+        for metric in ("sc", "pq", "o"):
+            rows.append([f"{label} {subset} G_{metric.upper()}", *(agg.get(c, {}).get(metric, math.nan) for c in header[1:])])
+        rows.append([f"{subset} samples", *(int(agg.get(c, {}).get("count", 0)) for c in header[1:])])
+        rows.append([f"{subset} failed", *(int(agg.get(c, {}).get("failed", 0)) for c in header[1:])])
+    return header, rows
+
+
+class GEditEvaluator(BenchmarkEvaluator):
+    """Judges edits with the GEdit-Bench protocol (SC with both images, PQ with the edit) and writes the results folder.
+
+    Args:
+        judge: HTTP/local judge (GEdit's scorer uses GPT-4.1 or Qwen2.5-VL-72B) or the toy judge.
+        official_random_guess: replace unreadable scores by a seeded random 0-10 guess, as the official scorer.
+        seed: seed of those guesses.
+        label: the model's name in the tables.
+        output_dir: results folder (default ``<log_dir>/gedit``).
+        on_validation: also evaluate during fit's validation runs.
+    """
+
+    name = "gedit"
+
+    def __init__(
+        self,
+        judge: Judge,
+        official_random_guess: bool = False,
+        seed: int = 0,
+        label: str = "model",
+        output_dir: str | None = None,
+        on_validation: bool = False,
+    ) -> None:
+        super().__init__(output_dir, on_validation)
+        self.judge, self.official_random_guess, self.seed, self.label = judge, official_random_guess, seed, label
+
+    @property
+    def needs_truth(self) -> bool:
+        return self.judge.needs_truth
+
+    def score(self, entries: list[dict[str, Any]], folder: ResultsFolder) -> list[dict[str, Any]]:
+        self.judge.set_default_cache(folder.root / "judge_cache")
+        requests = []
+        for entry in entries:
+            source, edited = folder.load_image(folder.companion(entry["id"], "SRCIMG")), folder.load_image(folder.edited(entry["id"]))
+            if edited is not None and source is not None and edited.size != source.size:
+                edited = edited.resize(source.size)  # the official scorer judges the edit at the source's size
+            truth = entry.get("truth")
+            requests.append(JudgeRequest("gedit_sc", [SC_PROMPT.replace("<instruction>", entry["instruction"]), source, edited], truth=truth))
+            requests.append(JudgeRequest("gedit_pq", [PQ_PROMPT, edited], truth=truth))
+        replies = self.judge.ask(requests)
+        rng = random.Random(self.seed) if self.official_random_guess else None
+        records = []
+        for i, entry in enumerate(entries):
+            case = entry.get("case") or {"task_type": entry["edit_type"], "intersection": False, "language": "en"}
+            meta = {"id": entry["id"], "task_type": case["task_type"], "intersection": bool(case["intersection"]),
+                    "language": case.get("language", "en"), "instruction": entry["instruction"]}
+            records.append(gedit_record(meta, replies[2 * i], replies[2 * i + 1], rng))
+        return records
+
+    def summarize(self, records: list[dict[str, Any]], folder: ResultsFolder) -> dict[str, float]:
+        folder.write_table("gedit", gedit_table(records, self.label), title="GEdit-Bench (0-10, higher is better)")
+        full, inter = aggregate_gedit(records), aggregate_gedit(records, intersection=True)
+        folder.write_json("summary", {"full": full, "intersection": inter, "flags": {"official_random_guess": self.official_random_guess}})
+        return {f"full/{m}": full["overall"][m] for m in ("sc", "pq", "o")} | {f"intersection/{m}": inter["overall"][m] for m in ("sc", "pq", "o")} | {"failed": full["overall"]["failed"]}

@@ -1,0 +1,410 @@
+"""ImgEdit-Bench (ImgEdit paper §5): rubric judging, answer parsing and aggregation of the basic and UGE
+suites; multi-turn yes/no ratings (from a judge's replies or a human-rating file).
+
+Basic suite (facts from the official ``Benchmark/Basic`` scripts, research notes §4D): the judge gets
+the per-type rubric of ``prompts.json`` with ``<edit_prompt>`` replaced, then the original and the
+edited image (always exactly two), and answers three 1-5 scores. A sample's score is the mean of
+the three; a type's score the mean over its samples; **Overall = unweighted mean of the 9 type
+scores** (how the leaderboard's Overall is computed).
+
+Where this differs from the official scorer, the official behaviour is available behind flags:
+
+- our parser accepts what judges really write (``**Prompt Compliance:** 4``, ``4/5``, ``4.``,
+  bullets) and records an unparsable reply or a failed call as a failure with its raw text; the
+  official step-1 parser (``official=True``) keeps only lines of the exact form ``Name: 4``, averages
+  every such line, rounds to 2 decimals and silently drops samples without one (README example
+  "1068" with scores 1, 4, 4 gives 3.0). Both numbers are in every record.
+- the rubric says "the second and third score should no higher than first score", but no code
+  enforces it: records keep the scores as judged and capped (``min(s, s1)``); ``apply_cap`` picks
+  the capped ones for the headline.
+- legacy ``alter`` labels (before 2025-06-16) are read as ``adjust``.
+
+UGE suite: one score per sample. The official prompt shows no score line and its parser then drops
+every README example; our prompt asks for ``Score: <1-5>`` and our parser reads ``Score: 3 (Acceptable)``
+and ``Score: 2.``; ``official=True`` applies the step-1 line parser instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from callbacks.judges import Judge, JudgeRequest
+from callbacks.results import BenchmarkEvaluator, ResultsFolder, Table
+from datamodules.benchmarks import fetch
+from datamodules.formats.imgedit import BASIC_TYPES, LEGACY_LABELS
+from zoo.blocks.chat import ChatError
+
+TOY_TYPES = {"recolour": "adjust", "move": "replace"}
+"""Rubric used for the toy generator's edit types that ImgEdit does not name."""
+
+MULTITURN_CRITERIA = ("Instruction Following", "Content Consistency")
+"""Yes/no criteria of a multi-turn turn: the turn's instruction is done; earlier content is kept."""
+
+UGE_PROMPT = """You rate an image edit made from a hard, open-ended instruction. You see the original image, then the edited one.
+Judge four things together: adherence (the instruction is carried out fully and correctly), naturalness (the result looks real, without artifacts), editing scope (only what the instruction concerns is changed) and non-edited areas (everything else is unchanged; if other areas changed, the score cannot exceed 3).
+Scale: 1 = failed or broken; 2 = partly done with clear flaws; 3 = acceptable with noticeable issues; 4 = good with minor issues; 5 = flawless.
+Answer in exactly this format:
+Brief reasoning: <at most 20 words>
+Score: <a number from 1 to 5>
+Editing Instruction: <edit_prompt>."""
+
+MULTITURN_PROMPT = """You check one turn of a multi-turn image edit. You see the image before this turn, then the image after it.
+Instruction of this turn: <edit_prompt>.
+Answer each question with yes or no, in exactly this format:
+Instruction Following: <yes or no> (is this turn's instruction carried out?)
+Content Consistency: <yes or no> (is everything the instruction does not concern, including earlier edits, kept?)"""
+
+
+# -- parsing -----------------------------------------------------------------------------------
+
+_DECORATION = re.compile(r"[*_`#]")
+_BULLET = re.compile(r"^\s*(?:[-•>]+|\d+[.)])\s+")
+_NAME_VALUE = re.compile(r"^(?P<name>[^:：]+?)\s*[:：]\s*(?P<value>\d+(?:\.\d+)?)\s*(?:/\s*(?P<of>\d+))?(?=\W|$)")
+
+
+def _norm(name: str) -> str:
+    return " ".join(name.lower().replace("&", " and ").split())
+
+
+def _scored_lines(text: str) -> list[tuple[str, float, int | None]]:
+    """``(name, value, denominator)`` of every ``Name: value[/n]`` line, markdown and bullets removed."""
+    found = []
+    for line in text.splitlines():
+        line = _BULLET.sub("", _DECORATION.sub("", line)).strip()
+        match = _NAME_VALUE.match(line)
+        if match:
+            found.append((_norm(match["name"]), float(match["value"]), int(match["of"]) if match["of"] else None))
+    return found
+
+
+@dataclass
+class Parsed:
+    """A parsed reply: ``scores`` in the rubric's order, or ``error`` saying why not."""
+
+    scores: list[float] | None
+    error: str | None = None
+
+
+def parse_scores(text: str, fields: tuple[str, ...], low: float = 1.0, high: float = 5.0) -> Parsed:
+    """The scores named ``fields`` (case, markdown and ``&``/``and`` ignored), each in [low, high].
+
+    A ``/n`` fraction must have ``n == high``. The first line naming a field counts.
+    """
+    wanted = {_norm(f): i for i, f in enumerate(fields)}
+    scores: list[float | None] = [None] * len(fields)
+    for name, value, denominator in _scored_lines(text):
+        if name not in wanted or scores[wanted[name]] is not None:
+            continue
+        field = fields[wanted[name]]
+        if denominator is not None and denominator != high:
+            return Parsed(None, f"{field} is given out of {denominator}, not {high:g}")
+        if not low <= value <= high:
+            return Parsed(None, f"{field} = {value:g} is outside [{low:g}, {high:g}]")
+        scores[wanted[name]] = value
+    missing = [f for f, s in zip(fields, scores) if s is None]
+    if missing:
+        return Parsed(None, f"no score for {', '.join(missing)}")
+    return Parsed([s for s in scores if s is not None])
+
+
+def official_step1(text: str) -> float | None:
+    """The official ``step1_get_avgscore.py`` rule: mean of lines splitting on ``': '`` into exactly two
+    parts whose second is all digits, rounded to 2 decimals; None (the sample dropped) when none."""
+    values = []
+    for line in text.splitlines():
+        parts = line.strip().split(": ")
+        if len(parts) == 2 and parts[1].isdigit():
+            values.append(int(parts[1]))
+    return round(sum(values) / len(values), 2) if values else None
+
+
+def parse_yes_no(text: str, fields: tuple[str, ...] = MULTITURN_CRITERIA) -> dict[str, bool] | str:
+    """``field -> yes?`` for every field, or the reason the reply cannot be read."""
+    wanted = {_norm(f): f for f in fields}
+    verdicts: dict[str, bool] = {}
+    for line in text.splitlines():
+        line = _BULLET.sub("", _DECORATION.sub("", line)).strip()
+        name, sep, rest = line.partition(":")
+        word = rest.strip().split(" ")[0].strip(".,;!()").lower() if sep else ""
+        if _norm(name) in wanted and word in ("yes", "no") and wanted[_norm(name)] not in verdicts:
+            verdicts[wanted[_norm(name)]] = word == "yes"
+    missing = [f for f in fields if f not in verdicts]
+    return f"no yes/no for {', '.join(missing)}" if missing else verdicts
+
+
+# -- rubrics -----------------------------------------------------------------------------------
+
+_FIELD_LINE = re.compile(r"^(?P<name>[^:]+): A number from 1 to 5\.?\s*$")
+
+
+def rubric_fields(template: str) -> tuple[str, str, str]:
+    """The three dimension names a rubric's "Example Response Format" asks for."""
+    _, _, tail = template.partition("Example Response Format:")
+    names = tuple(m["name"].strip() for line in tail.splitlines() if (m := _FIELD_LINE.match(line.strip())))
+    if len(names) != 3:
+        raise ValueError(f"an ImgEdit rubric must ask for 3 scores, found {names}")
+    return names  # type: ignore[return-value]
+
+
+def load_rubrics(local_path: str | None = None, cache_dir: str | None = None) -> dict[str, str]:
+    """The official per-type rubrics (``prompts.json``, pinned and checksummed)."""
+    rubrics = json.loads(fetch("imgedit/prompts.json", cache_dir, local_path).read_text(encoding="utf-8"))
+    missing = set(BASIC_TYPES) - set(rubrics)
+    if missing:
+        raise ValueError(f"prompts.json lacks rubrics for {sorted(missing)}")
+    return rubrics
+
+
+def rubric_type(edit_type: str) -> str:
+    """The rubric key of an edit type: ImgEdit's own, legacy ``alter``, or a toy type."""
+    label = LEGACY_LABELS.get(edit_type, TOY_TYPES.get(edit_type, edit_type))
+    if label not in BASIC_TYPES:
+        raise ValueError(f"edit type {edit_type!r} has no ImgEdit rubric; known: {BASIC_TYPES} (+ 'alter', {sorted(TOY_TYPES)})")
+    return label
+
+
+# -- records and aggregation --------------------------------------------------------------------
+
+
+def basic_record(sample_id: str, edit_type: str, reply: str | ChatError, fields: tuple[str, ...]) -> dict[str, Any]:
+    """One basic-suite record: scores as judged and capped, their means, the official step-1 score."""
+    record: dict[str, Any] = {"id": sample_id, "edit_type": edit_type, "raw": None, "error": None, "scores": None,
+                              "capped": None, "mean": None, "mean_capped": None, "official": None}
+    if isinstance(reply, ChatError):
+        record["error"] = f"judge call failed: {reply}"
+        return record
+    record["raw"] = reply
+    record["official"] = official_step1(reply)
+    parsed = parse_scores(reply, fields)
+    if parsed.scores is None:
+        record["error"] = f"unparsable reply: {parsed.error}"
+        return record
+    first = parsed.scores[0]
+    capped = [first] + [min(s, first) for s in parsed.scores[1:]]
+    record |= {"scores": parsed.scores, "capped": capped, "mean": sum(parsed.scores) / 3, "mean_capped": sum(capped) / 3}
+    return record
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def aggregate_basic(records: list[dict[str, Any]], apply_cap: bool = False, official: bool = False) -> dict[str, dict[str, float]]:
+    """Per-type ``score``/``count``/``failed`` and ``overall`` (unweighted mean of the types present).
+
+    ``official``: per-sample step-1 scores, per-type ``round(mean, 2)`` as ``step2_typescore.py``;
+    failures are still counted (the official script drops them without a word).
+    """
+    column = "official" if official else ("mean_capped" if apply_cap else "mean")
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        groups[record["edit_type"]].append(record)
+    table: dict[str, dict[str, float]] = {}
+    for edit_type in [t for t in BASIC_TYPES if t in groups]:
+        values = [r[column] for r in groups[edit_type] if r[column] is not None]
+        score = _mean(values)
+        table[edit_type] = {
+            "score": round(score, 2) if official and values else score,
+            "count": float(len(values)),
+            "failed": float(len(groups[edit_type]) - len(values)),
+        }
+    scores = [v["score"] for v in table.values() if not math.isnan(v["score"])]
+    table["overall"] = {
+        "score": _mean(scores),
+        "count": sum(v["count"] for v in table.values()),
+        "failed": sum(v["failed"] for v in table.values()),
+    }
+    return table
+
+
+def basic_table(records: list[dict[str, Any]], label: str, apply_cap: bool) -> Table:
+    """Paper layout (ImgEdit Table 3): one column per type + Overall; rows: headline, the other cap
+    variant, the official step-1/2 numbers, then samples scored and failures."""
+    variants = [
+        (label, aggregate_basic(records, apply_cap)),
+        (f"{label} ({'as judged' if apply_cap else 'capped'})", aggregate_basic(records, not apply_cap)),
+        (f"{label} (official step-1/2)", aggregate_basic(records, official=True)),
+    ]
+    columns = [t for t in BASIC_TYPES if t in variants[0][1]] + ["overall"]
+    rows: list[list[Any]] = [[name, *(agg[c]["score"] for c in columns)] for name, agg in variants]
+    rows.append(["samples", *(int(variants[0][1][c]["count"]) for c in columns)])
+    rows.append(["failed", *(int(variants[0][1][c]["failed"]) for c in columns)])
+    return ["", *(c.capitalize() for c in columns)], rows
+
+
+def uge_record(sample_id: str, reply: str | ChatError) -> dict[str, Any]:
+    """One UGE record: our ``Score:`` reading and the official step-1 reading."""
+    record: dict[str, Any] = {"id": sample_id, "raw": None, "error": None, "score": None, "official": None}
+    if isinstance(reply, ChatError):
+        record["error"] = f"judge call failed: {reply}"
+        return record
+    record["raw"], record["official"] = reply, official_step1(reply)
+    scores = [(v, d) for name, v, d in _scored_lines(reply) if name == "score"]
+    if not scores:
+        record["error"] = "unparsable reply: no 'Score: <1-5>' line"
+    elif not 1 <= scores[-1][0] <= 5 or scores[-1][1] not in (None, 5):
+        record["error"] = f"unparsable reply: score {scores[-1][0]:g} is not on the 1-5 scale"
+    else:
+        record["score"] = scores[-1][0]
+    return record
+
+
+def aggregate_uge(records: list[dict[str, Any]], official: bool = False) -> dict[str, float]:
+    """Mean over samples (official: of the step-1 scores, rounded to 2 decimals), with counts."""
+    column = "official" if official else "score"
+    values = [r[column] for r in records if r[column] is not None]
+    score = _mean(values)
+    return {"score": round(score, 2) if official and values else score, "count": float(len(values)), "failed": float(len(records) - len(values))}
+
+
+# -- multi-turn --------------------------------------------------------------------------------
+
+
+def read_human_ratings(path: str, criteria: tuple[str, ...] = MULTITURN_CRITERIA) -> list[dict[str, Any]]:
+    """Human multi-turn ratings from a CSV or JSONL with columns ``id``, ``turn`` and one column per
+    criterion holding yes/no (also 1/0, true/false); returns records like judged ones.
+
+    Raises:
+        ValueError: a missing column or an unreadable verdict, naming the row.
+    """
+    file = Path(path)
+    if file.suffix == ".csv":
+        with file.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    else:
+        rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    truthy = {"yes": True, "y": True, "1": True, "true": True, "no": False, "n": False, "0": False, "false": False}
+    records = []
+    for number, row in enumerate(rows, start=1):
+        verdicts = {}
+        for criterion in (*criteria, "id", "turn"):
+            if criterion not in row:
+                raise ValueError(f"{path} row {number}: missing column {criterion!r} (need id, turn, {', '.join(criteria)})")
+        for criterion in criteria:
+            word = str(row[criterion]).strip().lower()
+            if word not in truthy:
+                raise ValueError(f"{path} row {number}: {criterion} = {row[criterion]!r} is not yes/no")
+            verdicts[criterion] = truthy[word]
+        records.append({"id": str(row["id"]), "turn": int(row["turn"]), "verdicts": verdicts, "error": None})
+    return records
+
+
+def multiturn_record(sample_id: str, turn: int, reply: str | ChatError, criteria: tuple[str, ...] = MULTITURN_CRITERIA) -> dict[str, Any]:
+    """One judged turn: ``verdicts`` or ``error`` with the raw reply kept."""
+    if isinstance(reply, ChatError):
+        return {"id": sample_id, "turn": turn, "verdicts": None, "error": f"judge call failed: {reply}", "raw": None}
+    verdicts = parse_yes_no(reply, criteria)
+    if isinstance(verdicts, str):
+        return {"id": sample_id, "turn": turn, "verdicts": None, "error": f"unparsable reply: {verdicts}", "raw": reply}
+    return {"id": sample_id, "turn": turn, "verdicts": verdicts, "error": None, "raw": reply}
+
+
+def multiturn_table(records: list[dict[str, Any]], criteria: tuple[str, ...] = MULTITURN_CRITERIA) -> Table:
+    """Rows per turn: the yes-rate of each criterion, samples rated and failures."""
+    turns: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        turns[record["turn"]].append(record)
+    rows = []
+    for turn in sorted(turns):
+        rated = [r["verdicts"] for r in turns[turn] if r["verdicts"] is not None]
+        rates = [_mean([float(v[c]) for v in rated]) for c in criteria]
+        rows.append([f"turn {turn}", *rates, len(rated), len(turns[turn]) - len(rated)])
+    return ["", *criteria, "samples", "failed"], rows
+
+
+# -- the evaluator -----------------------------------------------------------------------------
+
+
+class ImgEditEvaluator(BenchmarkEvaluator):
+    """Judges edits with the ImgEdit-Bench protocol and writes the results folder.
+
+    Args:
+        judge: an :class:`~callbacks.judges.HTTPJudge`, :class:`~callbacks.judges.LocalJudge` or,
+            on toy data, :class:`~callbacks.judges.ToyJudge`.
+        suite: ``basic`` (per-type rubrics) or ``uge`` (one score). Multi-turn: see
+            :func:`multiturn_table` / :func:`read_human_ratings`.
+        apply_cap: headline uses scores capped by the first ("2nd and 3rd <= 1st").
+        official: headline uses the official step-1/2 parser (reproduces published numbers).
+        rubrics: a local copy of ``prompts.json`` (default: downloaded, pinned).
+        cache_dir: benchmark file cache (see :func:`datamodules.benchmarks.fetch`).
+        label: the model's name in the tables.
+        output_dir: results folder (default ``<log_dir>/imgedit_<suite>``).
+        on_validation: also evaluate during fit's validation runs.
+    """
+
+    def __init__(
+        self,
+        judge: Judge,
+        suite: str = "basic",
+        apply_cap: bool = False,
+        official: bool = False,
+        rubrics: str | None = None,
+        cache_dir: str | None = None,
+        label: str = "model",
+        output_dir: str | None = None,
+        on_validation: bool = False,
+    ) -> None:
+        super().__init__(output_dir, on_validation)
+        if suite not in ("basic", "uge"):
+            raise ValueError(f"suite must be 'basic' or 'uge' (multi-turn is rated from a ratings file), got {suite!r}")
+        self.judge, self.suite, self.apply_cap, self.official, self.label = judge, suite, apply_cap, official, label
+        self.rubrics_path, self.cache_dir = rubrics, cache_dir
+        self.name = f"imgedit_{suite}"
+        self._rubrics: dict[str, str] | None = None
+
+    @property
+    def needs_truth(self) -> bool:
+        return self.judge.needs_truth
+
+    def rubrics(self) -> dict[str, str]:
+        if self._rubrics is None:
+            self._rubrics = load_rubrics(self.rubrics_path, self.cache_dir)
+        return self._rubrics
+
+    def score(self, entries: list[dict[str, Any]], folder: ResultsFolder) -> list[dict[str, Any]]:
+        self.judge.set_default_cache(folder.root / "judge_cache")
+        requests = []
+        for entry in entries:
+            images = [folder.load_image(folder.companion(entry["id"], "SRCIMG")), folder.load_image(folder.edited(entry["id"]))]
+            if self.suite == "basic":
+                template = self.rubrics()[rubric_type(entry["edit_type"])]
+                text, task, fields = template.replace("<edit_prompt>", entry["instruction"]), "imgedit_basic", rubric_fields(template)
+            else:
+                text, task, fields = UGE_PROMPT.replace("<edit_prompt>", entry["instruction"]), "imgedit_uge", ("Score",)
+            requests.append(JudgeRequest(task, [text, *images], fields, entry.get("truth")))
+        replies = self.judge.ask(requests)
+        if self.suite == "uge":
+            return [uge_record(e["id"], reply) | {"instruction": e["instruction"]} for e, reply in zip(entries, replies)]
+        return [
+            basic_record(e["id"], rubric_type(e["edit_type"]), reply, req.fields) | {"instruction": e["instruction"], "source_type": e["edit_type"]}
+            for e, req, reply in zip(entries, requests, replies)
+        ]
+
+    def summarize(self, records: list[dict[str, Any]], folder: ResultsFolder) -> dict[str, float]:
+        if self.suite == "uge":
+            ours, official = aggregate_uge(records), aggregate_uge(records, official=True)
+            headline, other = (official, ours) if self.official else (ours, official)
+            rows = [
+                [name, agg["score"], int(agg["count"]), int(agg["failed"])]
+                for name, agg in ((self.label, headline), (f"{self.label} ({'ours' if self.official else 'official step-1'})", other))
+            ]
+            folder.write_table("uge", (["", "UGE score", "samples", "failed"], rows), title="ImgEdit-Bench UGE (1-5)")
+            folder.write_json("summary", {"headline": headline, "ours": ours, "official": official})
+            return {"score": headline["score"], "failed": headline["failed"]}
+        headline = aggregate_basic(records, self.apply_cap, self.official)
+        folder.write_table("basic", basic_table(records, self.label, self.apply_cap), title="ImgEdit-Bench basic (1-5, higher is better)")
+        folder.write_json("summary", {
+            "headline": headline,
+            "as_judged": aggregate_basic(records),
+            "capped": aggregate_basic(records, apply_cap=True),
+            "official": aggregate_basic(records, official=True),
+            "flags": {"apply_cap": self.apply_cap, "official": self.official},
+        })
+        return {f"{group}/score": values["score"] for group, values in headline.items()} | {"failed": headline["overall"]["failed"]}

@@ -1,0 +1,281 @@
+"""VLM judges of edited images: an OpenAI-compatible HTTP judge, a local transformers judge, a toy judge.
+
+The benchmarks (ImgEdit-Bench §5 of the ImgEdit paper; GEdit-Bench, VIEScore-style, Step1X-Edit §5)
+score an edit by asking a VLM a rubric question about the source and edited images and parsing
+its text reply. A :class:`Judge` answers a list of :class:`JudgeRequest` with one raw reply (or a
+:class:`~zoo.blocks.chat.ChatError`) each; parsing and aggregation belong to the benchmark
+callbacks, so every judge goes through the same parser.
+
+- :class:`HTTPJudge`: GPT-4.1/4o, a vLLM-served ImgEdit-Judge or Qwen2.5-VL, over
+  :class:`~zoo.blocks.chat.OpenAIChatClient` (retries, backoff, API key from a named variable).
+- :class:`LocalJudge`: a Qwen2.5-VL checkpoint in-process (ImgEdit-Judge is a Qwen2.5-VL-7B
+  fine-tune), over :class:`~zoo.blocks.chat.LocalVLMChatClient`.
+- :class:`ToyJudge`: on the toy dataset the exact ground truth (the toy edit score) replaces the
+  VLM: it writes the reply a perfect judge would write in the benchmark's answer format, so the
+  whole evaluator pipeline, parser included, runs offline with meaningful numbers.
+
+Chat judges keep a per-request cache on disk (``<cache_dir>/<hash[:2]>/<hash>.json``, keyed by the
+judge model, system prompt, texts and image pixels), so a rerun never asks the same question twice;
+only successful replies are cached, so failures are retried on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zoo.blocks.chat import ChatClient, ChatError, ChatPart, LocalVLMChatClient, OpenAIChatClient, complete_many, to_pil
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JudgeRequest:
+    """One question to a judge.
+
+    Attributes:
+        task: answer format asked for: ``imgedit_basic``, ``imgedit_uge``, ``imgedit_multiturn``,
+            ``gedit_sc`` or ``gedit_pq``.
+        content: the user turn (rubric text and images, in the order sent).
+        fields: names of the scores the rubric asks for (ImgEdit basic: its 3 dimensions;
+            multi-turn: its yes/no criteria).
+        truth: toy ground truth ``{"edit", "preserve", "score"}`` in [0, 1] (only the toy judge reads it).
+    """
+
+    task: str
+    content: list[ChatPart]
+    fields: tuple[str, ...] = ()
+    truth: dict[str, float] | None = None
+
+
+class Judge:
+    """Answers judge requests; subclasses implement :meth:`ask`.
+
+    Attributes:
+        needs_truth: the judge reads ``JudgeRequest.truth`` (toy ground truth) instead of images.
+    """
+
+    needs_truth: bool = False
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def ask(self, requests: list[JudgeRequest]) -> list[str | ChatError]:
+        """One raw reply per request, in order; a failed call gives its :class:`ChatError`."""
+        raise NotImplementedError
+
+    def set_default_cache(self, folder: str | os.PathLike[str]) -> None:
+        """Use ``folder`` as the reply cache unless one was configured (evaluators call this)."""
+
+
+class ChatJudge(Judge):
+    """A judge over any :class:`ChatClient`, with the on-disk reply cache and a concurrency limit.
+
+    Args:
+        client: the chat client asked.
+        identity: what distinguishes this judge's answers in the cache (model name and settings).
+        cache_dir: reply cache folder; None: the evaluator's ``<results>/judge_cache``.
+        max_workers: concurrent calls (1 for a local model).
+        system: optional system prompt sent with every request (the official scorers send none).
+    """
+
+    def __init__(
+        self,
+        client: ChatClient,
+        identity: str,
+        cache_dir: str | None = None,
+        max_workers: int = 8,
+        system: str | None = None,
+    ) -> None:
+        self.client, self.identity = client, identity
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.max_workers, self.system = max_workers, system
+        self.calls = 0
+
+    @property
+    def name(self) -> str:
+        return self.identity
+
+    def set_default_cache(self, folder: str | os.PathLike[str]) -> None:
+        if self.cache_dir is None:
+            self.cache_dir = Path(folder)
+
+    def cache_key(self, request: JudgeRequest) -> str:
+        """sha256 over the judge identity, system prompt, texts and image pixels (not file bytes)."""
+        digest = hashlib.sha256(json.dumps([self.identity, self.system]).encode())
+        for part in request.content:
+            if isinstance(part, str):
+                digest.update(b"text:" + part.encode())
+            else:
+                image = to_pil(part)
+                digest.update(f"image:{image.size}:".encode() + image.tobytes())
+        return digest.hexdigest()
+
+    def _cache_file(self, key: str) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / key[:2] / f"{key}.json"
+
+    def ask(self, requests: list[JudgeRequest]) -> list[str | ChatError]:
+        replies: list[str | ChatError | None] = [None] * len(requests)
+        keys = [self.cache_key(r) for r in requests]
+        misses = []
+        for i, key in enumerate(keys):
+            path = self._cache_file(key)
+            if path is not None and path.is_file():
+                try:
+                    replies[i] = json.loads(path.read_text())["reply"]
+                    continue
+                except (ValueError, KeyError):
+                    log.warning("ignored corrupt judge cache entry %s", path)
+            misses.append(i)
+        if misses:
+            self.calls += len(misses)
+            answers = complete_many(
+                self.client, [requests[i].content for i in misses], system=self.system, max_workers=self.max_workers
+            )
+            for i, answer in zip(misses, answers):
+                replies[i] = answer
+                path = self._cache_file(keys[i])
+                if path is not None and isinstance(answer, str):
+                    _write_atomic(path, json.dumps({"reply": answer, "judge": self.identity}))
+        return replies  # type: ignore[return-value]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a killed run never leaves a half-written entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        handle.write(text)
+    Path(handle.name).replace(path)
+
+
+class HTTPJudge(ChatJudge):
+    """A judge served over the OpenAI chat-completions protocol (OpenAI, Azure, vLLM, SGLang, OpenRouter).
+
+    Args:
+        base_url: API root, e.g. ``https://api.openai.com/v1`` or ``http://localhost:8000/v1``.
+        model: ``gpt-4.1`` (the ImgEdit paper and GEdit's scorer), ``gpt-4o`` (ImgEdit's script),
+            or the served name of ImgEdit-Judge / Qwen2.5-VL.
+        api_key_env: environment variable holding the key (never logged); null for no auth.
+        timeout: seconds per request.
+        max_retries: retries on 429, 5xx, timeouts and malformed replies (exponential backoff).
+        backoff: first retry delay in seconds.
+        max_workers: concurrent requests (ImgEdit's script uses 32 processes, GEdit's 5 threads).
+        temperature: None leaves the server default, as both official scorers do.
+        max_tokens: reply limit (GEdit's GPT scorer sends 1400).
+        image_format: ``png`` (ImgEdit labels images as PNG) or ``jpeg`` (GEdit).
+        cache_dir: reply cache; default the evaluator's ``<results>/judge_cache``.
+        azure_api_version: speak Azure OpenAI with this API version.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        timeout: float = 120.0,
+        max_retries: int = 8,
+        backoff: float = 2.0,
+        max_workers: int = 8,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        image_format: str = "png",
+        cache_dir: str | None = None,
+        azure_api_version: str | None = None,
+    ) -> None:
+        client = OpenAIChatClient(
+            base_url,
+            model,
+            api_key_env=api_key_env,
+            timeout=timeout,
+            max_retries=max_retries,
+            backoff=backoff,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            image_format=image_format,
+            azure_api_version=azure_api_version,
+        )
+        identity = json.dumps({"model": model, "temperature": temperature, "max_tokens": max_tokens, "image_format": image_format})
+        super().__init__(client, identity, cache_dir, max_workers)
+
+
+class LocalJudge(ChatJudge):
+    """A Qwen2.5-VL judge run in-process (ImgEdit-Judge: a Qwen2.5-VL-7B fine-tune, ``max_new_tokens=2048``).
+
+    Args:
+        pretrained: checkpoint folder or cached hub id.
+        tiny: options of the tiny random Qwen2.5-VL (tests only).
+        max_new_tokens: reply limit.
+        device: where the model runs.
+        torch_dtype: ``float32``, ``bfloat16`` or ``float16``.
+        cache_dir: reply cache; default the evaluator's ``<results>/judge_cache``.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        tiny: dict[str, Any] | None = None,
+        max_new_tokens: int = 2048,
+        device: str = "cpu",
+        torch_dtype: str = "bfloat16",
+        cache_dir: str | None = None,
+    ) -> None:
+        client = LocalVLMChatClient(pretrained=pretrained, tiny=tiny, max_new_tokens=max_new_tokens, device=device, torch_dtype=torch_dtype)
+        identity = json.dumps({"local": pretrained or f"tiny:{json.dumps(tiny, sort_keys=True)}", "max_new_tokens": max_new_tokens})
+        super().__init__(client, identity, cache_dir, max_workers=1)
+
+
+def _five(x: float) -> int:
+    """A [0, 1] ground-truth score on ImgEdit's 1-5 scale."""
+    return 1 + round(4 * min(max(x, 0.0), 1.0))
+
+
+def _ten(x: float) -> int:
+    """A [0, 1] ground-truth score on VIEScore's 0-10 scale."""
+    return round(10 * min(max(x, 0.0), 1.0))
+
+
+class ToyJudge(Judge):
+    """Writes the reply a perfect judge would give on toy data, from the exact ground truth.
+
+    Mapping of the toy edit score (``edit``: the requested change happened, ``preserve``: the rest
+    was kept, ``score``: their mean) onto each benchmark's dimensions:
+
+    - ImgEdit basic: 1st dimension (instruction compliance) = edit, 2nd (naturalness /
+      preservation) = preserve, 3rd (integrity / quality) = score, each ``1 + round(4x)``;
+    - ImgEdit UGE: ``Score: 1 + round(4 * score)``; multi-turn: yes when edit (1st criterion) or
+      preserve (2nd) is at least 0.5;
+    - GEdit SC: ``[10 edit, 10 preserve]``; PQ: ``[10 score, 10 preserve]`` (rounded, VIEScore JSON).
+    """
+
+    needs_truth = True
+
+    def ask(self, requests: list[JudgeRequest]) -> list[str | ChatError]:
+        return [self._answer(r) for r in requests]
+
+    def _answer(self, request: JudgeRequest) -> str:
+        if request.truth is None:
+            raise ValueError(
+                "the toy judge needs ground truth: evaluate toy data (shards from `zoo data toy`, with "
+                "targets and edit-region masks) or use an HTTP/local judge"
+            )
+        edit, preserve, score = (request.truth[k] for k in ("edit", "preserve", "score"))
+        if request.task == "imgedit_basic":
+            lines = [f"{name}: {_five(v)}" for name, v in zip(request.fields, (edit, preserve, score))]
+            return "\n".join(["Brief reasoning: exact toy ground truth.", *lines])
+        if request.task == "imgedit_uge":
+            return f"Brief reasoning: exact toy ground truth.\nScore: {_five(score)}"
+        if request.task == "imgedit_multiturn":
+            verdicts = ("yes" if v >= 0.5 else "no" for v in (edit, preserve))
+            return "\n".join(f"{name}: {v}" for name, v in zip(request.fields, verdicts))
+        if request.task == "gedit_sc":
+            return json.dumps({"score": [_ten(edit), _ten(preserve)], "reasoning": "exact toy ground truth"})
+        if request.task == "gedit_pq":
+            return json.dumps({"score": [_ten(score), _ten(preserve)], "reasoning": "exact toy ground truth"})
+        raise ValueError(f"the toy judge has no answer format for task {request.task!r}")

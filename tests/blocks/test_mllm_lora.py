@@ -1,0 +1,176 @@
+"""QwenVLEncoder for GoT: peft LoRA, GoT tokens, bounded chain generation, image-token states."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.blocks.got_tokens import got_prompt
+from zoo.blocks.mllm import QwenVLEncoder
+
+TINY = {"hidden_size": 32, "num_layers": 2, "intermediate_size": 64, "vision_depth": 1, "seed": 0}
+PROMPTS = ["Remove the red circle.", "Add a blue square at the top left, keep the rest."]
+CHAINS = [
+    "<|object_ref_start|>square<|object_ref_end|><|box_start|>(10,20),(300,400)<|box_end|> (blue)",
+    "A gray background.",
+]
+
+
+def _got(**kwargs: object) -> QwenVLEncoder:
+    return QwenVLEncoder(tiny=TINY, **{"image_size": 32, "got_image_tokens": 64, "lora": {}, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def frozen_lora() -> QwenVLEncoder:
+    """A LoRA encoder the read-only tests share (eval mode: no dropout)."""
+    return _got().eval()
+
+
+def _images(batch: int) -> torch.Tensor:
+    return torch.rand(batch, 3, 32, 40, generator=torch.Generator().manual_seed(3))
+
+
+def _perturb_trainables(encoder: QwenVLEncoder, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in encoder.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+
+
+def test_lora_defaults_are_gots_config(frozen_lora: QwenVLEncoder) -> None:
+    config = frozen_lora.model.peft_config["default"]
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (32, 32, 0.05)
+    assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(config.modules_to_save) >= {"embed_tokens", "lm_head", "input_layernorm", "post_attention_layernorm"}
+
+
+def test_only_adapters_and_saved_modules_get_gradients() -> None:
+    encoder = _got()
+    encoder.train()
+    assert encoder.model.training  # LoRA must not be forced into eval like a frozen encoder
+    trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n or ".modules_to_save." in n for n in trainable)
+    # The official suffix match also reaches the ViT MLPs.
+    assert any(".visual." in n and "mlp.gate_proj.lora_A" in n for n in trainable)
+    assert any("embed_tokens.modules_to_save" in n for n in trainable)
+    assert any("lm_head.modules_to_save" in n for n in trainable)
+    loss, states = encoder.chain_loss_and_states(_images(2), PROMPTS, CHAINS)
+    (loss + states.square().mean()).backward()
+    graded = {n for n, p in encoder.named_parameters() if p.grad is not None}
+    assert graded == trainable
+    lora_b = [p.grad for n, p in encoder.named_parameters() if "language_model" in n and ".lora_B." in n]
+    assert lora_b and all(g.abs().sum() > 0 for g in lora_b)
+
+
+def test_target_modules_and_modules_to_save_are_configurable() -> None:
+    llm_only = _got(lora={"target_modules": r".*language_model.*\.(q|v)_proj", "modules_to_save": ["lm_head"]})
+    trainable = [n for n, p in llm_only.named_parameters() if p.requires_grad]
+    assert not any(".visual." in n for n in trainable)
+    assert {n.split(".")[-4] for n in trainable if ".lora_A." in n} == {"q_proj", "v_proj"}
+    assert [n for n in trainable if "modules_to_save" in n] == ["model.base_model.model.lm_head.modules_to_save.default.weight"]
+    with pytest.raises(ValueError, match="freeze=False"):
+        _got(freeze=False)
+    with pytest.raises(ValueError, match="bad `lora` options"):
+        _got(lora={"rank": 4})
+
+
+def test_adapter_save_load_round_trip(tmp_path: Path) -> None:
+    trained = _got()
+    _perturb_trainables(trained, seed=1)
+    trained.eval()
+    expected = trained.image_token_states(_images(2), PROMPTS, CHAINS)
+    trained.save_adapter(str(tmp_path))
+    with pytest.raises(ValueError, match="save_adapter"):
+        trained.save_pretrained(str(tmp_path / "full"))
+    fresh = _got().eval()
+    assert not torch.allclose(fresh.image_token_states(_images(2), PROMPTS, CHAINS), expected)
+    fresh.load_adapter(str(tmp_path))
+    assert torch.allclose(fresh.image_token_states(_images(2), PROMPTS, CHAINS), expected, atol=1e-6)
+    trained_state, fresh_state = trained.state_dict(), fresh.state_dict()
+    assert all(torch.equal(trained_state[k], fresh_state[k]) for k in trained_state)
+
+
+def test_image_token_states_are_final_normed_states_at_the_64_placeholders(frozen_lora: QwenVLEncoder) -> None:
+    encoder = frozen_lora
+    ids = encoder.got_ids
+    states = encoder.image_token_states(None, PROMPTS[:1], CHAINS[:1])
+    assert states.shape == (1, 64, encoder.hidden_size)
+    input_ids, _, _ = encoder._chain_forward(None, PROMPTS[:1], CHAINS[:1])
+    assert input_ids[0, -65:].tolist() == [ids.gen_start, *ids.image_ids]
+    with torch.no_grad():
+        logits = encoder.model(input_ids=input_ids).logits[0, -64:]
+    # The LM head applies to states after the final RMSNorm, so this holds only for post-norm states.
+    assert torch.allclose(encoder.model.get_output_embeddings()(states[0]), logits, atol=1e-4)
+
+
+def test_states_are_batch_invariant_and_depend_on_the_chain(frozen_lora: QwenVLEncoder) -> None:
+    encoder = frozen_lora
+    images = _images(2)
+    batched = encoder.image_token_states(images, PROMPTS, CHAINS)
+    for b in range(2):
+        single = encoder.image_token_states(images[b : b + 1], PROMPTS[b : b + 1], CHAINS[b : b + 1])
+        assert torch.allclose(batched[b], single[0], atol=1e-5)
+    moved = CHAINS[0].replace("(10,20)", "(500,20)")
+    assert not torch.allclose(encoder.image_token_states(images[:1], PROMPTS[:1], [moved]), batched[:1], atol=1e-4)
+    with pytest.raises(ValueError, match="GoT generation tokens"):
+        encoder.image_token_states(None, ["x"], ["a <|im_gen_0003|> b"])
+    with pytest.raises(ValueError, match="got_image_tokens=64"):
+        QwenVLEncoder(tiny=TINY, image_size=32).image_token_states(None, ["x"], ["y"])
+
+
+def test_chain_loss_is_ce_on_chain_and_closing_gen_start(frozen_lora: QwenVLEncoder) -> None:
+    encoder = frozen_lora
+    loss, _ = encoder.chain_loss_and_states(None, PROMPTS[:1], CHAINS[:1])
+    tokenizer = encoder.processor.tokenizer
+    prompt = encoder.processor.apply_chat_template(
+        [[{"role": "user", "content": [{"type": "text", "text": got_prompt(PROMPTS[0], edit=False)}]}]],
+        tokenize=False,
+        add_generation_prompt=True,
+    )[0]
+    start = len(tokenizer(prompt).input_ids)
+    input_ids, _, _ = encoder._chain_forward(None, PROMPTS[:1], CHAINS[:1])
+    labels = torch.full_like(input_ids, -100)
+    labels[0, start : input_ids.shape[1] - 64] = input_ids[0, start:-64]  # chain + <|im_gen_start|>
+    assert int(input_ids[0, -65]) == encoder.got_ids.gen_start
+    with torch.no_grad():
+        logits = encoder.model(input_ids=input_ids).logits
+    reference = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
+    assert torch.allclose(loss, reference, atol=1e-5)
+
+
+def test_edit_prompt_sees_the_source_at_448_as_256_tokens() -> None:
+    qwen_patching = {**TINY, "patch_size": 14, "min_pixels": 56 * 56, "max_pixels": 16384 * 28 * 28}
+    encoder = QwenVLEncoder(tiny=qwen_patching, image_size=448, got_image_tokens=64)
+    input_ids, _, states = encoder._chain_forward(torch.rand(1, 3, 300, 500), ["remove the hat"], ["ok"])
+    assert int((input_ids == encoder.model.config.image_token_id).sum()) == 256
+    assert got_prompt("remove the hat", edit=True) in encoder.processor.tokenizer.decode(input_ids[0])
+    assert states.shape == (1, 64, encoder.hidden_size)
+
+
+def _force_next_token(encoder: QwenVLEncoder, token: str) -> None:
+    """Make the LM always predict ``token`` (zero weights, one-hot bias)."""
+    head = encoder.model.lm_head
+    forced = nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        forced.weight.zero_()
+        forced.bias.fill_(-10.0)
+        forced.bias[encoder.processor.tokenizer.convert_tokens_to_ids(token)] = 10.0
+    encoder.model.lm_head = forced
+
+
+def test_chain_generation_is_bounded_and_stops_at_gen_start_or_im_end() -> None:
+    random_model = QwenVLEncoder(tiny=TINY, image_size=32, got_image_tokens=64)
+    short = random_model.generate_chain(_images(2), PROMPTS, max_new_tokens=4)
+    longer = random_model.generate_chain(_images(2), PROMPTS, max_new_tokens=8)
+    assert all(b.startswith(a) for a, b in zip(short, longer))
+    never_stops = QwenVLEncoder(tiny=TINY, image_size=32, got_image_tokens=64)
+    _force_next_token(never_stops, "<|box_start|>")
+    assert never_stops.generate_chain(None, PROMPTS, max_new_tokens=9) == ["<|box_start|>" * 9] * 2
+    for stop in ("<|im_gen_start|>", "<|im_end|>", "<|endoftext|>"):
+        _force_next_token(never_stops, stop)
+        assert never_stops.generate_chain(_images(2), PROMPTS, max_new_tokens=50) == ["", ""]

@@ -1,0 +1,78 @@
+"""GEdit-Bench parsing (VIEScore reply forms), per-sample SC/PQ/O and group/intersection aggregation."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from callbacks.gedit_bench import aggregate_gedit, gedit_record, gedit_table, parse_vie
+from zoo.blocks.chat import ChatError
+
+
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ('{"score": [8, 6], "reasoning": "good"}', [8.0, 6.0]),
+        ('||V^=^V||\n{"score": [7, 9], "reasoning": "x"}\n||V^=^V||', [7.0, 9.0]),
+        ("```json\n{'score': [5, 4,], 'reasoning': 'single quotes'}\n```", [5.0, 4.0]),
+        ("The scores are [3, 10].", [3.0, 10.0]),
+        ('{"score": [8], "reasoning": "one"}', None),
+        ('{"score": [11, 3]}', None),
+        ("I cannot evaluate this image.", None),
+    ],
+)
+def test_parse_vie(reply: str, expected: list[float] | None) -> None:
+    parsed = parse_vie(reply)
+    assert parsed == expected if expected is not None else isinstance(parsed, str)
+
+
+CASE = {"id": "ps_human/k1", "task_type": "ps_human", "intersection": True, "language": "en"}
+
+
+def test_record_min_and_geometric_mean() -> None:
+    record = gedit_record(CASE, '{"score": [9, 4]}', '{"score": [8, 9]}')
+    assert record["sc"] == 4 and record["pq"] == 8 and record["o"] == pytest.approx(math.sqrt(32))
+
+
+def test_failures_are_recorded_not_guessed() -> None:
+    record = gedit_record(CASE, "no json here", ChatError("content filter", status=400))
+    assert record["o"] is None and "SC: no score list" in record["error"] and "PQ: judge call failed" in record["error"]
+    assert record["raw_sc"] == "no json here" and not record["guessed"]
+
+
+def test_official_random_guess_is_seeded_and_flagged() -> None:
+    first = gedit_record(CASE, "garbage", '{"score": [8, 9]}', rng=random.Random(3))
+    again = gedit_record(CASE, "garbage", '{"score": [8, 9]}', rng=random.Random(3))
+    expected = random.Random(3)
+    guess = [float(expected.randint(0, 10)) for _ in range(2)]
+    assert first["guessed"] and first["sc_scores"] == guess == again["sc_scores"]
+    assert first["error"] is None and first["sc"] == min(guess)
+
+
+def _rec(task: str, key: str, sc: list[int], pq: list[int], inter: bool) -> dict:
+    return gedit_record({"id": f"{task}/{key}", "task_type": task, "intersection": inter, "language": "en"},
+                        f'{{"score": {sc}}}', f'{{"score": {pq}}}')
+
+
+def test_group_means_intersection_and_overall() -> None:
+    records = [
+        _rec("background_change", "a", [8, 6], [9, 9], True),  # SC 6, PQ 9, O sqrt(54)
+        _rec("background_change", "b", [4, 10], [4, 8], False),  # SC 4, PQ 4, O 4
+        _rec("text_change", "a", [10, 10], [1, 2], True),  # same key, other group: SC 10, PQ 1, O sqrt(10)
+        gedit_record({"id": "text_change/z", "task_type": "text_change", "intersection": True, "language": "en"}, "", ""),
+    ]
+    full = aggregate_gedit(records)
+    assert full["background_change"]["sc"] == 5 and full["background_change"]["pq"] == 6.5
+    assert full["background_change"]["o"] == pytest.approx((math.sqrt(54) + 4) / 2)
+    assert full["text_change"] == {"sc": 10, "pq": 1, "o": pytest.approx(math.sqrt(10)), "count": 1.0, "failed": 1.0}
+    assert full["overall"]["sc"] == pytest.approx((5 + 10) / 2)  # unweighted over groups, not over samples
+    assert full["overall"]["o"] == pytest.approx(((math.sqrt(54) + 4) / 2 + math.sqrt(10)) / 2)
+    inter = aggregate_gedit(records, intersection=True)
+    assert inter["background_change"]["sc"] == 6 and inter["background_change"]["count"] == 1
+    assert inter["overall"]["pq"] == pytest.approx((9 + 1) / 2)
+    header, rows = gedit_table(records, "m")
+    assert header == ["", "background_change", "text_change", "overall"]
+    assert rows[0][0] == "m full G_SC" and rows[0][1:] == [5, 10, 7.5]
+    assert rows[4] == ["full failed", 0, 1, 1]

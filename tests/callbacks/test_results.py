@@ -1,0 +1,94 @@
+"""Results folder (records, tables, resume) and an end-to-end toy evaluation of a tiny DIM module."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from callbacks.imgedit_bench import ImgEditEvaluator
+from callbacks.judges import ToyJudge
+from callbacks.results import ResultsFolder
+from datamodules.shards import ShardDataModule
+from datamodules.toy import main as toy_main
+from tests.modules.conftest import tiny_dim_kwargs
+from zoo.modules.dim import DIMModule
+
+PROMPTS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "imgedit-bench" / "prompts.json"
+
+
+def test_tables_and_records(tmp_path: Path) -> None:
+    folder = ResultsFolder(tmp_path)
+    folder.write_table("t", (["", "Add", "Overall"], [["m", 3.14159, float("nan")], ["samples", 2, 2]]), title="T")
+    assert (tmp_path / "t.md").read_text().splitlines()[2:] == ["|  | Add | Overall |", "|---|---|---|", "| m | 3.142 | nan |", "| samples | 2 | 2 |"]
+    assert list(csv.reader((tmp_path / "t.csv").open()))[1] == ["m", "3.14159", "nan"]
+    folder.append_records([{"id": "a", "v": 1}, {"id": "b", "v": 2}])
+    folder.append_records([{"id": "a", "v": 3}])
+    with (tmp_path / "records.jsonl").open("a") as handle:
+        handle.write('{"id": "c", "v"')  # a run killed mid-write
+    assert folder.records() == {"a": {"id": "a", "v": 3}, "b": {"id": "b", "v": 2}}
+
+
+@pytest.fixture(scope="module")
+def toy_test(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("toy")
+    assert toy_main(["--out", str(root), "--train", "2", "--val", "2", "--test", "6", "--resolution", "16", "--seed", "0"]) == 0
+    return root / "test"
+
+
+def _trainer(tmp_path: Path, evaluator: ImgEditEvaluator) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=L.pytorch.loggers.TensorBoardLogger(tmp_path / "tb", name=""),
+                     callbacks=[evaluator], enable_progress_bar=False, enable_checkpointing=False)
+
+
+def test_toy_imgedit_evaluation_end_to_end_and_resume(toy_test: Path, tmp_path: Path) -> None:
+    if not PROMPTS.is_file():
+        pytest.skip(f"ImgEdit rubrics not found at {PROMPTS} (workspace-only fixture, see shared/data/README.md)")
+    L.seed_everything(0)
+    module = DIMModule(**tiny_dim_kwargs(num_inference_steps=2))
+    data = ShardDataModule(test_shards=str(toy_test), val_batch_size=4, resolution=16, mllm_resolution=16)
+    out = tmp_path / "imgedit"
+    evaluator = ImgEditEvaluator(ToyJudge(), rubrics=str(PROMPTS), output_dir=str(out), label="tiny-dim")
+    _trainer(tmp_path, evaluator).test(module, datamodule=data)
+
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and all(r["error"] is None for r in records)
+    generated = {json.loads(line)["id"]: json.loads(line) for line in (out / "generated.rank0.jsonl").read_text().splitlines()}
+    for record in records:  # the toy judge's scores are the exact ground truth on the 1-5 scale
+        truth = generated[record["id"]]["truth"]
+        assert record["scores"] == [1 + round(4 * truth[k]) for k in ("edit", "preserve", "score")]
+        assert (out / "images" / f"{record['id']}.png").is_file() and (out / "images" / f"{record['id']}_SRCIMG.png").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    types = sorted({r["edit_type"] for r in records})
+    expected = sum(sum(r["mean"] for r in records if r["edit_type"] == t) / sum(r["edit_type"] == t for r in records) for t in types) / len(types)
+    assert summary["headline"]["overall"]["score"] == pytest.approx(expected)
+    table = (out / "basic.md").read_text()
+    assert "| tiny-dim |" in table and "Overall" in table and (out / "basic.csv").is_file()
+    assert list((tmp_path / "tb").rglob("events.out.tfevents*"))
+
+    # Rerun into the same folder: nothing is scored again, the tables are rewritten from all records.
+    rerun = ImgEditEvaluator(ToyJudge(), rubrics=str(PROMPTS), output_dir=str(out), label="tiny-dim")
+    _trainer(tmp_path, rerun).test(module, datamodule=data)
+    assert len((out / "records.jsonl").read_text().splitlines()) == 6
+    assert json.loads((out / "summary.json").read_text())["headline"] == summary["headline"]
+
+
+def test_unscored_edits_of_an_interrupted_run_are_scored_next_time(toy_test: Path, tmp_path: Path) -> None:
+    if not PROMPTS.is_file():
+        pytest.skip(f"ImgEdit rubrics not found at {PROMPTS}")
+    module = DIMModule(**tiny_dim_kwargs(num_inference_steps=1))
+    data = ShardDataModule(test_shards=str(toy_test), val_batch_size=4, resolution=16, mllm_resolution=16)
+    out = tmp_path / "imgedit"
+    evaluator = ImgEditEvaluator(ToyJudge(), rubrics=str(PROMPTS), output_dir=str(out))
+    _trainer(tmp_path, evaluator).test(module, datamodule=data)
+    lines = (out / "records.jsonl").read_text().splitlines()
+    (out / "records.jsonl").write_text("\n".join(lines[:2]) + "\n")  # killed after scoring 2 of 6
+    evaluator.folder = ResultsFolder(out)
+    trainer = _trainer(tmp_path, evaluator)
+    evaluator._start(trainer, "test")
+    assert len(evaluator._orphans) == 4
+    evaluator._finish(trainer, "test")
+    assert len(ResultsFolder(out).records()) == 6
