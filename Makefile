@@ -24,13 +24,13 @@ test: $(STAMP)
 # Toy shards -> untrained score -> train -> trained score -> runs/demo/metrics.json (about 6 minutes on 2 cores).
 demo: $(STAMP)
 	rm -rf $(DEMO)
-	$(PY) -m zoo data toy --out $(DEMO)/data --train 4096 --val 64 --test 256 --seed 0 --resolution 32
-	$(PY) -m zoo test --config recipes/dim_edit.yaml --config recipes/tiny/dim.yaml --config recipes/demo.yaml \
+	$(PY) -m zoo data toy --out $(DEMO)/data --train 4096 --val 32 --test 128 --seed 0 --resolution 32
+	$(PY) -m zoo test --config recipes/dim_edit_stage1.yaml --config recipes/tiny/dim.yaml --config recipes/demo.yaml \
 		--trainer.logger.init_args.version=untrained --trainer.callbacks+=callbacks.toy_score.ToyEditEvaluator \
 		--trainer.callbacks.label=untrained
-	$(PY) -m zoo fit --config recipes/dim_edit.yaml --config recipes/tiny/dim.yaml --config recipes/demo.yaml \
+	$(PY) -m zoo fit --config recipes/dim_edit_stage1.yaml --config recipes/tiny/dim.yaml --config recipes/demo.yaml \
 		--trainer.logger.init_args.version=train
-	$(PY) -m zoo test --config recipes/dim_edit.yaml --config recipes/tiny/dim.yaml --config recipes/demo.yaml \
+	$(PY) -m zoo test --config recipes/dim_edit_stage1.yaml --config recipes/tiny/dim.yaml --config recipes/demo.yaml \
 		--trainer.logger.init_args.version=trained --trainer.callbacks+=callbacks.toy_score.ToyEditEvaluator \
 		--trainer.callbacks.label=trained --ckpt_path $(DEMO)/checkpoints/last.ckpt
 	$(PY) -m zoo toy-report $(DEMO)/untrained/metrics.json $(DEMO)/trained/metrics.json --out $(DEMO)/metrics.json

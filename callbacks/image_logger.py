@@ -16,6 +16,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
+from callbacks.gather import gather_objects
+
 
 def edit_grid(edited: Tensor, target: Tensor | None, source: Tensor | None) -> Tensor:
     """Rows of ``source | edited | target`` (whichever exist) in [0,1], as one [3,H,W] image."""
@@ -73,10 +75,7 @@ class ImageLogger(L.Callback):
     def _write(self, trainer: L.Trainer, stage: str, batch: dict[str, Any], edited: Tensor, texts: list[str]) -> None:
         grid = edit_grid(edited, batch.get("target"), batch.get("source"))
         caption = [f"**{key}** — {text}" for key, text in zip(batch["key"], texts)]
-        gathered = [(grid, caption)]
-        if trainer.world_size > 1:
-            gathered = [None] * trainer.world_size
-            torch.distributed.all_gather_object(gathered, (grid, caption))
+        gathered = gather_objects(trainer, (grid, caption))
         if not trainer.is_global_zero:
             return
         full = torch.cat([g for g, _ in gathered], dim=1)

@@ -37,7 +37,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torchvision.utils import save_image
 
-from callbacks.toy_score import _gather, toy_edit_scores
+from callbacks.gather import gather_records
+from callbacks.toy_score import toy_edit_scores
 from datamodules.benchmarks import edited_image_path
 
 log = logging.getLogger(__name__)
@@ -225,7 +226,7 @@ class BenchmarkEvaluator(L.Callback):
         done = self.folder.records() if trainer.is_global_zero else {}
         todo = [e for e in self._new + self._orphans if e["id"] not in done]
         records = self.score(todo, self.folder) if todo else []
-        gathered = _gather(trainer, records)
+        gathered = gather_records(trainer, records)
         if not trainer.is_global_zero:
             return
         self.folder.append_records(gathered)

@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from callbacks.gather import gather_records
 from datamodules.toy import PALETTE
 
 
@@ -102,7 +103,7 @@ class ToyEditEvaluator(L.Callback):
             self.records.append(record)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        records = _gather(trainer, self.records)
+        records = gather_records(trainer, self.records)
         if not trainer.is_global_zero:
             return
         baseline = [{**r, **{n: r[f"copy_{n}"] for n in ("score", "edit", "preserve")}} for r in records]
@@ -119,15 +120,6 @@ class ToyEditEvaluator(L.Callback):
             f"toy edit score ({self.label}): {overall['score']:.4f} "
             f"(copy-the-source {metrics['copy_source']['overall']['score']:.4f}) on {int(overall['count'])} edits"
         )
-
-
-def _gather(trainer: L.Trainer, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """All ranks' records on every rank (object gather: ranks may hold different counts)."""
-    if trainer.world_size == 1:
-        return list(records)
-    gathered: list[list[dict[str, Any]]] = [[] for _ in range(trainer.world_size)]
-    torch.distributed.all_gather_object(gathered, records)
-    return [record for part in gathered for record in part]
 
 
 def report(metrics_files: list[str], out: str) -> bool:

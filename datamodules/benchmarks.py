@@ -31,7 +31,7 @@ from datamodules.formats.dim import resolve_image
 from datamodules.formats.gedit import GEditCase, load_gedit_case, read_gedit_jsonl
 from datamodules.formats.imgedit import ImgEditCase, load_case, read_cases, resolve_case_image
 from datamodules.samples import EditSample, collate
-from datamodules.shards import _ListDataset
+from datamodules.shards import ListDataset
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ class BenchmarkDataModule(L.LightningDataModule):
         cases = self.pending()
         mine = cases[self.rank * len(cases) // self.world_size : (self.rank + 1) * len(cases) // self.world_size]
         return DataLoader(
-            _ListDataset(self, mine),
+            ListDataset(self, mine),
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             collate_fn=partial(collate, resolution=self.resolution, mllm_resolution=self.mllm_resolution),

@@ -379,7 +379,7 @@ class _TrainLoader(DataLoader):
         return super().__iter__()
 
 
-class _ListDataset(Dataset):
+class ListDataset(Dataset):
     """Predict rows of a DIM jsonl, decoded lazily (images can be 1024 px)."""
 
     def __init__(self, reader: Any, rows: list[Any]) -> None:
@@ -610,7 +610,7 @@ class ShardDataModule(L.LightningDataModule):
         rows = self._predict_reader.rows()
         mine = rows[self.rank * len(rows) // self.world_size : (self.rank + 1) * len(rows) // self.world_size]
         return DataLoader(
-            _ListDataset(self._predict_reader, mine),
+            ListDataset(self._predict_reader, mine),
             batch_size=self.val_batch_size,
             num_workers=self.num_workers,
             collate_fn=partial(collate, resolution=self.resolution, mllm_resolution=self.mllm_resolution),

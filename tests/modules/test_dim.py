@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import lightning as L
@@ -158,3 +159,25 @@ def test_stage_two_starts_from_a_t2i_checkpoint_with_widened_input(tmp_path) -> 
     assert torch.equal(edit.connector.net[0].weight, t2i.connector.net[0].weight)
     with pytest.raises(Exception, match="does not exist"):
         DIMModule(**tiny_dim_kwargs(init_from=str(tmp_path / "missing.ckpt")))
+
+
+def test_designer_writes_the_blueprint_for_samples_without_one() -> None:
+    from tests.helpers.openai_server import OpenAIServer, completion
+    from zoo.blocks.designer import DesignerConfig
+
+    blueprint = (
+        "1. Edit Instruction: recolour the square.\n2. Global Layout Perception: one square.\n"
+        "3. Local Object Perception: a red square.\n4. Edit Area Localization: the centre.\n"
+        "5. Edited Image Imagination: a blue square."
+    )
+    batch = toy_batch(size=2)
+    batch["blueprint"] = ["", batch["blueprint"][1]]
+    with OpenAIServer(completion(blueprint)) as server:
+        config = DesignerConfig(base_url=server.base_url, model="gpt-4o-2024-11-20", api_key_env=None, backoff=0.01)
+        model = DIMModule(**tiny_dim_kwargs(designer=config))
+        texts = model.condition_text(batch)
+    assert texts == [blueprint, batch["blueprint"][1]]
+    (request,) = server.requests
+    content = request.body["messages"][-1]["content"]
+    assert any(part.get("type") == "image_url" for part in content)
+    assert batch["instruction"][0] in json.dumps(content)

@@ -110,6 +110,28 @@ class Denoiser(nn.Module, ABC):
         ``context_mask [B,L]`` (1/True = real token), an optional channel-concat ``condition`` and
         the model's optional extra inputs ``added_conditions``."""
 
+    def _load(
+        self,
+        model_cls: type[ModelMixin],
+        pretrained: str | None,
+        config: dict | None,
+        subfolder: str | None,
+        *,
+        input_conv: str,
+        condition_channels: int,
+        zero_init_condition: bool,
+        copy_bias: bool,
+        gradient_checkpointing: bool,
+    ) -> None:
+        """Build ``self.model`` (published weights or a config) with its input conv widened for the condition."""
+        if condition_channels < 0:
+            raise ValueError(f"condition_channels must be >= 0, got {condition_channels}")
+        self.model = load_diffusers_model(model_cls, pretrained, config, subfolder)
+        self.condition_channels = condition_channels
+        widen_model_input(self.model, input_conv, condition_channels, zero_init=zero_init_condition, copy_bias=copy_bias)
+        if gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+
     def _check_inputs(
         self, latents: Tensor, context: Tensor, context_mask: Tensor, condition: Tensor | None, condition_channels: int
     ) -> None:
@@ -161,13 +183,17 @@ class SanaDenoiser(Denoiser):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        if condition_channels < 0:
-            raise ValueError(f"condition_channels must be >= 0, got {condition_channels}")
-        self.model = load_diffusers_model(SanaTransformer2DModel, pretrained, config, subfolder)
-        self.condition_channels = condition_channels
-        widen_model_input(self.model, "patch_embed.proj", condition_channels, zero_init=zero_init_condition)
-        if gradient_checkpointing:
-            self.model.enable_gradient_checkpointing()
+        self._load(
+            SanaTransformer2DModel,
+            pretrained,
+            config,
+            subfolder,
+            input_conv="patch_embed.proj",
+            condition_channels=condition_channels,
+            zero_init_condition=zero_init_condition,
+            copy_bias=True,
+            gradient_checkpointing=gradient_checkpointing,
+        )
 
     @property
     def in_channels(self) -> int:
@@ -258,18 +284,22 @@ class UNetDenoiser(Denoiser):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        if condition_channels < 0:
-            raise ValueError(f"condition_channels must be >= 0, got {condition_channels}")
-        self.model = load_diffusers_model(UNet2DConditionModel, pretrained, config, subfolder)
+        self._load(
+            UNet2DConditionModel,
+            pretrained,
+            config,
+            subfolder,
+            input_conv="conv_in",
+            condition_channels=condition_channels,
+            zero_init_condition=zero_init_condition,
+            copy_bias=copy_bias,
+            gradient_checkpointing=gradient_checkpointing,
+        )
         if not isinstance(self.model.config.cross_attention_dim, int):
             raise ValueError(
                 f"per-block cross_attention_dim {self.model.config.cross_attention_dim} is not supported: "
                 "the context has one width"
             )
-        self.condition_channels = condition_channels
-        widen_model_input(self.model, "conv_in", condition_channels, zero_init=zero_init_condition, copy_bias=copy_bias)
-        if gradient_checkpointing:
-            self.model.enable_gradient_checkpointing()
 
     @property
     def in_channels(self) -> int:
