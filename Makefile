@@ -32,5 +32,5 @@ demo: $(STAMP)
 		--trainer.logger.init_args.version=train
 	$(PY) -m zoo test --config recipes/dim_edit_stage1.yaml --config recipes/tiny/dim.yaml --config recipes/demo.yaml \
 		--trainer.logger.init_args.version=trained --trainer.callbacks+=callbacks.toy_score.ToyEditEvaluator \
-		--trainer.callbacks.label=trained --ckpt_path $(DEMO)/checkpoints/last.ckpt
+		--trainer.callbacks.label=trained --ckpt_path $(DEMO)/train/checkpoints/last.ckpt
 	$(PY) -m zoo toy-report $(DEMO)/untrained/metrics.json $(DEMO)/trained/metrics.json --out $(DEMO)/metrics.json

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from datamodules import toy
 from zoo.cli import ZooCLI, main
@@ -35,7 +36,11 @@ def _configs(files: list[str]) -> list[str]:
 
 
 def test_every_recipe_is_covered() -> None:
+    # Imported here: test_got_recipes reuses this module's helpers.
+    from tests.cli.test_got_recipes import STAGES as GOT_STAGES
+
     listed = {path for files, _ in STAGES.values() for path in files} | OVERLAYS
+    listed |= {path for files in GOT_STAGES.values() for path in files}
     on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "recipes").glob("*.yaml")}
     assert on_disk == listed
 
@@ -99,49 +104,65 @@ def toy_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _tiny_args(stage: str, toy_data: dict[str, Path], run_dir: Path) -> list[str]:
+    """The stage's recipes + the tiny overlay + a test overlay: toy shards, a tmp run folder, 4 steps."""
     files, task = STAGES[stage]
     data = toy_data[task]
-    return [
-        *_configs([*files, "recipes/tiny/dim.yaml"]),
-        f"--data.init_args.train_shards={data / 'train'}",
-        f"--data.init_args.val_shards={data / 'val'}",
-        f"--data.init_args.test_shards={data / 'test'}",
-        "--data.init_args.num_workers=0",
-        f"--trainer.default_root_dir={run_dir}",
-        f"--trainer.logger.init_args.save_dir={run_dir}",
-        f"--trainer.callbacks.dirpath={run_dir / 'checkpoints'}",
-        "--trainer.callbacks.every_n_train_steps=2",
-        "--trainer.max_steps=3",
-        "--trainer.val_check_interval=3",
-        "--trainer.limit_val_batches=1",
-        "--model.init_args.num_inference_steps=2",
-        "--model.init_args.mllm.max_condition_length=32",
-    ]
+    overlay = {
+        "trainer": {
+            "default_root_dir": str(run_dir),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(run_dir), "name": "", "version": "train"},
+            },
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"every_n_train_steps": 2, "save_top_k": -1, "save_last": True,
+                               "enable_version_counter": False}},
+                {"class_path": "callbacks.image_logger.ImageLogger", "init_args": {"num_samples": 2}},
+            ],
+            "max_steps": 4,
+            "val_check_interval": 4,
+            "limit_val_batches": 1,
+        },
+        "data": {"init_args": {f"{split}_shards": str(data / split) for split in ("train", "val", "test")} | {"num_workers": 0}},
+        "model": {"init_args": {"num_inference_steps": 2}},
+    }
+    path = run_dir / "test_overlay.yaml"
+    path.write_text(yaml.safe_dump(overlay))
+    return [*_configs([*files, "recipes/tiny/dim.yaml"]), "--config", str(path)]
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_tiny_recipe_fits_and_tests(stage: str, toy_data: dict[str, Path], tmp_path: Path) -> None:
     args = _tiny_args(stage, toy_data, tmp_path)
     assert main(["fit", *args]) == 0
-    last = tmp_path / "checkpoints" / "last.ckpt"
+    last = tmp_path / "train" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, map_location="cpu", weights_only=True)
-    assert checkpoint["global_step"] == 3
+    assert checkpoint["global_step"] == 4
     assert not any(k.startswith("mllm.") for k in checkpoint["state_dict"])
     assert (tmp_path / "train" / "config.yaml").is_file()
     assert list((tmp_path / "train" / "images").glob("val_step*.png"))
     assert main(["test", *args, f"--ckpt_path={last}", "--trainer.limit_test_batches=1"]) == 0
 
 
+def test_recipes_checkpoint_into_the_same_files_on_requeue() -> None:
+    for files, _ in STAGES.values():
+        cli = _ParseOnly(args=_configs(files), run=False)
+        [checkpoint] = [c for c in cli.config.trainer.callbacks if c.class_path.endswith("ModelCheckpoint")]
+        assert checkpoint.init_args.save_last is True and checkpoint.init_args.enable_version_counter is False
+
+
 def test_tiny_fit_resumes_and_requeue_overwrites_config(toy_data: dict[str, Path], tmp_path: Path) -> None:
     args = _tiny_args("dim_edit", toy_data, tmp_path)
     assert main(["fit", *args]) == 0
-    step2 = tmp_path / "checkpoints" / "epoch=0-step=2.ckpt"
+    step2 = tmp_path / "train" / "checkpoints" / "epoch=0-step=2.ckpt"
     first = torch.load(step2, map_location="cpu", weights_only=True)
-    assert main(["fit", *args, "--trainer.max_steps=5", f"--ckpt_path={step2}"]) == 0
-    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert first["global_step"] == 2 and resumed["global_step"] == 5
+    assert main(["fit", *args, "--trainer.max_steps=6", f"--ckpt_path={step2}"]) == 0
+    resumed = torch.load(tmp_path / "train" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert first["global_step"] == 2 and resumed["global_step"] == 6
+    assert not list((tmp_path / "train" / "checkpoints").glob("*-v1.ckpt")), "a resumed run must overwrite, not version"
     assert first["ShardDataModule"]["batches_total"] == 2, "the data-stream position must be checkpointed"
-    assert resumed["ShardDataModule"]["batches_total"] == 5
+    assert resumed["ShardDataModule"]["batches_total"] == 6
     moved = [k for k in first["state_dict"] if not torch.equal(first["state_dict"][k], resumed["state_dict"][k])]
     assert moved, "training after resume must change the trainable weights"
 
@@ -152,10 +173,11 @@ def test_tiny_predict_writes_edits_from_a_tos_jsonl(tmp_path: Path) -> None:
     sample, _ = toy.edit_sample(0, "test", 0, 32)
     sample.source.save(image)
     jsonl = tmp_path / "edits.jsonl"
-    jsonl.write_text('{"id": "a", "image_path": "images/a.png", "prompt": "make the background white"}\n')
+    row = {"id": "a", "image_path": "images/a.png", "image_path_target": "images/a.png", "prompt": "make the background white"}
+    jsonl.write_text(json.dumps(row) + "\n")
     args = _tiny_args("dim_edit", {"edit": tmp_path}, tmp_path)
-    args = [a for a in args if "_shards=" not in a]
-    assert main(["predict", *args, f"--data.init_args.predict_jsonl={jsonl}"]) == 0
+    shards_unset = [f"--data.init_args.{split}_shards=null" for split in ("train", "val", "test")]
+    assert main(["predict", *args, *shards_unset, f"--data.init_args.predict_jsonl={jsonl}"]) == 0
     [written] = list(tmp_path.glob("**/predictions/a.png"))
     record = json.loads(written.with_name("predictions.rank0.jsonl").read_text())
     assert record == {"key": "a", "instruction": "make the background white", "text": "make the background white", "image": "a.png"}

@@ -138,7 +138,10 @@ class DIMModule(EditingModule):
         if self.mode != "edit":
             return None
         if "source" not in batch:
-            raise KeyError("an edit-mode DIMModule needs batch['source'] (the image to edit)")
+            raise KeyError(
+                "an edit-mode DIMModule needs batch['source'] (the image to edit); in a DIM tos jsonl an edit "
+                "row carries image_path_target (DIM's demo files repeat the source path there)"
+            )
         return self.codec.encode(batch["source"].to(self.dtype))
 
     # -- training ---------------------------------------------------------------------------
