@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 from datamodules.formats.dim import TosJsonl
 from datamodules.formats.got import KINDS, GoTReader
 from datamodules.samples import EditSample, T2ISample
-from datamodules.shards import write_split
+from datamodules.shard_format import write_split
 
 
 

@@ -1,23 +1,4 @@
-"""WebDataset tar shards: the on-disk schema, writers, and the resumable ``ShardDataModule``.
-
-Shard schema (one split = one folder)
--------------------------------------
-``<split>/shard-000000.tar, shard-000001.tar, ...`` written with ``webdataset.ShardWriter``.
-One sample is the group of tar members sharing a ``__key__`` (keys must not contain "." or "/",
-because webdataset splits a member name at its first dot):
-
-* ``<key>.json``   utf-8 JSON object: ``task`` ("edit" | "t2i"), ``instruction`` (T2I: the prompt),
-  ``blueprint`` (DIM 5-section CoT or null), ``chain`` (GoT reasoning chain, absent or null),
-  ``edit_type`` (or null), ``boxes`` (list of
-  ``{"box": [x1, y1, x2, y2] ints in [0,1000), "color": str, "label": str}``), plus free extra fields
-  (kept out of the batch, e.g. the toy generator's scene description).
-* ``<key>.source.png``  edit only: the source image (RGB; any PIL-readable bytes are accepted).
-* ``<key>.target.png``  the edited image (T2I: the image); absent in predict sets.
-* ``<key>.mask.png``    optional "L" image, 255 inside the edit region.
-
-``<split>/index.json`` = ``{"shards": [{"url": "shard-000000.tar", "samples": n}, ...], "total": N}``
-(urls relative to the folder) is written by :func:`write_split`, so sample counts are known without
-reading the tars: this is what makes exact epochs, equal per-rank batch counts and ``len()`` possible.
+"""The resumable ``ShardDataModule`` over WebDataset tar shards (schema: :mod:`datamodules.shard_format`).
 
 Epoch plan (train)
 ------------------
@@ -42,169 +23,20 @@ Val/test/predict: index order (no shuffle), contiguous uneven split over ranks, 
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import multiprocessing
-import os
 import random
 from functools import partial
-from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import lightning as L
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from datamodules.samples import EditSample, T2ISample, collate
+from datamodules.shard_format import decode_sample, read_tar, resolve_shards
 
 log = logging.getLogger(__name__)
-
-SHARD_PATTERN = "shard-%06d.tar"
-INDEX_NAME = "index.json"
-
-
-# --- writing -----------------------------------------------------------------------------------
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    # Level 1: shards are read far more often than written, and decode speed barely depends on it.
-    image.save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
-
-
-def encode_sample(sample: EditSample | T2ISample, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Turn a record into a ``ShardWriter`` sample following the schema above."""
-    if "." in sample.key or "/" in sample.key or not sample.key:
-        raise ValueError(f"shard keys must be non-empty and contain no '.' or '/': {sample.key!r}")
-    meta: dict[str, Any] = dict(extra or {})
-    record: dict[str, Any] = {"__key__": sample.key}
-    if isinstance(sample, EditSample):
-        meta.update(task="edit", instruction=sample.instruction, edit_type=sample.edit_type)
-        record["source.png"] = _png(sample.source)
-        target = sample.target
-        if sample.mask is not None:
-            record["mask.png"] = _png(sample.mask)
-    else:
-        meta.update(task="t2i", instruction=sample.prompt, edit_type=None)
-        target = sample.image
-    meta.update(blueprint=sample.blueprint, boxes=sample.boxes)
-    if sample.chain is not None:
-        meta["chain"] = sample.chain
-    if target is not None:
-        record["target.png"] = _png(target)
-    record["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-    return record
-
-
-def write_split(
-    out_dir: str | os.PathLike[str],
-    records: Iterable[EditSample | T2ISample | tuple[EditSample | T2ISample, dict[str, Any]]],
-    samples_per_shard: int,
-) -> dict[str, Any]:
-    """Write one split folder of tar shards plus its ``index.json``; returns the index."""
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    counts: list[dict[str, Any]] = []
-    holder: list[wds.ShardWriter] = []
-
-    def record_count(fname: str) -> None:
-        counts.append({"url": Path(fname).name, "samples": holder[0].count})
-
-    writer = wds.ShardWriter(
-        str(out / SHARD_PATTERN), maxcount=samples_per_shard, maxsize=float(1 << 40), post=record_count, verbose=0
-    )
-    holder.append(writer)
-    seen: set[str] = set()
-    for item in records:
-        sample, extra = item if isinstance(item, tuple) else (item, None)
-        if sample.key in seen:
-            raise ValueError(f"duplicate sample key {sample.key!r} in split {out}")
-        seen.add(sample.key)
-        writer.write(encode_sample(sample, extra))
-    writer.close()
-    # ShardWriter opens its first shard eagerly, so an empty split leaves an empty tar behind.
-    for entry in [c for c in counts if c["samples"] == 0]:
-        (out / entry["url"]).unlink(missing_ok=True)
-    shards = [c for c in counts if c["samples"] > 0]
-    index = {"shards": shards, "total": sum(c["samples"] for c in shards)}
-    (out / INDEX_NAME).write_text(json.dumps(index, indent=1))
-    return index
-
-
-# --- reading -----------------------------------------------------------------------------------
-
-
-def _count_tar(url: str) -> int:
-    return sum(1 for _ in read_tar(url))
-
-
-def resolve_shards(spec: str) -> list[tuple[str, int]]:
-    """``(url, n_samples)`` per shard from a split folder with ``index.json`` or a brace pattern.
-
-    A brace pattern (``data/train/shard-{000000..000009}.tar``) has no index, so its tars are read
-    once here to count samples; write splits with :func:`write_split` to avoid that.
-    """
-    path = Path(spec)
-    if path.is_dir():
-        index_file = path / INDEX_NAME
-        if not index_file.is_file():
-            raise FileNotFoundError(f"{path} is a folder without {INDEX_NAME}; write it with write_split()")
-        index = json.loads(index_file.read_text())
-        return [(str(path / s["url"]), int(s["samples"])) for s in index["shards"]]
-    urls = wds.shardlists.expand_urls(spec)
-    missing = [u for u in urls if not Path(u).is_file()]
-    if missing:
-        raise FileNotFoundError(f"shard spec {spec!r}: no such file(s) {missing[:3]}")
-    log.info("counting samples of %d shards (no %s for %s)", len(urls), INDEX_NAME, spec)
-    return [(u, _count_tar(u)) for u in urls]
-
-
-def read_tar(url: str) -> Iterator[dict[str, Any]]:
-    """Undecoded samples of one tar, ``{"__key__": ..., suffix: bytes}``, via webdataset's tar iterators."""
-    streams = wds.tariterators.url_opener([{"url": url}])
-    yield from wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(streams))
-
-
-def _open_image(data: bytes, mode: str) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image.convert(mode)
-
-
-def decode_sample(raw: dict[str, Any]) -> EditSample | T2ISample:
-    """Raw webdataset sample (member suffix -> bytes) -> typed record; raises on any defect."""
-    key = raw["__key__"]
-    if "json" not in raw:
-        raise ValueError("no .json member")
-    meta = json.loads(raw["json"].decode("utf-8"))
-    if not isinstance(meta, dict) or meta.get("task") not in ("edit", "t2i"):
-        raise ValueError(f"json must be an object with task 'edit' or 't2i', got {str(meta)[:80]!r}")
-    if not isinstance(meta.get("instruction"), str):
-        raise ValueError("json has no string 'instruction'")
-    target = _open_image(raw["target.png"], "RGB") if "target.png" in raw else None
-    boxes = meta.get("boxes") or []
-    if meta["task"] == "t2i":
-        return T2ISample(
-            key=key, image=target, prompt=meta["instruction"], blueprint=meta.get("blueprint"), boxes=boxes, chain=meta.get("chain")
-        )
-    if "source.png" not in raw:
-        raise ValueError("edit sample without source.png")
-    return EditSample(
-        key=key,
-        source=_open_image(raw["source.png"], "RGB"),
-        instruction=meta["instruction"],
-        target=target,
-        blueprint=meta.get("blueprint"),
-        edit_type=meta.get("edit_type"),
-        mask=_open_image(raw["mask.png"], "L") if "mask.png" in raw else None,
-        boxes=boxes,
-        chain=meta.get("chain"),
-    )
 
 
 def _batch_sizes(num_samples: int, batch_size: int) -> list[int]:

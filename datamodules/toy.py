@@ -30,7 +30,7 @@ from PIL import Image
 
 from datamodules.formats.got import object_chain
 from datamodules.samples import BOX_RANGE, EditSample, T2ISample
-from datamodules.shards import write_split
+from datamodules.shard_format import write_split
 
 OBJECT_COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),

@@ -15,7 +15,6 @@ from callbacks.imgedit_bench import (
     basic_table,
     multiturn_record,
     multiturn_table,
-    official_step1,
     parse_scores,
     read_human_ratings,
     rubric_fields,

@@ -9,7 +9,8 @@ import torch
 from datamodules.convert import main as convert_main
 from datamodules.formats.dim import TosJsonl
 from datamodules.samples import collate
-from datamodules.shards import ShardDataModule, read_tar, decode_sample
+from datamodules.shards import ShardDataModule
+from datamodules.shard_format import decode_sample, read_tar
 
 
 def test_convert_demo_round_trip(dim_data: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from PIL import Image
 from datamodules.convert import main as convert_main
 from datamodules.formats.got import GoTFields, GoTReader, object_chain
 from datamodules.samples import EditSample, T2ISample, collate
-from datamodules.shards import decode_sample, read_tar
+from datamodules.shard_format import decode_sample, read_tar
 
 # GoT's parser (got/models/utils.py, official-code-facts §3A): the format chains must follow.
 GOT_BOX = re.compile(r"<\|box_start\|>\((\d+),(\d+)\),\((\d+),(\d+)\)<\|box_end\|> \((\w+)\)")

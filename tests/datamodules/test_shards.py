@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.shards import ShardDataModule, resolve_shards, write_split
+from datamodules.shards import ShardDataModule
+from datamodules.shard_format import resolve_shards, write_split
 from datamodules.toy import edit_sample
 
 

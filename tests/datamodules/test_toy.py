@@ -8,7 +8,7 @@ import pytest
 from PIL import ImageColor
 
 from datamodules.samples import collate
-from datamodules.shards import decode_sample, read_tar
+from datamodules.shard_format import decode_sample, read_tar
 from datamodules.toy import EDIT_TYPES, PALETTE, POSITIONS, edit_sample, generate, t2i_sample
 
 
