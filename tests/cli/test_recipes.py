@@ -184,3 +184,12 @@ def test_tiny_predict_writes_edits_from_a_tos_jsonl(tmp_path: Path) -> None:
     from PIL import Image
 
     assert Image.open(written).size == (32, 32)
+
+
+def test_print_config_shows_the_resolved_recipe() -> None:
+    result = _run("fit", "--config", "recipes/dim_edit.yaml", "--config", "recipes/tiny/dim.yaml", "--print_config")
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    assert config["model"]["class_path"] == "zoo.modules.dim.DIMModule"
+    assert config["model"]["init_args"]["mllm"]["tiny"]["hidden_size"] == 64
+    assert config["trainer"]["accelerator"] == "cpu"
