@@ -1,4 +1,8 @@
-"""Writes ``zoo predict`` results: one PNG per edit and a JSONL of what produced it."""
+"""Writes ``zoo predict`` results: one PNG per edit and a JSONL of what produced it.
+
+When the text is a GoT reasoning chain with boxes, a copy of the image with the parsed boxes drawn
+(outlined in their colours, :mod:`zoo.blocks.spatial`) is written next to it.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,17 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image, ImageDraw
 from torchvision.utils import save_image
+
+from zoo.blocks.spatial import Box, box_pixels, parse_boxes
 
 
 class EditWriter(BasePredictionWriter):
     """Saves ``<output_dir>/<key>.png`` and appends ``{"key", "instruction", "text", "image"}`` to
-    ``<output_dir>/predictions.rank<R>.jsonl``: every rank writes the samples it edited.
+    ``<output_dir>/predictions.rank<R>.jsonl``: every rank writes the samples it edited. A text
+    with valid GoT boxes also gets ``<key>.boxes.png`` (the image with the boxes drawn), recorded
+    as ``"boxes_image"``.
 
     Args:
         output_dir: folder for the images; defaults to ``<log_dir>/predictions``.
@@ -44,7 +53,23 @@ class EditWriter(BasePredictionWriter):
         for i, key in enumerate(prediction["key"]):
             path = folder / f"{key}.png"
             save_image(((prediction["edited"][i].float().cpu() + 1) / 2).clamp(0, 1), path)
-            record = {"key": key, "instruction": batch["instruction"][i], "text": prediction["text"][i], "image": path.name}
+            text = prediction["text"][i]
+            record = {"key": key, "instruction": batch["instruction"][i], "text": text, "image": path.name}
+            boxes = parse_boxes(text).boxes
+            if boxes:
+                boxes_path = folder / f"{key}.boxes.png"
+                _draw_boxes(Image.open(path).convert("RGB"), boxes).save(boxes_path)
+                record["boxes_image"] = boxes_path.name
             lines.append(json.dumps(record) + "\n")
         with open(folder / f"predictions.rank{trainer.global_rank}.jsonl", "a") as handle:
             handle.writelines(lines)
+
+
+def _draw_boxes(image: Image.Image, boxes: Sequence[Box]) -> Image.Image:
+    """``image`` with each box outlined in its colour, at the pixels the SSGM mask fills."""
+    draw = ImageDraw.Draw(image)
+    line = max(1, min(image.size) // 128)
+    for box in boxes:
+        x1, y1, x2, y2 = box_pixels(box.box, image.height, image.width)
+        draw.rectangle(((x1, y1), (x2, y2)), outline=box.colour, width=line)
+    return image

@@ -55,8 +55,8 @@ class ImageLogger(L.Callback):
             return
         subset = _head(batch, self.num_samples)
         generator = torch.Generator().manual_seed(pl_module.eval_seed)
-        edited = pl_module.edit_batch(subset, generator=generator)
-        self._write(trainer, "val", subset, edited, pl_module.condition_text(subset))
+        edited, texts = pl_module.edit_with_text(subset, generator=generator)
+        self._write(trainer, "val", subset, edited, texts)
 
     def on_test_batch_end(
         self,

@@ -260,8 +260,8 @@ class BenchmarkEvaluator(L.Callback):
         if not self.on_validation or trainer.sanity_checking:
             return
         generator = torch.Generator().manual_seed(pl_module.eval_seed + batch_idx)
-        edited = pl_module.edit_batch(batch, generator=generator)
-        self._collect(trainer, batch, edited, pl_module.condition_text(batch))
+        edited, texts = pl_module.edit_with_text(batch, generator=generator)
+        self._collect(trainer, batch, edited, texts)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.on_validation and not trainer.sanity_checking:

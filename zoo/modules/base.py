@@ -8,6 +8,9 @@ A paper module (DIM, GoT, ...) composes blocks and implements three hooks:
 - :meth:`EditingModule.condition_text` — the text the MLLM reads for each sample (instruction,
   or the designer's blueprint).
 
+Evaluation reads both through :meth:`EditingModule.edit_with_text`; a module whose text is produced
+while editing (GoT's reasoning chain) overrides that instead.
+
 The base owns what is the same everywhere: optimiser and warm-up/decay schedule from config,
 logging, evaluation outputs handed to callbacks, and checkpoint hygiene — checkpoints hold
 trainable weights only; frozen encoders are reloaded from their source (DESIGN.md, "Trainable
@@ -92,6 +95,12 @@ class EditingModule(L.LightningModule):
         """The text the MLLM reads for each sample of ``batch``."""
         return list(batch["instruction"])
 
+    def edit_with_text(
+        self, batch: dict[str, Any], generator: torch.Generator | None = None
+    ) -> tuple[Tensor, list[str]]:
+        """Images of :meth:`edit_batch` and, per sample, the text that produced them (for evaluators)."""
+        return self.edit_batch(batch, generator=generator), self.condition_text(batch)
+
     # -- Lightning flow ---------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -118,8 +127,8 @@ class EditingModule(L.LightningModule):
     def _edit_outputs(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Edits for a batch plus the text that produced them, for evaluator callbacks."""
         generator = torch.Generator(device="cpu").manual_seed(self.eval_seed + batch_idx)
-        edited = self.edit_batch(batch, generator=generator)
-        return {"key": list(batch["key"]), "edited": edited, "text": self.condition_text(batch)}
+        edited, texts = self.edit_with_text(batch, generator=generator)
+        return {"key": list(batch["key"]), "edited": edited, "text": texts}
 
     # -- optimisation -----------------------------------------------------------------------
 

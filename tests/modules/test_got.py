@@ -1,0 +1,250 @@
+"""GoTModule at tiny size: what trains, conditioning dropout, that it learns, SSGM masks, inference, checkpoints."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
+
+from datamodules.samples import collate
+from datamodules.toy import t2i_sample
+from tests.modules.conftest import toy_batch
+from zoo.blocks.spatial import parse_boxes, render_box_canvases, replace_box
+from zoo.modules.got import GoTModule
+
+TINY_MLLM: dict[str, Any] = {
+    "tiny": {"seed": 0, "hidden_size": 32, "num_layers": 1, "intermediate_size": 64, "vision_depth": 1},
+    "image_size": 16,
+    "lora": {"r": 4, "lora_alpha": 4},
+}
+# SDXL-style UNet: two levels, cross-attention width 32, "text_time" with a 16-d pooled embedding.
+TINY_UNET: dict[str, Any] = {
+    "config": {
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "cross_attention_dim": 32,
+        "attention_head_dim": [2, 4],
+        "transformer_layers_per_block": [1, 1],
+        "norm_num_groups": 8,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 64,
+    },
+    "subfolder": None,
+}
+TINY_KL: dict[str, Any] = {
+    "config": {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "block_out_channels": [8, 16],
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 4,
+        "sample_size": 16,
+        "scaling_factor": 0.13025,
+    },
+    "subfolder": None,
+}
+CHAIN = (
+    "A white background with <|object_ref_start|>circle<|object_ref_end|>"
+    "<|box_start|>(100,100),(400,400)<|box_end|> (red); <|object_ref_start|>square<|object_ref_end|>"
+    "<|box_start|>(500,600),(900,950)<|box_end|> (blue)."
+)
+
+
+def make(**overrides: Any) -> GoTModule:
+    torch.manual_seed(0)
+    kwargs = {"mllm": TINY_MLLM, "denoiser": TINY_UNET, "autoencoder": TINY_KL, "num_inference_steps": 3, "max_chain_tokens": 8}
+    return GoTModule(**(kwargs | overrides))
+
+
+@pytest.fixture
+def batch() -> dict[str, Any]:
+    return toy_batch(4, 16)
+
+
+def _t2i_batch(size: int = 2) -> dict[str, Any]:
+    return collate([t2i_sample(0, "train", i, 16)[0] for i in range(size)], 16, 16)
+
+
+def test_lora_projectors_and_unet_get_gradients_frozen_parts_none(batch: dict[str, Any]) -> None:
+    model = make(condition_dropout=0.0)
+    model.train()
+    model.training_loss(batch)["loss"].backward()
+    assert model.mllm.training and not model.codec.training
+    assert all(p.grad is None and not p.requires_grad for p in model.codec.parameters())
+    for name, p in model.mllm.named_parameters():
+        trainable = ".lora_" in name or ".modules_to_save." in name
+        assert p.requires_grad == trainable, name
+        if not trainable:
+            assert p.grad is None, name
+    lora_b = [p.grad for n, p in model.mllm.named_parameters() if "language_model" in n and ".lora_B." in n]
+    assert lora_b and all(g is not None and g.abs().sum() > 0 for g in lora_b)
+    for part in (model.context_projector, model.pooled_projector, model.denoiser):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), type(part).__name__
+
+
+def test_condition_dropout_samples_each_partial_combination_at_5_percent() -> None:
+    model = make()
+    model.train()
+    torch.manual_seed(1)
+    n = 40_000
+    counts = Counter(tuple(row) for row in model.condition_keep(n).tolist())
+    assert len(counts) == 8
+    assert abs(counts[(True, True, True)] / n - 0.65) < 0.01
+    assert all(abs(counts[c] / n - 0.05) < 0.006 for c in counts if c != (True, True, True))
+    cfg = make(drop_combinations="cfg")
+    cfg.train()
+    counts = Counter(tuple(row) for row in cfg.condition_keep(n).tolist())
+    assert set(counts) == {(True, True, True), (True, True, False), (False, True, False), (False, False, False)}
+    assert abs(counts[(True, True, True)] / n - 0.85) < 0.01
+    cfg.eval()
+    assert cfg.condition_keep(100).all(), "no condition is dropped outside training"
+    with pytest.raises(ValueError, match="exceeds probability 1"):
+        make(condition_dropout=0.2)
+
+
+def test_dropped_mask_latent_reaches_the_unet_as_zeros(batch: dict[str, Any]) -> None:
+    # p = 1/3 over the CFG combinations: every sample drops the mask, so the zero-initialised mask
+    # channels of conv_in get no gradient, while the reference channels (kept by 2 of 3) do.
+    model = make(drop_combinations="cfg", condition_dropout=1 / 3)
+    model.train()
+    torch.manual_seed(0)
+    model.training_loss(batch)["loss"].backward()
+    grad = model.denoiser.model.conv_in.weight.grad
+    assert grad[:, 8:12].abs().sum() == 0
+    assert grad[:, 4:8].abs().sum() > 0
+
+
+def test_joint_loss_decreases_on_a_fixed_toy_batch(batch: dict[str, Any]) -> None:
+    model = make(condition_dropout=0.0)
+
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return {k: v.item() for k, v in model.training_loss(batch).items()}
+
+    before = evaluate()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for _ in range(30):
+        loss = model.training_loss(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = evaluate()
+    assert before["loss"] == pytest.approx(before["chain_ce"] + before["diffusion_mse"], rel=1e-5)
+    assert after["chain_ce"] < 0.5 * before["chain_ce"]
+    assert after["diffusion_mse"] < before["diffusion_mse"]
+    assert after["loss"] < 0.6 * before["loss"]
+
+
+def test_loss_weights_and_missing_chains(batch: dict[str, Any]) -> None:
+    model = make(ce_weight=0.0, condition_dropout=0.0)
+    model.eval()
+    terms = model.training_loss(batch)
+    assert terms["loss"].item() == pytest.approx(terms["diffusion_mse"].item())
+    with pytest.raises(ValueError, match="reasoning chains"):
+        model.training_loss({**batch, "chain": ["", *batch["chain"][1:]]})
+
+
+def test_t2i_reference_is_an_encoded_black_image() -> None:
+    model = make(condition_dropout=0.0)
+    t2i = _t2i_batch()
+    assert "source" not in t2i
+    black = model.codec.encode_unscaled(-torch.ones(1, 3, 16, 16))
+    reference = model.reference_latent(t2i, 16, 16)
+    torch.testing.assert_close(reference, black.expand(2, -1, -1, -1))
+    assert reference.abs().sum() > 0, "a black image's latent is not the zero latent"
+    assert torch.isfinite(model.training_loss(t2i)["loss"])
+
+
+def test_mask_latent_is_the_mean_of_per_box_canvas_latents() -> None:
+    model = make()
+    boxes = parse_boxes(CHAIN).boxes
+    canvases = render_box_canvases(boxes, 16, 16)
+    pixels = torch.stack([pil_to_tensor(c) for c in canvases])
+    expected = model.codec.encode_unscaled(pixels.float() / 127.5 - 1).mean(dim=0)
+    got = model.mask_latent([CHAIN, "no boxes here"], 16, 16)
+    torch.testing.assert_close(got[0], expected)
+    torch.testing.assert_close(got[1], model.codec.encode_unscaled(-torch.ones(1, 3, 16, 16))[0])
+
+
+def test_interactive_regeneration_follows_the_edited_chain() -> None:
+    model = make().eval()
+    moved = replace_box(CHAIN, 1, box=(100, 600, 500, 950))
+    same, other = model.mask_latent([CHAIN, CHAIN, moved], 16, 16).split([2, 1])
+    torch.testing.assert_close(same[0], same[1])
+    assert (same[0] - other[0]).abs().max() > 1e-3, "moving a box must change the mask latent"
+    with torch.no_grad():  # a trained SSGM reads the mask channels; the fresh ones are zero
+        model.denoiser.model.conv_in.weight[:, 8:12].normal_(0, 0.5)
+    chain_a, image_a = model.generate("two shapes", chain=CHAIN)
+    chain_b, image_b = model.generate("two shapes", chain=moved)
+    _, image_c = model.generate("two shapes", chain=CHAIN)
+    assert (chain_a, chain_b) == (CHAIN, moved), "a user chain is used as given"
+    assert image_a.tobytes() == image_c.tobytes()
+    assert image_a.tobytes() != image_b.tobytes()
+    with pytest.raises(ValueError, match="cannot be drawn"):
+        model.generate("x", chain="<|box_start|>(5,5),(1,1)<|box_end|> (red)")
+
+
+def test_generate_edit_and_turns_return_chains_and_images_of_the_requested_size() -> None:
+    model = make(max_chain_tokens=6).eval()
+    chain, image = model.generate("a red circle", size=32)
+    assert isinstance(chain, str) and isinstance(image, Image.Image) and image.size == (32, 32)
+    assert len(model.mllm.processor.tokenizer(chain, add_special_tokens=False).input_ids) <= 6
+    source = Image.new("RGB", (24, 16), (200, 30, 30))
+    chain, edited = model.edit(source, "make it blue")
+    assert isinstance(chain, str) and edited.size == (24, 16), "shorter side = resolution, source aspect kept"
+    turns = model.edit_turns(source, ["make it blue", "add a star"])
+    assert len(turns) == 2 and turns[0] == (chain, turns[0][1]) and turns[0][1].tobytes() == edited.tobytes()
+    second = model.edit(turns[0][1], "add a star")
+    assert turns[1][0] == second[0] and turns[1][1].tobytes() == second[1].tobytes(), "turn 2 edits turn 1's result"
+    with pytest.raises(ValueError, match="multiple of 4"):
+        model.generate("x", size=18)
+
+
+def test_predict_outputs_carry_the_generated_chain(batch: dict[str, Any]) -> None:
+    model = make(max_chain_tokens=5).eval()
+    out = model.predict_step(batch, 0)
+    assert out["text"] == model.reason(batch) and out["text"] != batch["instruction"]
+    assert out["edited"].shape == (4, 3, 16, 16) and out["edited"].abs().max() <= 1
+
+
+def test_checkpoint_keeps_lora_projectors_unet_not_base_mllm_or_vae(batch: dict[str, Any]) -> None:
+    model = make()
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    keys = set(checkpoint["state_dict"])
+    assert not any(k.startswith("codec.") for k in keys)
+    mllm_keys = {k for k in keys if k.startswith("mllm.")}
+    assert mllm_keys and all(".lora_" in k or ".modules_to_save." in k for k in mllm_keys)
+    assert any(".lora_A." in k for k in mllm_keys) and any("embed_tokens.modules_to_save" in k for k in mllm_keys)
+    assert {k for k in model.state_dict() if k.startswith(("context_projector.", "pooled_projector.", "denoiser."))} <= keys
+    frozen = {k for k in model.state_dict() if k.startswith("mllm.") and k not in mllm_keys}
+    assert any("base_layer" in k for k in frozen)
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    restored = make()
+    restored.on_load_checkpoint(checkpoint)
+    restored.load_state_dict(checkpoint["state_dict"], strict=False)
+    for key, value in restored.state_dict().items():
+        torch.testing.assert_close(value, model.state_dict()[key], msg=key)
