@@ -161,6 +161,12 @@ def test_tiny_fit_resumes_and_requeue_overwrites_config(toy_data: dict[str, Path
     resumed = torch.load(tmp_path / "train" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert first["global_step"] == 2 and resumed["global_step"] == 6
     assert not list((tmp_path / "train" / "checkpoints").glob("*-v1.ckpt")), "a resumed run must overwrite, not version"
+
+    from zoo.modules.dim import DIMModule
+
+    loaded = DIMModule.load_from_checkpoint(tmp_path / "train" / "checkpoints" / "last.ckpt", map_location="cpu")
+    state = loaded.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in resumed["state_dict"].items())
     assert first["ShardDataModule"]["batches_total"] == 2, "the data-stream position must be checkpointed"
     assert resumed["ShardDataModule"]["batches_total"] == 6
     moved = [k for k in first["state_dict"] if not torch.equal(first["state_dict"][k], resumed["state_dict"][k])]

@@ -175,8 +175,10 @@ def test_designer_writes_the_blueprint_for_samples_without_one() -> None:
     with OpenAIServer(completion(blueprint)) as server:
         config = DesignerConfig(base_url=server.base_url, model="gpt-4o-2024-11-20", api_key_env=None, backoff=0.01)
         model = DIMModule(**tiny_dim_kwargs(designer=config))
-        texts = model.condition_text(batch)
+        model.eval()
+        edited, texts = model.edit_with_text(batch, generator=torch.Generator().manual_seed(0))
     assert texts == [blueprint, batch["blueprint"][1]]
+    assert edited.shape == batch["source"].shape
     (request,) = server.requests
     content = request.body["messages"][-1]["content"]
     assert any(part.get("type") == "image_url" for part in content)

@@ -127,6 +127,14 @@ class DIMModule(EditingModule):
             texts.append(blueprint or instruction)
         return texts
 
+    def edit_with_text(
+        self, batch: dict[str, Any], generator: torch.Generator | None = None
+    ) -> tuple[Tensor, list[str]]:
+        """Edits and their condition texts, asking the designer (a paid API call) once per sample."""
+        texts = self.condition_text(batch)
+        resolved = {**batch, "blueprint": texts} if self.use_blueprint else batch
+        return self.edit_batch(resolved, generator=generator), texts
+
     def encode_condition(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """Projected MLLM states over the user turn, padded to the condition length, and their mask."""
         images = batch.get("mllm_image") if self.mode == "edit" else None
