@@ -9,6 +9,7 @@ import torch
 
 from zoo.blocks.autoencoders import DCAutoencoder, IdentityCodec, KLAutoencoder, build_codec
 from zoo.blocks.pretrained import MissingPretrainedError
+from zoo.blocks.tiny import TINY_KL
 
 # Tiny DC-AE: factor 2 (two stages), 4 latent channels, one ResBlock + one EfficientViT (linear
 # attention) stage, the SANA-1.1 decoder's interpolate upsampling and batch/rms norms.
@@ -112,19 +113,6 @@ def test_identity_codec_is_pixel_space() -> None:
 
 # --- KLAutoencoder ----------------------------------------------------------------------------
 
-# Tiny SDXL-style AutoencoderKL: factor 2 (two blocks), 4 latent channels, SDXL's scaling factor.
-TINY_KL = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "block_out_channels": [8, 16],
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 4,
-    "sample_size": 16,
-    "scaling_factor": 0.13025,
-}
 
 
 def make_kl(**kwargs: object) -> KLAutoencoder:

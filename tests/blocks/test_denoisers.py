@@ -10,8 +10,8 @@ from diffusers import SanaTransformer2DModel, UNet2DConditionModel
 from torch import nn
 
 from zoo.blocks.denoisers import SanaDenoiser, UNetDenoiser, sdxl_time_ids, widen_input_conv, widen_model_input
-from zoo.blocks.pretrained import load_diffusers_model
-from zoo.blocks.pretrained import MissingPretrainedError
+from zoo.blocks.pretrained import MissingPretrainedError, load_diffusers_model
+from zoo.blocks.tiny import TINY_SDXL_UNET
 
 # Tiny SANA: 4 latent channels, inner width 16 (= cross_attention_dim), one block, qk-norm as SANA-1.5.
 TINY_SANA = {
@@ -235,25 +235,6 @@ def test_sana_rejects_added_conditions() -> None:
 
 # --- UNetDenoiser (SDXL-style, GoT's SSGM UNet) -------------------------------------------------
 
-# Tiny SDXL UNet: two levels (32, 64), cross-attention on the second, context width 32, SDXL's
-# "text_time" micro-conditioning with a 16-d pooled embedding: 6 * 8 + 16 = 64 projection inputs.
-TINY_SDXL_UNET = {
-    "sample_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": [32, 64],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-    "cross_attention_dim": 32,
-    "attention_head_dim": [2, 4],
-    "transformer_layers_per_block": [1, 1],
-    "norm_num_groups": 8,
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 8,
-    "projection_class_embeddings_input_dim": 64,
-}
 TINY_SD15_UNET = {k: v for k, v in TINY_SDXL_UNET.items() if "addition" not in k and "projection_class" not in k}
 
 

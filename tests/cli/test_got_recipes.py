@@ -9,12 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from callbacks.edit_writer import EditWriter
 from datamodules import toy
-from tests.cli.test_recipes import _configs, _error_lines, _ParseOnly, _run
+from tests.helpers.recipes import ParseOnly, configs, error_lines, run_zoo, tiny_run_overlay
 from zoo.cli import main
 
 STAGES = {  # paper run -> recipe + stage overlays
@@ -26,7 +25,7 @@ TINY = "recipes/tiny/got.yaml"
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_paper_recipe_parses(stage: str) -> None:
-    cli = _ParseOnly(args=_configs(STAGES[stage]), run=False)
+    cli = ParseOnly(args=configs(STAGES[stage]), run=False)
     assert cli.config.model.class_path == "zoo.modules.got.GoTModule"
     init, trainer, data = cli.config.model.init_args, cli.config.trainer, cli.config.data.init_args
     assert init.mllm["pretrained"] == "Qwen/Qwen2.5-VL-3B-Instruct" and init.mllm["image_size"] == 448
@@ -49,16 +48,16 @@ def test_paper_recipe_parses(stage: str) -> None:
 
 def test_tiny_overlay_replaces_every_pretrained_part() -> None:
     for files in STAGES.values():
-        init = _ParseOnly(args=_configs([*files, TINY]), run=False).config.model.init_args
+        init = ParseOnly(args=configs([*files, TINY]), run=False).config.model.init_args
         assert "pretrained" not in init.mllm and "pretrained" not in init.denoiser and "pretrained" not in init.autoencoder
         assert init.init_from is None
 
 
 def test_paper_recipe_without_weights_fails_in_one_line() -> None:
-    result = _run("fit", "--config", "recipes/got_pretrain.yaml")
+    result = run_zoo("fit", "--config", "recipes/got_pretrain.yaml")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    [line] = _error_lines(result.stderr)
+    [line] = error_lines(result.stderr)
     assert "Qwen/Qwen2.5-VL-3B-Instruct" in line and "hf download" in line
 
 
@@ -71,35 +70,12 @@ def toy_edits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _tiny_args(files: list[str], data: Path, run_dir: Path, max_steps: int = 3) -> list[str]:
-    """The recipes + the tiny overlay + a test overlay: toy shards, a tmp run folder, a few steps."""
-    overlay = {
-        "trainer": {
-            "default_root_dir": str(run_dir),
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(run_dir), "name": "", "version": "train"},
-            },
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"every_n_train_steps": 2, "save_top_k": -1, "save_last": True, "enable_version_counter": False},
-                },
-                {"class_path": "callbacks.image_logger.ImageLogger", "init_args": {"num_samples": 2, "every_n_validations": 1}},
-            ],
-            "max_steps": max_steps,
-            "val_check_interval": max_steps,
-            "limit_val_batches": 1,
-        },
-        "data": {
-            "init_args": {f"{split}_shards": str(data / split) for split in ("train", "val", "test")}
-            | {"num_workers": 0, "batch_size": 4, "val_batch_size": 2}
-        },
-        "model": {"init_args": {"num_inference_steps": 2, "max_chain_tokens": 8}},
-    }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "test_overlay.yaml"
-    path.write_text(yaml.safe_dump(overlay))
-    return [*_configs([*files, TINY]), "--config", str(path)]
+    """The recipes + the tiny overlay + a short test overlay."""
+    overlay = tiny_run_overlay(
+        run_dir, data, max_steps, data_args={"batch_size": 4, "val_batch_size": 2},
+        model_args={"num_inference_steps": 2, "max_chain_tokens": 8},
+    )
+    return [*configs([*files, TINY]), *overlay]
 
 
 def _load(path: Path) -> dict:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,9 +10,9 @@ import torch
 import yaml
 
 from datamodules import toy
-from zoo.cli import ZooCLI, main
+from tests.helpers.recipes import ROOT, ParseOnly, configs, error_lines, run_zoo, tiny_run_overlay
+from zoo.cli import main
 
-ROOT = Path(__file__).resolve().parents[2]
 STAGES = {  # paper run -> (recipe + stage overlays, toy task)
     "dim_t2i_warmup": (["recipes/dim_t2i.yaml", "recipes/dim_t2i_warmup.yaml"], "t2i"),
     "dim_t2i": (["recipes/dim_t2i.yaml"], "t2i"),
@@ -22,17 +20,6 @@ STAGES = {  # paper run -> (recipe + stage overlays, toy task)
     "dim_edit": (["recipes/dim_edit.yaml"], "edit"),
 }
 OVERLAYS = {"recipes/demo.yaml"}  # CPU overlays applied after recipes/tiny/dim.yaml
-
-
-class _ParseOnly(ZooCLI):
-    """Stops after parsing and validation: paper recipes name checkpoints no test machine has."""
-
-    def instantiate_classes(self) -> None:
-        return None
-
-
-def _configs(files: list[str]) -> list[str]:
-    return [arg for path in files for arg in ("--config", str(ROOT / path))]
 
 
 def test_every_recipe_is_covered() -> None:
@@ -47,7 +34,7 @@ def test_every_recipe_is_covered() -> None:
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_paper_recipe_parses(stage: str) -> None:
-    cli = _ParseOnly(args=_configs(STAGES[stage][0]), run=False)
+    cli = ParseOnly(args=configs(STAGES[stage][0]), run=False)
     assert cli.config.model.class_path == "zoo.modules.dim.DIMModule"
     assert cli.config.data.class_path == "datamodules.shards.ShardDataModule"
     init = cli.config.model.init_args
@@ -60,25 +47,17 @@ def test_paper_recipe_parses(stage: str) -> None:
 
 def test_tiny_overlay_parses_over_every_paper_recipe() -> None:
     for files, _ in STAGES.values():
-        cli = _ParseOnly(args=_configs([*files, "recipes/tiny/dim.yaml"]), run=False)
+        cli = ParseOnly(args=configs([*files, "recipes/tiny/dim.yaml"]), run=False)
         init = cli.config.model.init_args
         assert "pretrained" not in init.mllm and init.autoencoder == {"kind": "identity"}
         assert cli.config.trainer.accelerator == "cpu" and init.init_from is None
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "zoo", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
-def _error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("zoo: error:")]
-
-
 def test_paper_recipe_without_weights_fails_in_one_line() -> None:
-    result = _run("fit", "--config", "recipes/dim_edit.yaml")
+    result = run_zoo("fit", "--config", "recipes/dim_edit.yaml")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    [line] = _error_lines(result.stderr)
+    [line] = error_lines(result.stderr)
     assert "Qwen/Qwen2.5-VL-3B-Instruct" in line and "hf download" in line and "local folder" in line
 
 
@@ -87,10 +66,10 @@ def test_paper_recipe_without_weights_fails_in_one_line() -> None:
     [("--model.init_args.mode=sideways", "mode"), ("--trainer.max_stepz=3", "max_stepz")],
 )
 def test_bad_config_exits_2_with_one_line(override: str, needle: str) -> None:
-    result = _run("fit", "--config", "recipes/dim_edit.yaml", "--config", "recipes/tiny/dim.yaml", override)
+    result = run_zoo("fit", "--config", "recipes/dim_edit.yaml", "--config", "recipes/tiny/dim.yaml", override)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    [line] = _error_lines(result.stderr)
+    [line] = error_lines(result.stderr)
     assert needle in line
 
 
@@ -104,32 +83,10 @@ def toy_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _tiny_args(stage: str, toy_data: dict[str, Path], run_dir: Path) -> list[str]:
-    """The stage's recipes + the tiny overlay + a test overlay: toy shards, a tmp run folder, 4 steps."""
+    """The stage's recipes + the tiny overlay + a 4-step test overlay."""
     files, task = STAGES[stage]
-    data = toy_data[task]
-    overlay = {
-        "trainer": {
-            "default_root_dir": str(run_dir),
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(run_dir), "name": "", "version": "train"},
-            },
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"every_n_train_steps": 2, "save_top_k": -1, "save_last": True,
-                               "enable_version_counter": False}},
-                {"class_path": "callbacks.image_logger.ImageLogger", "init_args": {"num_samples": 2}},
-            ],
-            "max_steps": 4,
-            "val_check_interval": 4,
-            "limit_val_batches": 1,
-        },
-        "data": {"init_args": {f"{split}_shards": str(data / split) for split in ("train", "val", "test")} | {"num_workers": 0}},
-        "model": {"init_args": {"num_inference_steps": 2}},
-    }
-    path = run_dir / "test_overlay.yaml"
-    path.write_text(yaml.safe_dump(overlay))
-    return [*_configs([*files, "recipes/tiny/dim.yaml"]), "--config", str(path)]
+    overlay = tiny_run_overlay(run_dir, toy_data[task], max_steps=4, model_args={"num_inference_steps": 2})
+    return [*configs([*files, "recipes/tiny/dim.yaml"]), *overlay]
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -147,7 +104,7 @@ def test_tiny_recipe_fits_and_tests(stage: str, toy_data: dict[str, Path], tmp_p
 
 def test_recipes_checkpoint_into_the_same_files_on_requeue() -> None:
     for files, _ in STAGES.values():
-        cli = _ParseOnly(args=_configs(files), run=False)
+        cli = ParseOnly(args=configs(files), run=False)
         [checkpoint] = [c for c in cli.config.trainer.callbacks if c.class_path.endswith("ModelCheckpoint")]
         assert checkpoint.init_args.save_last is True and checkpoint.init_args.enable_version_counter is False
 
@@ -193,7 +150,7 @@ def test_tiny_predict_writes_edits_from_a_tos_jsonl(tmp_path: Path) -> None:
 
 
 def test_print_config_shows_the_resolved_recipe() -> None:
-    result = _run("fit", "--config", "recipes/dim_edit.yaml", "--config", "recipes/tiny/dim.yaml", "--print_config")
+    result = run_zoo("fit", "--config", "recipes/dim_edit.yaml", "--config", "recipes/tiny/dim.yaml", "--print_config")
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
     assert config["model"]["class_path"] == "zoo.modules.dim.DIMModule"

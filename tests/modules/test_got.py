@@ -14,6 +14,7 @@ from datamodules.samples import collate
 from datamodules.toy import t2i_sample
 from tests.modules.conftest import toy_batch
 from zoo.blocks.spatial import parse_boxes, render_box_canvases, replace_box
+from zoo.blocks.tiny import TINY_KL, TINY_SDXL_UNET
 from zoo.modules.got import GoTModule
 
 TINY_MLLM: dict[str, Any] = {
@@ -21,42 +22,8 @@ TINY_MLLM: dict[str, Any] = {
     "image_size": 16,
     "lora": {"r": 4, "lora_alpha": 4},
 }
-# SDXL-style UNet: two levels, cross-attention width 32, "text_time" with a 16-d pooled embedding.
-TINY_UNET: dict[str, Any] = {
-    "config": {
-        "sample_size": 8,
-        "in_channels": 4,
-        "out_channels": 4,
-        "block_out_channels": [32, 64],
-        "layers_per_block": 1,
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-        "cross_attention_dim": 32,
-        "attention_head_dim": [2, 4],
-        "transformer_layers_per_block": [1, 1],
-        "norm_num_groups": 8,
-        "use_linear_projection": True,
-        "addition_embed_type": "text_time",
-        "addition_time_embed_dim": 8,
-        "projection_class_embeddings_input_dim": 64,
-    },
-    "subfolder": None,
-}
-TINY_KL: dict[str, Any] = {
-    "config": {
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        "block_out_channels": [8, 16],
-        "layers_per_block": 1,
-        "latent_channels": 4,
-        "norm_num_groups": 4,
-        "sample_size": 16,
-        "scaling_factor": 0.13025,
-    },
-    "subfolder": None,
-}
+TINY_UNET: dict[str, Any] = {"config": TINY_SDXL_UNET, "subfolder": None}
+TINY_KL_CODEC: dict[str, Any] = {"config": TINY_KL, "subfolder": None}
 CHAIN = (
     "A white background with <|object_ref_start|>circle<|object_ref_end|>"
     "<|box_start|>(100,100),(400,400)<|box_end|> (red); <|object_ref_start|>square<|object_ref_end|>"
@@ -66,7 +33,7 @@ CHAIN = (
 
 def make(**overrides: Any) -> GoTModule:
     torch.manual_seed(0)
-    kwargs = {"mllm": TINY_MLLM, "denoiser": TINY_UNET, "autoencoder": TINY_KL, "num_inference_steps": 3, "max_chain_tokens": 8}
+    kwargs = {"mllm": TINY_MLLM, "denoiser": TINY_UNET, "autoencoder": TINY_KL_CODEC, "num_inference_steps": 3, "max_chain_tokens": 8}
     return GoTModule(**(kwargs | overrides))
 
 

@@ -306,3 +306,40 @@ def tiny_qwen2_5_vl(
         model = Qwen2_5_VLForConditionalGeneration(model_config)
     model.set_attn_implementation(attn_implementation)
     return model.eval(), processor
+
+
+# --- diffusers components (constructor kwargs of the real classes) ----------------------------
+
+# Tiny SDXL UNet: two levels (32, 64), cross-attention on the second, context width 32, SDXL's
+# "text_time" micro-conditioning with a 16-d pooled embedding: 6 * 8 + 16 = 64 projection inputs.
+TINY_SDXL_UNET: dict[str, object] = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "cross_attention_dim": 32,
+    "attention_head_dim": [2, 4],
+    "transformer_layers_per_block": [1, 1],
+    "norm_num_groups": 8,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 64,
+}
+
+# Tiny SDXL-style AutoencoderKL: factor 2 (two blocks), 4 latent channels, SDXL's scaling factor.
+TINY_KL: dict[str, object] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 4,
+    "sample_size": 16,
+    "scaling_factor": 0.13025,
+}

@@ -1,0 +1,70 @@
+"""Running recipes in tests: parse-only CLI, subprocess runs, and a tiny-run overlay written to a tmp folder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from zoo.cli import ZooCLI
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class ParseOnly(ZooCLI):
+    """Stops after parsing and validation: paper recipes name checkpoints no test machine has."""
+
+    def instantiate_classes(self) -> None:
+        return None
+
+
+def configs(files: list[str]) -> list[str]:
+    """``--config`` arguments for recipe paths relative to the repository root."""
+    return [arg for path in files for arg in ("--config", str(ROOT / path))]
+
+
+def run_zoo(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m zoo ARGS`` in a subprocess from the repository root."""
+    return subprocess.run([sys.executable, "-m", "zoo", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("zoo: error:")]
+
+
+def tiny_run_overlay(
+    run_dir: Path, data: Path, max_steps: int, data_args: dict[str, Any] | None = None, model_args: dict[str, Any] | None = None
+) -> list[str]:
+    """A ``--config`` overlay for a short CPU run: toy shards, a tmp run folder, checkpoints every 2 steps."""
+    overlay = {
+        "trainer": {
+            "default_root_dir": str(run_dir),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(run_dir), "name": "", "version": "train"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"every_n_train_steps": 2, "save_top_k": -1, "save_last": True, "enable_version_counter": False},
+                },
+                {"class_path": "callbacks.image_logger.ImageLogger", "init_args": {"num_samples": 2}},
+            ],
+            "max_steps": max_steps,
+            "val_check_interval": max_steps,
+            "limit_val_batches": 1,
+        },
+        "data": {
+            "init_args": {f"{split}_shards": str(data / split) for split in ("train", "val", "test")}
+            | {"num_workers": 0}
+            | (data_args or {})
+        },
+        "model": {"init_args": model_args or {}},
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "test_overlay.yaml"
+    path.write_text(yaml.safe_dump(overlay))
+    return ["--config", str(path)]
