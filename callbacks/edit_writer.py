@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image, ImageDraw
 from torchvision.utils import save_image
 
+from callbacks.gather import run_folder
 from zoo.blocks.spatial import Box, box_pixels, parse_boxes
 
 
@@ -31,12 +32,12 @@ class EditWriter(BasePredictionWriter):
 
     def __init__(self, output_dir: str | None = None) -> None:
         super().__init__(write_interval="batch")
-        self.output_dir = output_dir
+        self.folder = Path(output_dir) if output_dir else None
 
-    def _folder(self, trainer: L.Trainer) -> Path:
-        folder = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Resolved once on every rank (a collective call): ranks may write different numbers of batches.
+        if self.folder is None:
+            self.folder = run_folder(trainer) / "predictions"
 
     def write_on_batch_end(
         self,
@@ -48,7 +49,8 @@ class EditWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        folder = self._folder(trainer)
+        folder = self.folder
+        folder.mkdir(parents=True, exist_ok=True)
         lines = []
         for i, key in enumerate(prediction["key"]):
             path = folder / f"{key}.png"

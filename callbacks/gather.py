@@ -1,7 +1,8 @@
-"""Collect per-rank Python objects on every rank (evaluators run on all ranks, write on rank 0)."""
+"""Collective helpers for callbacks that run on every rank and write on rank 0."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, TypeVar
 
 import lightning as L
@@ -22,3 +23,9 @@ def gather_objects(trainer: L.Trainer, value: T) -> list[T]:
 def gather_records(trainer: L.Trainer, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """All ranks' per-sample records, concatenated in rank order."""
     return [record for part in gather_objects(trainer, records) for record in part]
+
+
+def run_folder(trainer: L.Trainer) -> Path:
+    """The run's log folder. ``Trainer.log_dir`` broadcasts from rank 0, so every rank must call
+    this at the same point: calling it on rank 0 alone, after the others returned, deadlocks."""
+    return Path(trainer.log_dir or trainer.default_root_dir)

@@ -7,7 +7,6 @@ as PNG files under ``<log_dir>/images/``.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -16,7 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from callbacks.gather import gather_objects
+from callbacks.gather import gather_objects, run_folder
 
 
 def edit_grid(edited: Tensor, target: Tensor | None, source: Tensor | None) -> Tensor:
@@ -76,11 +75,11 @@ class ImageLogger(L.Callback):
         grid = edit_grid(edited, batch.get("target"), batch.get("source"))
         caption = [f"**{key}** — {text}" for key, text in zip(batch["key"], texts)]
         gathered = gather_objects(trainer, (grid, caption))
+        folder = run_folder(trainer) / "images"
         if not trainer.is_global_zero:
             return
         full = torch.cat([g for g, _ in gathered], dim=1)
         lines = [line for _, c in gathered for line in c]
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "images"
         folder.mkdir(parents=True, exist_ok=True)
         save_image(full, folder / f"{stage}_step{trainer.global_step:07d}.png")
         for logger in trainer.loggers:

@@ -37,7 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torchvision.utils import save_image
 
-from callbacks.gather import gather_records
+from callbacks.gather import gather_records, run_folder
 from callbacks.toy_score import toy_edit_scores
 from datamodules.benchmarks import edited_image_path
 
@@ -179,7 +179,7 @@ class BenchmarkEvaluator(L.Callback):
     # -- flow --
 
     def _root(self, trainer: L.Trainer, stage: str) -> Path:
-        base = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / self.name)
+        base = Path(self.output_dir) if self.output_dir else run_folder(trainer) / self.name
         return base if stage == "test" else base / "val" / f"step{trainer.global_step:07d}"
 
     def _start(self, trainer: L.Trainer, stage: str) -> None:

@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from callbacks.gather import gather_records
+from callbacks.gather import gather_records, run_folder
 from datamodules.toy import PALETTE
 
 
@@ -104,6 +104,7 @@ class ToyEditEvaluator(L.Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         records = gather_records(trainer, self.records)
+        folder = Path(self.output_dir) if self.output_dir else run_folder(trainer)
         if not trainer.is_global_zero:
             return
         baseline = [{**r, **{n: r[f"copy_{n}"] for n in ("score", "edit", "preserve")}} for r in records]
@@ -111,7 +112,6 @@ class ToyEditEvaluator(L.Callback):
         if trainer.logger is not None:
             scores = {f"toy/{group}/score": values["score"] for group, values in metrics[self.label].items()}
             trainer.logger.log_metrics(scores, step=trainer.global_step)
-        folder = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
