@@ -10,8 +10,9 @@ the means of the three, over all cases and over the "intersection" subset
 
 The official parser guesses ``random.randint(0, 10)`` for a score it cannot read (and for failed
 calls, whose reply is empty). Here such a sample is recorded as a failure with its raw reply and
-left out of the means (counted in ``failed``); ``official_random_guess=True`` restores the guess
-(seeded) to reproduce the official behaviour.
+left out of the means (counted in ``failed``; a failed call is marked ``retry`` and asked again by
+the next run); ``official_random_guess=True`` restores the guess (seeded) to reproduce the official
+behaviour.
 
 The SC/PQ prompts below follow VIEScore's structure (task context, rules, JSON answer
 ``{"score": [...], "reasoning": "..."}``) in our own words; they are not the official text.
@@ -96,8 +97,8 @@ def gedit_record(
         else:
             record[f"{part}_scores"] = parsed
     if errors:
-        record["error"] = "; ".join(errors)
-        return record
+        # A failed call (not an unreadable reply) is asked again by the next run.
+        return record | {"error": "; ".join(errors), "retry": any(isinstance(r, ChatError) for r in (sc_reply, pq_reply))}
     record["sc"], record["pq"] = min(record["sc_scores"]), min(record["pq_scores"])
     record["o"] = math.sqrt(record["sc"] * record["pq"])
     return record

@@ -1,5 +1,5 @@
-"""ImgEdit-Bench (ImgEdit paper §5): rubric judging, answer parsing and aggregation of the basic and UGE
-suites; multi-turn yes/no ratings (from a judge's replies or a human-rating file).
+"""ImgEdit-Bench (ImgEdit paper §5): rubric judging, answer parsing and aggregation of the basic, UGE
+and multi-turn suites.
 
 Basic suite (facts from the official ``Benchmark/Basic`` scripts, research notes §4D): the judge gets
 the per-type rubric of ``prompts.json`` with ``<edit_prompt>`` replaced, then the original and the
@@ -22,12 +22,23 @@ Where this differs from the official scorer, the official behaviour is available
 UGE suite: one score per sample. The official prompt shows no score line and its parser then drops
 every README example; our prompt asks for ``Score: <1-5>`` and our parser reads ``Score: 3 (Acceptable)``
 and ``Score: 2.``; ``official=True`` applies the step-1 line parser instead.
+
+Multi-turn suite (2-3 instructions on one image, ``Multiturn_readme.md``): turn k edits turn k-1's
+result (generation: :class:`callbacks.results.BenchmarkEvaluator`). The paper rates each turn by
+hand and the repository ships no judge; here each turn is judged on the image before it and the
+image after it with :data:`MULTITURN_PROMPT` (yes/no per criterion), or the verdicts are imported
+from a human-ratings file (``human_ratings``). The table reports, per turn, the share of "yes" of
+each criterion over the turns rated, with the count rated and failed.
+
+A record of a failed judge call (or of a turn not rated yet) is marked ``retry``: the next run asks
+again instead of keeping the failure.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import re
 from collections import defaultdict
@@ -38,8 +49,10 @@ from typing import Any
 from callbacks.judges import Judge, JudgeRequest
 from callbacks.results import BenchmarkEvaluator, ResultsFolder, Table
 from datamodules.benchmarks import fetch
-from datamodules.formats.imgedit import BASIC_TYPES, LEGACY_LABELS
+from datamodules.formats.imgedit import BASIC_TYPES, LEGACY_LABELS, SUITES
 from zoo.blocks.chat import ChatError
+
+log = logging.getLogger(__name__)
 
 TOY_TYPES = {"recolour": "adjust", "move": "replace"}
 """Rubric used for the toy generator's edit types that ImgEdit does not name."""
@@ -178,8 +191,7 @@ def basic_record(sample_id: str, edit_type: str, reply: str | ChatError, fields:
     record: dict[str, Any] = {"id": sample_id, "edit_type": edit_type, "raw": None, "error": None, "scores": None,
                               "capped": None, "mean": None, "mean_capped": None, "official": None}
     if isinstance(reply, ChatError):
-        record["error"] = f"judge call failed: {reply}"
-        return record
+        return record | {"error": f"judge call failed: {reply}", "retry": True}
     record["raw"] = reply
     record["official"] = official_step1(reply)
     parsed = parse_scores(reply, fields)
@@ -243,8 +255,7 @@ def uge_record(sample_id: str, reply: str | ChatError) -> dict[str, Any]:
     """One UGE record: our ``Score:`` reading and the official step-1 reading."""
     record: dict[str, Any] = {"id": sample_id, "raw": None, "error": None, "score": None, "official": None}
     if isinstance(reply, ChatError):
-        record["error"] = f"judge call failed: {reply}"
-        return record
+        return record | {"error": f"judge call failed: {reply}", "retry": True}
     record["raw"], record["official"] = reply, official_step1(reply)
     scores = [(v, d) for name, v, d in _scored_lines(reply) if name == "score"]
     if not scores:
@@ -299,24 +310,49 @@ def read_human_ratings(path: str, criteria: tuple[str, ...] = MULTITURN_CRITERIA
 def multiturn_record(sample_id: str, turn: int, reply: str | ChatError, criteria: tuple[str, ...] = MULTITURN_CRITERIA) -> dict[str, Any]:
     """One judged turn: ``verdicts`` or ``error`` with the raw reply kept."""
     if isinstance(reply, ChatError):
-        return {"id": sample_id, "turn": turn, "verdicts": None, "error": f"judge call failed: {reply}", "raw": None}
+        return {"id": sample_id, "turn": turn, "verdicts": None, "error": f"judge call failed: {reply}", "raw": None, "retry": True}
     verdicts = parse_yes_no(reply, criteria)
     if isinstance(verdicts, str):
         return {"id": sample_id, "turn": turn, "verdicts": None, "error": f"unparsable reply: {verdicts}", "raw": reply}
     return {"id": sample_id, "turn": turn, "verdicts": verdicts, "error": None, "raw": reply}
 
 
-def multiturn_table(records: list[dict[str, Any]], criteria: tuple[str, ...] = MULTITURN_CRITERIA) -> Table:
-    """Rows per turn: the yes-rate of each criterion, samples rated and failures."""
+def aggregate_multiturn(records: list[dict[str, Any]], criteria: tuple[str, ...] = MULTITURN_CRITERIA) -> dict[int, dict[str, float]]:
+    """Per turn (in order): the yes-rate of each criterion over the rated turns, ``count`` rated, ``failed``."""
     turns: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         turns[record["turn"]].append(record)
-    rows = []
+    table = {}
     for turn in sorted(turns):
         rated = [r["verdicts"] for r in turns[turn] if r["verdicts"] is not None]
-        rates = [_mean([float(v[c]) for v in rated]) for c in criteria]
-        rows.append([f"turn {turn}", *rates, len(rated), len(turns[turn]) - len(rated)])
+        table[turn] = {c: _mean([float(v[c]) for v in rated]) for c in criteria}
+        table[turn] |= {"count": float(len(rated)), "failed": float(len(turns[turn]) - len(rated))}
+    return table
+
+
+def multiturn_table(records: list[dict[str, Any]], criteria: tuple[str, ...] = MULTITURN_CRITERIA) -> Table:
+    """Rows per turn: the yes-rate of each criterion, samples rated and failures."""
+    rows = [
+        [f"turn {turn}", *(values[c] for c in criteria), int(values["count"]), int(values["failed"])]
+        for turn, values in aggregate_multiturn(records, criteria).items()
+    ]
     return ["", *criteria, "samples", "failed"], rows
+
+
+def multiturn_case(sample_id: str, turns: list[dict[str, Any]]) -> dict[str, Any]:
+    """The record of one multi-turn case: its turn records, ``retry`` when any turn is to be asked again."""
+    return {"id": sample_id, "turns": turns, "retry": any(t.get("retry", False) for t in turns)}
+
+
+def turn_requests(entry: dict[str, Any], folder: ResultsFolder) -> list[JudgeRequest]:
+    """One request per turn of a generated multi-turn case: the turn's instruction, the image before
+    the turn (the source, then the previous result) and the image after it."""
+    images = [folder.load_image(folder.companion(entry["id"], "SRCIMG"))]
+    images += [folder.load_image(folder.edited(entry["id"], turn)) for turn in range(1, len(entry["turns"]) + 1)]
+    return [
+        JudgeRequest("imgedit_multiturn", [MULTITURN_PROMPT.replace("<edit_prompt>", t["instruction"]), images[k], images[k + 1]], MULTITURN_CRITERIA)
+        for k, t in enumerate(entry["turns"])
+    ]
 
 
 # -- the evaluator -----------------------------------------------------------------------------
@@ -327,13 +363,17 @@ class ImgEditEvaluator(BenchmarkEvaluator):
 
     Args:
         judge: an :class:`~callbacks.judges.HTTPJudge`, :class:`~callbacks.judges.LocalJudge` or,
-            on toy data, :class:`~callbacks.judges.ToyJudge`.
-        suite: ``basic`` (per-type rubrics) or ``uge`` (one score). Multi-turn: see
-            :func:`multiturn_table` / :func:`read_human_ratings`.
+            on toy data, :class:`~callbacks.judges.ToyJudge`; may be left out only when
+            ``human_ratings`` rates a multi-turn run.
+        suite: ``basic`` (per-type rubrics), ``uge`` (one score) or ``multiturn`` (every turn
+            generated, yes/no per turn; data: ``BenchmarkDataModule(benchmark="imgedit_multiturn")``).
         apply_cap: headline uses scores capped by the first ("2nd and 3rd <= 1st").
         official: headline uses the official step-1/2 parser (reproduces published numbers).
         rubrics: a local copy of ``prompts.json`` (default: downloaded, pinned).
         cache_dir: benchmark file cache (see :func:`datamodules.benchmarks.fetch`).
+        human_ratings: multi-turn only: take the verdicts from this CSV/JSONL (see
+            :func:`read_human_ratings`) instead of a judge, as the paper rates multi-turn edits; a
+            turn not in the file yet is counted as failed and imported by the next run.
         label: the model's name in the tables.
         output_dir: results folder (default ``<log_dir>/imgedit_<suite>``).
         on_validation: also evaluate during fit's validation runs.
@@ -341,44 +381,56 @@ class ImgEditEvaluator(BenchmarkEvaluator):
 
     def __init__(
         self,
-        judge: Judge,
+        judge: Judge | None = None,
         suite: str = "basic",
         apply_cap: bool = False,
         official: bool = False,
         rubrics: str | None = None,
         cache_dir: str | None = None,
+        human_ratings: str | None = None,
         label: str = "model",
         output_dir: str | None = None,
         on_validation: bool = False,
     ) -> None:
         super().__init__(output_dir, on_validation)
-        if suite not in ("basic", "uge"):
-            raise ValueError(f"suite must be 'basic' or 'uge' (multi-turn is rated from a ratings file), got {suite!r}")
+        if suite not in SUITES:
+            raise ValueError(f"suite must be one of {SUITES}, got {suite!r}")
+        if human_ratings is not None and suite != "multiturn":
+            raise ValueError(f"human_ratings rates multi-turn runs only (suite='multiturn'), got suite={suite!r}")
+        if judge is None and human_ratings is None:
+            raise ValueError("ImgEditEvaluator needs a judge (or, for suite='multiturn', a human_ratings file)")
         self.judge, self.suite, self.apply_cap, self.official, self.label = judge, suite, apply_cap, official, label
-        self.rubrics_path, self.cache_dir = rubrics, cache_dir
+        self.rubrics_path, self.cache_dir, self.human_ratings = rubrics, cache_dir, human_ratings
         self.name = f"imgedit_{suite}"
+        self.multi_turn = suite == "multiturn"
         self._rubrics: dict[str, str] | None = None
 
     @property
     def needs_truth(self) -> bool:
-        return self.judge.needs_truth
+        return self.judge is not None and self.judge.needs_truth
+
+    @property
+    def rater(self) -> str:
+        """Who gives the verdicts: the judge (its name) or the human-ratings file."""
+        if self.human_ratings is not None or self.judge is None:
+            return f"human ratings ({self.human_ratings})"
+        return self.judge.name
 
     def rubrics(self) -> dict[str, str]:
         if self._rubrics is None:
             self._rubrics = load_rubrics(self.rubrics_path, self.cache_dir)
         return self._rubrics
 
+    # -- scoring --
+
     def score(self, entries: list[dict[str, Any]], folder: ResultsFolder) -> list[dict[str, Any]]:
+        if self.suite == "multiturn" and self.human_ratings is not None:
+            return [multiturn_case(e["id"], turns) for e, turns in zip(entries, self._rated_turns(entries))]
+        assert self.judge is not None
         self.judge.set_default_cache(folder.root / "judge_cache")
-        requests = []
-        for entry in entries:
-            images = [folder.load_image(folder.companion(entry["id"], "SRCIMG")), folder.load_image(folder.edited(entry["id"]))]
-            if self.suite == "basic":
-                template = self.rubrics()[rubric_type(entry["edit_type"])]
-                text, task, fields = template.replace("<edit_prompt>", entry["instruction"]), "imgedit_basic", rubric_fields(template)
-            else:
-                text, task, fields = UGE_PROMPT.replace("<edit_prompt>", entry["instruction"]), "imgedit_uge", ("Score",)
-            requests.append(JudgeRequest(task, [text, *images], fields, entry.get("truth")))
+        if self.suite == "multiturn":
+            return self._judge_turns(entries, folder)
+        requests = [self._request(entry, folder) for entry in entries]
         replies = self.judge.ask(requests)
         if self.suite == "uge":
             return [uge_record(e["id"], reply) | {"instruction": e["instruction"]} for e, reply in zip(entries, replies)]
@@ -387,17 +439,46 @@ class ImgEditEvaluator(BenchmarkEvaluator):
             for e, req, reply in zip(entries, requests, replies)
         ]
 
-    def summarize(self, records: list[dict[str, Any]], folder: ResultsFolder) -> dict[str, float]:
+    def _request(self, entry: dict[str, Any], folder: ResultsFolder) -> JudgeRequest:
+        """The basic (rubric of the edit type) or UGE question about one edit: text, original, edit."""
+        images = [folder.load_image(folder.companion(entry["id"], "SRCIMG")), folder.load_image(folder.edited(entry["id"]))]
         if self.suite == "uge":
-            ours, official = aggregate_uge(records), aggregate_uge(records, official=True)
-            headline, other = (official, ours) if self.official else (ours, official)
-            rows = [
-                [name, agg["score"], int(agg["count"]), int(agg["failed"])]
-                for name, agg in ((self.label, headline), (f"{self.label} ({'ours' if self.official else 'official step-1'})", other))
-            ]
-            folder.write_table("uge", (["", "UGE score", "samples", "failed"], rows), title="ImgEdit-Bench UGE (1-5)")
-            folder.write_json("summary", {"headline": headline, "ours": ours, "official": official})
-            return {"score": headline["score"], "failed": headline["failed"]}
+            return JudgeRequest("imgedit_uge", [UGE_PROMPT.replace("<edit_prompt>", entry["instruction"]), *images], ("Score",), entry.get("truth"))
+        template = self.rubrics()[rubric_type(entry["edit_type"])]
+        text = template.replace("<edit_prompt>", entry["instruction"])
+        return JudgeRequest("imgedit_basic", [text, *images], rubric_fields(template), entry.get("truth"))
+
+    def _judge_turns(self, entries: list[dict[str, Any]], folder: ResultsFolder) -> list[dict[str, Any]]:
+        """Every turn of every case asked in one batch (the judge runs them concurrently)."""
+        assert self.judge is not None
+        requests = [turn_requests(entry, folder) for entry in entries]
+        replies = iter(self.judge.ask([r for case in requests for r in case]))
+        return [
+            multiturn_case(e["id"], [multiturn_record(e["id"], turn, next(replies)) for turn in range(1, len(case) + 1)])
+            for e, case in zip(entries, requests)
+        ]
+
+    def _rated_turns(self, entries: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """Each case's turn records from the human-ratings file; a turn it lacks is marked ``retry``."""
+        assert self.human_ratings is not None
+        if Path(self.human_ratings).is_file():
+            ratings = {(r["id"], r["turn"]): r for r in read_human_ratings(self.human_ratings)}
+        else:
+            log.warning("human ratings file %s does not exist yet: every turn is counted as not rated", self.human_ratings)
+            ratings = {}
+        unrated = {"verdicts": None, "error": f"not rated in {self.human_ratings} yet", "raw": None, "retry": True}
+        return [
+            [ratings.get((e["id"], turn)) or {"id": e["id"], "turn": turn, **unrated} for turn in range(1, len(e["turns"]) + 1)]
+            for e in entries
+        ]
+
+    # -- tables --
+
+    def summarize(self, records: list[dict[str, Any]], folder: ResultsFolder) -> dict[str, float]:
+        if self.suite == "multiturn":
+            return self._summarize_multiturn(records, folder)
+        if self.suite == "uge":
+            return self._summarize_uge(records, folder)
         headline = aggregate_basic(records, self.apply_cap, self.official)
         folder.write_table("basic", basic_table(records, self.label, self.apply_cap), title="ImgEdit-Bench basic (1-5, higher is better)")
         folder.write_json("summary", {
@@ -408,3 +489,23 @@ class ImgEditEvaluator(BenchmarkEvaluator):
             "flags": {"apply_cap": self.apply_cap, "official": self.official},
         })
         return {f"{group}/score": values["score"] for group, values in headline.items()} | {"failed": headline["overall"]["failed"]}
+
+    def _summarize_uge(self, records: list[dict[str, Any]], folder: ResultsFolder) -> dict[str, float]:
+        ours, official = aggregate_uge(records), aggregate_uge(records, official=True)
+        headline, other = (official, ours) if self.official else (ours, official)
+        rows = [
+            [name, agg["score"], int(agg["count"]), int(agg["failed"])]
+            for name, agg in ((self.label, headline), (f"{self.label} ({'ours' if self.official else 'official step-1'})", other))
+        ]
+        folder.write_table("uge", (["", "UGE score", "samples", "failed"], rows), title="ImgEdit-Bench UGE (1-5)")
+        folder.write_json("summary", {"headline": headline, "ours": ours, "official": official})
+        return {"score": headline["score"], "failed": headline["failed"]}
+
+    def _summarize_multiturn(self, records: list[dict[str, Any]], folder: ResultsFolder) -> dict[str, float]:
+        turns = [turn for record in records for turn in record["turns"]]
+        per_turn = aggregate_multiturn(turns)
+        title = f"ImgEdit-Bench multi-turn, {self.label}: share of yes per turn ({self.rater})"
+        folder.write_table("multiturn", multiturn_table(turns), title=title)
+        folder.write_json("summary", {"turns": {str(t): v for t, v in per_turn.items()}, "rated_by": self.rater})
+        scalars = {f"turn{t}/{c.lower().replace(' ', '_')}": v[c] for t, v in per_turn.items() for c in MULTITURN_CRITERIA}
+        return scalars | {"failed": sum(v["failed"] for v in per_turn.values())}

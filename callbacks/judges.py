@@ -9,7 +9,7 @@ callbacks, so every judge goes through the same parser.
 - :class:`HTTPJudge`: GPT-4.1/4o, a vLLM-served ImgEdit-Judge or Qwen2.5-VL, over
   :class:`~zoo.blocks.chat.OpenAIChatClient` (retries, backoff, API key from a named variable).
 - :class:`LocalJudge`: a Qwen2.5-VL checkpoint in-process (ImgEdit-Judge is a Qwen2.5-VL-7B
-  fine-tune), over :class:`~zoo.blocks.chat.LocalVLMChatClient`.
+  fine-tune), over :class:`~zoo.blocks.chat.LocalVLMChatClient` (texts and images sent in order).
 - :class:`ToyJudge`: on the toy dataset the exact ground truth (the toy edit score) replaces the
   VLM: it writes the reply a perfect judge would write in the benchmark's answer format, so the
   whole evaluator pipeline, parser included, runs offline with meaningful numbers.

@@ -10,6 +10,11 @@ into batches of the zoo's data contract (:func:`datamodules.samples.collate`) fo
 ``zoo predict``, and a ``limit``-ed subset for validation during ``fit``. A case whose edited
 image already exists in ``results_dir`` (see :func:`edited_image_path`) is not served again, which
 is how an interrupted evaluation resumes without re-generating finished edits.
+
+Multi-turn cases (ImgEdit-Bench multi-turn, 2-3 instructions on one image) are served as their
+first turn; the evaluator edits each later turn from the previous result
+(:class:`callbacks.results.BenchmarkEvaluator`), reading the instructions from :meth:`case_info`.
+Such a case counts as generated once its last turn's result exists.
 """
 
 from __future__ import annotations
@@ -142,9 +147,11 @@ def _verify(path: Path, pinned: PinnedFile) -> None:
         )
 
 
-def edited_image_path(results_dir: str | os.PathLike[str], case_id: str) -> Path:
-    """Where an evaluator writes the edit of ``case_id`` (GEdit ids ``task/key`` become sub-folders)."""
-    return Path(results_dir) / "images" / f"{case_id}.png"
+def edited_image_path(results_dir: str | os.PathLike[str], case_id: str, turn: int | None = None) -> Path:
+    """Where an evaluator writes the edit of ``case_id`` (GEdit ids ``task/key`` become sub-folders);
+    with ``turn``, the result of that turn (1-based) of a multi-turn case, ``images/<id>_turn<k>.png``."""
+    name = case_id if turn is None else f"{case_id}_turn{turn}"
+    return Path(results_dir) / "images" / f"{name}.png"
 
 
 BENCHMARKS = ("imgedit_basic", "imgedit_uge", "imgedit_multiturn", "gedit")
@@ -229,7 +236,7 @@ class BenchmarkDataModule(L.LightningDataModule):
         """Cases still to generate (first ``limit``, minus finished ones in ``results_dir`` and missing images)."""
         cases = list(self.cases.values())[: self.limit]
         if self.results_dir is not None:
-            done = [c for c in cases if edited_image_path(self.results_dir, self.case_id(c)).is_file()]
+            done = [c for c in cases if self._finished_image(self.results_dir, c).is_file()]
             if done:
                 log.info("%d of %d cases already edited in %s: not generated again", len(done), len(cases), self.results_dir)
             cases = [c for c in cases if c not in done]
@@ -244,6 +251,12 @@ class BenchmarkDataModule(L.LightningDataModule):
                 continue
             kept.append(case)
         return kept
+
+    def _finished_image(self, results_dir: str, case: ImgEditCase | GEditCase) -> Path:
+        """The image whose presence marks the case as generated: the edit, or the last turn's result
+        of a multi-turn case (the evaluator writes it last, so a partly done case is redone)."""
+        multiturn = isinstance(case, ImgEditCase) and self.benchmark == "imgedit_multiturn"
+        return edited_image_path(results_dir, self.case_id(case), len(case.turns) if multiturn else None)
 
     def _image_root(self) -> str:
         if self.benchmark == "gedit":

@@ -1,7 +1,7 @@
 """Convert a DIM "tos" release (jsonl + images [+ CoT jsonl]) or a GoT dataset into tar shards with ``index.json``.
 
 ``python -m zoo data convert --jsonl X --image-root Y [--cot-jsonl Z] --out DIR --samples-per-shard N``
-``python -m zoo data convert --format got --got-kind t2i|edit|multi_turn --jsonl X [--fields '{"chain": "got_text"}'] --out DIR``
+``python -m zoo data convert --format got --got-kind t2i|edit|multi_turn|mixed --jsonl X [--fields '{"chain": "got_text"}'] --out DIR``
 Images are re-encoded losslessly as PNG (the schema's ``source.png``/``target.png``), so JPEG bytes
 under a .png name and real PNGs end up alike; the row's extra fields go into the sample json.
 """
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jsonl", required=True, help="DIM tos jsonl (id, image_path, prompt[, image_path_target]); GoT: .jsonl or .json")
     parser.add_argument("--image-root", default=None, help="folder the image paths are relative to (default: the jsonl's)")
     parser.add_argument("--cot-jsonl", default=None, help="DIM *_cot.jsonl whose prompts become the blueprint field")
-    parser.add_argument("--got-kind", choices=KINDS, default=None, help="GoT rows: t2i, edit or multi_turn (required with --format got)")
+    parser.add_argument("--got-kind", choices=KINDS, default=None, help="GoT rows: t2i, edit, multi_turn or mixed (each row by its fields; required with --format got)")
     parser.add_argument("--fields", default=None, help='GoT field-name overrides as JSON, e.g. \'{"chain": "got_text"}\'')
     parser.add_argument("--out", required=True, help="output split folder (tars + index.json)")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.format == "got":
         if args.got_kind is None:
-            parser.error("--format got needs --got-kind (t2i, edit or multi_turn)")
+            parser.error("--format got needs --got-kind (t2i, edit, multi_turn or mixed)")
         try:
             fields = json.loads(args.fields) if args.fields else None
             reader: TosJsonl | GoTReader = GoTReader(args.jsonl, args.got_kind, args.image_root, fields, args.strict)

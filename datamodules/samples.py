@@ -1,8 +1,9 @@
 """Typed sample records and the batch contract every zoo module consumes.
 
 A reader (shards, DIM jsonl, toy generator) yields :class:`EditSample` or :class:`T2ISample`;
-:func:`collate` turns a list of them into the batch dict documented there. This file is the
-only thing ``datamodules`` shares with ``zoo`` (DESIGN.md, "Data flows one way").
+:func:`collate` turns a list of them into the batch dict documented there, and :func:`edit_rows`
+tells modules which of its samples are edits. This file is the only thing ``datamodules`` shares
+with ``zoo`` (DESIGN.md, "Data flows one way").
 
 Image transforms follow DIM (``data/tos_dataset.py``): the generation branch sees the image
 resized so its shorter side is R (bicubic) and centre-cropped to R x R, in [-1, 1]; the MLLM
@@ -17,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
 
 BOX_RANGE = 1000
 """Box coordinates are integers in [0, BOX_RANGE), relative to the full image (GoT convention)."""
@@ -118,43 +120,31 @@ def _signed(image: Image.Image, resolution: int) -> torch.Tensor:
 def collate(samples: Sequence[EditSample | T2ISample], resolution: int, mllm_resolution: int) -> dict[str, Any]:
     """Build the batch dict of the zoo's data contract.
 
-    Keys: ``key``, ``instruction`` (T2I: the prompt), ``blueprint``, ``chain`` and ``edit_type``
-    ("" where absent), ``boxes``; ``target`` [B,3,R,R] in [-1,1] unless no sample has one; edit batches add
-    ``source`` [B,3,R,R] in [-1,1] and ``mllm_image`` [B,3,M,M] in [0,1] (full source squashed);
-    ``mask`` [B,1,R,R] in {0,1} only when every sample has a mask.
+    Keys: ``key``, ``task`` ("edit" or "t2i" per sample), ``instruction`` (T2I: the prompt),
+    ``blueprint``, ``chain`` and ``edit_type`` ("" where absent), ``boxes``; ``target`` [B,3,R,R] in
+    [-1,1] unless no sample has one; batches holding an edit add ``source`` [B,3,R,R] in [-1,1] and
+    ``mllm_image`` [B,3,M,M] in [0,1] (full source squashed); ``mask`` [B,1,R,R] in {0,1} only when
+    every sample has a mask.
+
+    A batch may mix edit and T2I samples (GoT pretrains on both). Its T2I rows then get a black
+    ``source`` (-1 everywhere: GoT encodes a black image as the T2I reference) and an all-zero
+    ``mllm_image`` that is no image: modules read ``task`` (:func:`edit_rows`) to keep it from the MLLM.
     """
     if not samples:
         raise ValueError("collate() got an empty list of samples")
-    is_edit = [isinstance(s, EditSample) for s in samples]
-    if any(is_edit) and not all(is_edit):
-        raise ValueError(
-            "a batch mixes EditSample and T2ISample records "
-            f"({[s.key for s in samples]}); write edit and t2i data to separate splits"
-        )
+    edits = [isinstance(s, EditSample) for s in samples]
     batch: dict[str, Any] = {
         "key": [s.key for s in samples],
+        "task": ["edit" if edit else "t2i" for edit in edits],
+        "instruction": [s.instruction if isinstance(s, EditSample) else s.prompt for s in samples],
         "blueprint": [s.blueprint or "" for s in samples],
         "chain": [s.chain or "" for s in samples],
+        "edit_type": [(s.edit_type or "") if isinstance(s, EditSample) else "" for s in samples],
         "boxes": [s.boxes for s in samples],
     }
-    if all(is_edit):
-        edits: list[EditSample] = list(samples)  # type: ignore[arg-type]
-        targets = [s.target for s in edits]
-        batch["instruction"] = [s.instruction for s in edits]
-        batch["edit_type"] = [s.edit_type or "" for s in edits]
-        batch["source"] = torch.stack([_signed(s.source, resolution) for s in edits])
-        batch["mllm_image"] = torch.stack(
-            [_to_tensor(s.source.resize((mllm_resolution, mllm_resolution), Image.BICUBIC)) for s in edits]
-        )
-        if all(s.mask is not None for s in edits):
-            batch["mask"] = torch.stack(
-                [(_to_tensor(resize_center_crop(s.mask, resolution, Image.NEAREST)) > 0.5).float() for s in edits]
-            )
-    else:
-        t2i: list[T2ISample] = list(samples)  # type: ignore[arg-type]
-        targets = [s.image for s in t2i]
-        batch["instruction"] = [s.prompt for s in t2i]
-        batch["edit_type"] = ["" for _ in t2i]
+    if any(edits):
+        batch.update(_sources(samples, resolution, mllm_resolution))
+    targets = [s.target if isinstance(s, EditSample) else s.image for s in samples]
     present = [t is not None for t in targets]
     if all(present):
         batch["target"] = torch.stack([_signed(t, resolution) for t in targets])
@@ -162,3 +152,31 @@ def collate(samples: Sequence[EditSample | T2ISample], resolution: int, mllm_res
         missing = [s.key for s, p in zip(samples, present) if not p]
         raise ValueError(f"some samples of the batch have a target image and some do not (missing: {missing})")
     return batch
+
+
+def _sources(samples: Sequence[EditSample | T2ISample], resolution: int, mllm_resolution: int) -> dict[str, Tensor]:
+    """``source`` and ``mllm_image`` of a batch holding edits (T2I rows: black / zeros), and ``mask``."""
+    black = -torch.ones(3, resolution, resolution)
+    empty = torch.zeros(3, mllm_resolution, mllm_resolution)
+    sources = [s.source if isinstance(s, EditSample) else None for s in samples]
+    out = {
+        "source": torch.stack([black if s is None else _signed(s, resolution) for s in sources]),
+        "mllm_image": torch.stack(
+            [empty if s is None else _to_tensor(s.resize((mllm_resolution, mllm_resolution), Image.BICUBIC)) for s in sources]
+        ),
+    }
+    masks = [s.mask if isinstance(s, EditSample) else None for s in samples]
+    if all(m is not None for m in masks):
+        out["mask"] = torch.stack([(_to_tensor(resize_center_crop(m, resolution, Image.NEAREST)) > 0.5).float() for m in masks])
+    return out
+
+
+def edit_rows(batch: dict[str, Any]) -> list[bool]:
+    """Which samples of a batch are edits: from ``task``, else (a batch built by hand, without
+    ``task``) all of them when it has a ``source``, none otherwise."""
+    if "task" in batch:
+        unknown = sorted(set(batch["task"]) - {"edit", "t2i"})
+        if unknown:
+            raise ValueError(f"batch['task'] holds {unknown}; each entry must be 'edit' or 't2i'")
+        return [task == "edit" for task in batch["task"]]
+    return [("source" in batch)] * len(batch["key"])

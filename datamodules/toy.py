@@ -14,8 +14,10 @@ of (source, instruction): a tiny model can learn it on a CPU in minutes. Each sa
 * a GoT reasoning chain naming each target object with exactly those boxes and colours
   (:func:`chain`); the colour names are PIL colour names, as GoT's mask renderer fills with them.
 
-``toy --out DIR --train N --val N --test N --seed S --resolution R --samples-per-shard N [--task edit|t2i]``
-writes DIR/train, DIR/val and DIR/test, each with its ``index.json``.
+``toy --out DIR --train N --val N --test N --seed S --resolution R --samples-per-shard N [--task edit|t2i|mixed]``
+writes DIR/train, DIR/val and DIR/test, each with its ``index.json``. ``mixed`` alternates edit and
+T2I samples (GoT pretraining's mix of tasks): its sample ``2j`` is edit sample ``j`` and its sample
+``2j + 1`` is T2I sample ``j``, keyed by their position in the split.
 """
 
 from __future__ import annotations
@@ -281,11 +283,22 @@ def t2i_sample(seed: int, split: str, index: int, resolution: int = 32) -> tuple
     return sample, {"scene": _scene_json(scene)}
 
 
+def mixed_sample(seed: int, split: str, index: int, resolution: int = 32) -> tuple[EditSample | T2ISample, dict[str, Any]]:
+    """The ``index``-th sample of a mixed split: edit sample ``index // 2`` when even, else T2I sample ``index // 2``."""
+    make = t2i_sample if index % 2 else edit_sample
+    sample, extra = make(seed, split, index // 2, resolution)
+    return replace(sample, key=f"{split}_{index:06d}"), extra
+
+
+TASKS = {"edit": edit_sample, "t2i": t2i_sample, "mixed": mixed_sample}
+"""Toy task name -> the function making its ``index``-th sample."""
+
+
 def generate(task: str, seed: int, split: str, count: int, resolution: int = 32) -> Iterator[tuple[EditSample | T2ISample, dict[str, Any]]]:
     """``count`` samples of one split, deterministic in (task, seed, split, index)."""
-    make = {"edit": edit_sample, "t2i": t2i_sample}.get(task)
+    make = TASKS.get(task)
     if make is None:
-        raise ValueError(f"unknown toy task {task!r}; use 'edit' or 't2i'")
+        raise ValueError(f"unknown toy task {task!r}; use one of {sorted(TASKS)}")
     for index in range(count):
         yield make(seed, split, index, resolution)
 
@@ -300,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--samples-per-shard", type=int, default=256)
-    parser.add_argument("--task", choices=("edit", "t2i"), default="edit")
+    parser.add_argument("--task", choices=sorted(TASKS), default="edit", help="mixed: edit and T2I samples alternate")
     args = parser.parse_args(argv)
     for split in ("train", "val", "test"):
         index = write_split(

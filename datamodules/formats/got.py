@@ -8,6 +8,12 @@ Three kinds of rows, in a ``.jsonl`` file (one object per line) or a ``.json`` f
   turn t becomes one :class:`EditSample` ``images[t] -> images[t + 1]`` keyed ``<id>_turn<t>``,
   so the one-turn model trains on every turn and predicts a session by feeding results back.
 
+Kind ``mixed`` reads the three in one file, telling them apart per row (:meth:`GoTReader.row_kind`).
+GoT trains on such mixes (pretraining: LAHR-GoT + JourneyDB-GoT + OmniEdit-GoT; finetuning:
+FLUX-GoT + OmniEdit-GoT + SEED-Edit-MultiTurn-GoT): concatenate and shuffle the datasets' rows
+(image paths relative to one ``image_root``) and convert them into one split, whose batches then
+mix T2I and edit samples (:func:`datamodules.samples.collate`).
+
 The published JSON field names could not be confirmed (no dataset card or loader was readable),
 so every name is configurable through :class:`GoTFields`; its defaults are our naming, not
 GoT's. A row missing a field, or whose image is missing or undecodable, is skipped, counted in
@@ -36,7 +42,7 @@ from datamodules.samples import EditSample, T2ISample
 
 log = logging.getLogger(__name__)
 
-KINDS = ("t2i", "edit", "multi_turn")
+KINDS = ("t2i", "edit", "multi_turn", "mixed")
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,8 @@ class GoTReader:
 
     Args:
         path: ``.jsonl`` or ``.json`` file.
-        kind: ``t2i``, ``edit`` or ``multi_turn``.
+        kind: ``t2i``, ``edit``, ``multi_turn`` or ``mixed`` (each row's kind from its fields, see
+            :meth:`row_kind`).
         image_root: folder image paths are relative to (default: the file's folder).
         fields: :class:`GoTFields` overrides, e.g. ``{"chain": "got_text", "image": "path"}``.
         strict: raise on the first bad row instead of skipping and counting it.
@@ -177,12 +184,22 @@ class GoTReader:
             raise ValueError("instructions and chains must be strings")
         return instructions, chains, images
 
+    def row_kind(self, row: dict[str, Any]) -> str:
+        """The row's kind: the reader's, or for ``mixed`` multi-turn when the row holds the
+        ``instructions`` field, edit when it holds ``source``, else t2i."""
+        if self.kind != "mixed":
+            return self.kind
+        if self.fields.instructions in row:
+            return "multi_turn"
+        return "edit" if self.fields.source in row else "t2i"
+
     def _samples(self, row: dict[str, Any], key: str) -> list[tuple[EditSample | T2ISample, dict[str, Any]]]:
         f = self.fields
-        if self.kind == "t2i":
+        kind = self.row_kind(row)
+        if kind == "t2i":
             prompt, chain, image = self._strings(row, (f.prompt, f.chain, f.image))
             return [(T2ISample(key=key, image=self._image(image), prompt=prompt, chain=chain), {})]
-        if self.kind == "edit":
+        if kind == "edit":
             instruction, chain, source, target = self._strings(row, (f.instruction, f.chain, f.source, f.target))
             sample = EditSample(key=key, source=self._image(source), target=self._image(target), instruction=instruction, chain=chain)
             return [(sample, {})]

@@ -97,7 +97,8 @@ def resolve_case_image(images_dir: str | os.PathLike[str], suite: str, image_id:
 
 
 def load_case(images_dir: str | os.PathLike[str], suite: str, case: ImgEditCase) -> EditSample:
-    """The case as an :class:`EditSample` (first turn as instruction; no target: judged, not compared).
+    """The case as an :class:`EditSample`: its first turn as instruction (the evaluator edits the later
+    turns from each result), no target (judged, not compared).
 
     Raises:
         FileNotFoundError / OSError: the image is missing or undecodable (naming case and path).

@@ -165,10 +165,9 @@ def test_local_client_and_designer_on_a_tiny_random_vlm() -> None:
     reply = client.complete([image, "describe the image"])
     assert isinstance(reply, str) and reply == client.complete([image, "describe the image"])  # greedy
     assert isinstance(client.complete(["text only"]), str)
-    with pytest.raises(ValueError, match="at most one image"):
-        client.complete([image, image, "compare"])
-    with pytest.raises(ValueError, match="system prompt"):
-        client.complete(["hi"], system="be brief")
+    assert isinstance(client.complete(["compare", image, image], system="be brief"), str)  # a judge's turn
+    with pytest.raises(ValueError, match="non-empty"):
+        client.complete([])
 
     designer = Designer.from_config(DesignerConfig(kind="local", tiny={"seed": 0}, max_new_tokens=12))
     # A random model writes no blueprint: the designer falls back and counts it.

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
+from transformers.utils import output_capturing
 
-from zoo.blocks.mllm import QwenVLEncoder
+from zoo.blocks.mllm import Images, QwenVLEncoder
 from zoo.blocks.pretrained import MissingPretrainedError
 
+REPO = Path(__file__).resolve().parents[2]
 TINY = {"hidden_size": 64, "num_layers": 2, "seed": 0}
 TEXTS = ["Remove the red circle.", "Add a small blue square to the left of the green star, keep the rest."]
 
@@ -25,7 +32,7 @@ def _pads(n: int) -> str:
     return "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>"
 
 
-def _span_text(encoder: QwenVLEncoder, images: torch.Tensor | None, texts: list[str]) -> list[str]:
+def _span_text(encoder: QwenVLEncoder, images: Images, texts: list[str]) -> list[str]:
     inputs = encoder.build_inputs(images, texts)
     ids, span = inputs["input_ids"], inputs["user_span"]
     return [encoder.processor.tokenizer.decode(ids[b][span[b]]) for b in range(len(texts))]
@@ -99,16 +106,25 @@ def test_condition_truncates_keeping_the_last_tokens() -> None:
         torch.testing.assert_close(short_states[b], full_states[b, n - 8 : n], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("with_image", [True, False])
-def test_batch_equals_each_sample_alone(with_image: bool) -> None:
+@pytest.mark.parametrize("images", ["all", "none", "mixed"])
+def test_batch_equals_each_sample_alone(images: str) -> None:
     encoder = _encoder()
-    images = _images(2) if with_image else None
-    states, mask = encoder.condition(images, TEXTS)
+    per_sample = {"all": list(_images(2)), "none": [None, None], "mixed": [None, _images(2)[1]]}[images]
+    states, mask = encoder.condition(per_sample, TEXTS)
     assert mask.sum(1)[0] < mask.sum(1)[1]  # different lengths: sample 0 is right-padded
     for b in range(2):
-        alone_states, alone_mask = encoder.condition(None if images is None else images[b : b + 1], TEXTS[b : b + 1])
+        alone = None if per_sample[b] is None else per_sample[b][None]
+        alone_states, alone_mask = encoder.condition(alone, TEXTS[b : b + 1])
         assert torch.equal(alone_mask[0], mask[b])
         torch.testing.assert_close(alone_states[0], states[b], rtol=0, atol=1e-5)
+    if images == "mixed":  # only the second sample's span opens with its 16 image tokens
+        assert _span_text(encoder, per_sample, TEXTS) == [TEXTS[0], _pads(16) + TEXTS[1]]
+
+
+def test_tensor_and_list_of_images_give_the_same_states() -> None:
+    encoder = _encoder()
+    images = _images(2)
+    assert torch.equal(encoder.condition(images, TEXTS)[0], encoder.condition(list(images), TEXTS)[0])
 
 
 def test_frozen_by_default_and_stays_in_eval() -> None:
@@ -169,6 +185,40 @@ def test_save_pretrained_round_trip(tmp_path: object) -> None:
     assert not any(p.requires_grad for p in reloaded.parameters())
 
 
+# Lightning's ddp_spawn pickles the LightningModule into fresh processes, where no model was ever
+# built: transformers' output-capture registration, made in PreTrainedModel.__init__, is missing there.
+_UNPICKLE_AND_ENCODE = """
+import pickle, sys, torch
+encoder = pickle.loads(open(sys.argv[1], "rb").read())
+images, texts = torch.load(sys.argv[2])
+torch.save(encoder.condition(images, texts), sys.argv[3])
+"""
+
+
+def test_unpickled_in_a_fresh_process_gives_the_same_states(tmp_path: Path) -> None:
+    encoder = _encoder()
+    images = _images(2)
+    # A forward first installs transformers' capture hooks (closures), which must not block pickling.
+    states, mask = encoder.condition(images, TEXTS)
+    (tmp_path / "encoder.pkl").write_bytes(pickle.dumps(encoder))
+    torch.save((images, TEXTS), tmp_path / "inputs.pt")
+    command = [sys.executable, "-c", _UNPICKLE_AND_ENCODE, *(str(tmp_path / n) for n in ("encoder.pkl", "inputs.pt", "out.pt"))]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    spawned_states, spawned_mask = torch.load(tmp_path / "out.pt")
+    assert torch.equal(spawned_mask, mask)
+    torch.testing.assert_close(spawned_states, states, rtol=0, atol=1e-6)
+    torch.testing.assert_close(encoder.condition(images, TEXTS)[0], states, rtol=0, atol=0)  # hooks come back
+
+
+def test_missing_hidden_states_name_the_ddp_workaround(monkeypatch: pytest.MonkeyPatch) -> None:
+    encoder = _encoder()
+    # What a process that never built the model sees when the registration cannot be restored.
+    monkeypatch.setattr(output_capturing, "_CAN_RECORD_REGISTRY", output_capturing._CanRecordRegistry())
+    with pytest.raises(RuntimeError, match="strategy 'ddp'"):
+        encoder.condition(None, TEXTS)
+
+
 def test_missing_pretrained_is_one_clear_error() -> None:
     with pytest.raises(MissingPretrainedError, match="does/not-exist"):
         QwenVLEncoder(pretrained="does/not-exist")
@@ -190,6 +240,8 @@ def test_bad_arguments_and_inputs_are_rejected() -> None:
         encoder.condition(_images(2), ["x"])
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         encoder.condition(_images(1)[0], ["x"])
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        encoder.condition([None, _images(1)], ["x", "y"])
     with pytest.raises(ValueError, match="nothing to condition on"):
         encoder.condition(None, ["ok", ""])
     encoder.processor.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'][-1]['text'] }}{% endfor %}"

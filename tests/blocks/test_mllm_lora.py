@@ -123,6 +123,33 @@ def test_states_are_batch_invariant_and_depend_on_the_chain(frozen_lora: QwenVLE
         QwenVLEncoder(tiny=TINY, image_size=32).image_token_states(None, ["x"], ["y"])
 
 
+def test_mixed_t2i_and_edit_batch_equals_each_sample_alone(frozen_lora: QwenVLEncoder) -> None:
+    # GoT pretraining batches mix captions (no image) with edits; each sample must see what it sees alone.
+    encoder, tokenizer = frozen_lora, frozen_lora.processor.tokenizer
+    images = [_images(2)[0], None, _images(2)[1]]
+    prompts = [PROMPTS[0], "A red circle on a white background.", PROMPTS[1]]
+    chains = [CHAINS[0], CHAINS[1], CHAINS[1]]
+    loss, states = encoder.chain_loss_and_states(images, prompts, chains)
+    alone = [
+        encoder.chain_loss_and_states(None if image is None else image[None], [prompt], [chain])
+        for image, prompt, chain in zip(images, prompts, chains)
+    ]
+    for b, (_, alone_states) in enumerate(alone):
+        torch.testing.assert_close(states[b], alone_states[0], rtol=0, atol=1e-5)
+    # The CE averages over the batch's targets: each chain's tokens and its closing <|im_gen_start|>.
+    targets = [len(tokenizer(chain, add_special_tokens=False).input_ids) + 1 for chain in chains]
+    expected = sum(n * alone_loss for n, (alone_loss, _) in zip(targets, alone)) / sum(targets)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-5)
+    input_ids, _, _ = encoder._chain_forward(images, prompts, chains)
+    texts = tokenizer.batch_decode(input_ids)
+    assert got_prompt(prompts[1], edit=False) in texts[1] and "<|image_pad|>" not in texts[1]
+    for b in (0, 2):
+        assert got_prompt(prompts[b], edit=True) in texts[b] and texts[b].count("<|image_pad|>") == 16
+    generated = encoder.generate_chain(images, prompts, max_new_tokens=6)
+    for image, prompt, chain in zip(images, prompts, generated):
+        assert encoder.generate_chain(None if image is None else image[None], [prompt], max_new_tokens=6) == [chain]
+
+
 def test_chain_loss_is_ce_on_chain_and_closing_gen_start(frozen_lora: QwenVLEncoder) -> None:
     encoder = frozen_lora
     loss, _ = encoder.chain_loss_and_states(None, PROMPTS[:1], CHAINS[:1])

@@ -1,36 +1,36 @@
-"""2-process DDP on CPU (gloo): test-time evaluator and image grids gather every rank to rank 0.
+"""2-process DDP on CPU (gloo): evaluators and image grids gather every rank to rank 0.
 
-The ranks are launched the way torchrun or srun launch them (each process builds its own model,
-Lightning's ``ddp`` with ``LOCAL_RANK`` set), not with ``ddp_spawn``: a DIM unpickled in a spawned
-process has no hidden states from its MLLM (transformers registers the output-capturing specs in
-``PreTrainedModel.__init__``, which unpickling skips). The callbacks live in the worker processes,
-so the assertions are on the files rank 0 writes, not on Python objects.
+The ranks are launched the way torchrun or srun launch them (:mod:`tests.helpers.ddp`); the
+callbacks live in the worker processes, so the assertions are on the files rank 0 writes.
 """
 
 from __future__ import annotations
 
+import csv
 import json
-import os
-import socket
-import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-import torch.multiprocessing as mp
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
 from callbacks.image_logger import ImageLogger, edit_grid
+from callbacks.imgedit_bench import ImgEditEvaluator
+from callbacks.judges import ToyJudge
+from callbacks.similarity import SimilarityEvaluator
 from callbacks.toy_score import ToyEditEvaluator
 from datamodules.shards import ShardDataModule
 from datamodules.toy import main as toy_main
+from tests.helpers.ddp import launch
+from tests.helpers.editors import OracleEditor
 from tests.modules.conftest import tiny_dim_kwargs
 from zoo.modules.dim import DIMModule
 
 WORLD_SIZE, NUM_TEST, BATCH_SIZE, RESOLUTION, GRID_SAMPLES = 2, 12, 2, 16, 4
-DEADLOCK_AFTER_S = 180  # the run takes ~15-25 s on a 2-core CPU; a collective entered by one rank hangs forever
+DEADLOCK_AFTER_S = 180  # a run takes ~15-25 s on a 2-core CPU; a collective entered by one rank hangs forever
+PROMPTS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "imgedit-bench" / "prompts.json"
 
 
 def _toy_shards(root: Path) -> Path:
@@ -39,23 +39,15 @@ def _toy_shards(root: Path) -> Path:
     return root / "test"
 
 
-def _test_run(tmp_path: Path, strategy: str) -> None:
-    """``Trainer.test`` of a tiny DIM over the toy test shards, logging to ``tmp_path/logs/version_0``."""
-    L.seed_everything(0)
-    module = DIMModule(**tiny_dim_kwargs(num_inference_steps=2))
-    data = ShardDataModule(
-        test_shards=str(tmp_path / "toy" / "test"),
-        batch_size=BATCH_SIZE,
-        resolution=RESOLUTION,
-        mllm_resolution=RESOLUTION,
-        num_workers=0,
-    )
+def _test_run(module: L.LightningModule, shards: Path, logs: Path, devices: int, callbacks: list[L.Callback]) -> None:
+    """``Trainer.test`` over the toy test shards with ``callbacks``, logging to ``logs/version_0``."""
+    data = ShardDataModule(test_shards=str(shards), batch_size=BATCH_SIZE, resolution=RESOLUTION, mllm_resolution=RESOLUTION, num_workers=0)
     trainer = L.Trainer(
         accelerator="cpu",
-        devices=WORLD_SIZE,
-        strategy=strategy,
-        logger=CSVLogger(save_dir=str(tmp_path / "logs"), name="", version=0),
-        callbacks=[ToyEditEvaluator(label="tiny"), ImageLogger(num_samples=GRID_SAMPLES)],
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        logger=CSVLogger(save_dir=str(logs), name="", version=0),
+        callbacks=callbacks,
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -63,25 +55,12 @@ def _test_run(tmp_path: Path, strategy: str) -> None:
     trainer.test(module, datamodule=data)
 
 
-def _rank_main(rank: int, tmp_path: Path, port: int) -> None:
-    """One rank of an externally launched job (as torchrun or srun start it): builds its own model."""
-    for name in [n for n in os.environ if n.startswith(("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_"))]:
-        del os.environ[name]
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(WORLD_SIZE),
-        NODE_RANK="0",
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-    )
-    _test_run(tmp_path, "ddp")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _dim_job(tmp_path: Path) -> None:
+    """One rank: a tiny DIM with the toy evaluator and the image grids."""
+    L.seed_everything(0)
+    module = DIMModule(**tiny_dim_kwargs(num_inference_steps=2))
+    callbacks = [ToyEditEvaluator(label="tiny"), ImageLogger(num_samples=GRID_SAMPLES)]
+    _test_run(module, tmp_path / "toy" / "test", tmp_path / "logs", WORLD_SIZE, callbacks)
 
 
 def _assert_rank_zero_wrote_everything(tmp_path: Path) -> None:
@@ -106,22 +85,55 @@ def _assert_rank_zero_wrote_everything(tmp_path: Path) -> None:
     assert (height, width) == (WORLD_SIZE * one_rank.shape[1], one_rank.shape[2])
 
 
-def _launch_ranks(tmp_path: Path) -> None:
-    """Run every rank; a rank's exception is raised here, a hang fails the test after ``DEADLOCK_AFTER_S``."""
-    context = mp.start_processes(
-        _rank_main, args=(tmp_path, _free_port()), nprocs=WORLD_SIZE, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + DEADLOCK_AFTER_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-                process.join()
-            pytest.fail(f"DDP test run did not finish in {DEADLOCK_AFTER_S} s: deadlock between ranks")
-
-
 @pytest.mark.timeout(300)
 def test_ddp_test_gathers_all_ranks_to_rank_zero(tmp_path: Path) -> None:
     _toy_shards(tmp_path / "toy")
-    _launch_ranks(tmp_path)
+    launch(_dim_job, (tmp_path,), WORLD_SIZE, DEADLOCK_AFTER_S)
     _assert_rank_zero_wrote_everything(tmp_path)
+
+
+# -- benchmark evaluators (results folder flow) --------------------------------------------------
+
+
+def _benchmark_run(root: Path, shards: Path, devices: int) -> None:
+    """ImgEdit-Bench basic (toy judge) and pixel similarity of noise-free edits, into ``root/logs/version_0/<evaluator>``."""
+    evaluators: list[L.Callback] = [
+        ImgEditEvaluator(ToyJudge(), rubrics=str(PROMPTS), label="oracle"),
+        SimilarityEvaluator(label="oracle", clip=None, dino=None, lpips=None),
+    ]
+    _test_run(OracleEditor("target_even_source_odd"), shards, root / "logs", devices, evaluators)
+
+
+def _benchmark_job(tmp_path: Path) -> None:
+    _benchmark_run(tmp_path / "ddp", tmp_path / "toy" / "test", WORLD_SIZE)
+
+
+def _ids(path: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in path.read_text().splitlines()]
+
+
+@pytest.mark.timeout(300)
+def test_ddp_benchmark_evaluators_write_once_what_one_process_writes(tmp_path: Path) -> None:
+    if not PROMPTS.is_file():
+        pytest.skip(f"ImgEdit rubrics not found at {PROMPTS} (workspace-only fixture, see shared/data/README.md)")
+    shards = _toy_shards(tmp_path / "toy")
+    launch(_benchmark_job, (tmp_path,), WORLD_SIZE, DEADLOCK_AFTER_S)
+    _benchmark_run(tmp_path / "single", shards, devices=1)
+
+    ddp_logs, single_logs = (tmp_path / run / "logs" / "version_0" for run in ("ddp", "single"))
+    samples = sorted(f"test_{i:06d}" for i in range(NUM_TEST))
+    for name, table in (("imgedit_basic", "basic"), ("similarity", "similarity")):
+        ddp, single = ddp_logs / name, single_logs / name
+        assert sorted(_ids(ddp / "records.jsonl")) == samples  # every sample exactly once, none lost
+        shares = [set(_ids(ddp / f"generated.rank{rank}.jsonl")) for rank in range(WORLD_SIZE)]
+        assert all(shares) and not shares[0] & shares[1], "each rank generates its own share"
+        assert list((tmp_path / "ddp").rglob(f"{table}.md")) == [ddp / f"{table}.md"]  # written by rank 0 alone
+        for file in (f"{table}.csv", f"{table}.md", "summary.json"):
+            assert (ddp / file).read_text() == (single / file).read_text(), file
+
+    # The toy judge on exact edits: a reference edit scores 5 on every dimension, a copied source 1, 5, 3.
+    records = [json.loads(line) for line in (ddp_logs / "imgedit_basic" / "records.jsonl").read_text().splitlines()]
+    assert all(r["scores"] == ([5, 5, 5] if int(r["id"][-6:]) % 2 == 0 else [1, 5, 3]) for r in records)
+    [logged] = [row for row in csv.DictReader((ddp_logs / "metrics.csv").open()) if row.get("imgedit_basic/overall/score")]
+    summary = json.loads((ddp_logs / "imgedit_basic" / "summary.json").read_text())
+    assert float(logged["imgedit_basic/overall/score"]) == pytest.approx(summary["headline"]["overall"]["score"])

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 from callbacks.imgedit_bench import (
+    ImgEditEvaluator,
     aggregate_basic,
     aggregate_uge,
     basic_record,
     basic_table,
+    multiturn_case,
     multiturn_record,
     multiturn_table,
     parse_scores,
@@ -21,6 +23,7 @@ from callbacks.imgedit_bench import (
     rubric_type,
     uge_record,
 )
+from callbacks.judges import ToyJudge
 from datamodules.formats.imgedit import BASIC_TYPES
 from zoo.blocks.chat import ChatError
 
@@ -153,3 +156,24 @@ def test_multiturn_judge_and_human_ratings(tmp_path: Path) -> None:
     ratings.write_text("id,turn,Instruction Following,Content Consistency\n1,1,perhaps,no\n")
     with pytest.raises(ValueError, match="row 1: Instruction Following = 'perhaps'"):
         read_human_ratings(str(ratings))
+
+
+def test_failed_calls_are_marked_for_retry_unreadable_replies_are_final() -> None:
+    failed = ChatError("HTTP 500 after 3 attempts", status=500)
+    assert basic_record("k", "add", failed, FIELDS)["retry"] and uge_record("k", failed)["retry"]
+    assert not basic_record("k", "add", REFUSAL, FIELDS).get("retry") and not uge_record("k", REFUSAL).get("retry")
+    turns = [multiturn_record("k", 1, "Instruction Following: yes\nContent Consistency: yes"), multiturn_record("k", 2, "no idea")]
+    assert not multiturn_case("k", turns)["retry"]
+    assert multiturn_case("k", [*turns, multiturn_record("k", 3, failed)])["retry"]
+
+
+def test_evaluator_suites_and_raters() -> None:
+    assert ImgEditEvaluator(ToyJudge(), suite="multiturn").name == "imgedit_multiturn"
+    rated = ImgEditEvaluator(suite="multiturn", human_ratings="ratings.csv")
+    assert rated.multi_turn and rated.rater == "human ratings (ratings.csv)" and not rated.needs_truth
+    with pytest.raises(ValueError, match="needs a judge"):
+        ImgEditEvaluator(suite="multiturn")
+    with pytest.raises(ValueError, match="multi-turn runs only"):
+        ImgEditEvaluator(ToyJudge(), human_ratings="ratings.csv")
+    with pytest.raises(ValueError, match="suite must be one of"):
+        ImgEditEvaluator(ToyJudge(), suite="hard")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from callbacks.imgedit_bench import basic_record
+from callbacks.imgedit_bench import MULTITURN_CRITERIA, basic_record, multiturn_record
 from callbacks.judges import HTTPJudge, JudgeRequest, ToyJudge
 from tests.helpers.openai_server import OpenAIServer, Reply, completion, error
 from zoo.blocks.chat import ChatError
@@ -94,5 +94,8 @@ def test_toy_judge_answers_in_each_benchmark_format() -> None:
     assert basic_record("k", "add", basic, FIELDS)["scores"] == [3, 5, 4]
     assert uge.endswith("Score: 4")
     assert json.loads(sc)["score"] == [5, 10] and json.loads(pq)["score"] == [8, 10]
+    turns = ToyJudge().ask([JudgeRequest("imgedit_multiturn", [], MULTITURN_CRITERIA, t) for t in (truth, truth | {"edit": 0.4})])
+    verdicts = [multiturn_record("k", 1, reply)["verdicts"] for reply in turns]
+    assert verdicts == [{"Instruction Following": True, "Content Consistency": True}, {"Instruction Following": False, "Content Consistency": True}]
     with pytest.raises(ValueError, match="needs ground truth"):
         ToyJudge().ask([JudgeRequest("imgedit_uge", [])])

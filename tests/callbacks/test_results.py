@@ -30,6 +30,9 @@ def test_tables_and_records(tmp_path: Path) -> None:
     with (tmp_path / "records.jsonl").open("a") as handle:
         handle.write('{"id": "c", "v"')  # a run killed mid-write
     assert folder.records() == {"a": {"id": "a", "v": 3}, "b": {"id": "b", "v": 2}}
+    # Appended after the torn line, still read; a failed judge call is marked for the next run to ask again.
+    folder.append_records([{"id": "b", "v": None, "retry": True}])
+    assert folder.settled() == {"a"}
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ STAGES = {  # paper run -> recipe + stage overlays
     "got_finetune": ["recipes/got_pretrain.yaml", "recipes/got_finetune.yaml"],
 }
 TINY = "recipes/tiny/got.yaml"
+OFFICIAL = "recipes/got_official.yaml"  # overlay: the released GoT-6B weights
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -46,6 +47,11 @@ def test_paper_recipe_parses(stage: str) -> None:
         assert init.init_from == "runs/got_pretrain/train/checkpoints/last.ckpt"
 
 
+def test_official_weights_overlay_parses_and_samples_like_the_official_code() -> None:
+    init = ParseOnly(args=configs(["recipes/got_pretrain.yaml", OFFICIAL]), run=False).config.model.init_args
+    assert init.official_weights == "pretrained/GoT-6B" and init.null_pooled is False and init.init_from is None
+
+
 def test_tiny_overlay_replaces_every_pretrained_part() -> None:
     for files in STAGES.values():
         init = ParseOnly(args=configs([*files, TINY]), run=False).config.model.init_args
@@ -62,10 +68,11 @@ def test_paper_recipe_without_weights_fails_in_one_line() -> None:
 
 
 @pytest.fixture(scope="module")
-def toy_edits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def toy_mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Toy splits alternating edit and T2I samples, as GoT's pretraining and finetuning data mix them."""
     root = tmp_path_factory.mktemp("toy_got")
     args = ["--out", str(root), "--train", "32", "--val", "4", "--test", "4", "--seed", "0", "--resolution", "32"]
-    assert toy.main([*args, "--samples-per-shard", "16", "--task", "edit"]) == 0
+    assert toy.main([*args, "--samples-per-shard", "16", "--task", "mixed"]) == 0
     return root
 
 
@@ -82,9 +89,9 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_tiny_pretrain_fits_resumes_and_finetunes(toy_edits: Path, tmp_path: Path) -> None:
+def test_tiny_pretrain_fits_resumes_and_finetunes(toy_mixed: Path, tmp_path: Path) -> None:
     pretrain = tmp_path / "pretrain"
-    args = _tiny_args(STAGES["got_pretrain"], toy_edits, pretrain)
+    args = _tiny_args(STAGES["got_pretrain"], toy_mixed, pretrain)
     assert main(["fit", *args]) == 0
     checkpoints = pretrain / "train" / "checkpoints"
     step2 = checkpoints / "epoch=0-step=2.ckpt"
@@ -95,7 +102,7 @@ def test_tiny_pretrain_fits_resumes_and_finetunes(toy_edits: Path, tmp_path: Pat
     assert any(".lora_B." in k for k in keys) and any(k.startswith("denoiser.") for k in keys)
     assert list((pretrain / "train" / "images").glob("val_step*.png"))
 
-    assert main(["fit", *_tiny_args(STAGES["got_pretrain"], toy_edits, pretrain, max_steps=6), f"--ckpt_path={step2}"]) == 0
+    assert main(["fit", *_tiny_args(STAGES["got_pretrain"], toy_mixed, pretrain, max_steps=6), f"--ckpt_path={step2}"]) == 0
     resumed = _load(checkpoints / "last.ckpt")
     assert first["global_step"] == 2 and resumed["global_step"] == 6
     assert not list(checkpoints.glob("*-v1.ckpt")), "a resumed run must overwrite, not version"
@@ -104,14 +111,14 @@ def test_tiny_pretrain_fits_resumes_and_finetunes(toy_edits: Path, tmp_path: Pat
     assert any(".lora_B." in k for k in moved) and any(k.startswith("denoiser.") for k in moved)
 
     finetune = tmp_path / "finetune"
-    ft_args = _tiny_args(STAGES["got_finetune"], toy_edits, finetune, max_steps=1)
+    ft_args = _tiny_args(STAGES["got_finetune"], toy_mixed, finetune, max_steps=1)
     assert main(["fit", *ft_args, f"--model.init_args.init_from={checkpoints / 'last.ckpt'}"]) == 0
     assert _load(finetune / "train" / "checkpoints" / "last.ckpt")["global_step"] == 1
 
 
-def test_tiny_predict_writes_the_chain_as_text(toy_edits: Path, tmp_path: Path) -> None:
-    args = _tiny_args(STAGES["got_pretrain"], toy_edits, tmp_path)
-    assert main(["predict", *args, f"--data.init_args.predict_shards={toy_edits / 'test'}"]) == 0
+def test_tiny_predict_writes_the_chain_as_text(toy_mixed: Path, tmp_path: Path) -> None:
+    args = _tiny_args(STAGES["got_pretrain"], toy_mixed, tmp_path)
+    assert main(["predict", *args, f"--data.init_args.predict_shards={toy_mixed / 'test'}"]) == 0
     [jsonl] = list(tmp_path.glob("**/predictions/predictions.rank0.jsonl"))
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert len(records) == 4

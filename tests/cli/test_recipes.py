@@ -24,9 +24,9 @@ OVERLAYS = {"recipes/demo.yaml"}  # CPU overlays applied after recipes/tiny/dim.
 
 def test_every_recipe_is_covered() -> None:
     # Imported here: test_got_recipes reuses this module's helpers.
-    from tests.cli.test_got_recipes import STAGES as GOT_STAGES
+    from tests.cli.test_got_recipes import OFFICIAL, STAGES as GOT_STAGES
 
-    listed = {path for files, _ in STAGES.values() for path in files} | OVERLAYS
+    listed = {path for files, _ in STAGES.values() for path in files} | OVERLAYS | {OFFICIAL}
     listed |= {path for files in GOT_STAGES.values() for path in files}
     on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "recipes").glob("*.yaml")}
     assert on_disk == listed

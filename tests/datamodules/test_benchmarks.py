@@ -50,6 +50,29 @@ def test_legacy_alter_label_and_multiturn_format(tmp_path: Path) -> None:
         read_cases(multi, "multiturn")
 
 
+def test_multiturn_serves_first_turns_until_the_last_turn_exists(tmp_path: Path) -> None:
+    definition = tmp_path / "multi.json"
+    definition.write_text(json.dumps({
+        "1": {"id": "a.jpg", "turn1": "a", "turn2": "b"},
+        "2": {"id": "b.jpg", "turn1": "c", "turn2": "d", "turn3": "e"},
+        "3": {"id": "c.jpg", "turn1": "f", "turn2": "g"},
+    }))
+    (tmp_path / "multiturn").mkdir()
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (12, 10)).save(tmp_path / "multiturn" / f"{name}.jpg")
+    results = tmp_path / "results"
+    for case, turn in (("1", 2), ("2", 2)):  # case 1 finished; case 2 stopped before its third turn
+        edited_image_path(results, case, turn).parent.mkdir(parents=True, exist_ok=True)
+        edited_image_path(results, case, turn).write_bytes(b"done")
+    assert edited_image_path(results, "2", 3) == results / "images" / "2_turn3.png"
+    dm = BenchmarkDataModule("imgedit_multiturn", images_dir=str(tmp_path), definition=str(definition),
+                             results_dir=str(results), batch_size=4, resolution=8, mllm_resolution=8)
+    dm.setup("test")
+    [batch] = list(dm.test_dataloader())
+    assert batch["key"] == ["2", "3"] and batch["instruction"] == ["c", "f"]
+    assert dm.case_info("2")["turns"] == ["c", "d", "e"]
+
+
 def test_fetch_verifies_local_copies(imgedit_files: Path, tmp_path: Path) -> None:
     assert fetch("imgedit/prompts.json", local_path=str(imgedit_files / "prompts.json")) == imgedit_files / "prompts.json"
     tampered = tmp_path / "prompts.json"

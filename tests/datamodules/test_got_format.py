@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from datamodules.convert import main as convert_main
@@ -88,6 +89,25 @@ def test_multi_turn_rows_become_chained_edits(tmp_path: Path, images: dict[str, 
         ((255, 0, 0), (0, 255, 0)),
         ((0, 255, 0), (0, 0, 255)),
     ]
+
+
+def test_mixed_file_converts_to_one_split_whose_batches_mix_tasks(tmp_path: Path, images: dict[str, str]) -> None:
+    rows = [
+        {"id": "t1", "prompt": "a red image", "got": CHAIN, "image": images["a"]},
+        {"id": "e1", "instruction": "make it green", "got": "c", "source_image": images["a"], "target_image": images["b"]},
+        {"id": "e2", "instruction": "no target", "got": "c", "source_image": images["a"]},
+        {"id": "m", "instructions": ["one", "two"], "chains": ["c1", "c2"], "images": [images["a"], images["b"], images["c"]]},
+    ]
+    (tmp_path / "pretrain.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "shards"
+    argv = ["--format", "got", "--got-kind", "mixed", "--jsonl", str(tmp_path / "pretrain.jsonl"), "--out", str(out)]
+    assert convert_main(argv) == 0
+    decoded = [decode_sample(raw) for raw in read_tar(str(out / "shard-000000.tar"))]
+    kinds = [(T2ISample, "t1"), (EditSample, "e1"), (EditSample, "m_turn0"), (EditSample, "m_turn1")]
+    assert [(type(s), s.key) for s in decoded] == kinds, "an edit row without target is skipped"
+    batch = collate(decoded, resolution=8, mllm_resolution=8)
+    assert batch["task"] == ["t2i", "edit", "edit", "edit"] and batch["chain"] == [CHAIN, "c", "c1", "c2"]
+    assert torch.equal(batch["source"][0], -torch.ones(3, 8, 8))
 
 
 def test_bad_configuration_is_a_clear_error(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.samples import EditSample, T2ISample, collate, resize_center_crop
+from datamodules.samples import EditSample, T2ISample, collate, edit_rows, resize_center_crop
 
 
 def _gradient(width: int, height: int) -> Image.Image:
@@ -21,7 +21,7 @@ def test_edit_batch_contract_and_ranges() -> None:
     boxes = [{"box": [0, 0, 499, 499], "color": "red", "label": "square"}]
     samples = [EditSample("a", src, "do x", tgt, "bp", "add", mask, boxes), EditSample("b", src, "do y", tgt, mask=mask)]
     batch = collate(samples, resolution=16, mllm_resolution=8)
-    assert batch["key"] == ["a", "b"]
+    assert batch["key"] == ["a", "b"] and batch["task"] == ["edit", "edit"]
     assert batch["instruction"] == ["do x", "do y"]
     assert batch["blueprint"] == ["bp", ""] and batch["edit_type"] == ["add", ""]
     assert batch["boxes"] == [boxes, []]
@@ -32,6 +32,31 @@ def test_edit_batch_contract_and_ranges() -> None:
     assert torch.allclose(batch["mllm_image"][0, :, 3, 3], torch.tensor([1.0, 0.0, 0.0]))
     assert batch["mask"].shape == (2, 1, 16, 16)
     assert batch["mask"][0, 0, :8, :8].eq(1).all() and batch["mask"][0, 0].sum() == 64
+
+
+def test_mixed_batch_gives_t2i_rows_a_black_source_and_no_mllm_image() -> None:
+    red, green = Image.new("RGB", (20, 20), (255, 0, 0)), Image.new("RGB", (20, 20), (0, 255, 0))
+    mask = Image.new("L", (20, 20), 255)
+    samples = [T2ISample("t", green, "a green square", chain="c1"), EditSample("e", red, "make it green", green, edit_type="recolour", mask=mask)]
+    batch = collate(samples, resolution=16, mllm_resolution=8)
+    edit_alone = collate(samples[1:], resolution=16, mllm_resolution=8)
+    t2i_alone = collate(samples[:1], resolution=16, mllm_resolution=8)
+    assert batch["task"] == ["t2i", "edit"] and edit_rows(batch) == [False, True]
+    assert batch["instruction"] == ["a green square", "make it green"] and batch["edit_type"] == ["", "recolour"]
+    assert batch["chain"] == ["c1", ""]
+    # GoT's T2I reference is a black image; its MLLM row is a placeholder the modules never show.
+    assert torch.equal(batch["source"][0], -torch.ones(3, 16, 16)) and torch.equal(batch["mllm_image"][0], torch.zeros(3, 8, 8))
+    assert torch.equal(batch["source"][1], edit_alone["source"][0])
+    assert torch.equal(batch["mllm_image"][1], edit_alone["mllm_image"][0])
+    assert torch.equal(batch["target"], torch.cat([t2i_alone["target"], edit_alone["target"]]))
+    assert "mask" not in batch, "a T2I sample has no edit mask"
+
+
+def test_edit_rows_of_hand_built_batches() -> None:
+    assert edit_rows({"key": ["a", "b"], "source": torch.zeros(2, 3, 4, 4)}) == [True, True]
+    assert edit_rows({"key": ["a"]}) == [False]
+    with pytest.raises(ValueError, match="'edit' or 't2i'"):
+        edit_rows({"key": ["a"], "task": ["inpaint"]})
 
 
 def test_dim_transform_crops_centre_but_mllm_sees_full_image() -> None:
@@ -52,8 +77,7 @@ def test_t2i_batch_and_errors() -> None:
     batch = collate([T2ISample("t", img, "a green square")], resolution=16, mllm_resolution=8)
     assert batch["instruction"] == ["a green square"] and batch["target"].shape == (1, 3, 16, 16)
     assert "source" not in batch and "mllm_image" not in batch
-    with pytest.raises(ValueError, match="mixes EditSample and T2ISample"):
-        collate([T2ISample("t", img, "p"), EditSample("e", img, "i")], 16, 8)
+    assert batch["task"] == ["t2i"] and batch["edit_type"] == [""]
     with pytest.raises(ValueError, match="some samples of the batch have a target"):
         collate([EditSample("a", img, "i", img), EditSample("b", img, "i")], 16, 8)
     with pytest.raises(ValueError, match="box 0 must be"):

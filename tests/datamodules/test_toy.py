@@ -10,6 +10,7 @@ from PIL import ImageColor
 from datamodules.samples import collate
 from datamodules.shard_format import decode_sample, read_tar
 from datamodules.toy import EDIT_TYPES, PALETTE, POSITIONS, edit_sample, generate, t2i_sample
+from datamodules.toy import main as toy_main
 
 
 @pytest.mark.parametrize("resolution", [32, 64])
@@ -100,6 +101,18 @@ def test_got_chains_hold_exactly_the_target_boxes() -> None:
         assert f"a {extra['target_scene']['background']} background" in edit.chain
         t2i, extra = t2i_sample(seed=4, split="train", index=index)
         assert _chain_boxes(t2i.chain) == t2i.boxes and len(t2i.boxes) == len(extra["scene"]["objects"])
+
+
+def test_mixed_split_alternates_the_edit_and_t2i_samples(tmp_path: Path) -> None:
+    mixed = [s for s, _ in generate("mixed", 5, "train", 5)]
+    assert [type(s).__name__ for s in mixed] == ["EditSample", "T2ISample"] * 2 + ["EditSample"]
+    assert [s.key for s in mixed] == [f"train_{i:06d}" for i in range(5)]
+    edits, t2i = [s for s, _ in generate("edit", 5, "train", 3)], [s for s, _ in generate("t2i", 5, "train", 2)]
+    assert [s.instruction for s in mixed[::2]] == [s.instruction for s in edits]
+    assert [s.prompt for s in mixed[1::2]] == [s.prompt for s in t2i] and all(s.chain for s in mixed)
+    assert toy_main(["--out", str(tmp_path), "--train", "6", "--val", "2", "--test", "2", "--task", "mixed", "--resolution", "16"]) == 0
+    decoded = [decode_sample(raw) for raw in read_tar(str(tmp_path / "train" / "shard-000000.tar"))]
+    assert collate(decoded, 16, 16)["task"] == ["edit", "t2i"] * 3
 
 
 def test_chain_colours_are_pil_colour_names() -> None:

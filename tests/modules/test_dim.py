@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from datamodules.samples import collate
+from datamodules.toy import edit_sample, t2i_sample
 from tests.modules.conftest import toy_batch, tiny_dim_kwargs
 from zoo.modules.base import Optimization
 from zoo.modules.dim import DIMModule
@@ -130,6 +132,21 @@ def test_edit_mode_requires_the_source_and_t2i_generates() -> None:
     batch.pop("source")
     with pytest.raises(KeyError, match="source"):
         edit.training_loss(batch)
+
+
+def test_a_sample_of_the_other_task_is_an_actionable_error() -> None:
+    # DIM trains T2I, then editing: a black T2I "source" must never be trained or sampled as an edit.
+    torch.manual_seed(0)
+    edit, t2i = DIMModule(**tiny_dim_kwargs()), DIMModule(**tiny_dim_kwargs(mode="t2i"))
+    mixed = collate([edit_sample(0, "train", 0, 16)[0], t2i_sample(0, "train", 1, 16)[0]], 16, 16)
+    with pytest.raises(ValueError, match=r"edit-mode DIMModule got text-to-image samples \['train_000001'\].*edit-only split"):
+        edit.training_loss(mixed)
+    with pytest.raises(ValueError, match=r"t2i-mode DIMModule got edit samples \['train_000000'\].*text-to-image split"):
+        t2i.training_loss(mixed)
+    with pytest.raises(ValueError, match="edit-mode DIMModule got text-to-image samples"):
+        edit.edit_with_text(collate([t2i_sample(0, "train", 0, 16)[0]], 16, 16))
+    with pytest.raises(ValueError, match="t2i-mode DIMModule got edit samples"):
+        t2i.edit_batch(toy_batch(size=2))
 
 
 def test_blueprint_is_the_condition_when_present() -> None:

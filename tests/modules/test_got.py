@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from PIL import Image
+from torch import Tensor
 from torchvision.transforms.functional import pil_to_tensor
 
-from datamodules.samples import collate
-from datamodules.toy import t2i_sample
+from datamodules.samples import EditSample, T2ISample, collate
+from datamodules.shards import ShardDataModule
+from datamodules.toy import edit_sample, t2i_sample
+from datamodules.toy import main as toy_main
 from tests.modules.conftest import toy_batch
 from zoo.blocks.spatial import parse_boxes, render_box_canvases, replace_box
 from zoo.blocks.tiny import TINY_KL, TINY_SDXL_UNET
@@ -137,6 +143,95 @@ def test_t2i_reference_is_an_encoded_black_image() -> None:
     torch.testing.assert_close(reference, black.expand(2, -1, -1, -1))
     assert reference.abs().sum() > 0, "a black image's latent is not the zero latent"
     assert torch.isfinite(model.training_loss(t2i)["loss"])
+
+
+def _mixed_samples() -> list[EditSample | T2ISample]:
+    """Edit, T2I, edit, T2I: GoT pretraining's mix of tasks in one batch."""
+    return [make_sample(0, "train", i // 2, 16)[0] for i, make_sample in enumerate([edit_sample, t2i_sample] * 2)]
+
+
+def _fixed_noise_loss(model: GoTModule, samples: list, rows: list[int], monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
+    """Training loss of ``samples[rows]`` where sample r always draws the same noise and timestep."""
+
+    def noise(x0: Tensor) -> Tensor:
+        return torch.randn(len(samples), *x0.shape[1:], generator=torch.Generator().manual_seed(0))[rows]
+
+    def timesteps(batch_size: int, device: torch.device | None = None) -> Tensor:
+        return torch.tensor([100, 300, 600, 900])[rows].to(device)
+
+    monkeypatch.setattr(model.objective, "sample_noise", noise)
+    monkeypatch.setattr(model.objective, "sample_timesteps", timesteps)
+    with torch.no_grad():
+        return {k: v.item() for k, v in model.training_loss(collate([samples[r] for r in rows], 16, 16)).items()}
+
+
+def test_mixed_batch_loss_combines_the_per_sample_losses(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make(condition_dropout=0.0).eval()
+    samples = _mixed_samples()
+    mixed = _fixed_noise_loss(model, samples, [0, 1, 2, 3], monkeypatch)
+    alone = [_fixed_noise_loss(model, samples, [r], monkeypatch) for r in range(4)]
+    # ε-MSE: mean over samples; chain CE: mean over the batch's chain tokens (+ closing <|im_gen_start|>).
+    tokenizer = model.mllm.processor.tokenizer
+    targets = [len(tokenizer(s.chain, add_special_tokens=False).input_ids) + 1 for s in samples]
+    assert mixed["diffusion_mse"] == pytest.approx(sum(a["diffusion_mse"] for a in alone) / 4, abs=1e-5)
+    assert mixed["chain_ce"] == pytest.approx(sum(n * a["chain_ce"] for n, a in zip(targets, alone)) / sum(targets), abs=1e-5)
+    assert mixed["loss"] == pytest.approx(mixed["chain_ce"] + mixed["diffusion_mse"], abs=1e-5)
+
+
+def test_mixed_batch_rows_are_conditioned_as_their_own_task() -> None:
+    model = make().eval()
+    batch = collate(_mixed_samples(), 16, 16)
+    edits, t2i = toy_batch(2, 16), _t2i_batch(2)
+    assert batch["task"] == ["edit", "t2i", "edit", "t2i"]
+    with torch.no_grad():
+        reference = model.reference_latent(batch, 16, 16)
+        states = model.mllm.image_token_states(model._mllm_images(batch), batch["instruction"], batch["chain"])
+        edit_states = model.mllm.image_token_states(model._mllm_images(edits), edits["instruction"], edits["chain"])
+        t2i_states = model.mllm.image_token_states(model._mllm_images(t2i), t2i["instruction"], t2i["chain"])
+    torch.testing.assert_close(reference[0::2], model.reference_latent(edits, 16, 16), rtol=0, atol=1e-5)
+    torch.testing.assert_close(reference[1::2], model.reference_latent(t2i, 16, 16), rtol=0, atol=1e-5)
+    torch.testing.assert_close(states[0::2], edit_states, rtol=0, atol=1e-5)
+    torch.testing.assert_close(states[1::2], t2i_states, rtol=0, atol=1e-5)
+    # A T2I row's reference is black even if a hand-built batch put an image in its source row.
+    painted = {**batch, "source": batch["source"].clone().fill_(0.5)}
+    torch.testing.assert_close(model.reference_latent(painted, 16, 16)[1::2], reference[1::2])
+    images = model.edit_batch(batch, torch.Generator().manual_seed(0))
+    assert images.shape == (4, 3, 16, 16) and torch.isfinite(images).all()
+
+
+class _BatchRecorder(L.Callback):
+    """Tasks and loss of every training batch."""
+
+    def __init__(self) -> None:
+        self.tasks: list[list[str]] = []
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.tasks.append(list(batch["task"]))
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_fits_a_mixed_toy_shard_split(tmp_path: Path) -> None:
+    args = ["--out", str(tmp_path), "--train", "8", "--val", "2", "--test", "2", "--resolution", "16", "--samples-per-shard", "4"]
+    assert toy_main([*args, "--task", "mixed"]) == 0
+    data = ShardDataModule(
+        train_shards=str(tmp_path / "train"), val_shards=str(tmp_path / "val"), batch_size=4, resolution=16, mllm_resolution=16,
+        shuffle_buffer=8,
+    )
+    model = make()
+    trainable = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    recorder = _BatchRecorder()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=4, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder],
+    )
+    trainer.fit(model, datamodule=data)
+    assert len(recorder.tasks) == 4 and all(math.isfinite(loss) for loss in recorder.losses)
+    assert [sorted(a + b) for a, b in zip(recorder.tasks[::2], recorder.tasks[1::2])] == [["edit"] * 4 + ["t2i"] * 4] * 2
+    assert any(set(tasks) == {"edit", "t2i"} for tasks in recorder.tasks), "the shuffle buffer mixes tasks within batches"
+    moved = {name for name, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable[name])}
+    assert any(".lora_B." in n for n in moved) and any(n.startswith("denoiser.") for n in moved)
+    assert {"context_projector.weight", "pooled_projector.weight"} <= moved
 
 
 def test_mask_latent_is_the_mean_of_per_box_canvas_latents() -> None:

@@ -17,6 +17,7 @@ dependency of the zoo and the protocol needs only one POST.
 from __future__ import annotations
 
 import base64
+import copy
 import email.utils
 import io
 import json
@@ -373,27 +374,30 @@ class LocalVLMChatClient:
         self.max_new_tokens = max_new_tokens
 
     def complete(self, content: Sequence[ChatPart], *, system: str | None = None) -> str:
-        """Greedy reply to one user turn of at most one image and any texts (joined by blank lines).
+        """Greedy reply to one user turn (texts and images, in the order given) after an optional
+        system prompt, at most ``max_new_tokens`` long.
 
-        The image is placed before the text whatever its position in ``content`` (Qwen's chat
-        format as :meth:`QwenVLEncoder.generate` builds it).
+        ImgEdit-Judge reads ``[rubric, original, result]`` (research notes §4D), so images keep their
+        place among the texts. The official judge script passes only ``max_new_tokens`` to
+        ``generate``: the checkpoint's own generation settings (stop tokens, repetition penalty)
+        apply, except that decoding is greedy so replies are deterministic.
 
         Raises:
-            ValueError: more than one image, no text, or a system prompt (not supported by the
-                local wrapper yet: put it at the start of the text).
+            ValueError: empty content.
         """
-        if system is not None:
-            raise ValueError("LocalVLMChatClient does not take a system prompt; put it at the start of the text")
-        images = [part for part in content if not isinstance(part, str)]
-        texts = [part for part in content if isinstance(part, str)]
-        if len(images) > 1:
-            raise ValueError(f"LocalVLMChatClient takes at most one image per turn, got {len(images)}")
-        if not texts:
-            raise ValueError("LocalVLMChatClient needs at least one text part in the turn")
-        device = next(self.vlm.parameters()).device
-        pixels = to_tensor(images[0])[None].to(device) if images else None
-        (reply,) = self.vlm.generate(pixels, ["\n\n".join(texts)], max_new_tokens=self.max_new_tokens)
-        return reply
+        if isinstance(content, str) or not content:
+            raise ValueError("content must be a non-empty list of texts and images (one user turn)")
+        processor, model = self.vlm.processor, self.vlm.model
+        parts = [{"type": "text", "text": part} if isinstance(part, str) else {"type": "image"} for part in content]
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        prompt = processor.apply_chat_template([*messages, {"role": "user", "content": parts}], tokenize=False, add_generation_prompt=True)
+        images = [to_pil(part) for part in content if not isinstance(part, str)]
+        inputs = processor(text=[prompt], images=images or None, return_tensors="pt").to(model.device)
+        config = copy.deepcopy(model.generation_config)
+        config.update(max_new_tokens=self.max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None)
+        with torch.no_grad():
+            output = model.generate(**inputs, generation_config=config)
+        return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def _reply_text(response: requests.Response) -> tuple[str | None, str]:

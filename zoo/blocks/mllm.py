@@ -16,28 +16,50 @@
   second forward over prompt + chain + ``<|im_gen_start|>`` + the 64 placeholders and return their
   last hidden states (the SDXL condition), with the chain's next-token loss for training.
 
+Every method takes a batch where any subset of the samples has an image (:data:`Images`), so GoT's
+mixed T2I + edit batches see, per sample, exactly what that sample sees alone. The encoder survives
+pickling into a fresh process (Lightning's ``ddp_spawn``) with its hidden states intact.
+
 The same constructor builds the published model (``pretrained``) or a tiny random one (``tiny``,
 see :mod:`zoo.blocks.tiny`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import load_peft_weights
 from torch import Tensor, nn
-from transformers import BatchFeature, GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+from transformers import (
+    BatchFeature,
+    GenerationConfig,
+    PreTrainedModel,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    modeling_utils,
+)
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from zoo.blocks.got_tokens import GEN_START, GoTTokenIds, add_got_tokens, cover_vocabulary, got_prompt, image_token
 from zoo.blocks.pretrained import resolve_pretrained
 from zoo.blocks.tiny import tiny_qwen2_5_vl
 
+Images = Tensor | Sequence[Tensor | None] | None
+"""Images for a batch of texts, in [0, 1]: a ``[B, 3, H, W]`` tensor (every sample has one), a
+sequence of ``[3, H, W]`` tensors or ``None`` per sample (a batch mixing edit and T2I samples), or
+``None`` (no sample has one)."""
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The chat template opens the user turn with this header; the condition starts right after it.
 _USER_HEADER = "<|im_start|>user\n"
 _ASSISTANT_HEADER = "assistant\n"
+# Where transformers' lazily installed output-capture hooks live, and its "installed" flag.
+_CAPTURE_MODULE = "transformers.utils.output_capturing"
+_HOOKS_INSTALLED = "_output_capturing_hooks_installed"
 
 GOT_LORA: dict = {
     "r": 32,
@@ -144,6 +166,20 @@ class QwenVLEncoder(nn.Module):
         # A frozen encoder ignores the parent's .train(): dropout off, same features in fit and eval.
         return super().train(mode and not self.frozen)
 
+    # transformers 5 registers each model class's output-capture specs (which layers' outputs make
+    # ``hidden_states``) in a process-global registry from ``PreTrainedModel.__init__``, and installs
+    # forward hooks (local closures) lazily at the first forward asking for them. Unpickling skips
+    # ``__init__``, so in a fresh process (Lightning's ddp_spawn) ``output_hidden_states`` came back
+    # empty; and a model that ran such a forward could not be pickled at all.
+
+    def __getstate__(self) -> dict[str, Any]:
+        _drop_capture_hooks(self.model)
+        return super().__getstate__()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        _register_output_capture(self.model)
+
     def save_pretrained(self, path: str) -> None:
         """Write model and processor so that ``QwenVLEncoder(pretrained=path)`` reloads them.
 
@@ -169,39 +205,60 @@ class QwenVLEncoder(nn.Module):
         if result.unexpected_keys:
             raise ValueError(f"adapter at {path} does not fit this encoder's lora config: unexpected {result.unexpected_keys[:3]}")
 
-    def _prompts(self, with_image: bool, texts: list[str], add_generation_prompt: bool) -> list[str]:
-        content = [{"type": "image"}] if with_image else []
-        conversations = [[{"role": "user", "content": [*content, {"type": "text", "text": t}]}] for t in texts]
+    def _prompts(self, has_image: list[bool], texts: list[str], add_generation_prompt: bool) -> list[str]:
+        conversations = [
+            [{"role": "user", "content": [*([{"type": "image"}] if image else []), {"type": "text", "text": text}]}]
+            for image, text in zip(has_image, texts)
+        ]
         return self.processor.apply_chat_template(
             conversations, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def _images(self, images: Tensor | None, batch: int) -> tuple[list[Tensor] | None, dict]:
-        if images is None:
-            return None, {}
-        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(f"images must be a float tensor [B, 3, H, W], got {tuple(images.shape)} {images.dtype}")
-        if images.shape[0] != batch:
-            raise ValueError(f"got {images.shape[0]} images for {batch} texts; give one image per text")
-        if images.min() < 0 or images.max() > 1:
-            raise ValueError("images must be in [0, 1] (got values outside); undo any [-1, 1] normalisation first")
-        kwargs: dict = {"do_rescale": False}
-        if self.image_size is not None:
-            # One resample straight to Qwen's grid-aligned size, as the official DIM pipeline does.
-            ip = self.processor.image_processor
-            side = smart_resize(
-                self.image_size,
-                self.image_size,
-                factor=ip.patch_size * ip.merge_size,
-                min_pixels=ip.size.shortest_edge,
-                max_pixels=ip.size.longest_edge,
-            )
-            images = F.interpolate(images.float(), size=side, mode="bicubic", antialias=True, align_corners=False)
-            images = images.clamp(0, 1)
-            kwargs["do_resize"] = False
-        return list(images.float().cpu()), kwargs
+    def _images(self, images: Images, batch: int) -> tuple[list[bool], list[Tensor] | None, dict]:
+        """``(has_image per sample, the given images in batch order or None, processor kwargs)``.
 
-    def build_inputs(self, images: Tensor | None, texts: list[str]) -> BatchFeature:
+        The processor fills the ``<|image_pad|>`` runs of the batch with the images in order, so a
+        list holding only the samples that have an image lines up with their prompts.
+        """
+        if images is None:
+            return [False] * batch, None, {}
+        if isinstance(images, Tensor):
+            if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+                raise ValueError(f"images must be a float tensor [B, 3, H, W], got {tuple(images.shape)} {images.dtype}")
+            images = list(images)
+        if len(images) != batch:
+            raise ValueError(f"got {len(images)} images for {batch} texts; give one image per text (None for a text without one)")
+        has_image = [image is not None for image in images]
+        pixels = [self._prepare(image) for image in images if image is not None]
+        if not pixels:
+            return has_image, None, {}
+        kwargs = {"do_rescale": False}  # already in [0, 1]
+        if self.image_size is not None:
+            kwargs["do_resize"] = False  # already on Qwen's grid (_prepare)
+        return has_image, pixels, kwargs
+
+    def _prepare(self, image: Tensor) -> Tensor:
+        """Check one ``[3, H, W]`` image in [0, 1]; squash it to ``image_size`` when set."""
+        if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
+            raise ValueError(f"each image must be a float tensor [3, H, W], got {tuple(image.shape)} {image.dtype}")
+        if image.min() < 0 or image.max() > 1:
+            raise ValueError("images must be in [0, 1] (got values outside); undo any [-1, 1] normalisation first")
+        image = image.float()
+        if self.image_size is None:
+            return image.cpu()
+        # One resample straight to Qwen's grid-aligned size, as the official DIM pipeline does.
+        ip = self.processor.image_processor
+        side = smart_resize(
+            self.image_size,
+            self.image_size,
+            factor=ip.patch_size * ip.merge_size,
+            min_pixels=ip.size.shortest_edge,
+            max_pixels=ip.size.longest_edge,
+        )
+        resized = F.interpolate(image[None], size=side, mode="bicubic", antialias=True, align_corners=False)
+        return resized[0].clamp(0, 1).cpu()
+
+    def build_inputs(self, images: Images, texts: list[str]) -> BatchFeature:
         """Tokenise ``[image?, text]`` user turns, right-padded, plus the boolean ``user_span`` [B, T].
 
         ``user_span`` marks the user turn's content: ``<|vision_start|>``, the image pads,
@@ -210,8 +267,8 @@ class QwenVLEncoder(nn.Module):
         """
         if not texts:
             raise ValueError("texts must hold at least one instruction")
-        pixels, image_kwargs = self._images(images, len(texts))
-        prompts = self._prompts(pixels is not None, texts, add_generation_prompt=False)
+        has_image, pixels, image_kwargs = self._images(images, len(texts))
+        prompts = self._prompts(has_image, texts, add_generation_prompt=False)
         inputs = self.processor(
             text=prompts,
             images=pixels,
@@ -240,7 +297,20 @@ class QwenVLEncoder(nn.Module):
         inputs["user_span"] = span
         return inputs
 
-    def condition(self, images: Tensor | None, texts: list[str]) -> tuple[Tensor, Tensor]:
+    def _last_hidden_state(self, inputs: BatchFeature) -> Tensor:
+        """``hidden_states[-1]`` (after the final norm) of one forward, ``[B, T, D]``."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            # Only the hidden states are needed: logits for one position keep the LM head cheap.
+            out = self.model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        if not out.hidden_states:
+            raise RuntimeError(
+                "the MLLM returned no hidden states: this transformers version lost its output-capture "
+                "registration when the model was unpickled in a fresh process (Lightning's ddp_spawn); "
+                "launch with strategy 'ddp' (torchrun or srun start one process per rank) instead"
+            )
+        return out.hidden_states[-1]
+
+    def condition(self, images: Images, texts: list[str]) -> tuple[Tensor, Tensor]:
         """DIM condition: user-span last hidden states, ``(states [B, L, D] float32, mask [B, L] bool)``.
 
         ``L = max_condition_length``; shorter spans are zero-padded on the right, longer ones keep
@@ -248,10 +318,7 @@ class QwenVLEncoder(nn.Module):
         """
         inputs = self.build_inputs(images, texts).to(self.model.device)
         span = inputs.pop("user_span")
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            # Only the hidden states are needed: logits for one position keep the LM head cheap.
-            out = self.model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        hidden = out.hidden_states[-1]
+        hidden = self._last_hidden_state(inputs)
         length = self.max_condition_length
         states = hidden.new_zeros(len(texts), length, hidden.shape[-1], dtype=torch.float32)
         mask = torch.zeros(len(texts), length, dtype=torch.bool, device=hidden.device)
@@ -264,7 +331,7 @@ class QwenVLEncoder(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        images: Tensor | None,
+        images: Images,
         texts: list[str],
         max_new_tokens: int = 256,
         stop_strings: list[str] | None = None,
@@ -278,8 +345,8 @@ class QwenVLEncoder(nn.Module):
             raise ValueError("texts must hold at least one prompt")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        pixels, image_kwargs = self._images(images, len(texts))
-        prompts = self._prompts(pixels is not None, texts, add_generation_prompt=True)
+        has_image, pixels, image_kwargs = self._images(images, len(texts))
+        prompts = self._prompts(has_image, texts, add_generation_prompt=True)
         # Left padding: every sample's reply then starts at the same position.
         inputs = self.processor(
             text=prompts, images=pixels, padding=True, padding_side="left", return_tensors="pt", **image_kwargs
@@ -303,13 +370,14 @@ class QwenVLEncoder(nn.Module):
             raise ValueError("GoT methods need GoT's tokens: build the encoder with got_image_tokens=64")
         return self.got_ids
 
-    def _got_prompts(self, pixels: list[Tensor] | None, prompts: list[str]) -> list[str]:
-        # The editing template exactly when a source image is given (got_model.py L155-162).
-        return self._prompts(pixels is not None, [got_prompt(p, pixels is not None) for p in prompts], True)
+    def _got_prompts(self, has_image: list[bool], prompts: list[str]) -> list[str]:
+        # Per sample, the editing template exactly when a source image is given (got_model.py L155-162).
+        texts = [got_prompt(prompt, image) for image, prompt in zip(has_image, prompts)]
+        return self._prompts(has_image, texts, add_generation_prompt=True)
 
     @torch.no_grad()
-    def generate_chain(self, images: Tensor | None, prompts: list[str], max_new_tokens: int = 1024) -> list[str]:
-        """GoT reasoning chains: greedy continuation of the T2I (no images) or edit prompt.
+    def generate_chain(self, images: Images, prompts: list[str], max_new_tokens: int = 1024) -> list[str]:
+        """GoT reasoning chains: greedy continuation of the T2I (no image) or edit prompt of each sample.
 
         Decoding stops at ``<|im_gen_start|>`` (the caller then appends the image placeholders),
         ``<|im_end|>`` or ``<|endoftext|>`` and never runs past ``max_new_tokens`` (GoT's loop only
@@ -321,9 +389,9 @@ class QwenVLEncoder(nn.Module):
             raise ValueError("prompts must hold at least one caption or instruction")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        pixels, image_kwargs = self._images(images, len(prompts))
+        has_image, pixels, image_kwargs = self._images(images, len(prompts))
         inputs = self.processor(
-            text=self._got_prompts(pixels, prompts),
+            text=self._got_prompts(has_image, prompts),
             images=pixels,
             padding=True,
             padding_side="left",
@@ -343,15 +411,15 @@ class QwenVLEncoder(nn.Module):
         return chains
 
     def _chain_forward(
-        self, images: Tensor | None, prompts: list[str], chains: list[str]
+        self, images: Images, prompts: list[str], chains: list[str]
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(input_ids [B, T], last hidden states [B, T, D], image-token states [B, 64, D] float32)``."""
         ids = self._require_got()
         if len(chains) != len(prompts):
             raise ValueError(f"got {len(chains)} chains for {len(prompts)} prompts; give one chain per prompt")
         placeholders = GEN_START + "".join(image_token(k) for k in range(ids.num_image_tokens))
-        pixels, image_kwargs = self._images(images, len(prompts))
-        texts = [p + c + placeholders for p, c in zip(self._got_prompts(pixels, prompts), chains)]
+        has_image, pixels, image_kwargs = self._images(images, len(prompts))
+        texts = [p + c + placeholders for p, c in zip(self._got_prompts(has_image, prompts), chains)]
         inputs = self.processor(
             text=texts, images=pixels, padding=True, padding_side="right", return_tensors="pt", **image_kwargs
         ).to(self.model.device)
@@ -362,9 +430,7 @@ class QwenVLEncoder(nn.Module):
             starts = (input_ids[b] == ids.gen_start).nonzero()
             if len(starts) != 1 or not torch.equal(input_ids[b][is_image[b]], expected):
                 raise ValueError(f"chain {b} contains GoT generation tokens itself; pass the text before <|im_gen_start|>")
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            out = self.model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        hidden = out.hidden_states[-1]
+        hidden = self._last_hidden_state(inputs)
         return input_ids, hidden, hidden[is_image].view(len(texts), ids.num_image_tokens, -1).float()
 
     def _chain_loss(self, input_ids: Tensor, hidden: Tensor) -> Tensor:
@@ -385,7 +451,7 @@ class QwenVLEncoder(nn.Module):
         logits = self.model.get_output_embeddings()(torch.cat(rows))
         return F.cross_entropy(logits.float(), torch.cat(targets))
 
-    def image_token_states(self, images: Tensor | None, prompts: list[str], chains: list[str]) -> Tensor:
+    def image_token_states(self, images: Images, prompts: list[str], chains: list[str]) -> Tensor:
         """Last hidden states (after the final norm) at the 64 image placeholders, ``[B, 64, D]`` float32.
 
         The second forward of GoT (``got_model.py`` L222-233): prompt + chain +
@@ -394,7 +460,7 @@ class QwenVLEncoder(nn.Module):
         return self._chain_forward(images, prompts, chains)[2]
 
     def chain_loss_and_states(
-        self, images: Tensor | None, prompts: list[str], chains: list[str]
+        self, images: Images, prompts: list[str], chains: list[str]
     ) -> tuple[Tensor, Tensor]:
         """Training forward: ``(chain next-token CE, image_token_states)`` from one pass.
 
@@ -402,6 +468,25 @@ class QwenVLEncoder(nn.Module):
         """
         input_ids, hidden, states = self._chain_forward(images, prompts, chains)
         return self._chain_loss(input_ids, hidden), states
+
+
+def _drop_capture_hooks(model: nn.Module) -> None:
+    """Remove transformers' output-capture hooks (closures, which pickle cannot write) and clear
+    its "installed" flag, so the next forward asking for hidden states installs them again."""
+    for module in model.modules():
+        for key in [k for k, hook in module._forward_hooks.items() if getattr(hook, "__module__", None) == _CAPTURE_MODULE]:
+            del module._forward_hooks[key]
+        if getattr(module, _HOOKS_INSTALLED, False):
+            setattr(module, _HOOKS_INSTALLED, False)
+
+
+def _register_output_capture(model: nn.Module) -> None:
+    """Register every submodel's capture specs in transformers' registry, as ``PreTrainedModel.__init__`` does."""
+    # The registry is keyed by the class string, both as the plain dict of early 5.x releases and as
+    # the later dict subclass whose __setitem__ takes the model: the dict entry works with either.
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            dict.__setitem__(modeling_utils._CAN_RECORD_REGISTRY, str(type(module)), module._can_record_outputs)
 
 
 def _lora_config(options: dict) -> LoraConfig:

@@ -11,6 +11,9 @@ appended after the learned vocabulary (so later additions, such as GoT's 66 gene
 never shift an existing id), a ``Qwen2VLImageProcessor``/``Qwen2VLVideoProcessor`` pair with a
 small patch, and a chat template that renders Qwen's format, default system prompt included.
 Token ids are always looked up by string, never hard-coded.
+
+The similarity metrics' encoders (:mod:`zoo.blocks.vision`) come from here too: CLIP with a
+character-level ``CLIPTokenizer`` (no merges to learn) and a DINO-shaped ViT.
 """
 
 from __future__ import annotations
@@ -21,12 +24,19 @@ from functools import lru_cache
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTokenizer,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
     Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
+    ViTConfig,
+    ViTModel,
 )
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
 
@@ -343,3 +353,93 @@ TINY_KL: dict[str, object] = {
     "sample_size": 16,
     "scaling_factor": 0.13025,
 }
+
+
+# --- metric encoders: CLIP (CLIP-I / CLIP-T) and DINO ------------------------------------------
+
+CLIP_SPECIAL_TOKENS: tuple[str, str] = ("<|startoftext|>", "<|endoftext|>")
+"""CLIP's begin/end-of-text strings (end also pads, as in OpenAI's CLIP)."""
+
+
+def tiny_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """A character-level ``CLIPTokenizer``: every byte-level symbol, alone and word-final (``</w>``).
+
+    No merges, so nothing is learned or random; CLIP's lower-casing, word split and
+    ``<|startoftext|> … <|endoftext|>`` framing are the real tokenizer's.
+    """
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    symbols = [*CLIP_SPECIAL_TOKENS, *alphabet, *(symbol + "</w>" for symbol in alphabet)]
+    start, end = CLIP_SPECIAL_TOKENS
+    return CLIPTokenizer(
+        vocab={symbol: i for i, symbol in enumerate(symbols)},
+        merges=[],
+        bos_token=start,
+        eos_token=end,
+        pad_token=end,
+        unk_token=end,
+        model_max_length=model_max_length,
+    )
+
+
+def tiny_clip(
+    seed: int = 0,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    projection_dim: int = 16,
+) -> tuple[CLIPModel, CLIPProcessor]:
+    """A randomly initialised ``CLIPModel`` (text + vision towers) and its ``CLIPProcessor``.
+
+    The processor resizes the shorter side to ``image_size`` and centre-crops, as OpenAI's CLIP
+    preprocessing does at 224 px. Weights are drawn from ``seed`` in a forked RNG.
+    """
+    tokenizer = tiny_clip_tokenizer()
+    tower = {
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+    }
+    config = CLIPConfig(
+        text_config={
+            **tower,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": tokenizer.model_max_length,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={**tower, "image_size": image_size, "patch_size": patch_size},
+        projection_dim=projection_dim,
+    )
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    return model.eval(), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def tiny_dino(
+    seed: int = 0, image_size: int = 32, patch_size: int = 8, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2
+) -> ViTModel:
+    """A randomly initialised ``ViTModel`` shaped like DINO ViT-S/16 at toy size.
+
+    It keeps transformers' default pooler, as ``AutoModel`` builds it from a DINO checkpoint; DINO's
+    embedding is the normed CLS token, not the pooler's output.
+    """
+    config = ViTConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ViTModel(config)
+    return model.eval()

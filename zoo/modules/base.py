@@ -80,6 +80,9 @@ class EditingModule(L.LightningModule):
         # Frozen encoders are not in checkpoints, so loading must tolerate their absence;
         # on_load_checkpoint checks that nothing trainable is missing instead.
         self.strict_loading = False
+        # A resumed benchmark run may have fewer cases left than ranks; a rank without any then skips
+        # the test loop and its evaluators finish in teardown (callbacks/results.py).
+        self.allow_zero_length_dataloader_with_multiple_devices = True
 
     # -- hooks a paper module implements -------------------------------------------------------
 

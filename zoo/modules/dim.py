@@ -18,6 +18,9 @@ Map to the paper (``../shared/papers/dim-draw-in-mind.txt``) and the official co
   flow; steps and scale come from config (the official code hard-codes 30 / 7.5, here defaults).
 - Designer (§3.2): an external VLM turns instruction + source into the 5-section blueprint that
   replaces the instruction (:mod:`zoo.blocks.designer`); optional.
+- Stages: T2I pretraining, then editing; a model trains one task, so a batch holding samples of
+  the other task (``batch["task"]``, e.g. a split mixing both) is an error, never a silent edit of a
+  black source.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.functional import pil_to_tensor, resize, to_pil_image
 
+from datamodules.samples import edit_rows
 from zoo.blocks.autoencoders import build_codec
 from zoo.blocks.connectors import MLPConnector
 from zoo.blocks.denoisers import SanaDenoiser
@@ -131,12 +135,31 @@ class DIMModule(EditingModule):
         self, batch: dict[str, Any], generator: torch.Generator | None = None
     ) -> tuple[Tensor, list[str]]:
         """Edits and their condition texts, asking the designer (a paid API call) once per sample."""
+        self.check_task(batch)  # before the designer is paid for a batch that cannot be edited
         texts = self.condition_text(batch)
         resolved = {**batch, "blueprint": texts} if self.use_blueprint else batch
         return self.edit_batch(resolved, generator=generator), texts
 
+    def check_task(self, batch: dict[str, Any]) -> None:
+        """Raise unless every sample of ``batch`` is of this model's task (DIM trains one per stage)."""
+        edits = edit_rows(batch)
+        wrong = [key for key, edit in zip(batch["key"], edits) if edit != (self.mode == "edit")]
+        if not wrong:
+            return
+        if self.mode == "edit":
+            raise ValueError(
+                f"this edit-mode DIMModule got text-to-image samples {wrong[:3]} (of {len(wrong)}); DIM trains "
+                "one task per stage, so give it an edit-only split (in a DIM tos jsonl an edit row carries "
+                "image_path_target; DIM's demo files repeat the source path there), or use mode='t2i' for T2I data"
+            )
+        raise ValueError(
+            f"this t2i-mode DIMModule got edit samples {wrong[:3]} (of {len(wrong)}); DIM trains one task per "
+            "stage, so give it a text-to-image split, or use mode='edit' (stage 2, init_from the T2I checkpoint)"
+        )
+
     def encode_condition(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """Projected MLLM states over the user turn, padded to the condition length, and their mask."""
+        self.check_task(batch)
         images = batch.get("mllm_image") if self.mode == "edit" else None
         states, mask = self.mllm.condition(images, self.condition_text(batch))
         return self.connector(states.to(self.dtype)), mask

@@ -15,6 +15,9 @@ inference code facts (``official-code-facts.md`` §3A; the training code was nev
   (unscaled posterior mode) and averaged = spatial guidance ``c_S`` (no box: an encoded black
   canvas); reference ``c_R`` = unscaled latent of the source, a black image for T2I. SDXL's UNet
   reads ``[x_t | c_R | c_S]`` through a 12-channel ``conv_in`` (:class:`~zoo.blocks.denoisers.UNetDenoiser`).
+- Tasks: pretraining mixes T2I (LAHR-GoT, JourneyDB-GoT) and editing (OmniEdit-GoT) samples, so a
+  batch may hold both (``batch["task"]``): each sample gets its own prompt template, MLLM image (none
+  for T2I) and reference, exactly as it would alone.
 - Multi-guidance (§5.3): ``ε = ε_u + g(ε_text − ε_img) + c(ε_cond − ε_text) + i(ε_img − ε_u)``
   (:func:`~zoo.blocks.guidance.got_cfg`) over the branches of
   :func:`~zoo.blocks.guidance.got_cfg_batch`; DDPM sampling with SDXL's schedule (official 50 steps,
@@ -25,6 +28,7 @@ inference code facts (``official-code-facts.md`` §3A; the training code was nev
   frozen.
 - Interactive generation (§6.2): :meth:`GoTModule.generate` / :meth:`GoTModule.edit` take a chain the
   user edited (e.g. :func:`~zoo.blocks.spatial.replace_box`) and skip reasoning.
+- Released weights: ``official_weights`` loads HF ``LucasFang/GoT-6B`` (:mod:`zoo.modules.got_official`).
 
 One deliberate difference: the official sampler feeds the generated pooled embedding to the
 null-context branches too, leaking the text into the "unconditional" prediction; by default
@@ -43,14 +47,16 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms.functional import pil_to_tensor, resize, to_pil_image
 
+from datamodules.samples import edit_rows
 from zoo.blocks.autoencoders import KLAutoencoder
 from zoo.blocks.denoisers import UNetDenoiser, sdxl_time_ids
 from zoo.blocks.guidance import got_cfg, got_cfg_batch
-from zoo.blocks.mllm import QwenVLEncoder
+from zoo.blocks.mllm import Images, QwenVLEncoder
 from zoo.blocks.objectives import EpsilonDiffusion
 from zoo.blocks.sampling import sample
 from zoo.blocks.spatial import Box, parse_boxes, render_box_canvases
 from zoo.modules.base import EditingModule, Optimization
+from zoo.modules.got_official import load_official_got
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +94,8 @@ class GoTModule(EditingModule):
         resolution: default output side in pixels; ``None`` = UNet ``sample_size`` × VAE factor
             (SDXL: 1024).
         init_from: checkpoint whose trainable weights initialise this model (finetune from pretrain).
+        official_weights: the released GoT-6B checkpoint (file or folder of HF ``LucasFang/GoT-6B``)
+            loaded over the built model (:mod:`zoo.modules.got_official`); not with ``init_from``.
         optim: optimiser and schedule.
         eval_seed: seed of evaluation noise.
     """
@@ -110,6 +118,7 @@ class GoTModule(EditingModule):
         max_chain_tokens: int = 1024,
         resolution: int | None = None,
         init_from: str | None = None,
+        official_weights: str | None = None,
         optim: Optimization | None = None,
         eval_seed: int = 0,
     ) -> None:
@@ -146,8 +155,12 @@ class GoTModule(EditingModule):
         self.objective = EpsilonDiffusion(noise_offset=noise_offset)
         self.resolution = resolution or self.denoiser.sample_size * self.codec.downsample_factor
         self._check_side(self.resolution)
+        if init_from is not None and official_weights is not None:
+            raise ValueError("give init_from (a zoo checkpoint) or official_weights (GoT-6B), not both")
         if init_from is not None:
             self.load_trainable(init_from)
+        if official_weights is not None:
+            load_official_got(self, official_weights)
 
     # -- conditioning -----------------------------------------------------------------------
 
@@ -158,13 +171,14 @@ class GoTModule(EditingModule):
             raise ValueError(f"image side {side} must be a positive multiple of {multiple} for this VAE + UNet")
 
     @staticmethod
-    def _mllm_images(batch: dict[str, Any]) -> Tensor | None:
-        """Source images for the MLLM (edit prompt), none for T2I (caption prompt)."""
-        if "source" not in batch:
+    def _mllm_images(batch: dict[str, Any]) -> Images:
+        """Per sample, the source for the MLLM (edit prompt) or None (T2I: caption prompt, no image)."""
+        edits = edit_rows(batch)
+        if not any(edits):
             return None
         if "mllm_image" not in batch:
-            raise KeyError("an edit batch needs batch['mllm_image'] (the source in [0, 1] for the MLLM)")
-        return batch["mllm_image"]
+            raise KeyError("an edit sample needs batch['mllm_image'] (the source in [0, 1] for the MLLM)")
+        return [image if edit else None for image, edit in zip(batch["mllm_image"], edits)]
 
     def project(self, states: Tensor) -> tuple[Tensor, Tensor]:
         """``(context [B, 64, Dc], pooled [B, P])`` from the image-token states (pooled = mean of projections)."""
@@ -176,11 +190,15 @@ class GoTModule(EditingModule):
         return self.project(torch.zeros_like(states[:1]))
 
     def reference_latent(self, batch: dict[str, Any], height: int, width: int) -> Tensor:
-        """Unscaled latent of the source image; of a black image for T2I batches (official)."""
-        source = batch.get("source")
-        if source is None:
-            source = -torch.ones(len(batch["key"]), 3, height, width, device=self.device)
-        return self.codec.encode_unscaled(source.to(self.device, self.dtype))
+        """Unscaled latent of each edit's source image; of a black image for T2I samples (official)."""
+        edits = edit_rows(batch)
+        source = -torch.ones(len(edits), 3, height, width, device=self.device, dtype=self.dtype)
+        if any(edits):
+            if "source" not in batch:
+                raise KeyError("an edit sample needs batch['source'] (the image to edit, in [-1, 1])")
+            rows = torch.tensor(edits, device=self.device)
+            source[rows] = batch["source"].to(self.device, self.dtype)[rows]
+        return self.codec.encode_unscaled(source)
 
     def mask_latent(self, chains: list[str], height: int, width: int) -> Tensor:
         """SSGM spatial guidance ``[B, C, h, w]``: mean unscaled latent of each chain's box canvases."""

@@ -1,0 +1,159 @@
+"""Frozen image and text feature encoders for the similarity metrics, and the offline check of the
+torch-hub weight files that torchvision / torch-fidelity feature networks (LPIPS, FID) load.
+
+- :class:`CLIPEncoder`: transformers ``CLIPModel`` + ``CLIPProcessor``; unit-norm projected image
+  embeddings (CLIP-I) and text embeddings (CLIP-T), as OpenAI CLIP's ``encode_image`` /
+  ``encode_text`` that MagicBrush's ``evaluation/image_eval.py`` uses (ViT-B/32, its own preprocessing).
+- :class:`DINOEncoder`: a transformers DINO ViT (``facebook/dino-vits16``, MagicBrush's DINO ViT-S/16;
+  any ``AutoModel`` ViT with a CLS token, DINOv2 included); the unit-norm CLS embedding after the
+  final norm, the output of DINO's own ``forward``. Preprocessing is MagicBrush's: shorter side to
+  256/224 of the model's input size (bicubic), centre crop, ImageNet mean/std.
+
+Both are built from a published id / local folder (``pretrained``) or a tiny random config
+(``tiny``, see :mod:`zoo.blocks.tiny`) through the same constructor, frozen and in eval mode; inputs
+are batches of images ``[3, H, W]`` in [0, 1] (sizes may differ), moved to the encoder's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.transforms.v2 import functional as TF
+from transformers import AutoModel, CLIPModel, CLIPProcessor
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from zoo.blocks.pretrained import MissingPretrainedError, resolve_pretrained
+from zoo.blocks.tiny import tiny_clip, tiny_dino
+
+# MagicBrush's DINO transform: Resize(256) then CenterCrop(224), i.e. the shorter side at 8/7 of the crop.
+_DINO_RESIZE_RATIO = 256 / 224
+
+T = TypeVar("T")
+
+
+def torch_hub_file(url: str, what: str) -> Path:
+    """The file ``torch.hub.load_state_dict_from_url(url)`` reads, which must already be there.
+
+    The zoo never downloads at run time (DESIGN.md), so a missing file is one actionable line.
+
+    Raises:
+        MissingPretrainedError: naming the URL and the folder to put it in.
+    """
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if not path.is_file():
+        raise MissingPretrainedError(
+            f"{what} needs the weights file {url}: download it once into {path.parent}/ "
+            f"(the torch hub cache; set TORCH_HOME to move it)"
+        )
+    return path
+
+
+def _exactly_one(owner: str, pretrained: str | None, tiny: dict | None) -> None:
+    if (pretrained is None) == (tiny is None):
+        raise ValueError(f"{owner} needs exactly one of `pretrained` (id or folder) and `tiny` (dict)")
+
+
+def _tiny(factory: Callable[..., T], owner: str, options: dict) -> T:
+    try:
+        return factory(**options)
+    except TypeError as err:
+        raise ValueError(f"bad `tiny` options for {owner} {options}: {err}") from err
+
+
+class _FrozenEncoder(nn.Module):
+    """No gradients and always in eval mode, whatever the parent module does."""
+
+    model: nn.Module
+
+    def _freeze(self) -> None:
+        self.model.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> _FrozenEncoder:
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+class CLIPEncoder(_FrozenEncoder):
+    """CLIP image and text embeddings for CLIP-I / CLIP-T.
+
+    Args:
+        pretrained: local folder or cached hub id of a CLIP checkpoint (model + processor), e.g.
+            ``openai/clip-vit-base-patch32`` (MagicBrush's ViT-B/32). Exclusive with ``tiny``.
+        tiny: options of :func:`zoo.blocks.tiny.tiny_clip`, e.g. ``{"seed": 0, "image_size": 32}``.
+    """
+
+    def __init__(self, pretrained: str | None = None, tiny: dict | None = None) -> None:
+        super().__init__()
+        _exactly_one(type(self).__name__, pretrained, tiny)
+        if pretrained is not None:
+            folder = resolve_pretrained(pretrained)
+            self.model = CLIPModel.from_pretrained(folder)
+            self.processor = CLIPProcessor.from_pretrained(folder)
+        else:
+            self.model, self.processor = _tiny(tiny_clip, type(self).__name__, tiny)
+        self._freeze()
+
+    @torch.no_grad()
+    def image_features(self, images: Sequence[Tensor]) -> Tensor:
+        """Unit-norm projected embeddings ``[B, D]`` of images ``[3, H, W]`` in [0, 1]."""
+        pixels = self.processor(images=list(images), do_rescale=False, return_tensors="pt")["pixel_values"]
+        features = self.model.get_image_features(pixel_values=pixels.to(self.device)).pooler_output
+        return F.normalize(features.float(), dim=-1)
+
+    @torch.no_grad()
+    def text_features(self, texts: Sequence[str]) -> Tensor:
+        """Unit-norm projected embeddings ``[B, D]`` of texts, truncated to CLIP's context (77 tokens)."""
+        tokens = self.processor(text=list(texts), padding=True, truncation=True, return_tensors="pt")
+        features = self.model.get_text_features(**tokens.to(self.device)).pooler_output
+        return F.normalize(features.float(), dim=-1)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write model and processor so that ``CLIPEncoder(pretrained=path)`` reloads them."""
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+
+
+class DINOEncoder(_FrozenEncoder):
+    """DINO CLS embeddings for the DINO similarity.
+
+    Args:
+        pretrained: local folder or cached hub id of a DINO ViT, e.g. ``facebook/dino-vits16``
+            (MagicBrush's ViT-S/16). Exclusive with ``tiny``.
+        tiny: options of :func:`zoo.blocks.tiny.tiny_dino`, e.g. ``{"seed": 0, "image_size": 32}``.
+    """
+
+    def __init__(self, pretrained: str | None = None, tiny: dict | None = None) -> None:
+        super().__init__()
+        _exactly_one(type(self).__name__, pretrained, tiny)
+        if pretrained is not None:
+            self.model = AutoModel.from_pretrained(resolve_pretrained(pretrained))
+        else:
+            self.model = _tiny(tiny_dino, type(self).__name__, tiny)
+        self._freeze()
+
+    def preprocess(self, image: Tensor) -> Tensor:
+        """MagicBrush's DINO transform of one image ``[3, H, W]`` in [0, 1], at the model's input size."""
+        crop = self.model.config.image_size
+        image = TF.resize(image, round(crop * _DINO_RESIZE_RATIO), interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        image = TF.center_crop(image, [crop, crop])
+        return TF.normalize(image, list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD))
+
+    @torch.no_grad()
+    def image_features(self, images: Sequence[Tensor]) -> Tensor:
+        """Unit-norm CLS embeddings ``[B, D]`` of images ``[3, H, W]`` in [0, 1]."""
+        pixels = torch.stack([self.preprocess(image.float().cpu()) for image in images]).to(self.device)
+        return F.normalize(self.model(pixel_values=pixels).last_hidden_state[:, 0].float(), dim=-1)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write the model so that ``DINOEncoder(pretrained=path)`` reloads it."""
+        self.model.save_pretrained(path)
