@@ -33,8 +33,8 @@ DEADLOCK_AFTER_S = 180  # a run takes ~15-25 s on a 2-core CPU; a collective ent
 PROMPTS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "imgedit-bench" / "prompts.json"
 
 
-def _toy_shards(root: Path) -> Path:
-    args = ["--out", str(root), "--train", "8", "--val", "8", "--test", str(NUM_TEST), "--resolution", str(RESOLUTION)]
+def _toy_shards(root: Path, num_test: int = NUM_TEST) -> Path:
+    args = ["--out", str(root), "--train", "8", "--val", "8", "--test", str(num_test), "--resolution", str(RESOLUTION)]
     assert toy_main(args + ["--samples-per-shard", "4"]) == 0
     return root / "test"
 
@@ -137,3 +137,19 @@ def test_ddp_benchmark_evaluators_write_once_what_one_process_writes(tmp_path: P
     [logged] = [row for row in csv.DictReader((ddp_logs / "metrics.csv").open()) if row.get("imgedit_basic/overall/score")]
     summary = json.loads((ddp_logs / "imgedit_basic" / "summary.json").read_text())
     assert float(logged["imgedit_basic/overall/score"]) == pytest.approx(summary["headline"]["overall"]["score"])
+
+
+def _one_case_job(tmp_path: Path) -> None:
+    evaluator = SimilarityEvaluator(label="oracle", clip=None, dino=None, lpips=None)
+    _test_run(OracleEditor("target"), tmp_path / "toy" / "test", tmp_path / "logs", WORLD_SIZE, [evaluator])
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_without_cases_neither_fails_nor_deadlocks(tmp_path: Path) -> None:
+    # A resumed benchmark run can have fewer cases left than ranks: rank 1 gets no batch, skips
+    # the test loop and finishes its evaluator in teardown, joining rank 0's gather there.
+    _toy_shards(tmp_path / "toy", num_test=1)
+    launch(_one_case_job, (tmp_path,), WORLD_SIZE, DEADLOCK_AFTER_S)
+    folder = tmp_path / "logs" / "version_0" / "similarity"
+    assert _ids(folder / "records.jsonl") == ["test_000000"]
+    assert "| overall | inf | 1.000 | 0.000 | 1 | 0 |" in (folder / "similarity.md").read_text()

@@ -1,10 +1,9 @@
 """Multi-process DDP jobs on CPU (gloo) from a test, with the ranks launched the way torchrun or srun launch them.
 
 Each rank is a fresh process that builds its own model and runs Lightning's ``ddp`` with ``RANK``,
-``LOCAL_RANK`` and ``WORLD_SIZE`` set, not ``ddp_spawn``: a DIM unpickled in a spawned process has
-no hidden states from its MLLM (transformers registers the output-capturing specs in
-``PreTrainedModel.__init__``, which unpickling skips). Callbacks live in the worker processes, so
-tests assert on the files rank 0 writes, not on Python objects.
+``LOCAL_RANK`` and ``WORLD_SIZE`` set, as on a cluster (``ddp_spawn``, which pickles the model into
+its workers, is covered by the QwenVLEncoder pickling test in tests/blocks/test_mllm.py). Callbacks
+live in the worker processes, so tests assert on the files rank 0 writes, not on Python objects.
 """
 
 from __future__ import annotations
