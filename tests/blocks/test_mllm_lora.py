@@ -201,3 +201,19 @@ def test_chain_generation_is_bounded_and_stops_at_gen_start_or_im_end() -> None:
     for stop in ("<|im_gen_start|>", "<|im_end|>", "<|endoftext|>"):
         _force_next_token(never_stops, stop)
         assert never_stops.generate_chain(_images(2), PROMPTS, max_new_tokens=50) == ["", ""]
+
+
+@pytest.mark.parametrize("token", ["<|video_pad|>", "<|image_pad|>", "<|vision_start|>", "<|im_gen_end|>", "<|im_gen_0007|>"])
+def test_generated_chains_drop_tokens_a_chain_cannot_hold(token: str) -> None:
+    # An untrained model emits anything; read back, such a token would make the processor expand or
+    # reject it (vision placeholders) or break the 64 image-token positions (GoT's own tokens).
+    model = QwenVLEncoder(tiny=TINY, image_size=32, got_image_tokens=64)
+    _force_next_token(model, token)
+    chains = model.generate_chain(None, PROMPTS, max_new_tokens=5)
+    assert chains == ["", ""]
+    assert model.image_token_states(None, PROMPTS, chains).shape == (2, 64, TINY["hidden_size"])
+
+
+def test_a_given_chain_with_a_vision_token_is_an_error(frozen_lora: QwenVLEncoder) -> None:
+    with pytest.raises(ValueError, match="vision token"):
+        frozen_lora.image_token_states(None, PROMPTS[:1], ["a cat <|image_pad|> on a mat"])

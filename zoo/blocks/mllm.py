@@ -74,6 +74,9 @@ GOT_LORA: dict = {
 }
 """GoT's LoRA (``llm_qwen25_vl_3b_lora.yaml``); ``lora`` options override these keys."""
 
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+"""Qwen's image/video placeholder tokens: the processor owns them, a reasoning chain never holds them."""
+
 
 class QwenVLEncoder(nn.Module):
     """Frozen (by default) Qwen2.5-VL giving DIM-style conditions and greedy chat replies.
@@ -382,7 +385,10 @@ class QwenVLEncoder(nn.Module):
         Decoding stops at ``<|im_gen_start|>`` (the caller then appends the image placeholders),
         ``<|im_end|>`` or ``<|endoftext|>`` and never runs past ``max_new_tokens`` (GoT's loop only
         stops on ``<|endoftext|>`` and spins when the model ends its turn). The chain is decoded
-        with special tokens kept (``<|box_start|>`` …) and the stop token removed.
+        with special tokens kept (``<|box_start|>`` …) and the stop token removed; tokens a chain
+        cannot hold are dropped, as GoT drops ``<|vision_start|>``/``<|vision_end|>``/``<|im_gen_end|>``
+        from its text: vision placeholders (the processor would expand or reject them when the
+        chain is read back) and GoT's image placeholders (appended by the caller).
         """
         ids = self._require_got()
         if not prompts:
@@ -404,10 +410,12 @@ class QwenVLEncoder(nn.Module):
             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id
         )
         output = self.model.generate(**inputs, generation_config=config)
+        dropped = {ids.gen_end, *ids.image_ids, *tokenizer.convert_tokens_to_ids(list(VISION_TOKENS))}
         chains = []
         for reply in output[:, inputs["input_ids"].shape[1] :].tolist():
             end = next((i for i, token in enumerate(reply) if token in stops), len(reply))
-            chains.append(tokenizer.decode(reply[:end], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+            kept = [token for token in reply[:end] if token not in dropped]
+            chains.append(tokenizer.decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False))
         return chains
 
     def _chain_forward(
@@ -417,6 +425,9 @@ class QwenVLEncoder(nn.Module):
         ids = self._require_got()
         if len(chains) != len(prompts):
             raise ValueError(f"got {len(chains)} chains for {len(prompts)} prompts; give one chain per prompt")
+        for b, chain in enumerate(chains):
+            if any(token in chain for token in VISION_TOKENS):
+                raise ValueError(f"chain {b} holds a vision token ({', '.join(VISION_TOKENS)}); a chain is text, boxes and object refs")
         placeholders = GEN_START + "".join(image_token(k) for k in range(ids.num_image_tokens))
         has_image, pixels, image_kwargs = self._images(images, len(prompts))
         texts = [p + c + placeholders for p, c in zip(self._got_prompts(has_image, prompts), chains)]
