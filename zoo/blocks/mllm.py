@@ -27,6 +27,7 @@ see :mod:`zoo.blocks.tiny`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -45,7 +46,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from zoo.blocks.got_tokens import GEN_START, GoTTokenIds, add_got_tokens, cover_vocabulary, got_prompt, image_token
-from zoo.blocks.pretrained import resolve_pretrained
+from zoo.blocks.pretrained import build_tiny, require_one_source, resolve_pretrained
 from zoo.blocks.tiny import tiny_qwen2_5_vl
 
 Images = Tensor | Sequence[Tensor | None] | None
@@ -122,8 +123,7 @@ class QwenVLEncoder(nn.Module):
             raise ValueError("freeze=False trains every weight while lora trains only adapters: give one of them")
         if got_image_tokens < 0:
             raise ValueError(f"got_image_tokens must be >= 0 (GoT: 64), got {got_image_tokens}")
-        if (pretrained is None) == (tiny is None):
-            raise ValueError("QwenVLEncoder needs exactly one of `pretrained` (id or folder) and `tiny` (dict)")
+        require_one_source("QwenVLEncoder", pretrained, tiny)
         if torch_dtype not in _DTYPES:
             raise ValueError(f"torch_dtype must be one of {sorted(_DTYPES)}, got {torch_dtype!r}")
         if max_condition_length < 1:
@@ -138,10 +138,8 @@ class QwenVLEncoder(nn.Module):
             )
             self.processor = Qwen2_5_VLProcessor.from_pretrained(folder)
         else:
-            try:
-                model, self.processor = tiny_qwen2_5_vl(**tiny, attn_implementation=attn_implementation)
-            except TypeError as err:
-                raise ValueError(f"bad `tiny` options {tiny}: {err}") from err
+            factory = partial(tiny_qwen2_5_vl, attn_implementation=attn_implementation)
+            model, self.processor = build_tiny(factory, "QwenVLEncoder", tiny)
             self.model = model.to(dtype)
         self.max_condition_length = max_condition_length
         self.image_size = image_size

@@ -7,6 +7,7 @@ sizes"). The zoo never downloads at run time: users fetch weights once and point
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -46,6 +47,7 @@ def resolve_pretrained(name_or_path: str, subfolder: str | None = None) -> str:
 
 
 ModelT = TypeVar("ModelT", bound=ModelMixin)
+T = TypeVar("T")
 
 
 def load_diffusers_model(
@@ -68,3 +70,17 @@ def load_diffusers_model(
         return model_cls(**config)
     except TypeError as err:
         raise TypeError(f"config is not valid for {model_cls.__name__}: {err}") from err
+
+
+def require_one_source(owner: str, pretrained: str | None, tiny: dict | None) -> None:
+    """Raise unless exactly one of ``pretrained`` (id or folder) and ``tiny`` (config dict) is given."""
+    if (pretrained is None) == (tiny is None):
+        raise ValueError(f"{owner} needs exactly one of `pretrained` (id or folder) and `tiny` (dict)")
+
+
+def build_tiny(factory: Callable[..., T], owner: str, options: dict) -> T:
+    """``factory(**options)`` of a tiny random component; unknown options are a ValueError naming them."""
+    try:
+        return factory(**options)
+    except TypeError as err:
+        raise ValueError(f"bad `tiny` options for {owner} {options}: {err}") from err

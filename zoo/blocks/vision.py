@@ -16,9 +16,8 @@ are batches of images ``[3, H, W]`` in [0, 1] (sizes may differ), moved to the e
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
 from urllib.parse import urlparse
 
 import torch
@@ -28,13 +27,11 @@ from torchvision.transforms.v2 import functional as TF
 from transformers import AutoModel, CLIPModel, CLIPProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from zoo.blocks.pretrained import MissingPretrainedError, resolve_pretrained
+from zoo.blocks.pretrained import MissingPretrainedError, build_tiny, require_one_source, resolve_pretrained
 from zoo.blocks.tiny import tiny_clip, tiny_dino
 
 # MagicBrush's DINO transform: Resize(256) then CenterCrop(224), i.e. the shorter side at 8/7 of the crop.
 _DINO_RESIZE_RATIO = 256 / 224
-
-T = TypeVar("T")
 
 
 def torch_hub_file(url: str, what: str) -> Path:
@@ -52,18 +49,6 @@ def torch_hub_file(url: str, what: str) -> Path:
             f"(the torch hub cache; set TORCH_HOME to move it)"
         )
     return path
-
-
-def _exactly_one(owner: str, pretrained: str | None, tiny: dict | None) -> None:
-    if (pretrained is None) == (tiny is None):
-        raise ValueError(f"{owner} needs exactly one of `pretrained` (id or folder) and `tiny` (dict)")
-
-
-def _tiny(factory: Callable[..., T], owner: str, options: dict) -> T:
-    try:
-        return factory(**options)
-    except TypeError as err:
-        raise ValueError(f"bad `tiny` options for {owner} {options}: {err}") from err
 
 
 class _FrozenEncoder(nn.Module):
@@ -94,13 +79,13 @@ class CLIPEncoder(_FrozenEncoder):
 
     def __init__(self, pretrained: str | None = None, tiny: dict | None = None) -> None:
         super().__init__()
-        _exactly_one(type(self).__name__, pretrained, tiny)
+        require_one_source(type(self).__name__, pretrained, tiny)
         if pretrained is not None:
             folder = resolve_pretrained(pretrained)
             self.model = CLIPModel.from_pretrained(folder)
             self.processor = CLIPProcessor.from_pretrained(folder)
         else:
-            self.model, self.processor = _tiny(tiny_clip, type(self).__name__, tiny)
+            self.model, self.processor = build_tiny(tiny_clip, type(self).__name__, tiny)
         self._freeze()
 
     @torch.no_grad()
@@ -134,11 +119,11 @@ class DINOEncoder(_FrozenEncoder):
 
     def __init__(self, pretrained: str | None = None, tiny: dict | None = None) -> None:
         super().__init__()
-        _exactly_one(type(self).__name__, pretrained, tiny)
+        require_one_source(type(self).__name__, pretrained, tiny)
         if pretrained is not None:
             self.model = AutoModel.from_pretrained(resolve_pretrained(pretrained))
         else:
-            self.model = _tiny(tiny_dino, type(self).__name__, tiny)
+            self.model = build_tiny(tiny_dino, type(self).__name__, tiny)
         self._freeze()
 
     def preprocess(self, image: Tensor) -> Tensor:
