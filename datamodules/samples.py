@@ -1,8 +1,9 @@
 """Typed sample records and the batch contract every zoo module consumes.
 
 A reader (shards, DIM jsonl, toy generator) yields :class:`EditSample` or :class:`T2ISample`;
-:func:`collate` turns a list of them into the batch dict documented there, and :func:`edit_rows`
-tells modules which of its samples are edits. This file is the only thing ``datamodules`` shares
+:func:`collate` turns a list of them into an :class:`EditBatch`, the typed batch every module
+consumes; :meth:`EditBatch.for_inference` builds one from PIL images and texts through the same
+preprocessing. This file is the only thing ``datamodules`` shares
 with ``zoo`` (DESIGN.md, "Data flows one way").
 
 Image transforms follow DIM (``data/tos_dataset.py``): the generation branch sees the image
@@ -12,7 +13,7 @@ branch sees the *full* source squashed to M x M (aspect not kept), in [0, 1].
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -53,7 +54,8 @@ class EditSample:
 
     ``target`` is None for predict sets; ``blueprint`` is DIM's 5-section chain-of-thought;
     ``mask`` is a PIL "L" image, 255 inside the edit region; ``boxes`` describe the target image;
-    ``chain`` is GoT's reasoning chain (text with ``<|box_start|>(x1,y1),(x2,y2)<|box_end|> (colour)``).
+    ``chain`` is GoT's reasoning chain (text with ``<|box_start|>(x1,y1),(x2,y2)<|box_end|> (colour)``);
+    ``turns`` are the instructions of a multi-turn case's later turns (ImgEdit-Bench multi-turn).
     """
 
     key: str
@@ -65,6 +67,7 @@ class EditSample:
     mask: Image.Image | None = None
     boxes: list[dict[str, Any]] = field(default_factory=list)
     chain: str | None = None
+    turns: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.source.mode != "RGB":
@@ -117,66 +120,169 @@ def _signed(image: Image.Image, resolution: int) -> torch.Tensor:
     return _to_tensor(resize_center_crop(image, resolution)).mul_(2.0).sub_(1.0)
 
 
-def collate(samples: Sequence[EditSample | T2ISample], resolution: int, mllm_resolution: int) -> dict[str, Any]:
-    """Build the batch dict of the zoo's data contract.
+@dataclass
+class EditBatch:
+    """A collated batch: what every zoo module consumes in training, evaluation and inference.
 
-    Keys: ``key``, ``task`` ("edit" or "t2i" per sample), ``instruction`` (T2I: the prompt),
-    ``blueprint``, ``chain`` and ``edit_type`` ("" where absent), ``boxes``; ``target`` [B,3,R,R] in
-    [-1,1] unless no sample has one; batches holding an edit add ``source`` [B,3,R,R] in [-1,1] and
-    ``mllm_image`` [B,3,M,M] in [0,1] (full source squashed); ``mask`` [B,1,R,R] in {0,1} only when
-    every sample has a mask.
+    Lists have one entry per sample ("" where a text is absent). Tensors are ``None`` when no sample
+    of the batch has them. Built by :func:`collate` from records, or by :meth:`for_inference` from
+    PIL images and texts — the same preprocessing either way.
+    """
+
+    key: list[str]
+    """Sample ids."""
+    task: list[str]
+    """Per sample ``"edit"`` or ``"t2i"``; a batch may mix them (GoT pretrains on both)."""
+    instruction: list[str]
+    """Edit instruction, or the T2I prompt."""
+    size: tuple[int, int]
+    """``(height, width)`` of the images the model produces for this batch."""
+    blueprint: list[str]
+    """DIM's 5-section chain-of-thought blueprint."""
+    chain: list[str]
+    """GoT's reasoning chain."""
+    edit_type: list[str]
+    """Benchmark / toy edit category."""
+    boxes: list[list[dict[str, Any]]]
+    """GoT-style boxes of the target objects (see :func:`check_boxes`)."""
+    turns: list[list[str]]
+    """Instructions of the later turns of a multi-turn case (each edits the previous result); [] otherwise."""
+    target: Tensor | None = None
+    """``[B, 3, H, W]`` in [-1, 1]; None for prediction sets."""
+    source: Tensor | None = None
+    """``[B, 3, H, W]`` in [-1, 1], resized + centre-cropped as ``target``; T2I rows of a mixed batch are black."""
+    mllm_image: Tensor | None = None
+    """``[B, 3, M, M]`` in [0, 1]: the full source squashed for the MLLM; T2I rows are zeros (no image)."""
+    mask: Tensor | None = None
+    """``[B, 1, H, W]`` in {0, 1}, 1 inside the edit region; only when every sample has one."""
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    @property
+    def edits(self) -> list[bool]:
+        """Which samples are edits (the others are text-to-image)."""
+        return [task == "edit" for task in self.task]
+
+    def select(self, rows: Sequence[int]) -> EditBatch:
+        """The sub-batch of ``rows`` (in that order)."""
+        rows = list(rows)
+        index = torch.tensor(rows, dtype=torch.long)
+
+        def take(value: Any) -> Any:
+            if value is None:
+                return None
+            if isinstance(value, Tensor):
+                return value[index.to(value.device)]
+            return [value[i] for i in rows]
+
+        return EditBatch(**{f.name: self.size if f.name == "size" else take(getattr(self, f.name)) for f in fields(self)})
+
+    def replace(self, **changes: Any) -> EditBatch:
+        """A copy with some fields replaced (e.g. the designer's blueprints)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def for_inference(
+        cls,
+        images: Sequence[Image.Image | None],
+        texts: Sequence[str],
+        resolution: int,
+        mllm_resolution: int,
+        *,
+        blueprints: Sequence[str | None] | None = None,
+        chains: Sequence[str | None] | None = None,
+    ) -> EditBatch:
+        """A batch for new inputs: per sample a source image to edit, or None for text-to-image.
+
+        Goes through :func:`collate`, so an image is seen exactly as training sees it (shorter side
+        resized to ``resolution`` and centre-cropped; the full image squashed to ``mllm_resolution``
+        for the MLLM).
+        """
+        if len(images) != len(texts):
+            raise ValueError(f"got {len(images)} images for {len(texts)} texts; give one image (or None) per text")
+        blueprints = blueprints or [None] * len(texts)
+        chains = chains or [None] * len(texts)
+        samples: list[EditSample | T2ISample] = [
+            EditSample(key=str(i), source=image, instruction=text, blueprint=blueprint, chain=chain)
+            if image is not None
+            else T2ISample(key=str(i), image=None, prompt=text, blueprint=blueprint, chain=chain)
+            for i, (image, text, blueprint, chain) in enumerate(zip(images, texts, blueprints, chains))
+        ]
+        return collate(samples, resolution, mllm_resolution)
+
+
+@dataclass
+class TurnOutputs:
+    """One later turn of the multi-turn cases of a batch: each edits its case's previous result."""
+
+    rows: list[int]
+    """Which samples of the batch have this turn."""
+    edited: Tensor
+    """``[len(rows), 3, H, W]`` in [-1, 1]."""
+    text: list[str]
+    """Per row, the text that produced the edit (instruction, blueprint or reasoning chain)."""
+
+
+@dataclass
+class EditOutputs:
+    """What a module returns for a batch in test / predict, and what evaluator callbacks consume."""
+
+    key: list[str]
+    edited: Tensor
+    """``[B, 3, H, W]`` in [-1, 1]: the (first-turn) edit or generation of every sample."""
+    text: list[str]
+    """Per sample, the text that produced it (instruction, DIM blueprint, GoT chain)."""
+    turns: list[TurnOutputs] = field(default_factory=list)
+    """Turns 2, 3, ... of the batch's multi-turn cases, in order."""
+
+
+def collate(samples: Sequence[EditSample | T2ISample], resolution: int, mllm_resolution: int) -> EditBatch:
+    """Build the :class:`EditBatch` of ``samples`` at ``resolution`` (and ``mllm_resolution`` for the MLLM).
 
     A batch may mix edit and T2I samples (GoT pretrains on both). Its T2I rows then get a black
     ``source`` (-1 everywhere: GoT encodes a black image as the T2I reference) and an all-zero
-    ``mllm_image`` that is no image: modules read ``task`` (:func:`edit_rows`) to keep it from the MLLM.
+    ``mllm_image`` that is no image: modules read :attr:`EditBatch.edits` to keep it from the MLLM.
     """
     if not samples:
         raise ValueError("collate() got an empty list of samples")
     edits = [isinstance(s, EditSample) for s in samples]
-    batch: dict[str, Any] = {
-        "key": [s.key for s in samples],
-        "task": ["edit" if edit else "t2i" for edit in edits],
-        "instruction": [s.instruction if isinstance(s, EditSample) else s.prompt for s in samples],
-        "blueprint": [s.blueprint or "" for s in samples],
-        "chain": [s.chain or "" for s in samples],
-        "edit_type": [(s.edit_type or "") if isinstance(s, EditSample) else "" for s in samples],
-        "boxes": [s.boxes for s in samples],
-    }
+    batch = EditBatch(
+        key=[s.key for s in samples],
+        task=["edit" if edit else "t2i" for edit in edits],
+        instruction=[s.instruction if isinstance(s, EditSample) else s.prompt for s in samples],
+        size=(resolution, resolution),
+        blueprint=[s.blueprint or "" for s in samples],
+        chain=[s.chain or "" for s in samples],
+        edit_type=[(s.edit_type or "") if isinstance(s, EditSample) else "" for s in samples],
+        boxes=[s.boxes for s in samples],
+        turns=[list(s.turns) if isinstance(s, EditSample) else [] for s in samples],
+    )
     if any(edits):
-        batch.update(_sources(samples, resolution, mllm_resolution))
+        batch.source, batch.mllm_image, batch.mask = _sources(samples, resolution, mllm_resolution)
     targets = [s.target if isinstance(s, EditSample) else s.image for s in samples]
     present = [t is not None for t in targets]
     if all(present):
-        batch["target"] = torch.stack([_signed(t, resolution) for t in targets])
+        batch.target = torch.stack([_signed(t, resolution) for t in targets])
     elif any(present):
         missing = [s.key for s, p in zip(samples, present) if not p]
         raise ValueError(f"some samples of the batch have a target image and some do not (missing: {missing})")
     return batch
 
 
-def _sources(samples: Sequence[EditSample | T2ISample], resolution: int, mllm_resolution: int) -> dict[str, Tensor]:
-    """``source`` and ``mllm_image`` of a batch holding edits (T2I rows: black / zeros), and ``mask``."""
+def _sources(
+    samples: Sequence[EditSample | T2ISample], resolution: int, mllm_resolution: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(source, mllm_image, mask)`` of a batch holding edits (T2I rows: black / zeros; mask or None)."""
     black = -torch.ones(3, resolution, resolution)
     empty = torch.zeros(3, mllm_resolution, mllm_resolution)
     sources = [s.source if isinstance(s, EditSample) else None for s in samples]
-    out = {
-        "source": torch.stack([black if s is None else _signed(s, resolution) for s in sources]),
-        "mllm_image": torch.stack(
-            [empty if s is None else _to_tensor(s.resize((mllm_resolution, mllm_resolution), Image.BICUBIC)) for s in sources]
-        ),
-    }
+    source = torch.stack([black if s is None else _signed(s, resolution) for s in sources])
+    mllm_image = torch.stack(
+        [empty if s is None else _to_tensor(s.resize((mllm_resolution, mllm_resolution), Image.BICUBIC)) for s in sources]
+    )
     masks = [s.mask if isinstance(s, EditSample) else None for s in samples]
+    mask = None
     if all(m is not None for m in masks):
-        out["mask"] = torch.stack([(_to_tensor(resize_center_crop(m, resolution, Image.NEAREST)) > 0.5).float() for m in masks])
-    return out
-
-
-def edit_rows(batch: dict[str, Any]) -> list[bool]:
-    """Which samples of a batch are edits: from ``task``, else (a batch built by hand, without
-    ``task``) all of them when it has a ``source``, none otherwise."""
-    if "task" in batch:
-        unknown = sorted(set(batch["task"]) - {"edit", "t2i"})
-        if unknown:
-            raise ValueError(f"batch['task'] holds {unknown}; each entry must be 'edit' or 't2i'")
-        return [task == "edit" for task in batch["task"]]
-    return [("source" in batch)] * len(batch["key"])
+        mask = torch.stack([(_to_tensor(resize_center_crop(m, resolution, Image.NEAREST)) > 0.5).float() for m in masks])
+    return source, mllm_image, mask

@@ -1,0 +1,25 @@
+"""Configuration errors: a bad value anywhere in a recipe is one ``zoo: error:`` line, exit 2.
+
+Typed configs (dataclasses whose attribute docstrings become CLI help) check their ranges in
+``__post_init__`` with :func:`check_range` / :func:`check_positive`; modules check their scalar
+arguments the same way before building any model. The CLI prints a :class:`ConfigError` as one line.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or inconsistent with another."""
+
+
+def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    """Raise :class:`ConfigError` unless ``low <= value <= high`` (either bound may be open)."""
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise ConfigError(f"{name} must be in {bounds}, got {value}")
+
+
+def check_positive(name: str, value: float) -> None:
+    """Raise :class:`ConfigError` unless ``value > 0``."""
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
