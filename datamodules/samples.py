@@ -182,6 +182,11 @@ class EditBatch:
         """A copy with some fields replaced (e.g. the designer's blueprints)."""
         return replace(self, **changes)
 
+    def to(self, device: torch.device | str) -> EditBatch:
+        """The batch with its tensors on ``device``."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v.to(device) for k, v in moved.items() if isinstance(v, Tensor)})
+
     @classmethod
     def for_inference(
         cls,

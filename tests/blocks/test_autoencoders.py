@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoo.blocks.autoencoders import DCAutoencoder, IdentityCodec, KLAutoencoder, build_codec
+from zoo.blocks.autoencoders import CodecConfig, DCAutoencoder, IdentityCodec, KLAutoencoder, build_codec
 from zoo.blocks.pretrained import MissingPretrainedError
 from zoo.blocks.tiny import TINY_KL
 
@@ -33,7 +33,7 @@ TINY_DCAE = {
 
 def make_codec(scaling_factor: float = 0.41407) -> DCAutoencoder:
     torch.manual_seed(0)
-    return DCAutoencoder(config=TINY_DCAE, scaling_factor=scaling_factor)
+    return DCAutoencoder(CodecConfig("dc", config=TINY_DCAE, scaling_factor=scaling_factor))
 
 
 def images(batch: int = 2, size: int = 16) -> torch.Tensor:
@@ -77,7 +77,7 @@ def test_codec_is_frozen_and_stays_in_eval() -> None:
 def test_round_trip_through_save_pretrained(tmp_path: Path) -> None:
     codec = make_codec()
     codec.model.save_pretrained(tmp_path / "vae")
-    loaded = DCAutoencoder(pretrained=str(tmp_path))
+    loaded = DCAutoencoder(CodecConfig("dc", pretrained=str(tmp_path)))
     x = images()
     torch.testing.assert_close(loaded.encode(x), codec.encode(x), rtol=0, atol=0)
     z = torch.randn(1, 4, 8, 8)
@@ -87,7 +87,7 @@ def test_round_trip_through_save_pretrained(tmp_path: Path) -> None:
 
 def test_missing_pretrained_is_one_clear_error() -> None:
     with pytest.raises(MissingPretrainedError, match="mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers"):
-        DCAutoencoder(pretrained="mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers", subfolder=None)
+        DCAutoencoder(CodecConfig("dc", pretrained="mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers", subfolder=None))
 
 
 def test_bad_inputs_are_explained() -> None:
@@ -96,10 +96,10 @@ def test_bad_inputs_are_explained() -> None:
         codec.encode(torch.zeros(1, 3, 15, 16))
     with pytest.raises(ValueError, match=r"latents must be \[B, 4, h, w\]"):
         codec.decode(torch.zeros(1, 3, 8, 8))
-    with pytest.raises(ValueError, match="scaling_factor must be positive"):
-        DCAutoencoder(config=TINY_DCAE, scaling_factor=0.0)
+    with pytest.raises(ValueError, match="scaling_factor must be > 0"):
+        DCAutoencoder(CodecConfig("dc", config=TINY_DCAE, scaling_factor=0.0))
     with pytest.raises(ValueError, match="exactly one of pretrained"):
-        DCAutoencoder()
+        DCAutoencoder(CodecConfig("dc"))
 
 
 def test_identity_codec_is_pixel_space() -> None:
@@ -117,7 +117,7 @@ def test_identity_codec_is_pixel_space() -> None:
 
 def make_kl(**kwargs: object) -> KLAutoencoder:
     torch.manual_seed(0)
-    return KLAutoencoder(config=TINY_KL, **kwargs)  # type: ignore[arg-type]
+    return KLAutoencoder(CodecConfig("kl", config=TINY_KL, **kwargs))  # type: ignore[arg-type]
 
 
 def test_kl_shapes_and_scaling_factor_from_the_config() -> None:
@@ -143,7 +143,7 @@ def test_kl_explicit_scale_and_shift() -> None:
     mode = codec.model.encode(x).latent_dist.mode()
     torch.testing.assert_close(codec.encode(x), (mode - 0.1159) * 0.5)
     torch.testing.assert_close(codec.decode(codec.encode(x)), codec.model.decode(mode).sample, rtol=1e-5, atol=1e-5)
-    flux_like = KLAutoencoder(config={**TINY_KL, "shift_factor": 0.1159, "scaling_factor": 0.3611})
+    flux_like = KLAutoencoder(CodecConfig("kl", config={**TINY_KL, "shift_factor": 0.1159, "scaling_factor": 0.3611}))
     assert (flux_like.scaling_factor, flux_like.shift_factor) == (0.3611, 0.1159)
 
 
@@ -162,18 +162,18 @@ def test_kl_sample_draws_from_the_posterior() -> None:
 
 
 def test_kl_is_frozen_and_built_by_kind(tmp_path: Path) -> None:
-    codec = build_codec("kl", config=TINY_KL)
+    codec = build_codec(CodecConfig("kl", config=TINY_KL))
     assert isinstance(codec, KLAutoencoder) and not any(p.requires_grad for p in codec.parameters())
     codec.train()
     assert not codec.training
     with pytest.raises(ValueError, match="'dc', 'identity', 'kl'"):
-        build_codec("vq")
+        build_codec(CodecConfig("vq"))  # type: ignore[arg-type]
 
 
 def test_kl_round_trip_through_save_pretrained(tmp_path: Path) -> None:
     codec = make_kl()
     codec.model.save_pretrained(tmp_path / "vae")
-    loaded = KLAutoencoder(pretrained=str(tmp_path))
+    loaded = KLAutoencoder(CodecConfig("kl", pretrained=str(tmp_path)))
     assert loaded.scaling_factor == 0.13025
     x = images()
     torch.testing.assert_close(loaded.encode(x), codec.encode(x), rtol=0, atol=0)
@@ -188,7 +188,7 @@ def test_kl_bad_inputs_are_explained() -> None:
         codec.encode_unscaled(torch.zeros(1, 3, 15, 16))
     with pytest.raises(ValueError, match=r"latents must be \[B, 4, h, w\]"):
         codec.decode(torch.zeros(1, 3, 8, 8))
-    with pytest.raises(ValueError, match="scaling_factor must be positive"):
-        KLAutoencoder(config=TINY_KL, scaling_factor=-1.0)
+    with pytest.raises(ValueError, match="scaling_factor must be > 0"):
+        KLAutoencoder(CodecConfig("kl", config=TINY_KL, scaling_factor=-1.0))
     with pytest.raises(MissingPretrainedError, match="stabilityai/stable-diffusion-xl-base-1.0"):
-        KLAutoencoder(pretrained="stabilityai/stable-diffusion-xl-base-1.0")
+        KLAutoencoder(CodecConfig("kl", pretrained="stabilityai/stable-diffusion-xl-base-1.0"))

@@ -9,7 +9,7 @@ import torch
 from diffusers import SanaTransformer2DModel, UNet2DConditionModel
 from torch import nn
 
-from zoo.blocks.denoisers import SanaDenoiser, UNetDenoiser, sdxl_time_ids, widen_input_conv, widen_model_input
+from zoo.blocks.denoisers import SanaConfig, SanaDenoiser, UNetConfig, UNetDenoiser, sdxl_time_ids, widen_input_conv, widen_model_input
 from zoo.blocks.pretrained import MissingPretrainedError, load_diffusers_model
 from zoo.blocks.tiny import TINY_SDXL_UNET
 
@@ -43,9 +43,9 @@ def make_inputs(batch: int = 2, length: int = 5, seed: int = 1) -> dict[str, tor
     }
 
 
-def make_denoiser(seed: int = 0, **kwargs: object) -> SanaDenoiser:
+def make_denoiser(seed: int = 0, condition_channels: int = 0, **kwargs: object) -> SanaDenoiser:
     torch.manual_seed(seed)
-    return SanaDenoiser(config=TINY_SANA, **kwargs).eval()  # type: ignore[arg-type]
+    return SanaDenoiser(SanaConfig(config=TINY_SANA, **kwargs), condition_channels=condition_channels).eval()  # type: ignore[arg-type]
 
 
 # --- widen_input_conv -------------------------------------------------------------------------
@@ -179,18 +179,18 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
 def test_round_trip_through_save_pretrained(tmp_path: Path) -> None:
     denoiser = make_denoiser(condition_channels=4)
     denoiser.model.save_pretrained(tmp_path / "transformer")
-    loaded = SanaDenoiser(pretrained=str(tmp_path), condition_channels=4).eval()
+    loaded = SanaDenoiser(SanaConfig(pretrained=str(tmp_path)), condition_channels=4).eval()
     assert loaded.model.patch_embed.proj.in_channels == 8, "a widened folder must not be widened again"
     x = make_inputs()
     torch.testing.assert_close(loaded(**x), denoiser(**x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="set condition_channels=4"):
-        SanaDenoiser(pretrained=str(tmp_path), condition_channels=0)
+        SanaDenoiser(SanaConfig(pretrained=str(tmp_path)), condition_channels=0)
 
 
 def test_loading_a_plain_model_with_a_condition_widens_it(tmp_path: Path) -> None:
     plain = make_denoiser()
     plain.model.save_pretrained(tmp_path / "transformer")
-    widened = SanaDenoiser(pretrained=str(tmp_path), condition_channels=4, zero_init_condition=True).eval()
+    widened = SanaDenoiser(SanaConfig(pretrained=str(tmp_path), zero_init_condition=True), condition_channels=4).eval()
     assert widened.model.config.in_channels == 8
     x = make_inputs()
     torch.testing.assert_close(widened(**x), plain(x["latents"], x["timestep"], x["context"], x["context_mask"]))
@@ -198,16 +198,16 @@ def test_loading_a_plain_model_with_a_condition_widens_it(tmp_path: Path) -> Non
 
 def test_missing_pretrained_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(MissingPretrainedError, match="not available offline"):
-        SanaDenoiser(pretrained="no-such-org/no-such-sana")
+        SanaDenoiser(SanaConfig(pretrained="no-such-org/no-such-sana"))
     with pytest.raises(MissingPretrainedError, match="no subfolder 'transformer'"):
-        SanaDenoiser(pretrained=str(tmp_path))
+        SanaDenoiser(SanaConfig(pretrained=str(tmp_path)))
 
 
 def test_exactly_one_source_and_a_valid_config_are_required() -> None:
     with pytest.raises(ValueError, match="exactly one of pretrained"):
-        SanaDenoiser()
+        SanaDenoiser(SanaConfig())
     with pytest.raises(ValueError, match="exactly one of pretrained"):
-        SanaDenoiser(pretrained="x", config=TINY_SANA)
+        SanaDenoiser(SanaConfig(pretrained="x", config=TINY_SANA))
     with pytest.raises(TypeError, match="config is not valid for SanaTransformer2DModel"):
         load_diffusers_model(SanaTransformer2DModel, None, {**TINY_SANA, "num_blocks": 3}, None)
 
@@ -250,9 +250,9 @@ def unet_inputs(batch: int = 2, seed: int = 1) -> dict:
     }
 
 
-def make_unet(seed: int = 0, **kwargs: object) -> UNetDenoiser:
+def make_unet(seed: int = 0, condition_channels: int = 0, **kwargs: object) -> UNetDenoiser:
     torch.manual_seed(seed)
-    return UNetDenoiser(config=TINY_SDXL_UNET, **kwargs).eval()  # type: ignore[arg-type]
+    return UNetDenoiser(UNetConfig(config=TINY_SDXL_UNET, **kwargs), condition_channels=condition_channels).eval()  # type: ignore[arg-type]
 
 
 def test_sdxl_time_ids() -> None:
@@ -268,13 +268,13 @@ def test_got_widening_of_a_pretrained_unet(tmp_path: Path) -> None:
     pretrained = UNet2DConditionModel(**TINY_SDXL_UNET)
     pretrained.save_pretrained(tmp_path / "unet")
     old = pretrained.conv_in
-    denoiser = UNetDenoiser(pretrained=str(tmp_path), condition_channels=8)
+    denoiser = UNetDenoiser(UNetConfig(pretrained=str(tmp_path)), condition_channels=8)
     conv = denoiser.model.conv_in
     assert (conv.in_channels, denoiser.model.config.in_channels, denoiser.in_channels) == (12, 12, 4)
     torch.testing.assert_close(conv.weight[:, :4], old.weight, rtol=0, atol=0)
     assert torch.count_nonzero(conv.weight[:, 4:]) == 0
     assert not torch.allclose(conv.bias, old.bias)
-    copied = UNetDenoiser(pretrained=str(tmp_path), condition_channels=8, copy_bias=True)
+    copied = UNetDenoiser(UNetConfig(pretrained=str(tmp_path), copy_bias=True), condition_channels=8)
     torch.testing.assert_close(copied.model.conv_in.bias, old.bias, rtol=0, atol=0)
     # Every other pretrained weight is untouched.
     state = pretrained.state_dict()
@@ -344,7 +344,7 @@ def test_unet_added_condition_errors() -> None:
     with pytest.raises(ValueError, match=r"condition must be \(2, 8, 8, 8\)"):
         denoiser(**{**x, "condition": None})
     torch.manual_seed(0)
-    sd15 = UNetDenoiser(config=TINY_SD15_UNET)
+    sd15 = UNetDenoiser(UNetConfig(config=TINY_SD15_UNET))
     assert not sd15.needs_added_conditions
     out = sd15(x["latents"], x["timestep"], x["context"], x["context_mask"])
     assert out.shape == (2, 4, 8, 8)
@@ -357,11 +357,11 @@ def test_widened_unet_round_trips_through_save_pretrained(tmp_path: Path) -> Non
     with torch.no_grad():
         denoiser.model.conv_in.weight[:, 4:].normal_()  # as after training
     denoiser.model.save_pretrained(tmp_path / "unet")
-    loaded = UNetDenoiser(pretrained=str(tmp_path), condition_channels=8).eval()
+    loaded = UNetDenoiser(UNetConfig(pretrained=str(tmp_path)), condition_channels=8).eval()
     assert loaded.model.conv_in.in_channels == 12
     x = unet_inputs()
     torch.testing.assert_close(loaded(**x), denoiser(**x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="set condition_channels=8"):
-        UNetDenoiser(pretrained=str(tmp_path), condition_channels=4)
+        UNetDenoiser(UNetConfig(pretrained=str(tmp_path)), condition_channels=4)
     with pytest.raises(MissingPretrainedError, match="stabilityai/stable-diffusion-xl-base-1.0"):
-        UNetDenoiser(pretrained="stabilityai/stable-diffusion-xl-base-1.0")
+        UNetDenoiser(UNetConfig(pretrained="stabilityai/stable-diffusion-xl-base-1.0"))

@@ -7,7 +7,18 @@ import math
 import pytest
 import torch
 
+from torch import Tensor
+
+from zoo.blocks.condition import Condition
 from zoo.blocks.guidance import NullCondition, got_cfg, got_cfg_batch, text_cfg
+
+
+def drop(null: NullCondition, context: Tensor, p: float, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """DIM's dropout of ``context`` to the null table (Condition.drop_to with the table's first rows)."""
+    mask = torch.ones(context.shape[:2], dtype=torch.bool)
+    empty = Condition(null.null(context.shape[0], context.shape[1]), mask)
+    dropped_condition, dropped = Condition(context, mask).drop_to(empty, p, generator)
+    return dropped_condition.context, dropped
 
 
 def test_null_table_init_and_shape() -> None:
@@ -30,38 +41,38 @@ def test_null_expands_the_table_and_can_take_first_rows() -> None:
 def test_drop_probability_zero_and_one() -> None:
     null = NullCondition(6, 4)
     context = torch.randn(5, 6, 4)
-    kept, dropped = null.drop(context, 0.0)
+    kept, dropped = drop(null, context, 0.0)
     assert torch.equal(kept, context) and not dropped.any()
-    replaced, dropped = null.drop(context, 1.0)
+    replaced, dropped = drop(null, context, 1.0)
     assert dropped.all() and torch.equal(replaced, null.null(5).detach())
 
 
 def test_drop_replaces_whole_samples_reproducibly() -> None:
     null = NullCondition(6, 4)
     context = torch.randn(400, 6, 4)
-    out, dropped = null.drop(context, 0.3, generator=torch.Generator().manual_seed(0))
+    out, dropped = drop(null, context, 0.3, generator=torch.Generator().manual_seed(0))
     assert dropped.dtype == torch.bool and dropped.shape == (400,)
     assert dropped.float().mean().item() == pytest.approx(0.3, abs=0.06)
     assert torch.equal(out[dropped], null.table.expand(int(dropped.sum()), -1, -1).detach())
     assert torch.equal(out[~dropped], context[~dropped])
-    again, dropped_again = null.drop(context, 0.3, generator=torch.Generator().manual_seed(0))
+    again, dropped_again = drop(null, context, 0.3, generator=torch.Generator().manual_seed(0))
     assert torch.equal(dropped, dropped_again) and torch.equal(out, again)
 
 
 def test_drop_on_a_shorter_context_uses_the_first_rows() -> None:
     null = NullCondition(8, 4)
-    out, _ = null.drop(torch.randn(2, 5, 4), 1.0)
+    out, _ = drop(null, torch.randn(2, 5, 4), 1.0)
     assert torch.equal(out[0], null.table[:5].detach())
 
 
 def test_null_table_learns_only_from_dropped_samples() -> None:
     null = NullCondition(4, 3)
     context = torch.randn(2, 4, 3)
-    out, dropped = null.drop(context, 1.0)
+    out, dropped = drop(null, context, 1.0)
     out.sum().backward()
     torch.testing.assert_close(null.table.grad, torch.full((4, 3), 2.0))
     null.table.grad = None
-    out, _ = null.drop(context, 0.0)
+    out, _ = drop(null, context, 0.0)
     (out.sum() + 0 * null.table.sum()).backward()
     assert torch.count_nonzero(null.table.grad) == 0
 
@@ -69,9 +80,13 @@ def test_null_table_learns_only_from_dropped_samples() -> None:
 def test_drop_rejects_bad_arguments() -> None:
     null = NullCondition(6, 4)
     with pytest.raises(ValueError, match=r"drop probability must be in \[0, 1\]"):
-        null.drop(torch.randn(2, 6, 4), 1.5)
-    with pytest.raises(ValueError, match=r"context must be \[B, L <= 6, 4\]"):
-        null.drop(torch.randn(2, 7, 4), 0.1)
+        drop(null, torch.randn(2, 6, 4), 1.5)
+    with pytest.raises(ValueError, match=r"length must be in \[1, 6\]"):
+        drop(null, torch.randn(2, 7, 4), 0.1)
+    with pytest.raises(ValueError, match="must match the context"):
+        Condition(torch.randn(2, 6, 4), torch.ones(2, 6, dtype=torch.bool)).drop_to(
+            Condition(torch.randn(1, 6, 4), torch.ones(1, 6, dtype=torch.bool)), 0.1
+        )
     with pytest.raises(ValueError, match="length and dim must be positive"):
         NullCondition(0, 4)
 

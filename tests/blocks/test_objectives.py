@@ -27,8 +27,12 @@ def test_shift_one_is_unshifted() -> None:
     torch.testing.assert_close(FlowMatching(shift=1.0).sigmas, torch.arange(1000) / 1000.0)
 
 
-def test_sigmas_are_not_checkpointed() -> None:
-    assert "sigmas" not in FlowMatching().state_dict()
+def test_objectives_are_typed_configs_not_modules() -> None:
+    # Nothing of an objective is checkpointed: it is a deterministic function of its settings.
+    assert not isinstance(FlowMatching(), torch.nn.Module) and not isinstance(EpsilonDiffusion(), torch.nn.Module)
+    assert FlowMatching(shift=2.0) == FlowMatching(shift=2.0) != FlowMatching(shift=3.0)
+    assert FlowMatching().sampling_scheduler().config.flow_shift == 3.0
+    assert type(FlowMatching(sampler="flow_euler").sampling_scheduler()).__name__ == "FlowMatchEulerDiscreteScheduler"
 
 
 def test_add_noise_target_and_model_timestep() -> None:
@@ -43,7 +47,7 @@ def test_add_noise_target_and_model_timestep() -> None:
     for b in range(3):
         torch.testing.assert_close(x_t[b], (1 - direct[b]) * x0[b] + direct[b] * noise[b])
     torch.testing.assert_close(x_t[0], x0[0])  # index 0 is the clean image (sigma 0)
-    target = objective.target(x0, noise)
+    target = objective.target(x0, noise, t)
     torch.testing.assert_close(target, noise - x0)
     # Following the velocity back over sigma lands on x0.
     torch.testing.assert_close(x_t - sigma.view(-1, 1, 1, 1) * target, x0)
@@ -57,7 +61,7 @@ def test_loss_is_mean_squared_error_per_sample_then_batch() -> None:
     torch.testing.assert_close(objective.loss(pred, target), per_sample.mean())
     # Official parity: a model predicting zeros has loss mean((eps - x0)^2).
     x0, noise = torch.randn(4, 2, 3, 3, generator=g), torch.randn(4, 2, 3, 3, generator=g)
-    zeros = objective.loss(torch.zeros_like(x0), objective.target(x0, noise))
+    zeros = objective.loss(torch.zeros_like(x0), objective.target(x0, noise, torch.zeros(4, dtype=torch.long)))
     torch.testing.assert_close(zeros, ((noise - x0) ** 2).mean())
     assert objective.loss(target, target) == 0
 
@@ -106,7 +110,7 @@ def test_bad_inputs_are_explained() -> None:
         objective.add_noise(x, torch.zeros(2, 3, 4, 5), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="must match"):
         objective.loss(x, torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="shift > 0"):
+    with pytest.raises(ValueError, match="shift must be > 0"):
         FlowMatching(shift=0.0)
 
 
@@ -138,7 +142,7 @@ def test_epsilon_add_noise_target_and_model_timestep() -> None:
     a4 = a.view(-1, 1, 1, 1)
     torch.testing.assert_close(x_t, a4.sqrt() * x0 + (1 - a4).sqrt() * noise, rtol=1e-5, atol=1e-5)
     assert torch.equal(model_t, t)
-    assert objective.target(x0, noise) is noise
+    assert objective.target(x0, noise, t) is noise
     v = EpsilonDiffusion(prediction_type="v_prediction")
     torch.testing.assert_close(v.target(x0, noise, t), a4.sqrt() * noise - (1 - a4).sqrt() * x0, rtol=1e-5, atol=1e-5)
     pred = torch.randn(3, 4, 5, 5, generator=g)
@@ -200,9 +204,9 @@ def test_epsilon_bad_inputs_are_explained() -> None:
         objective.add_noise(x0, x0, torch.tensor([0, 1000]))
     with pytest.raises(ValueError, match="integer step indices"):
         objective.add_noise(x0, x0, torch.tensor([0.5, 1.0]))
-    with pytest.raises(ValueError, match="needs the step indices"):
-        EpsilonDiffusion(prediction_type="v_prediction").target(x0, x0)
+    with pytest.raises(ValueError, match="integer step indices"):
+        EpsilonDiffusion(prediction_type="v_prediction").target(x0, x0, torch.tensor([0.5, 1.0]))
     with pytest.raises(ValueError, match="prediction_type must be"):
         EpsilonDiffusion(prediction_type="sample")
-    with pytest.raises(ValueError, match="noise_offset >= 0"):
+    with pytest.raises(ValueError, match=r"noise_offset must be in \[0.0, inf\]"):
         EpsilonDiffusion(noise_offset=-0.1)

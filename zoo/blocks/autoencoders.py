@@ -15,14 +15,51 @@ and frozen parts are reloaded from their source rather than checkpointed (DESIGN
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from diffusers import AutoencoderDC, AutoencoderKL
-from torch import Tensor, nn
+from torch import Tensor
 
+from zoo.blocks.config import ConfigError, check_positive
+from zoo.blocks.frozen import FrozenModule
 from zoo.blocks.pretrained import load_diffusers_model
 
+DC_AE_SCALING_FACTOR = 0.41407
+"""DC-AE-f32c32's latent scale, hard-coded by DIM (tiny DC-AE configs leave theirs at 1.0)."""
 
-class Codec(nn.Module, ABC):
+
+@dataclass
+class CodecConfig:
+    """Which image codec a module works in, and where its weights come from."""
+
+    kind: Literal["dc", "kl", "identity"]
+    """``dc``: DC-AE (DIM / SANA); ``kl``: AutoencoderKL (SDXL, SD1.5, FLUX); ``identity``: pixels (toy runs)."""
+    pretrained: str | None = None
+    """Hub id or local folder of a diffusers pipeline or autoencoder (``subfolder`` inside it)."""
+    config: dict[str, Any] | None = None
+    """Constructor kwargs of the diffusers autoencoder instead of ``pretrained`` (tiny models)."""
+    subfolder: str | None = "vae"
+    """Folder of the autoencoder inside ``pretrained`` (null for a bare autoencoder folder)."""
+    scaling_factor: float | None = None
+    """Multiplies latents; null: DC-AE's 0.41407 (DIM), or the KL model config's (SDXL 0.13025, SD1.5 0.18215, FLUX 0.3611)."""
+    shift_factor: float | None = None
+    """KL only: subtracted before scaling; null takes the model config's (FLUX 0.1159; SD/SDXL 0)."""
+    sample: bool = False
+    """KL only: draw ``z`` from the posterior in ``encode`` (diffusers' SD training scripts) instead of its mode (GoT)."""
+    channels: int = 3
+    """Identity only: image channels."""
+
+    def __post_init__(self) -> None:
+        if self.scaling_factor is not None:
+            check_positive("autoencoder.scaling_factor", self.scaling_factor)
+        if self.kind == "identity" and (self.pretrained is not None or self.config is not None):
+            raise ConfigError("autoencoder kind 'identity' takes no pretrained or config (it has no weights)")
+        if self.kind != "kl" and (self.shift_factor is not None or self.sample):
+            raise ConfigError(f"autoencoder shift_factor and sample are KL options; kind is '{self.kind}'")
+
+
+class Codec(FrozenModule, ABC):
     """Frozen image codec: ``encode(x in [-1,1]) -> z``, ``decode(z) -> x in [-1,1]``."""
 
     @property
@@ -43,16 +80,6 @@ class Codec(nn.Module, ABC):
     def decode(self, latents: Tensor) -> Tensor:
         """Inverse of :meth:`encode`: latents -> images ``[B, 3, H, W]`` in [-1, 1]."""
 
-    def freeze(self) -> None:
-        """Stop gradients and switch to eval; :meth:`train` keeps it in eval afterwards."""
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> Codec:
-        # Lightning calls model.train() on every fit epoch; a frozen codec must stay in eval
-        # (e.g. DC-AE decoder batch norms would otherwise update their running statistics).
-        return super().train(False)
-
     def _check_images(self, images: Tensor) -> None:
         f = self.downsample_factor
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] % f or images.shape[3] % f:
@@ -66,28 +93,15 @@ class Codec(nn.Module, ABC):
 class DCAutoencoder(Codec):
     """Deep-compression autoencoder (diffusers ``AutoencoderDC``), DIM/SANA's VAE.
 
-    Args:
-        pretrained: hub id or local folder of a diffusers DC-AE (``subfolder`` inside it), e.g.
-            ``mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers`` with ``subfolder=None``.
-        config: ``AutoencoderDC`` kwargs instead of ``pretrained`` (tiny test/demo models).
-        subfolder: folder of the autoencoder inside ``pretrained``.
-        scaling_factor: multiplies encoded latents (DIM hard-codes 0.41407, the DC-AE-f32c32 value);
-            used instead of the value in the model's config, which tiny configs leave at 1.0.
+    Built from a :class:`CodecConfig` of kind ``dc``, e.g. ``pretrained:
+    mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers`` with ``subfolder: null``; the latent scale is
+    :data:`DC_AE_SCALING_FACTOR` unless the config names one (never the model config's).
     """
 
-    def __init__(
-        self,
-        pretrained: str | None = None,
-        config: dict | None = None,
-        *,
-        subfolder: str | None = "vae",
-        scaling_factor: float = 0.41407,
-    ) -> None:
+    def __init__(self, cfg: CodecConfig) -> None:
         super().__init__()
-        if scaling_factor <= 0:
-            raise ValueError(f"scaling_factor must be positive, got {scaling_factor}")
-        self.model = load_diffusers_model(AutoencoderDC, pretrained, config, subfolder)
-        self.scaling_factor = scaling_factor
+        self.model = load_diffusers_model(AutoencoderDC, cfg.pretrained, cfg.config, cfg.subfolder)
+        self.scaling_factor = DC_AE_SCALING_FACTOR if cfg.scaling_factor is None else cfg.scaling_factor
         self.freeze()
 
     @property
@@ -128,23 +142,14 @@ class KLAutoencoder(Codec):
             diffusers' SD/SDXL training scripts sample; GoT's inference code takes the mode.
     """
 
-    def __init__(
-        self,
-        pretrained: str | None = None,
-        config: dict | None = None,
-        *,
-        subfolder: str | None = "vae",
-        scaling_factor: float | None = None,
-        shift_factor: float | None = None,
-        sample: bool = False,
-    ) -> None:
+    def __init__(self, cfg: CodecConfig) -> None:
         super().__init__()
-        self.model = load_diffusers_model(AutoencoderKL, pretrained, config, subfolder)
-        self.scaling_factor = float(self.model.config.scaling_factor if scaling_factor is None else scaling_factor)
-        if self.scaling_factor <= 0:
-            raise ValueError(f"scaling_factor must be positive, got {self.scaling_factor}")
-        self.shift_factor = float((self.model.config.shift_factor or 0.0) if shift_factor is None else shift_factor)
-        self.sample = sample
+        self.model = load_diffusers_model(AutoencoderKL, cfg.pretrained, cfg.config, cfg.subfolder)
+        config = self.model.config
+        self.scaling_factor = float(config.scaling_factor if cfg.scaling_factor is None else cfg.scaling_factor)
+        check_positive("autoencoder.scaling_factor", self.scaling_factor)
+        self.shift_factor = float((config.shift_factor or 0.0) if cfg.shift_factor is None else cfg.shift_factor)
+        self.sample = cfg.sample
         self.freeze()
 
     @property
@@ -175,9 +180,9 @@ class KLAutoencoder(Codec):
 class IdentityCodec(Codec):
     """Latent = pixels (factor 1): lets toy runs train a denoiser directly in pixel space."""
 
-    def __init__(self, channels: int = 3) -> None:
+    def __init__(self, cfg: CodecConfig | None = None) -> None:
         super().__init__()
-        self.channels = channels
+        self.channels = 3 if cfg is None else cfg.channels
 
     @property
     def latent_channels(self) -> int:
@@ -196,9 +201,9 @@ class IdentityCodec(Codec):
         return latents
 
 
-def build_codec(kind: str, **kwargs: object) -> Codec:
-    """A codec from a config dict: ``{"kind": "dc" | "kl" | "identity", ...that class's kwargs}``."""
+def build_codec(cfg: CodecConfig) -> Codec:
+    """The codec of ``cfg.kind``."""
     codecs: dict[str, type[Codec]] = {"dc": DCAutoencoder, "kl": KLAutoencoder, "identity": IdentityCodec}
-    if kind not in codecs:
-        raise ValueError(f"autoencoder kind must be one of {sorted(codecs)}, got '{kind}'")
-    return codecs[kind](**kwargs)
+    if cfg.kind not in codecs:
+        raise ConfigError(f"autoencoder kind must be one of {sorted(codecs)}, got '{cfg.kind}'")
+    return codecs[cfg.kind](cfg)

@@ -17,12 +17,54 @@ widened model without widening it again.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import ModelMixin, SanaTransformer2DModel, UNet2DConditionModel
 from torch import Tensor, nn
 
+from zoo.blocks.condition import Condition
 from zoo.blocks.pretrained import load_diffusers_model
+
+
+@dataclass
+class DenoiserConfig:
+    """Where a denoiser's weights come from and how its input layer is widened."""
+
+    pretrained: str | None = None
+    """Hub id or local folder of a diffusers pipeline or model (``subfolder`` inside it)."""
+    config: dict[str, Any] | None = None
+    """Constructor kwargs of the diffusers model instead of ``pretrained`` (tiny models)."""
+    subfolder: str | None = None
+    """Folder of the model inside ``pretrained`` (null for a bare model folder)."""
+    zero_init_condition: bool = False
+    """Start the input channels added for a channel-concat condition at zero (the widened model
+    then starts as the original) instead of PyTorch's random init (DIM's official default)."""
+    copy_bias: bool = True
+    """Copy the original input conv's bias into the widened conv (GoT's official widening: no)."""
+    gradient_checkpointing: bool = False
+    """Recompute blocks in backward to save memory."""
+
+
+@dataclass
+class SanaConfig(DenoiserConfig):
+    """A SANA DiT inside a diffusers pipeline folder (``transformer/``)."""
+
+    subfolder: str | None = "transformer"
+    """Folder of the transformer inside ``pretrained`` (null for a bare model folder)."""
+
+
+@dataclass
+class UNetConfig(DenoiserConfig):
+    """An SDXL / SD1.5 UNet inside a diffusers pipeline folder (``unet/``), widened as GoT widens it."""
+
+    subfolder: str | None = "unet"
+    """Folder of the UNet inside ``pretrained`` (null for a bare model folder)."""
+    zero_init_condition: bool = True
+    """Start the added input channels at zero (GoT, InstructPix2Pix) instead of random."""
+    copy_bias: bool = False
+    """Copy the pretrained ``conv_in`` bias into the widened conv (GoT official: no; InstructPix2Pix: yes)."""
 
 
 def widen_input_conv(conv: nn.Conv2d, extra_channels: int, *, zero_init: bool, copy_bias: bool = True) -> nn.Conv2d:
@@ -110,26 +152,20 @@ class Denoiser(nn.Module, ABC):
         ``context_mask [B,L]`` (1/True = real token), an optional channel-concat ``condition`` and
         the model's optional extra inputs ``added_conditions``."""
 
-    def _load(
-        self,
-        model_cls: type[ModelMixin],
-        pretrained: str | None,
-        config: dict | None,
-        subfolder: str | None,
-        *,
-        input_conv: str,
-        condition_channels: int,
-        zero_init_condition: bool,
-        copy_bias: bool,
-        gradient_checkpointing: bool,
-    ) -> None:
+    def predict(self, latents: Tensor, timestep: Tensor, condition: Condition) -> Tensor:
+        """:meth:`forward` with the parts of a :class:`~zoo.blocks.condition.Condition`."""
+        return self(latents, timestep, condition.context, condition.mask, condition.channels, condition.added or None)
+
+    def _load(self, model_cls: type[ModelMixin], cfg: DenoiserConfig, *, input_conv: str, condition_channels: int) -> None:
         """Build ``self.model`` (published weights or a config) with its input conv widened for the condition."""
         if condition_channels < 0:
             raise ValueError(f"condition_channels must be >= 0, got {condition_channels}")
-        self.model = load_diffusers_model(model_cls, pretrained, config, subfolder)
+        self.model = load_diffusers_model(model_cls, cfg.pretrained, cfg.config, cfg.subfolder)
         self.condition_channels = condition_channels
-        widen_model_input(self.model, input_conv, condition_channels, zero_init=zero_init_condition, copy_bias=copy_bias)
-        if gradient_checkpointing:
+        widen_model_input(
+            self.model, input_conv, condition_channels, zero_init=cfg.zero_init_condition, copy_bias=cfg.copy_bias
+        )
+        if cfg.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
 
     def _check_inputs(
@@ -163,37 +199,13 @@ class SanaDenoiser(Denoiser):
     ``zero_init`` (official default False: random new channels) and the bias copied. T2I uses
     ``condition_channels=0`` (plain SanaMS).
 
-    Args:
-        pretrained: hub id or local folder of a diffusers SANA (``subfolder`` inside it).
-        config: ``SanaTransformer2DModel`` kwargs instead of ``pretrained`` (tiny test/demo models).
-        subfolder: folder of the transformer inside ``pretrained``.
-        condition_channels: channels concatenated to the latent; 0 for none.
-        zero_init_condition: start the new input channels at zero instead of random.
-        gradient_checkpointing: recompute transformer blocks in backward to save memory.
+    Built from a :class:`SanaConfig`; ``condition_channels`` (set by the module: the source
+    latent's channels for editing, 0 for T2I) widens the patch embedding.
     """
 
-    def __init__(
-        self,
-        pretrained: str | None = None,
-        config: dict | None = None,
-        *,
-        subfolder: str | None = "transformer",
-        condition_channels: int = 0,
-        zero_init_condition: bool = False,
-        gradient_checkpointing: bool = False,
-    ) -> None:
+    def __init__(self, cfg: SanaConfig, *, condition_channels: int = 0) -> None:
         super().__init__()
-        self._load(
-            SanaTransformer2DModel,
-            pretrained,
-            config,
-            subfolder,
-            input_conv="patch_embed.proj",
-            condition_channels=condition_channels,
-            zero_init_condition=zero_init_condition,
-            copy_bias=True,
-            gradient_checkpointing=gradient_checkpointing,
-        )
+        self._load(SanaTransformer2DModel, cfg, input_conv="patch_embed.proj", condition_channels=condition_channels)
 
     @property
     def in_channels(self) -> int:
@@ -262,39 +274,12 @@ class UNetDenoiser(Denoiser):
     ``addition_embed_type="text_time"`` needs ``added_conditions={"text_embeds": [B, P],
     "time_ids": [B, 6]}``; GoT's pooled embedding is the mean of its 1280-d projected tokens.
 
-    Args:
-        pretrained: hub id or local folder of a diffusers pipeline or UNet (``subfolder`` inside it).
-        config: ``UNet2DConditionModel`` kwargs instead of ``pretrained`` (tiny test/demo models).
-        subfolder: folder of the UNet inside ``pretrained``.
-        condition_channels: channels concatenated to the latent (GoT: 8); 0 for none.
-        zero_init_condition: start the new input channels at zero (GoT, InstructPix2Pix) instead of random.
-        copy_bias: copy the pretrained ``conv_in`` bias into the widened conv (GoT official: no).
-        gradient_checkpointing: recompute UNet blocks in backward to save memory.
+    Built from a :class:`UNetConfig`; ``condition_channels`` (GoT: 8) widens ``conv_in``.
     """
 
-    def __init__(
-        self,
-        pretrained: str | None = None,
-        config: dict | None = None,
-        *,
-        subfolder: str | None = "unet",
-        condition_channels: int = 0,
-        zero_init_condition: bool = True,
-        copy_bias: bool = False,
-        gradient_checkpointing: bool = False,
-    ) -> None:
+    def __init__(self, cfg: UNetConfig, *, condition_channels: int = 0) -> None:
         super().__init__()
-        self._load(
-            UNet2DConditionModel,
-            pretrained,
-            config,
-            subfolder,
-            input_conv="conv_in",
-            condition_channels=condition_channels,
-            zero_init_condition=zero_init_condition,
-            copy_bias=copy_bias,
-            gradient_checkpointing=gradient_checkpointing,
-        )
+        self._load(UNet2DConditionModel, cfg, input_conv="conv_in", condition_channels=condition_channels)
         if not isinstance(self.model.config.cross_attention_dim, int):
             raise ValueError(
                 f"per-block cross_attention_dim {self.model.config.cross_attention_dim} is not supported: "

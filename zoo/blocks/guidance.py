@@ -1,8 +1,8 @@
 """Classifier-free guidance: learned null conditions, training-time dropout and the guided combinations.
 
 - :class:`NullCondition`: DIM's learned null caption table (SANA ``CaptionEmbedder.y_embedding``,
-  re-initialised by DIM's ``expand_context`` as ``randn(L, D) / sqrt(D)``); ``drop`` is
-  ``CaptionEmbedder.token_drop`` (whole samples replaced, padding mask kept).
+  re-initialised by DIM's ``expand_context`` as ``randn(L, D) / sqrt(D)``); training-time dropout
+  to it is :meth:`zoo.blocks.condition.Condition.drop_to` (``CaptionEmbedder.token_drop``).
 - :func:`text_cfg`: single text CFG ``u + s (c - u)`` (DIM ``DIMDecoder.denoise``).
 - :func:`got_cfg`: GoT's four-branch multi-guidance (official-code-facts §3A), and
   :func:`got_cfg_batch`, which stacks the four branches' inputs into one denoiser batch.
@@ -44,22 +44,6 @@ class NullCondition(nn.Module):
         if not 0 < rows <= self.table.shape[0]:
             raise ValueError(f"length must be in [1, {self.table.shape[0]}] (the null table's rows), got {rows}")
         return self.table[:rows].unsqueeze(0).expand(batch_size, -1, -1)
-
-    def drop(self, context: Tensor, p: float, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Replace each sample's whole context by the null table with probability ``p``.
-
-        The context mask is left as it is (DIM behaviour): a dropped sample attends the first
-        rows of the null table that its real tokens occupied. Returns ``(context, dropped [B] bool)``.
-        """
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"drop probability must be in [0, 1], got {p}")
-        max_length, dim = self.table.shape
-        if context.ndim != 3 or context.shape[2] != dim or context.shape[1] > max_length:
-            raise ValueError(f"context must be [B, L <= {max_length}, {dim}], got {tuple(context.shape)}")
-        draw_device = generator.device if generator is not None else "cpu"
-        dropped = (torch.rand(context.shape[0], generator=generator, device=draw_device) < p).to(context.device)
-        null = self.null(context.shape[0], context.shape[1]).to(context.dtype)
-        return torch.where(dropped.view(-1, 1, 1), null, context), dropped
 
 
 def text_cfg(pred_uncond: Tensor, pred_cond: Tensor, scale: float) -> Tensor:

@@ -1,5 +1,10 @@
 """Training objectives: how a clean latent becomes a noisy input, a target and a loss.
 
+Every objective is an :class:`Objective`: ``sample_timesteps``, ``sample_noise``, ``add_noise``,
+``target(x0, noise, t)``, ``loss`` and ``sampling_scheduler()`` (the diffusers scheduler that
+integrates what the denoiser learned). Objectives are typed dataclasses, so a recipe picks one and
+its settings by config (``objective: {shift: 3.0}``) and ``--help`` documents every field.
+
 :class:`FlowMatching` is SANA's / DIM's rectified-flow objective (official-code-facts §1A,
 ``gaussian_diffusion.py`` + ``respace.py``, yaml ``noise_schedule: linear_flow``,
 ``predict_flow_v: true``, ``flow_shift: 3.0``, ``weighting_scheme: logit_normal``):
@@ -17,9 +22,16 @@ integer ``t``, ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` through diffuser
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
 import torch
-from diffusers import DDPMScheduler
-from torch import Tensor, nn
+from diffusers import DDPMScheduler, SchedulerMixin
+from torch import Tensor
+
+from zoo.blocks.config import ConfigError, check_positive, check_range
+from zoo.blocks.sampling import build_scheduler
 
 
 def mean_squared_error(pred: Tensor, target: Tensor) -> Tensor:
@@ -37,61 +49,84 @@ def _check_steps(t: Tensor, batch: int, num_train_timesteps: int) -> None:
         raise ValueError(f"t must lie in [0, {num_train_timesteps}), got [{int(t.min())}, {int(t.max())}]")
 
 
-class FlowMatching(nn.Module):
-    """Flow-matching objective with a shifted linear sigma grid and logit-normal timestep sampling.
+def _draw_device(generator: torch.Generator | None) -> torch.device | str:
+    return generator.device if generator is not None else "cpu"
 
-    Args:
-        shift: SANA ``flow_shift`` (3.0 for DIM); 1.0 means unshifted.
-        num_train_timesteps: N, size of the discrete training grid.
-        logit_mean: mean of the normal whose sigmoid picks the step (SANA ``logit_mean``).
-        logit_std: its standard deviation (SANA ``logit_std``).
-    """
 
-    sigmas: Tensor
+class Objective(ABC):
+    """What a module's training step and sampler agree on (see the module docstring)."""
 
-    def __init__(
-        self,
-        shift: float = 3.0,
-        num_train_timesteps: int = 1000,
-        logit_mean: float = 0.0,
-        logit_std: float = 1.0,
-    ) -> None:
-        super().__init__()
-        if shift <= 0 or num_train_timesteps < 2 or logit_std <= 0:
-            raise ValueError(
-                f"need shift > 0, num_train_timesteps >= 2 and logit_std > 0; got shift={shift}, "
-                f"num_train_timesteps={num_train_timesteps}, logit_std={logit_std}"
-            )
-        self.shift = shift
-        self.num_train_timesteps = num_train_timesteps
-        self.logit_mean = logit_mean
-        self.logit_std = logit_std
-        betas = torch.linspace(1.0, 0.001, num_train_timesteps, dtype=torch.float64)
+    num_train_timesteps: int
+
+    @abstractmethod
+    def sample_timesteps(
+        self, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> Tensor:
+        """``batch_size`` integer step indices in ``[0, N)``."""
+
+    def sample_noise(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``eps ~ N(0, I)`` of ``x0``'s shape (drawn in float32 on the generator's device)."""
+        return self._draw_noise(x0, generator).to(device=x0.device, dtype=x0.dtype)
+
+    def _draw_noise(self, x0: Tensor, generator: torch.Generator | None) -> Tensor:
+        return torch.randn(x0.shape, generator=generator, device=_draw_device(generator), dtype=torch.float32)
+
+    @abstractmethod
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x_t, noise level [B], the denoiser's time input [B])`` for step indices ``t``."""
+
+    @abstractmethod
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the denoiser is trained to predict at ``x_t``."""
+
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        """``mean_flat((target - pred)^2).mean()``: per-sample mean, then batch mean (float32)."""
+        return mean_squared_error(pred, target)
+
+    @abstractmethod
+    def sampling_scheduler(self) -> SchedulerMixin:
+        """A fresh diffusers scheduler integrating this objective's predictions (for :func:`~zoo.blocks.sampling.sample`)."""
+
+
+@dataclass
+class FlowMatching(Objective):
+    """Flow matching with a shifted linear sigma grid and logit-normal timestep sampling (SANA, DIM)."""
+
+    shift: float = 3.0
+    """SANA ``flow_shift`` (DIM: 3.0), used in training and sampling; 1.0 means unshifted."""
+    num_train_timesteps: int = 1000
+    """N, size of the discrete training grid."""
+    logit_mean: float = 0.0
+    """Mean of the normal whose sigmoid picks the step (SANA ``logit_mean``)."""
+    logit_std: float = 1.0
+    """Its standard deviation (SANA ``logit_std``)."""
+    sampler: Literal["dpm_solver++", "flow_euler"] = "dpm_solver++"
+    """Sampling scheduler: diffusers' DPM-Solver++ as SANA's (official) or flow Euler."""
+    sigmas: Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_positive("objective.shift", self.shift)
+        check_positive("objective.logit_std", self.logit_std)
+        check_range("objective.num_train_timesteps", self.num_train_timesteps, 2)
+        betas = torch.linspace(1.0, 0.001, self.num_train_timesteps, dtype=torch.float64)
         sigmas = 1.0 - betas
-        sigmas = shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
-        # A deterministic function of the arguments: not part of the checkpoint.
-        self.register_buffer("sigmas", sigmas.float(), persistent=False)
+        self.sigmas = (self.shift * sigmas / (1.0 + (self.shift - 1.0) * sigmas)).float()
 
     def sample_timesteps(
         self, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
     ) -> Tensor:
         """Draw ``batch_size`` step indices in ``[0, N)`` with logit-normal density (int64)."""
-        draw_device = generator.device if generator is not None else "cpu"
         # Same call as SANA's compute_density_for_timestep_sampling, so seeded draws match it.
         normal = torch.normal(
-            self.logit_mean, self.logit_std, size=(batch_size,), generator=generator, device=draw_device
+            self.logit_mean, self.logit_std, size=(batch_size,), generator=generator, device=_draw_device(generator)
         )
         u = torch.sigmoid(normal)
         # sigmoid rounds to exactly 1.0 in float32 for n > ~17; keep that (official: index N) on the grid.
         t = (u * self.num_train_timesteps).long().clamp_(max=self.num_train_timesteps - 1)
-        return t.to(device if device is not None else self.sigmas.device)
+        return t.to(device if device is not None else "cpu")
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Return ``(x_t, sigma', model_timestep)`` for step indices ``t [B]``.
-
-        ``sigma'`` is ``[B]`` (broadcast over the other dims for ``x_t``); ``model_timestep`` is
-        ``sigma' * N``, the denoiser's time input.
-        """
+        """Return ``(x_t, sigma', model_timestep)``; the denoiser's time input is ``sigma' * N``."""
         if x0.shape != noise.shape:
             raise ValueError(f"x0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must have the same shape")
         _check_steps(t, x0.shape[0], self.num_train_timesteps)
@@ -100,16 +135,16 @@ class FlowMatching(nn.Module):
         x_t = (1.0 - s) * x0 + s * noise
         return x_t, sigma, sigma * self.num_train_timesteps
 
-    def target(self, x0: Tensor, noise: Tensor) -> Tensor:
-        """Flow velocity ``eps - x0`` (SANA ``FLOW_VELOCITY``)."""
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """Flow velocity ``eps - x0`` (SANA ``FLOW_VELOCITY``); independent of ``t``."""
         return noise - x0
 
-    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        """``mean_flat((target - pred)^2).mean()``: per-sample mean, then batch mean (float32)."""
-        return mean_squared_error(pred, target)
+    def sampling_scheduler(self) -> SchedulerMixin:
+        return build_scheduler(self.sampler, flow_shift=self.shift, num_train_timesteps=self.num_train_timesteps)
 
 
-class EpsilonDiffusion(nn.Module):
+@dataclass
+class EpsilonDiffusion(Objective):
     """DDPM training objective of SDXL / SD1.5 UNets, as GoT trains its SSGM UNet.
 
     GoT's training code is unreleased (official-code-facts §3B); its inference loads SDXL's
@@ -119,42 +154,34 @@ class EpsilonDiffusion(nn.Module):
     randn(B, C, 1, 1)`` (Guttenberg's noise offset, per sample and channel, constant over space, as
     diffusers' ``train_text_to_image*.py`` do), ``x_t = scheduler.add_noise(x0, noise, t)``, target
     ``noise`` (the offset is part of what the model predicts) or the v of ``get_velocity``, MSE.
-
-    Args:
-        num_train_timesteps: N.
-        beta_start: first β of the schedule (SDXL / SD1.5: 0.00085).
-        beta_end: last β (SDXL / SD1.5: 0.012).
-        beta_schedule: diffusers name; ``"scaled_linear"`` is linear in sqrt(β).
-        noise_offset: scale of the per-channel constant noise added to ε (GoT: 0.1; 0 disables).
-        prediction_type: ``"epsilon"`` (SDXL, GoT) or ``"v_prediction"``.
     """
 
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
-        beta_schedule: str = "scaled_linear",
-        noise_offset: float = 0.0,
-        prediction_type: str = "epsilon",
-    ) -> None:
-        super().__init__()
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got '{prediction_type}'")
-        if noise_offset < 0 or num_train_timesteps < 2:
-            raise ValueError(
-                f"need noise_offset >= 0 and num_train_timesteps >= 2, got {noise_offset}, {num_train_timesteps}"
-            )
-        self.num_train_timesteps = num_train_timesteps
-        self.noise_offset = noise_offset
-        self.prediction_type = prediction_type
+    num_train_timesteps: int = 1000
+    """N."""
+    beta_start: float = 0.00085
+    """First β of the schedule (SDXL / SD1.5: 0.00085)."""
+    beta_end: float = 0.012
+    """Last β (SDXL / SD1.5: 0.012)."""
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
+    """diffusers schedule name; ``scaled_linear`` is linear in sqrt(β)."""
+    noise_offset: float = 0.0
+    """Scale of the per-channel constant noise added to ε (GoT: 0.1; 0 disables)."""
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    """``epsilon`` (SDXL, GoT) or ``v_prediction``."""
+    scheduler: DDPMScheduler = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError(f"objective.prediction_type must be 'epsilon' or 'v_prediction', got '{self.prediction_type}'")
+        check_range("objective.noise_offset", self.noise_offset, 0.0)
+        check_range("objective.num_train_timesteps", self.num_train_timesteps, 2)
         # SDXL's scheduler config as GoT's DDPMScheduler.from_pretrained reads it (clip_sample off).
         self.scheduler = DDPMScheduler(
-            num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            beta_schedule=beta_schedule,
-            prediction_type=prediction_type,
+            num_train_timesteps=self.num_train_timesteps,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+            beta_schedule=self.beta_schedule,
+            prediction_type=self.prediction_type,
             clip_sample=False,
             timestep_spacing="leading",
             steps_offset=1,
@@ -166,24 +193,23 @@ class EpsilonDiffusion(nn.Module):
         return self.scheduler.alphas_cumprod
 
     def sampling_scheduler(self) -> DDPMScheduler:
-        """A fresh ``DDPMScheduler`` with this schedule, for :func:`zoo.blocks.sampling.sample` (GoT: 50 steps)."""
+        """A fresh ``DDPMScheduler`` with this schedule (GoT samples 50 DDPM steps)."""
         return DDPMScheduler.from_config(self.scheduler.config)
 
     def sample_timesteps(
         self, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
     ) -> Tensor:
         """``batch_size`` step indices uniform in ``[0, N)`` (int64)."""
-        draw_device = generator.device if generator is not None else "cpu"
+        draw_device = _draw_device(generator)
         t = torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator, device=draw_device)
         return t.to(device if device is not None else draw_device)
 
     def sample_noise(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``eps + noise_offset * randn(B, C, 1, 1)`` with ``eps ~ N(0, I)`` of ``x0``'s shape."""
-        draw_device = generator.device if generator is not None else "cpu"
-        noise = torch.randn(x0.shape, generator=generator, device=draw_device, dtype=torch.float32)
+        noise = self._draw_noise(x0, generator)
         if self.noise_offset:
-            offset = torch.randn((*x0.shape[:2], *([1] * (x0.ndim - 2))), generator=generator, device=draw_device)
-            noise = noise + self.noise_offset * offset
+            shape = (*x0.shape[:2], *([1] * (x0.ndim - 2)))
+            noise = noise + self.noise_offset * torch.randn(shape, generator=generator, device=_draw_device(generator))
         return noise.to(device=x0.device, dtype=x0.dtype)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -195,15 +221,9 @@ class EpsilonDiffusion(nn.Module):
         x_t = self.scheduler.add_noise(x0, noise, t)
         return x_t, self.alphas_cumprod.to(x0.device)[t], t
 
-    def target(self, x0: Tensor, noise: Tensor, t: Tensor | None = None) -> Tensor:
-        """``noise`` for ε-prediction; ``sqrt(abar) noise - sqrt(1 - abar) x0`` for v (needs ``t``)."""
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """``noise`` for ε-prediction; ``sqrt(abar) noise - sqrt(1 - abar) x0`` for v."""
         if self.prediction_type == "epsilon":
             return noise
-        if t is None:
-            raise ValueError("v_prediction needs the step indices t for its target")
         _check_steps(t, x0.shape[0], self.num_train_timesteps)
         return self.scheduler.get_velocity(x0, noise, t.to(x0.device))
-
-    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        """Mean squared error, per sample then over the batch (float32), as :meth:`FlowMatching.loss`."""
-        return mean_squared_error(pred, target)

@@ -27,6 +27,7 @@ from torchvision.transforms.v2 import functional as TF
 from transformers import AutoModel, CLIPModel, CLIPProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from zoo.blocks.frozen import FrozenModule
 from zoo.blocks.pretrained import MissingPretrainedError, build_tiny, require_one_source, resolve_pretrained
 from zoo.blocks.tiny import tiny_clip, tiny_dino
 
@@ -51,17 +52,10 @@ def torch_hub_file(url: str, what: str) -> Path:
     return path
 
 
-class _FrozenEncoder(nn.Module):
-    """No gradients and always in eval mode, whatever the parent module does."""
+class _FrozenEncoder(FrozenModule):
+    """A frozen feature network (no gradients, always in eval) with the device of its weights."""
 
     model: nn.Module
-
-    def _freeze(self) -> None:
-        self.model.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> _FrozenEncoder:
-        return super().train(False)
 
     @property
     def device(self) -> torch.device:
@@ -86,7 +80,7 @@ class CLIPEncoder(_FrozenEncoder):
             self.processor = CLIPProcessor.from_pretrained(folder)
         else:
             self.model, self.processor = build_tiny(tiny_clip, type(self).__name__, tiny)
-        self._freeze()
+        self.freeze()
 
     @torch.no_grad()
     def image_features(self, images: Sequence[Tensor]) -> Tensor:
@@ -124,7 +118,7 @@ class DINOEncoder(_FrozenEncoder):
             self.model = AutoModel.from_pretrained(resolve_pretrained(pretrained))
         else:
             self.model = build_tiny(tiny_dino, type(self).__name__, tiny)
-        self._freeze()
+        self.freeze()
 
     def preprocess(self, image: Tensor) -> Tensor:
         """MagicBrush's DINO transform of one image ``[3, H, W]`` in [0, 1], at the model's input size."""

@@ -1,35 +1,52 @@
-"""EditingModule: the train / validate / test / predict flow every paper module shares.
+"""EditingModule: the method's skeleton every paper module shares.
 
-A paper module (DIM, GoT, ...) composes blocks and implements three hooks:
+Data flows one way (DESIGN.md): ``EditBatch`` -> :meth:`~EditingModule.encode_condition` ->
+``Condition`` -> objective + denoiser loss (fit) or sampler (test/predict) -> images -> callbacks.
+The base owns that flow; a paper module composes blocks and implements its parts of it:
 
-- :meth:`EditingModule.training_loss` — the paper's objective on one batch (a dict of named terms,
-  ``"loss"`` being the one optimised);
-- :meth:`EditingModule.edit_batch` — images produced for a batch (edits, or T2I generations);
-- :meth:`EditingModule.condition_text` — the text the MLLM reads for each sample (instruction,
-  or the designer's blueprint).
+==========================================  ====================================================
+to change                                   override
+==========================================  ====================================================
+what the denoiser is conditioned on         :meth:`encode_condition` (-> ``Condition``)
+the unconditional branch of CFG             :meth:`null_condition`
+training-time condition dropout             :meth:`drop_condition` (default: whole samples -> null)
+the guidance rule                           :meth:`guide` (default: text CFG)
+loss terms and their weights                :meth:`loss_weights`, :meth:`extra_losses`
+the objective                               the ``objective`` config (:mod:`zoo.blocks.objectives`)
+the denoiser call                           :meth:`denoise`
+the sampler                                 :meth:`sample_latents`
+texts the model writes before generating    :meth:`prepare_batch` (DIM's designer, GoT's chain)
+==========================================  ====================================================
 
-Evaluation reads both through :meth:`EditingModule.edit_with_text`; a module whose text is produced
-while editing (GoT's reasoning chain) overrides that instead.
-
-The base owns what is the same everywhere: optimiser and warm-up/decay schedule from config,
-logging, evaluation outputs handed to callbacks, and checkpoint hygiene — checkpoints hold
-trainable weights only; frozen encoders are reloaded from their source (DESIGN.md, "Trainable
-state only").
+The base owns training_loss, the evaluation and inference entry points (:meth:`edit_outputs` for
+evaluators, :meth:`edit` / :meth:`generate` / :meth:`edit_turns` for users, all through the
+training preprocessing), multi-turn editing, optimiser and schedule, and checkpoint hygiene. Frozen
+encoders are kept out of the module tree (:meth:`keep_frozen`): ``parameters()``, ``state_dict()``,
+DDP, DeepSpeed, EMA and checkpoints see only what trains (DESIGN.md, "Trainable state only").
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
-
 from pathlib import Path
+from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch import Tensor
+from lightning.pytorch.utilities.seed import isolate_rng
+from PIL import Image
+from torch import Tensor, nn
+from torchvision.transforms.functional import to_pil_image
 
+from datamodules.samples import EditBatch, EditOutputs, EditSample, TurnOutputs, collate
+from zoo.blocks.condition import Condition
+from zoo.blocks.config import ConfigError, check_range
+from zoo.blocks.frozen import FrozenParts
+from zoo.blocks.guidance import text_cfg
 from zoo.blocks.pretrained import MissingPretrainedError
+from zoo.blocks.sampling import sample
 
 
 @dataclass
@@ -51,6 +68,15 @@ class Optimization:
     min_lr_ratio: float = 0.0
     """Floor of the cosine schedule as a fraction of ``lr``."""
 
+    def __post_init__(self) -> None:
+        check_range("optim.lr", self.lr, 0.0)
+        check_range("optim.eps", self.eps, 0.0)
+        check_range("optim.weight_decay", self.weight_decay, 0.0)
+        check_range("optim.warmup_steps", self.warmup_steps, 0)
+        check_range("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        for beta in self.betas:
+            check_range("optim.betas", beta, 0.0, 1.0)
+
 
 def lr_factor(step: int, optim: Optimization, max_steps: int) -> float:
     """Multiplier of the peak learning rate at optimiser step ``step``."""
@@ -64,81 +90,338 @@ def lr_factor(step: int, optim: Optimization, max_steps: int) -> float:
     return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine
 
 
+@dataclass
+class Edit:
+    """One result of :meth:`EditingModule.edit` / :meth:`EditingModule.generate`."""
+
+    image: Image.Image
+    """The edited (or generated) image, at the model's training view of the source."""
+    text: str
+    """The text that produced it: the instruction, DIM's blueprint, GoT's reasoning chain."""
+
+
+def to_pil(image: Tensor) -> Image.Image:
+    """``[3, H, W]`` in [-1, 1] -> an RGB PIL image (uint8, as a saved PNG holds it)."""
+    return to_pil_image(((image.detach().float().cpu() + 1) / 2).clamp(0, 1))
+
+
 class EditingModule(L.LightningModule):
     """Shared LightningModule flow for MLLM-guided editing and generation.
+
+    A subclass builds ``codec`` (kept frozen), ``denoiser``, ``objective`` and its condition
+    encoder, sets ``num_inference_steps`` and the training view (``resolution``,
+    ``mllm_resolution``; a fit adopts its DataModule's and checkpoints keep them), and implements
+    :meth:`encode_condition` and :meth:`null_condition`.
 
     Args:
         optim: optimiser and schedule.
         eval_seed: seed of the noise used in validation loss, test and predict, so numbers and
             images are comparable across runs and checkpoints.
+        guidance_scale: classifier-free guidance scale of :meth:`guide` (>= 0; 1 = conditional only).
+        cfg_dropout: probability of training a sample on the null condition (:meth:`drop_condition`).
+        num_inference_steps: sampler steps (>= 1).
     """
 
-    def __init__(self, optim: Optimization | None = None, eval_seed: int = 0) -> None:
+    codec: nn.Module
+    resolution: int
+    mllm_resolution: int
+
+    def __init__(
+        self,
+        optim: Optimization | None = None,
+        eval_seed: int = 0,
+        guidance_scale: float = 7.5,
+        cfg_dropout: float = 0.1,
+        num_inference_steps: int = 30,
+    ) -> None:
+        check_range("guidance_scale", guidance_scale, 0.0)
+        check_range("cfg_dropout", cfg_dropout, 0.0, 1.0)
+        check_range("num_inference_steps", num_inference_steps, 1)
         super().__init__()
         self.optim = optim or Optimization()
         self.eval_seed = eval_seed
-        # Frozen encoders are not in checkpoints, so loading must tolerate their absence;
-        # on_load_checkpoint checks that nothing trainable is missing instead.
+        self.guidance_scale = guidance_scale
+        self.cfg_dropout = cfg_dropout
+        self.num_inference_steps = num_inference_steps
+        self._frozen = FrozenParts()
+        # Stage-frozen submodules (DIM's warm-up DiT) are not in checkpoints either, so loading
+        # tolerates their absence; on_load_checkpoint checks that nothing trainable is missing.
         self.strict_loading = False
         # A resumed benchmark run may have fewer cases left than ranks; a rank without any then skips
         # the test loop and its evaluators finish in teardown (callbacks/results.py).
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
-    # -- hooks a paper module implements -------------------------------------------------------
+    # -- frozen parts, outside the module tree ---------------------------------------------------
 
-    def training_loss(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """Loss terms for one batch; ``"loss"`` is optimised, every term is logged."""
+    def keep_frozen(self, name: str, module: nn.Module) -> None:
+        """Hold a frozen block as ``self.<name>`` without making it a submodule (see module docstring)."""
+        self._frozen.add(name, module)
+
+    def add_encoder(self, name: str, module: nn.Module) -> None:
+        """``self.<name> = module``: a submodule when it trains (LoRA, fine-tuning), a frozen part otherwise."""
+        if any(p.requires_grad for p in module.parameters()):
+            setattr(self, name, module)
+        else:
+            self.keep_frozen(name, module)
+
+    @property
+    def frozen_parts(self) -> FrozenParts:
+        return self._frozen
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            frozen = self.__dict__.get("_frozen")
+            if frozen is not None and name in frozen:
+                return frozen[name]
+            raise
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> EditingModule:
+        # .to() / .half() / .cuda() reach the frozen parts too: they follow the module's device and dtype.
+        super()._apply(fn, recurse)
+        self._frozen.apply(fn)
+        return self
+
+    # -- hooks a paper module implements ------------------------------------------------------
+
+    def encode_condition(self, batch: EditBatch, losses: bool = False) -> Condition:
+        """The denoiser's condition for every sample of ``batch`` (in training, before dropout).
+
+        ``losses``: also compute the condition's own loss terms (``Condition.losses``, e.g. GoT's
+        chain CE) — True for training and validation losses, False when sampling.
+        """
         raise NotImplementedError
 
-    def edit_batch(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
-        """Images in [-1, 1], shape [B, 3, H, W], produced for every sample of ``batch``."""
+    def null_condition(self, condition: Condition) -> Condition:
+        """The unconditional counterpart of ``condition`` (CFG's negative branch, dropout's target)."""
         raise NotImplementedError
 
-    def condition_text(self, batch: dict[str, Any]) -> list[str]:
-        """The text the MLLM reads for each sample of ``batch``."""
-        return list(batch["instruction"])
+    def drop_condition(self, condition: Condition) -> Condition:
+        """Training-time CFG dropout: each sample's whole condition becomes its null with ``cfg_dropout``."""
+        if self.cfg_dropout == 0:
+            return condition
+        return condition.drop_to(self.null_condition(condition), self.cfg_dropout)[0]
 
-    def edit_with_text(
-        self, batch: dict[str, Any], generator: torch.Generator | None = None
+    def loss_weights(self) -> dict[str, float]:
+        """Weight of each loss term in ``loss``; ``diffusion_mse`` is computed only when weighted > 0."""
+        return {"diffusion_mse": 1.0}
+
+    def extra_losses(self, batch: EditBatch, condition: Condition) -> dict[str, Tensor]:
+        """Loss terms beyond the diffusion MSE and the condition's own (e.g. MIND-Edit's cosine term)."""
+        return {}
+
+    def denoise(self, latents: Tensor, timestep: Tensor, condition: Condition) -> Tensor:
+        """One denoiser prediction in the objective's convention."""
+        return self.denoiser.predict(latents, timestep, condition)
+
+    def guide(self, latents: Tensor, timestep: Tensor, condition: Condition, null: Condition) -> Tensor:
+        """The guided prediction at one sampler step: text CFG ``u + s (c - u)``, both branches in one call."""
+        both = Condition.cat([null, condition])
+        uncond, cond = self.denoise(torch.cat([latents, latents]), torch.cat([timestep, timestep]), both).chunk(2)
+        return text_cfg(uncond, cond, self.guidance_scale)
+
+    def prepare_batch(self, batch: EditBatch, keep_given: bool = False) -> EditBatch:
+        """Texts the model writes before generating (DIM's designer blueprints, GoT's chains).
+
+        ``keep_given``: the batch's texts were given by a user (:meth:`edit` arguments) and are kept;
+        for data batches the module decides (GoT reasons anew unless told to use the data's chains).
+        """
+        return batch
+
+    def condition_text(self, batch: EditBatch) -> list[str]:
+        """The text that conditions each sample (reported with its edit)."""
+        return list(batch.instruction)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (codec downsampling x denoiser patching)."""
+        return self.codec.downsample_factor
+
+    # -- the objective ---------------------------------------------------------------------------
+
+    def training_loss(self, batch: EditBatch) -> dict[str, Tensor]:
+        """Loss terms for one batch; ``"loss"`` (the weighted sum) is optimised, every term is logged."""
+        condition = self.encode_condition(batch, losses=True)
+        if self.training:
+            condition = self.drop_condition(condition)
+        terms = dict(condition.losses)
+        weights = self.loss_weights()
+        if weights.get("diffusion_mse", 0) > 0:
+            terms["diffusion_mse"] = self.diffusion_loss(batch, condition)
+        terms.update(self.extra_losses(batch, condition))
+        unknown = sorted(set(weights) - set(terms))
+        if unknown:
+            raise KeyError(f"{type(self).__name__}.loss_weights names terms that were not computed: {unknown}")
+        loss = sum(weight * terms[name] for name, weight in weights.items())
+        return {"loss": loss, **{name: value.detach() for name, value in terms.items()}}
+
+    def diffusion_loss(self, batch: EditBatch, condition: Condition) -> Tensor:
+        """The objective's MSE of the denoiser on the noised target latent."""
+        if batch.target is None:
+            raise ValueError(f"training needs target images; samples {batch.key[:3]} have none (a prediction set?)")
+        x0 = self.codec.encode(batch.target.to(self.device, self.dtype))
+        noise = self.objective.sample_noise(x0)
+        t = self.objective.sample_timesteps(x0.shape[0], device=x0.device)
+        x_t, _, model_t = self.objective.add_noise(x0, noise, t)
+        pred = self.denoise(x_t, model_t, condition)
+        return self.objective.loss(pred, self.objective.target(x0, noise, t))
+
+    # -- generation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample_latents(
+        self, condition: Condition, null: Condition, size: tuple[int, int], generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Denoise seeded noise of ``size`` with :meth:`guide` over the objective's scheduler."""
+        factor = self.codec.downsample_factor
+        shape = (len(condition), self.codec.latent_channels, size[0] // factor, size[1] // factor)
+        noise = torch.randn(shape, generator=generator).to(self.device, self.dtype)
+        scheduler = self.objective.sampling_scheduler()
+
+        def predict(x_t: Tensor, timestep: Tensor) -> Tensor:
+            return self.guide(x_t, timestep.to(x_t.device), condition, null)
+
+        return sample(predict, noise, scheduler, self.num_inference_steps, generator=generator)
+
+    @torch.no_grad()
+    def synthesize(self, batch: EditBatch, generator: torch.Generator | None = None) -> Tensor:
+        """Images in [-1, 1], ``[B, 3, H, W]`` at ``batch.size``, for a prepared batch."""
+        condition = self.encode_condition(batch)
+        latents = self.sample_latents(condition, self.null_condition(condition), batch.size, generator)
+        return self.codec.decode(latents).clamp(-1, 1)
+
+    @torch.no_grad()
+    def edit_batch(
+        self, batch: EditBatch, generator: torch.Generator | None = None, keep_given: bool = False
     ) -> tuple[Tensor, list[str]]:
-        """Images of :meth:`edit_batch` and, per sample, the text that produced them (for evaluators)."""
-        return self.edit_batch(batch, generator=generator), self.condition_text(batch)
+        """Images for every sample of ``batch`` and, per sample, the text that produced them."""
+        prepared = self.prepare_batch(batch, keep_given=keep_given)
+        return self.synthesize(prepared, generator), self.condition_text(prepared)
 
-    # -- Lightning flow ---------------------------------------------------------------------
+    @torch.no_grad()
+    def edit_outputs(self, batch: EditBatch, batch_idx: int = 0, keep_given: bool = False) -> EditOutputs:
+        """What evaluators consume: every sample's edit, and each later turn of its multi-turn case.
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        Noise is seeded with ``eval_seed + batch_idx`` for every turn. Turn k edits turn k-1's result
+        as a saved PNG holds it (uint8), through the training preprocessing.
+        """
+        edited, texts = self.edit_batch(batch, self._eval_generator(batch_idx), keep_given)
+        outputs = EditOutputs(key=list(batch.key), edited=edited, text=texts)
+        latest = dict(enumerate(edited))
+        for turn in range(1, max((len(t) for t in batch.turns), default=0) + 1):
+            rows = [i for i, later in enumerate(batch.turns) if len(later) >= turn]
+            samples = [
+                EditSample(
+                    key=batch.key[i], source=to_pil(latest[i]), instruction=batch.turns[i][turn - 1], edit_type=batch.edit_type[i] or None
+                )
+                for i in rows
+            ]
+            step = collate(samples, self.resolution, self.mllm_resolution).to(self.device)
+            images, step_texts = self.edit_batch(step, self._eval_generator(batch_idx))
+            latest.update(zip(rows, images))
+            outputs.turns.append(TurnOutputs(rows=rows, edited=images, text=step_texts))
+        return outputs
+
+    def _eval_generator(self, batch_idx: int) -> torch.Generator:
+        return torch.Generator(device="cpu").manual_seed(self.eval_seed + batch_idx)
+
+    # -- user entry points ------------------------------------------------------------------------
+
+    def inference_batch(
+        self,
+        images: list[Image.Image | None],
+        texts: list[str],
+        *,
+        size: int | None = None,
+        blueprints: list[str | None] | None = None,
+        chains: list[str | None] | None = None,
+        turns: list[list[str]] | None = None,
+    ) -> EditBatch:
+        """An :class:`EditBatch` of new inputs, preprocessed exactly as training preprocesses its data."""
+        side = size or self.resolution
+        if side < 1 or side % self.size_multiple:
+            raise ValueError(f"image side {side} must be a positive multiple of {self.size_multiple} for this model")
+        batch = EditBatch.for_inference(images, texts, side, self.mllm_resolution, blueprints=blueprints, chains=chains)
+        if turns is not None:
+            batch.turns = turns
+        return batch.to(self.device)
+
+    def edit(
+        self, image: Image.Image, instruction: str, *, blueprint: str | None = None, chain: str | None = None, size: int | None = None
+    ) -> Edit:
+        """Edit one image; a given ``blueprint`` (DIM) or ``chain`` (GoT) replaces the one the model would write.
+
+        The source is seen as in training: shorter side resized to ``size`` (default: the training
+        resolution) and centre-cropped for the denoiser, the whole image squashed for the MLLM.
+        """
+        return self.edit_turns(image, [instruction], blueprint=blueprint, chain=chain, size=size)[0]
+
+    def generate(self, prompt: str, *, blueprint: str | None = None, chain: str | None = None, size: int | None = None) -> Edit:
+        """Text-to-image generation of a ``size`` x ``size`` image (default: the training resolution)."""
+        batch = self.inference_batch([None], [prompt], size=size, blueprints=[blueprint], chains=[chain])
+        outputs = self.edit_outputs(batch, keep_given=True)
+        return Edit(image=to_pil(outputs.edited[0]), text=outputs.text[0])
+
+    def edit_turns(
+        self,
+        image: Image.Image,
+        instructions: list[str],
+        *,
+        blueprint: str | None = None,
+        chain: str | None = None,
+        size: int | None = None,
+    ) -> list[Edit]:
+        """Multi-turn editing: each instruction edits the previous turn's result; one :class:`Edit` per turn.
+
+        The same implementation as the multi-turn benchmark's (:meth:`edit_outputs`); ``blueprint``
+        / ``chain`` apply to the first turn.
+        """
+        if not instructions:
+            raise ValueError("give at least one instruction")
+        batch = self.inference_batch(
+            [image], instructions[:1], size=size, blueprints=[blueprint], chains=[chain], turns=[list(instructions[1:])]
+        )
+        outputs = self.edit_outputs(batch, keep_given=True)
+        edits = [Edit(image=to_pil(outputs.edited[0]), text=outputs.text[0])]
+        edits += [Edit(image=to_pil(turn.edited[0]), text=turn.text[0]) for turn in outputs.turns]
+        return edits
+
+    # -- Lightning flow ----------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        # The training view of a fit is the DataModule's; checkpoints carry it to inference.
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if data is not None and hasattr(data, "resolution") and hasattr(data, "mllm_resolution"):
+            self.resolution, self.mllm_resolution = int(data.resolution), int(data.mllm_resolution)
+
+    def training_step(self, batch: EditBatch, batch_idx: int) -> Tensor:
         terms = self.training_loss(batch)
-        batch_size = len(batch["key"])
         for name, value in terms.items():
-            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=len(batch))
         return terms["loss"]
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        with _seeded(self.eval_seed + batch_idx):
+    def validation_step(self, batch: EditBatch, batch_idx: int) -> dict[str, Tensor]:
+        # The same noise at every evaluation; the training RNG streams (CUDA included) are untouched.
+        with isolate_rng(include_cuda=True):
+            torch.manual_seed(self.eval_seed + batch_idx)
             terms = self.training_loss(batch)
-        batch_size = len(batch["key"])
         for name, value in terms.items():
-            self.log(f"val/{name}", value, batch_size=batch_size, sync_dist=True)
+            self.log(f"val/{name}", value, batch_size=len(batch), sync_dist=True)
         return {"loss": terms["loss"]}
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        return self._edit_outputs(batch, batch_idx)
+    def test_step(self, batch: EditBatch, batch_idx: int) -> EditOutputs:
+        return self.edit_outputs(batch, batch_idx)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        return self._edit_outputs(batch, batch_idx)
+    def predict_step(self, batch: EditBatch, batch_idx: int) -> EditOutputs:
+        return self.edit_outputs(batch, batch_idx)
 
-    def _edit_outputs(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Edits for a batch plus the text that produced them, for evaluator callbacks."""
-        generator = torch.Generator(device="cpu").manual_seed(self.eval_seed + batch_idx)
-        edited, texts = self.edit_with_text(batch, generator=generator)
-        return {"key": list(batch["key"]), "edited": edited, "text": texts}
-
-    # -- optimisation -----------------------------------------------------------------------
+    # -- optimisation ------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
-            raise ValueError(f"{type(self).__name__} has no trainable parameters: check the freeze flags")
+            raise ConfigError(f"{type(self).__name__} has no trainable parameters: check the freeze flags")
         optimizer = torch.optim.AdamW(
             params,
             lr=self.optim.lr,
@@ -149,13 +432,13 @@ class EditingModule(L.LightningModule):
         # Streaming loaders have no length, so the schedule is defined by max_steps (pitfall 13).
         max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else 0
         if self.optim.schedule == "cosine" and max_steps <= 0:
-            raise ValueError("a cosine schedule needs trainer.max_steps > 0 (streaming data has no epoch length)")
+            raise ConfigError("a cosine schedule needs trainer.max_steps > 0 (streaming data has no epoch length)")
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, self.optim, max_steps)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # -- checkpoint hygiene -----------------------------------------------------------------
+    # -- checkpoint hygiene ------------------------------------------------------------------------
 
     def trainable_state_keys(self) -> set[str]:
         """State-dict keys that checkpoints keep: trainable parameters and their modules' buffers."""
@@ -172,6 +455,7 @@ class EditingModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["zoo_view"] = {"resolution": self.resolution, "mllm_resolution": self.mllm_resolution}
 
     def load_trainable(self, checkpoint_path: str) -> None:
         """Initialise trainable weights from a zoo checkpoint of an earlier stage.
@@ -205,6 +489,9 @@ class EditingModule(L.LightningModule):
                 f"checkpoint lacks {len(missing)} trainable tensors of {type(self).__name__} "
                 f"(first: {missing[0]}); was it written by a different model configuration?"
             )
+        view = checkpoint.get("zoo_view")
+        if view is not None:
+            self.resolution, self.mllm_resolution = view["resolution"], view["mllm_resolution"]
 
 
 def _widen_into(target: Tensor, value: Tensor, key: str) -> Tensor:
@@ -214,18 +501,3 @@ def _widen_into(target: Tensor, value: Tensor, key: str) -> Tensor:
         raise ValueError(f"checkpoint tensor {key} has shape {tuple(value.shape)}, model has {tuple(target.shape)}")
     target[:, : value.shape[1]] = value
     return target
-
-
-class _seeded:
-    """Fork the global RNGs and seed them, so validation noise is the same at every evaluation."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-        self._fork = torch.random.fork_rng(devices=[])
-
-    def __enter__(self) -> None:
-        self._fork.__enter__()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc: object) -> None:
-        self._fork.__exit__(*exc)
