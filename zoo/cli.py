@@ -7,14 +7,21 @@ and the resolved config saved with overwrite allowed — a requeued job writes i
 directory (pitfall 25). ``zoo data convert|toy`` are the shard writers of :mod:`datamodules`;
 ``zoo toy-report`` merges toy evaluations into one table.
 
-Configuration mistakes and missing pretrained weights end in one ``zoo: error: ...`` line and exit
-status 2, not a stack trace.
+Configuration mistakes (an unknown key at any depth, with the closest valid one; a value out of
+range, :class:`~zoo.blocks.config.ConfigError`) and missing pretrained weights end in one
+``zoo: error: ...`` line and exit status 2, not a stack trace.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import importlib
+import inspect
 import re
 import sys
+import types
+import typing
 from collections.abc import Callable
 
 from jsonargparse import ArgumentError
@@ -23,6 +30,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.edit_writer import EditWriter
+from zoo.blocks.config import ConfigError
 from zoo.blocks.pretrained import MissingPretrainedError
 from zoo.modules.base import EditingModule
 
@@ -53,10 +61,17 @@ def _data_tools() -> dict[str, Callable[[list[str] | None], int]]:
 
 
 _NOISE = ("Does not validate", "Subtypes:", "Errors:", "- Problem with given class_path", "Given value", "- Expected a <class 'NoneType'>")
+# How jsonargparse names an option it does not know, by where it met it.
+_UNKNOWN = (
+    re.compile(r"unrecognized arguments: --(?P<option>[\w.]+)"),
+    re.compile(r"Group '(?P<group>[\w.]+)' does not accept option '(?P<option>[\w.]+)'"),
+    re.compile(r"Option '(?P<option>[\w.]+)' is not accepted"),
+)
 
 
 def _one_line(error: BaseException) -> str:
-    """One line from an error; jsonargparse's nested reports become ``key.path: first reason``."""
+    """One line from an error; jsonargparse's nested reports become ``key.path: first reason``,
+    and an unknown key names its full path and the closest valid key."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
@@ -64,7 +79,64 @@ def _one_line(error: BaseException) -> str:
     reasons = [line for line in lines if not line.startswith(_NOISE) and not re.fullmatch(r'Parser key ".+":', line)]
     if not keys:
         return lines[0]
+    unknown = _unknown_key(keys, lines)
+    if unknown is not None:
+        return unknown
     return f"{'.'.join(keys)}: {reasons[0] if reasons else 'invalid value'}"
+
+
+def _unknown_key(keys: list[str], lines: list[str]) -> str | None:
+    """``model.init_args.mllm.lora: unknown key 'rr' (did you mean 'r'?)`` for an unknown option."""
+    classes = [m.group(1) for line in lines if (m := re.search(r"Problem with given class_path '([^']+)'", line))]
+    for line in lines:
+        for pattern in _UNKNOWN:
+            match = pattern.search(line)
+            if match is None:
+                continue
+            found = match.groupdict()
+            path = [part for key in keys[1:] for part in key.split(".")]
+            path += found["group"].split(".") if found.get("group") else []
+            *parents, option = path + found["option"].split(".")
+            where = ".".join([keys[0], *(["init_args"] if classes else []), *parents])
+            hint = _closest(classes[0], parents, option) if classes else None
+            return f"{where}: unknown key '{option}'" + (f" (did you mean '{hint}'?)" if hint else "")
+    return None
+
+
+def _closest(class_path: str, parents: list[str], option: str) -> str | None:
+    """The valid key nearest to ``option`` below ``parents`` of ``class_path``'s init arguments."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        owner: object = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    for parent in parents:
+        owner = _config_type(_arguments(owner).get(parent))
+        if owner is None:
+            return None
+    matches = difflib.get_close_matches(option, list(_arguments(owner)), n=1)
+    return matches[0] if matches else None
+
+
+def _arguments(owner: object) -> dict[str, object]:
+    """Argument name -> type of a dataclass's fields or a class's ``__init__``."""
+    if dataclasses.is_dataclass(owner):
+        hints = typing.get_type_hints(owner)
+        return {f.name: hints.get(f.name) for f in dataclasses.fields(owner) if f.init}
+    if not inspect.isclass(owner):
+        return {}
+    hints = typing.get_type_hints(owner.__init__)
+    names = [n for n in inspect.signature(owner.__init__).parameters if n != "self"]
+    return {n: hints.get(n) for n in names}
+
+
+def _config_type(annotation: object) -> object | None:
+    """The dataclass inside ``annotation`` (``X``, ``X | None``)."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return next((arg for arg in typing.get_args(annotation) if dataclasses.is_dataclass(arg)), None)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,19 +159,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zoo: error: {_one_line(error)} (see --help)", file=sys.stderr)
         return 2
     except Exception as error:
-        missing = _missing_pretrained(error)
-        if missing is None:
+        known = _user_error(error)
+        if known is None:
             raise
-        print(f"zoo: error: {_one_line(missing)}", file=sys.stderr)
+        print(f"zoo: error: {_one_line(known)}", file=sys.stderr)
         return 2
     return 0
 
 
-def _missing_pretrained(error: BaseException) -> MissingPretrainedError | None:
-    """The MissingPretrainedError behind ``error`` (jsonargparse wraps instantiation errors), if any."""
+def _user_error(error: BaseException) -> MissingPretrainedError | ConfigError | None:
+    """The missing-weights or bad-config error behind ``error`` (jsonargparse wraps instantiation errors)."""
     seen: BaseException | None = error
     while seen is not None:
-        if isinstance(seen, MissingPretrainedError):
+        if isinstance(seen, (MissingPretrainedError, ConfigError)):
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
