@@ -10,14 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.samples import collate
+from dataclasses import replace
+
+from datamodules.samples import EditBatch, EditSample, collate
 from datamodules.toy import edit_sample, t2i_sample
-from tests.modules.conftest import toy_batch, tiny_dim_kwargs
-from zoo.modules.base import Optimization
+from tests.modules.conftest import TINY_SANA, toy_batch, tiny_dim_kwargs
+from zoo.modules.base import Optimization, to_pil
 from zoo.modules.dim import DIMModule
 
 
-def _fit(model: DIMModule, batch: dict[str, Any], steps: int, lr: float = 3e-3) -> list[float]:
+def _fit(model: DIMModule, batch: EditBatch, steps: int, lr: float = 3e-3) -> list[float]:
     """Plain AdamW steps over the module's own trainable parameters on one fixed batch."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
@@ -31,28 +33,33 @@ def _fit(model: DIMModule, batch: dict[str, Any], steps: int, lr: float = 3e-3) 
     return losses
 
 
-def test_only_trainable_parts_get_gradients(batch: dict[str, Any]) -> None:
+def test_only_trainable_parts_get_gradients(batch: EditBatch) -> None:
     torch.manual_seed(0)
     model = DIMModule(**tiny_dim_kwargs())
     model.train()
     model.training_loss(batch)["loss"].backward()
     assert not model.mllm.training, "the frozen MLLM must stay in eval mode"
     assert all(p.grad is None and not p.requires_grad for p in model.mllm.parameters())
+    # Frozen parts live outside the module tree: not parameters, not submodules, not in the state dict.
+    frozen = {id(p) for p in model.mllm.parameters()}
+    assert frozen and not frozen & {id(p) for p in model.parameters()}
+    assert not any(name.startswith(("mllm", "codec")) for name, _ in model.named_modules())
+    assert not any(key.startswith("mllm.") for key in model.state_dict())
     for name in ("connector", "denoiser"):
         grads = [p.grad for p in getattr(model, name).parameters()]
         assert grads and all(g is not None for g in grads), name
 
 
-def test_dropped_conditions_train_the_null_table(batch: dict[str, Any]) -> None:
+def test_dropped_conditions_train_the_null_table(batch: EditBatch) -> None:
     torch.manual_seed(0)
     model = DIMModule(**tiny_dim_kwargs(cfg_dropout=1.0))
     model.train()
     model.training_loss(batch)["loss"].backward()
-    assert model.null_condition.table.grad.abs().sum() > 0
+    assert model.null_caption.table.grad.abs().sum() > 0
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.connector.parameters())
 
 
-def test_connector_only_warmup_freezes_the_dit(batch: dict[str, Any]) -> None:
+def test_connector_only_warmup_freezes_the_dit(batch: EditBatch) -> None:
     torch.manual_seed(0)
     model = DIMModule(**tiny_dim_kwargs(train_denoiser=False))
     model.train()
@@ -61,7 +68,7 @@ def test_connector_only_warmup_freezes_the_dit(batch: dict[str, Any]) -> None:
     assert all(p.grad is not None for p in model.connector.parameters())
 
 
-def test_frozen_mllm_is_absent_from_optimizer_and_checkpoint(tmp_path, batch: dict[str, Any]) -> None:
+def test_frozen_mllm_is_absent_from_optimizer_and_checkpoint(tmp_path, batch: EditBatch) -> None:
     torch.manual_seed(0)
     model = DIMModule(**tiny_dim_kwargs(optim=Optimization(lr=1e-3)))
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
@@ -77,7 +84,7 @@ def test_frozen_mllm_is_absent_from_optimizer_and_checkpoint(tmp_path, batch: di
     keys = set(checkpoint["state_dict"])
     assert not any(k.startswith("mllm.") for k in keys)
     assert {k for k in keys if k.startswith("connector.")} == {k for k in model.state_dict() if k.startswith("connector.")}
-    assert any(k.startswith("denoiser.") for k in keys) and "null_condition.table" in keys
+    assert any(k.startswith("denoiser.") for k in keys) and "null_caption.table" in keys
 
     restored = DIMModule(**tiny_dim_kwargs())
     restored.on_load_checkpoint(checkpoint)
@@ -113,25 +120,41 @@ def test_edit_returns_an_image_of_the_model_size_and_is_deterministic() -> None:
     model.eval()
     source = Image.new("RGB", (40, 24), (200, 30, 30))
     edited = model.edit(source, "make the background blue", blueprint=None)
-    assert isinstance(edited, Image.Image) and edited.size == (16, 16) and edited.mode == "RGB"
+    assert isinstance(edited.image, Image.Image) and edited.image.size == (16, 16) and edited.image.mode == "RGB"
+    assert edited.text == "make the background blue"
     again = model.edit(source, "make the background blue")
-    assert list(edited.getdata()) == list(again.getdata())
+    assert list(edited.image.getdata()) == list(again.image.getdata())
     other = model.edit(source, "remove the red square")
-    assert list(edited.getdata()) != list(other.getdata())
+    assert list(edited.image.getdata()) != list(other.image.getdata())
+
+
+def test_edit_sees_a_non_square_image_exactly_as_training_does() -> None:
+    torch.manual_seed(0)
+    model = DIMModule(**tiny_dim_kwargs())
+    model.eval()
+    wide = Image.new("RGB", (48, 16), (255, 255, 255))
+    wide.paste((220, 40, 40), (0, 0, 16, 16))  # a red left third: cropped away by the training view
+    wide.paste((40, 80, 220), (16, 0, 32, 16))
+    training = collate([EditSample(key="0", source=wide, instruction="x")], model.resolution, model.mllm_resolution)
+    inference = model.inference_batch([wide], ["x"])
+    assert torch.equal(inference.source, training.source) and torch.equal(inference.mllm_image, training.mllm_image)
+    blue = torch.tensor([40, 80, 220]).view(3, 1, 1) / 127.5 - 1
+    assert torch.allclose(training.source[0], blue.expand(3, 16, 16), atol=1e-6), "the centre crop is the blue middle third"
+    generator = torch.Generator().manual_seed(model.eval_seed)
+    expected = model.edit_batch(training, generator)[0][0]
+    assert list(model.edit(wide, "x").image.getdata()) == list(to_pil(expected).getdata())
 
 
 def test_edit_mode_requires_the_source_and_t2i_generates() -> None:
     torch.manual_seed(0)
     t2i = DIMModule(**tiny_dim_kwargs(mode="t2i"))
-    image = t2i.generate("a red circle at the top left")
+    image = t2i.generate("a red circle at the top left").image
     assert image.size == (16, 16)
     with pytest.raises(ValueError, match="mode='edit'"):
         t2i.edit(Image.new("RGB", (16, 16)), "x")
     edit = DIMModule(**tiny_dim_kwargs())
-    batch = toy_batch(size=2)
-    batch.pop("source")
-    with pytest.raises(KeyError, match="source"):
-        edit.training_loss(batch)
+    with pytest.raises(ValueError, match="needs the source image"):
+        edit.training_loss(toy_batch(size=2).replace(source=None))
 
 
 def test_a_sample_of_the_other_task_is_an_actionable_error() -> None:
@@ -144,7 +167,7 @@ def test_a_sample_of_the_other_task_is_an_actionable_error() -> None:
     with pytest.raises(ValueError, match=r"t2i-mode DIMModule got edit samples \['train_000000'\].*text-to-image split"):
         t2i.training_loss(mixed)
     with pytest.raises(ValueError, match="edit-mode DIMModule got text-to-image samples"):
-        edit.edit_with_text(collate([t2i_sample(0, "train", 0, 16)[0]], 16, 16))
+        edit.edit_batch(collate([t2i_sample(0, "train", 0, 16)[0]], 16, 16))
     with pytest.raises(ValueError, match="t2i-mode DIMModule got edit samples"):
         t2i.edit_batch(toy_batch(size=2))
 
@@ -152,11 +175,11 @@ def test_a_sample_of_the_other_task_is_an_actionable_error() -> None:
 def test_blueprint_is_the_condition_when_present() -> None:
     model = DIMModule(**tiny_dim_kwargs())
     batch = toy_batch(size=2)
-    assert model.condition_text(batch) == batch["blueprint"]
-    batch["blueprint"] = ["", batch["blueprint"][1]]
-    assert model.condition_text(batch) == [batch["instruction"][0], batch["blueprint"][1]]
+    assert model.condition_text(batch) == batch.blueprint
+    batch.blueprint = ["", batch.blueprint[1]]
+    assert model.condition_text(batch) == [batch.instruction[0], batch.blueprint[1]]
     plain = DIMModule(**tiny_dim_kwargs(use_blueprint=False))
-    assert plain.condition_text(batch) == batch["instruction"]
+    assert plain.condition_text(batch) == batch.instruction
 
 
 def test_stage_two_starts_from_a_t2i_checkpoint_with_widened_input(tmp_path) -> None:
@@ -167,7 +190,7 @@ def test_stage_two_starts_from_a_t2i_checkpoint_with_widened_input(tmp_path) -> 
     path = tmp_path / "t2i.ckpt"
     torch.save(checkpoint, path)
 
-    edit = DIMModule(**tiny_dim_kwargs(mode="edit", zero_init_condition=True, init_from=str(path)))
+    edit = DIMModule(**tiny_dim_kwargs(mode="edit", denoiser=replace(TINY_SANA, zero_init_condition=True), init_from=str(path)))
     old = t2i.denoiser.model.patch_embed.proj.weight
     new = edit.denoiser.model.patch_embed.proj.weight
     assert new.shape[1] == 2 * old.shape[1]
@@ -188,15 +211,15 @@ def test_designer_writes_the_blueprint_for_samples_without_one() -> None:
         "5. Edited Image Imagination: a blue square."
     )
     batch = toy_batch(size=2)
-    batch["blueprint"] = ["", batch["blueprint"][1]]
+    batch.blueprint = ["", batch.blueprint[1]]
     with OpenAIServer(completion(blueprint)) as server:
         config = DesignerConfig(base_url=server.base_url, model="gpt-4o-2024-11-20", api_key_env=None, backoff=0.01)
         model = DIMModule(**tiny_dim_kwargs(designer=config))
         model.eval()
-        edited, texts = model.edit_with_text(batch, generator=torch.Generator().manual_seed(0))
-    assert texts == [blueprint, batch["blueprint"][1]]
-    assert edited.shape == batch["source"].shape
+        edited, texts = model.edit_batch(batch, generator=torch.Generator().manual_seed(0))
+    assert texts == [blueprint, batch.blueprint[1]]
+    assert edited.shape == batch.source.shape
     (request,) = server.requests
     content = request.body["messages"][-1]["content"]
     assert any(part.get("type") == "image_url" for part in content)
-    assert batch["instruction"][0] in json.dumps(content)
+    assert batch.instruction[0] in json.dumps(content)

@@ -1,7 +1,8 @@
 """Golden parity: the tiny DIM and GoT (edit and T2I) give the numbers recorded before the base refactor.
 
 The fixtures in ``tests/modules/golden/`` were written by ``python -m tests.modules.test_golden``
-from commit bf8239b's code (the last before the base became the method's skeleton): at fixed seeds,
+from commit bf8239b's code (the last before the base became the method's skeleton; ``compute`` has
+since moved to the new API, the fixtures have not): at fixed seeds,
 every training-loss term on three fixed toy batches, the gradient norm of the trainable weights,
 the sampled images and GoT's generated chains. The refactored modules must reproduce them exactly
 on CPU (the same operations in the same order on the same RNG stream).
@@ -18,9 +19,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from datamodules.samples import collate
+from datamodules.samples import EditBatch, collate
 from datamodules.toy import edit_sample, t2i_sample
 from tests.modules.conftest import tiny_dim_kwargs
+from zoo.blocks.autoencoders import CodecConfig
+from zoo.blocks.denoisers import UNetConfig
+from zoo.blocks.got_chain import GoTLoRAConfig, GoTVLMConfig
+from zoo.blocks.mllm import TinyVLMConfig
 from zoo.blocks.tiny import TINY_KL, TINY_SDXL_UNET
 from zoo.modules.dim import DIMModule
 from zoo.modules.got import GoTModule
@@ -29,11 +34,11 @@ GOLDEN = Path(__file__).parent / "golden"
 CASES = ("dim_edit", "dim_t2i", "got_edit", "got_t2i")
 RESOLUTION = 16
 
-GOT_MLLM: dict[str, Any] = {
-    "tiny": {"seed": 0, "hidden_size": 32, "num_layers": 1, "intermediate_size": 64, "vision_depth": 1},
-    "image_size": 16,
-    "lora": {"r": 4, "lora_alpha": 4},
-}
+GOT_MLLM = GoTVLMConfig(
+    tiny=TinyVLMConfig(seed=0, hidden_size=32, num_layers=1, intermediate_size=64, vision_depth=1),
+    image_size=16,
+    lora=GoTLoRAConfig(r=4, lora_alpha=4),
+)
 
 
 def build(case: str) -> DIMModule | GoTModule:
@@ -43,15 +48,15 @@ def build(case: str) -> DIMModule | GoTModule:
         return DIMModule(**tiny_dim_kwargs(mode=case.split("_")[1], cfg_dropout=0.5))
     return GoTModule(
         mllm=GOT_MLLM,
-        denoiser={"config": TINY_SDXL_UNET, "subfolder": None},
-        autoencoder={"config": TINY_KL, "subfolder": None},
+        denoiser=UNetConfig(config=TINY_SDXL_UNET, subfolder=None),
+        autoencoder=CodecConfig("kl", config=TINY_KL, subfolder=None),
         num_inference_steps=3,
         max_chain_tokens=8,
         condition_dropout=0.1,
     )
 
 
-def batches(case: str) -> list[dict[str, Any]]:
+def batches(case: str) -> list[EditBatch]:
     """Three fixed batches of four toy samples of the case's task."""
     make = edit_sample if case.endswith("edit") else t2i_sample
     return [
@@ -81,7 +86,7 @@ def compute(case: str) -> tuple[dict[str, Tensor], list[str]]:
         for name, value in model.training_loss(data[0]).items():
             out[f"eval/{name}"] = value.clone()
         generator = torch.Generator().manual_seed(0)
-        images, texts = model.edit_with_text(data[1], generator=generator)
+        images, texts = model.edit_batch(data[1], generator=generator)
     out["images"] = images.clone()
     return out, list(texts)
 
@@ -91,7 +96,7 @@ def test_matches_golden_fixture(case: str) -> None:
     expected = torch.load(GOLDEN / f"{case}.pt", weights_only=True)
     expected_texts = json.loads((GOLDEN / f"{case}.json").read_text())
     got, texts = compute(case)
-    assert sorted(got) == sorted(expected)
+    assert set(expected) <= set(got), "every recorded term is still computed (new terms may be added)"
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=lambda m, k=key: f"{case} {k}: {m}")
     assert texts == expected_texts

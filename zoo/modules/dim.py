@@ -155,6 +155,8 @@ class DIMModule(EditingModule):
         editing, the source latent as the channel condition."""
         self.check_task(batch)
         edit = self.mode == "edit"
+        if edit and batch.source is None:
+            raise ValueError("an edit-mode DIMModule needs the source image of every sample (batch.source)")
         states, mask = self.mllm.condition(batch.mllm_image if edit else None, self.condition_text(batch))
         channels = self.codec.encode(batch.source.to(self.device, self.dtype)) if edit else None
         return Condition(context=self.connector(states.to(self.dtype)), mask=mask, channels=channels)
