@@ -1,4 +1,4 @@
-"""VLM judges of edited images: an OpenAI-compatible HTTP judge, a local transformers judge, a toy judge.
+"""VLM judges of edited images: a chat judge (an OpenAI-compatible API or a local VLM) and a toy judge.
 
 The benchmarks (ImgEdit-Bench §5 of the ImgEdit paper; GEdit-Bench, VIEScore-style, Step1X-Edit §5)
 score an edit by asking a VLM a rubric question about the source and edited images and parsing
@@ -6,10 +6,10 @@ its text reply. A :class:`Judge` answers a list of :class:`JudgeRequest` with on
 :class:`~zoo.blocks.chat.ChatError`) each; parsing and aggregation belong to the benchmark
 callbacks, so every judge goes through the same parser.
 
-- :class:`HTTPJudge`: GPT-4.1/4o, a vLLM-served ImgEdit-Judge or Qwen2.5-VL, over
-  :class:`~zoo.blocks.chat.OpenAIChatClient` (retries, backoff, API key from a named variable).
-- :class:`LocalJudge`: a Qwen2.5-VL checkpoint in-process (ImgEdit-Judge is a Qwen2.5-VL-7B
-  fine-tune), over :class:`~zoo.blocks.chat.LocalVLMChatClient` (texts and images sent in order).
+- :class:`ChatJudge`: the chat client a :class:`JudgeConfig` describes: GPT-4.1/4o, a vLLM-served
+  ImgEdit-Judge or Qwen2.5-VL over the OpenAI protocol (retries, ``Retry-After``, API key from a
+  named variable), or with ``kind: local`` a Qwen2.5-VL checkpoint in-process (ImgEdit-Judge is a
+  Qwen2.5-VL-7B fine-tune; texts and images are sent in order).
 - :class:`ToyJudge`: on the toy dataset the exact ground truth (the toy edit score) replaces the
   VLM: it writes the reply a perfect judge would write in the benchmark's answer format, so the
   whole evaluator pipeline, parser included, runs offline with meaningful numbers.
@@ -28,9 +28,18 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from zoo.blocks.chat import ChatClient, ChatError, ChatPart, LocalVLMChatClient, OpenAIChatClient, complete_many, to_pil
+from zoo.blocks.chat import (
+    ChatConfig,
+    ChatError,
+    ChatPart,
+    ImageFormat,
+    TorchDtype,
+    build_chat_client,
+    complete_many,
+    to_pil,
+)
+from zoo.blocks.config import check_range
 
 log = logging.getLogger(__name__)
 
@@ -75,28 +84,67 @@ class Judge:
         """Use ``folder`` as the reply cache unless one was configured (evaluators call this)."""
 
 
+@dataclass
+class JudgeConfig(ChatConfig):
+    """The chat client of a judge: :class:`~zoo.blocks.chat.ChatConfig` with the official scorers'
+    defaults. ``model``: ``gpt-4.1`` (the ImgEdit paper and GEdit's scorer), ``gpt-4o`` (ImgEdit's
+    script) or the served name of ImgEdit-Judge / Qwen2.5-VL; GEdit's GPT scorer sends
+    ``max_tokens: 1400`` (``recipes/eval/gedit_bench.yaml``)."""
+
+    timeout: float = 120.0
+    """Seconds per request (a judge turn carries two full-size images)."""
+    max_retries: int = 8
+    """Retries after the first attempt, as in ChatConfig; more, as a benchmark run meets rate limits for minutes."""
+    temperature: float | None = None
+    """Null leaves the server default, as both official scorers do."""
+    image_format: ImageFormat = "png"
+    """``png`` (ImgEdit's script labels its images PNG) or ``jpeg`` (GEdit's scorer)."""
+    max_new_tokens: int = 2048
+    """Local judge: reply limit (ImgEdit-Judge's script allows 2048)."""
+    torch_dtype: TorchDtype = "bfloat16"
+    """Local judge: dtype of its weights."""
+
+
+def _identity(config: ChatConfig) -> str:
+    """What distinguishes a judge's answers in the reply cache: the model and the sampling settings.
+
+    The seed is included only when set, so caches written before it was part of the key stay valid.
+    """
+    if config.kind == "local":
+        source = config.pretrained or f"tiny:{json.dumps(config.tiny, sort_keys=True)}"
+        return json.dumps({"local": source, "max_new_tokens": config.max_new_tokens})
+    sampling = {"temperature": config.temperature, "max_tokens": config.max_tokens, "image_format": config.image_format}
+    seed = {"seed": config.seed} if config.seed is not None else {}
+    return json.dumps({"model": config.model, **sampling, **seed})
+
+
 class ChatJudge(Judge):
-    """A judge over any :class:`ChatClient`, with the on-disk reply cache and a concurrency limit.
+    """A judge over the chat client ``client`` describes, with the on-disk reply cache and a
+    concurrency limit.
 
     Args:
-        client: the chat client asked.
-        identity: what distinguishes this judge's answers in the cache (model name and settings).
+        client: the judge's chat client: ``kind: openai`` (OpenAI, Azure, vLLM, SGLang, OpenRouter)
+            or ``kind: local`` (a Qwen2.5-VL checkpoint in-process).
         cache_dir: reply cache folder; None: the evaluator's ``<results>/judge_cache``.
-        max_workers: concurrent calls (1 for a local model).
+        max_workers: concurrent requests (ImgEdit's script uses 32 processes, GEdit's 5 threads);
+            a local model runs one generation at a time whatever this says.
         system: optional system prompt sent with every request (the official scorers send none).
     """
 
     def __init__(
         self,
-        client: ChatClient,
-        identity: str,
+        client: JudgeConfig,
         cache_dir: str | None = None,
         max_workers: int = 8,
         system: str | None = None,
     ) -> None:
-        self.client, self.identity = client, identity
+        check_range("max_workers", max_workers, low=1)
+        self.config = client
+        self.client = build_chat_client(client)
+        self.identity = _identity(client)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.max_workers, self.system = max_workers, system
+        self.max_workers = 1 if client.kind == "local" else max_workers
+        self.system = system
         self.calls = 0
 
     @property
@@ -153,82 +201,6 @@ def _write_atomic(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
         handle.write(text)
     Path(handle.name).replace(path)
-
-
-class HTTPJudge(ChatJudge):
-    """A judge served over the OpenAI chat-completions protocol (OpenAI, Azure, vLLM, SGLang, OpenRouter).
-
-    Args:
-        base_url: API root, e.g. ``https://api.openai.com/v1`` or ``http://localhost:8000/v1``.
-        model: ``gpt-4.1`` (the ImgEdit paper and GEdit's scorer), ``gpt-4o`` (ImgEdit's script),
-            or the served name of ImgEdit-Judge / Qwen2.5-VL.
-        api_key_env: environment variable holding the key (never logged); null for no auth.
-        timeout: seconds per request.
-        max_retries: retries on 429, 5xx, timeouts and malformed replies (exponential backoff).
-        backoff: first retry delay in seconds.
-        max_workers: concurrent requests (ImgEdit's script uses 32 processes, GEdit's 5 threads).
-        temperature: None leaves the server default, as both official scorers do.
-        max_tokens: reply limit (GEdit's GPT scorer sends 1400).
-        image_format: ``png`` (ImgEdit labels images as PNG) or ``jpeg`` (GEdit).
-        cache_dir: reply cache; default the evaluator's ``<results>/judge_cache``.
-        azure_api_version: speak Azure OpenAI with this API version.
-    """
-
-    def __init__(
-        self,
-        base_url: str,
-        model: str,
-        api_key_env: str | None = "OPENAI_API_KEY",
-        timeout: float = 120.0,
-        max_retries: int = 8,
-        backoff: float = 2.0,
-        max_workers: int = 8,
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        image_format: str = "png",
-        cache_dir: str | None = None,
-        azure_api_version: str | None = None,
-    ) -> None:
-        client = OpenAIChatClient(
-            base_url,
-            model,
-            api_key_env=api_key_env,
-            timeout=timeout,
-            max_retries=max_retries,
-            backoff=backoff,
-            temperature=temperature,
-            max_tokens=max_tokens,
-            image_format=image_format,
-            azure_api_version=azure_api_version,
-        )
-        identity = json.dumps({"model": model, "temperature": temperature, "max_tokens": max_tokens, "image_format": image_format})
-        super().__init__(client, identity, cache_dir, max_workers)
-
-
-class LocalJudge(ChatJudge):
-    """A Qwen2.5-VL judge run in-process (ImgEdit-Judge: a Qwen2.5-VL-7B fine-tune, ``max_new_tokens=2048``).
-
-    Args:
-        pretrained: checkpoint folder or cached hub id.
-        tiny: options of the tiny random Qwen2.5-VL (tests only).
-        max_new_tokens: reply limit.
-        device: where the model runs.
-        torch_dtype: ``float32``, ``bfloat16`` or ``float16``.
-        cache_dir: reply cache; default the evaluator's ``<results>/judge_cache``.
-    """
-
-    def __init__(
-        self,
-        pretrained: str | None = None,
-        tiny: dict[str, Any] | None = None,
-        max_new_tokens: int = 2048,
-        device: str = "cpu",
-        torch_dtype: str = "bfloat16",
-        cache_dir: str | None = None,
-    ) -> None:
-        client = LocalVLMChatClient(pretrained=pretrained, tiny=tiny, max_new_tokens=max_new_tokens, device=device, torch_dtype=torch_dtype)
-        identity = json.dumps({"local": pretrained or f"tiny:{json.dumps(tiny, sort_keys=True)}", "max_new_tokens": max_new_tokens})
-        super().__init__(client, identity, cache_dir, max_workers=1)
 
 
 def _five(x: float) -> int:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from jsonargparse import ArgumentError, ArgumentParser
 from PIL import Image
 
 from tests.helpers.openai_server import OpenAIServer, completion, error
-from zoo.blocks.chat import ChatError, LocalVLMChatClient, OpenAIChatClient
+from zoo.blocks.chat import ChatConfig, ChatError, LocalVLMChatClient, OpenAIChatClient
+from zoo.blocks.config import ConfigError
 from zoo.blocks.designer import (
     BLUEPRINT_PROMPT,
     SECTIONS,
@@ -88,7 +91,7 @@ def test_clean_reply_strips_thinking_and_extracts_answers() -> None:
 
 
 def remote_designer(server: OpenAIServer) -> Designer:
-    config = DesignerConfig(base_url=server.base_url, model="gpt-4o-2024-11-20", api_key_env=None, backoff=0.01)
+    config = DesignerConfig(base_url=server.base_url, model="gpt-4o-2024-11-20", api_key_env=None)
     return Designer.from_config(config)
 
 
@@ -119,7 +122,7 @@ def test_designer_raises_on_an_incomplete_blueprint() -> None:
 
 def test_blueprint_or_instruction_counts_fallbacks() -> None:
     image = torch.rand(3, 16, 16)
-    replies = [completion(CANONICAL), completion("Sure! The lemons."), *[error(503, "overloaded")] * 6]
+    replies = [completion(CANONICAL), completion("Sure! The lemons."), *[error(503, "overloaded", {"Retry-After": "0.01"})] * 6]
     with OpenAIServer(*replies) as server:
         designer = remote_designer(server)
         assert designer.blueprint_or_instruction(image, "remove the lemons") == CANONICAL
@@ -135,10 +138,12 @@ def test_configuration_errors_are_raised_not_counted() -> None:
         with pytest.raises(ChatError, match="HTTP 401"):
             designer.blueprint_or_instruction(Image.new("RGB", (8, 8)), "remove the lemons")
     assert designer.fallbacks == 0
-    with pytest.raises(ValueError, match="needs base_url and model"):
+    with pytest.raises(ConfigError, match="needs base_url and model"):
         Designer.from_config(DesignerConfig(kind="openai", model="gpt-4o"))
-    with pytest.raises(ValueError, match="placeholder"):
-        Designer(OpenAIChatClient("http://localhost/v1", "m"), prompt="no placeholder")
+    with pytest.raises(ConfigError, match="placeholder"):
+        Designer(OpenAIChatClient(ChatConfig(base_url="http://localhost/v1", model="m")), prompt="no placeholder")
+    with pytest.raises(ConfigError, match="placeholder"):
+        DesignerConfig(kind="local", tiny={}, prompt="no placeholder")
 
 
 def test_config_parses_from_recipe_yaml_and_command_line() -> None:
@@ -150,17 +155,21 @@ def test_config_parses_from_recipe_yaml_and_command_line() -> None:
     designer = Designer.from_config(config)
     assert isinstance(designer.client, OpenAIChatClient)
     assert designer.client.url == "https://api.openai.com/v1/chat/completions"
-    assert (designer.client.seed, designer.client.api_key_env) == (233, "OPENAI_API_KEY")
+    assert (designer.client.config.seed, designer.client.config.api_key_env) == (233, "OPENAI_API_KEY")
+    assert (config.temperature, config.timeout, config.image_format) == (0.0, 60.0, "jpeg")  # DIM's GPT-4o settings
 
     flag = "--designer={kind: local, tiny: {seed: 1}, max_new_tokens: 8}"
     config = parser.instantiate(parser.parse_args([flag])).designer
     assert (config.kind, config.tiny, config.max_new_tokens) == ("local", {"seed": 1}, 8)
     with pytest.raises(ArgumentError, match="kind"):
         parser.parse_string("designer:\n  kind: anthropic\n")
+    with pytest.raises(ValueError, match="timeout must be > 0, got -1") as info:
+        parser.instantiate(parser.parse_string(yaml + "  timeout: -1\n"))
+    assert isinstance(info.value.__cause__, ConfigError)  # what the CLI prints as one line
 
 
 def test_local_client_and_designer_on_a_tiny_random_vlm() -> None:
-    client = LocalVLMChatClient(tiny={"seed": 0}, max_new_tokens=12)
+    client = LocalVLMChatClient(ChatConfig(kind="local", tiny={"seed": 0}, max_new_tokens=12))
     image = torch.rand(3, 32, 40, generator=torch.Generator().manual_seed(0))
     reply = client.complete([image, "describe the image"])
     assert isinstance(reply, str) and reply == client.complete([image, "describe the image"])  # greedy
@@ -173,3 +182,17 @@ def test_local_client_and_designer_on_a_tiny_random_vlm() -> None:
     # A random model writes no blueprint: the designer falls back and counts it.
     assert designer.blueprint_or_instruction(image, "remove the lemons") == "remove the lemons"
     assert (designer.requests, designer.fallbacks) == (1, 1)
+
+
+def test_a_key_echoed_in_a_reply_never_reaches_the_fallback_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = "sk-test-4f9a2c81e7d3"
+    monkeypatch.setenv("ZOO_TEST_KEY", key)
+    with OpenAIServer(completion("x" * 190 + key)) as server:  # the warning's preview is 200 characters
+        config = DesignerConfig(base_url=server.base_url, model="gpt-4o", api_key_env="ZOO_TEST_KEY")
+        designer = Designer.from_config(config)
+        with caplog.at_level(logging.DEBUG):
+            assert designer.blueprint_or_instruction(None, "add a cat") == "add a cat"
+    assert "lacks section" in caplog.text and designer.fallbacks == 1
+    assert key[:8] not in caplog.text

@@ -1,4 +1,5 @@
-"""Judges: the HTTP judge against a local OpenAI-protocol server (retries, failures, disk cache), the toy judge."""
+"""Judges: the chat judge against a local OpenAI-protocol server (retries, failures, disk cache, the
+key kept out of replies and cache), its config in the recipes, the toy judge."""
 
 from __future__ import annotations
 
@@ -7,11 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from jsonargparse import ArgumentParser
 
 from callbacks.imgedit_bench import MULTITURN_CRITERIA, basic_record, multiturn_record
-from callbacks.judges import HTTPJudge, JudgeRequest, ToyJudge
+from callbacks.judges import ChatJudge, Judge, JudgeConfig, JudgeRequest, ToyJudge
 from tests.helpers.openai_server import OpenAIServer, Reply, completion, error
-from zoo.blocks.chat import ChatError
+from zoo.blocks.chat import ChatError, LocalVLMChatClient, OpenAIChatClient
+from zoo.blocks.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 FIELDS = ("Prompt Compliance", "Visual Naturalness", "Physical & Detail Integrity")
 ANSWER = "Brief reasoning: ok\nPrompt Compliance: 4\nVisual Naturalness: 4\nPhysical & Detail Integrity: 3"
@@ -22,9 +28,10 @@ def _request(seed: int) -> JudgeRequest:
     return JudgeRequest("imgedit_basic", ["rate this edit", image, image.flip(-1)], FIELDS)
 
 
-def _judge(server: OpenAIServer, cache: Path | None, **kwargs) -> HTTPJudge:
-    options = {"api_key_env": None, "max_retries": 2, "backoff": 0.01, "timeout": 5.0} | kwargs
-    return HTTPJudge(server.base_url, "gpt-4.1", cache_dir=str(cache) if cache else None, **options)
+def _judge(server: OpenAIServer, cache: Path | None, max_workers: int = 8, **kwargs) -> ChatJudge:
+    options = {"api_key_env": None, "max_retries": 2, "timeout": 5.0} | kwargs
+    client = JudgeConfig(base_url=server.base_url, model="gpt-4.1", **options)
+    return ChatJudge(client, cache_dir=str(cache) if cache else None, max_workers=max_workers)
 
 
 def test_success_sends_both_images_and_cache_prevents_a_second_call(tmp_path: Path) -> None:
@@ -36,7 +43,7 @@ def test_success_sends_both_images_and_cache_prevents_a_second_call(tmp_path: Pa
         assert [p["type"] for p in parts] == ["text", "image_url", "image_url"]
         assert parts[1]["image_url"]["url"].startswith("data:image/png;base64,")
     with OpenAIServer() as server:  # answers 599 to anything: a cache miss would fail
-        again = _judge(server, tmp_path)
+        again = _judge(server, tmp_path, max_retries=0)
         assert again.ask([_request(0)]) == [ANSWER] and server.requests == [] and again.calls == 0
         [failed] = again.ask([_request(1)])  # another image: a real miss
         assert isinstance(failed, ChatError)
@@ -81,6 +88,64 @@ def test_concurrent_requests_keep_their_order(tmp_path: Path) -> None:
     with OpenAIServer(respond=respond) as server:
         replies = _judge(server, tmp_path, max_workers=4).ask(requests)
     assert [basic_record(str(i), "add", r, FIELDS)["scores"][0] for i, r in enumerate(replies)] == [1, 2, 3, 4, 5]
+
+
+def test_judge_defaults_follow_the_official_scorers_and_keep_the_cache_identity(tmp_path: Path) -> None:
+    with OpenAIServer(completion(ANSWER)) as server:
+        judge = ChatJudge(JudgeConfig(base_url=server.base_url, model="gpt-4.1", api_key_env=None))
+        judge.ask([_request(0)])
+    assert "temperature" not in server.requests[0].body  # the server default, as both official scorers
+    config = judge.config
+    assert (config.timeout, config.max_retries, config.image_format, config.torch_dtype) == (120.0, 8, "png", "bfloat16")
+    # The identity the HTTP judge had before the shared config: existing reply caches stay valid.
+    assert judge.name == json.dumps({"model": "gpt-4.1", "temperature": None, "max_tokens": None, "image_format": "png"})
+    seeded = ChatJudge(JudgeConfig(base_url="http://localhost/v1", model="gpt-4.1", seed=1))
+    assert json.loads(seeded.name)["seed"] == 1 and seeded.cache_key(_request(0)) != judge.cache_key(_request(0))
+    with pytest.raises(ConfigError, match="max_workers must be in \\[1, inf\\], got 0"):
+        ChatJudge(config, max_workers=0)
+
+
+def test_a_key_echoed_in_a_reply_is_neither_returned_nor_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = "sk-test-4f9a2c81e7d3"
+    monkeypatch.setenv("ZOO_TEST_KEY", key)
+    with OpenAIServer(completion(f"{ANSWER}\nkey: {key}")) as server:
+        [reply] = _judge(server, tmp_path, api_key_env="ZOO_TEST_KEY").ask([_request(0)])
+    assert key not in reply and reply.endswith("key: [redacted]")
+    [entry] = tmp_path.rglob("*.json")
+    assert key not in entry.read_text()
+
+
+def test_local_judge_runs_one_generation_at_a_time_and_caches(tmp_path: Path) -> None:
+    config = JudgeConfig(kind="local", tiny={"seed": 0}, max_new_tokens=4, torch_dtype="float32")
+    judge = ChatJudge(config, cache_dir=str(tmp_path), max_workers=4)
+    assert isinstance(judge.client, LocalVLMChatClient) and judge.max_workers == 1
+    assert judge.name == json.dumps({"local": 'tiny:{"seed": 0}', "max_new_tokens": 4})
+    first = judge.ask([_request(0), _request(1)])
+    assert all(isinstance(reply, str) for reply in first) and judge.calls == 2
+    assert judge.ask([_request(0), _request(1)]) == first and judge.calls == 2
+
+
+def _judges_of_recipes() -> list[tuple[str, dict]]:
+    """``(recipe, judge)`` of every evaluation overlay whose evaluator asks a judge."""
+    found = []
+    for path in sorted((ROOT / "recipes" / "eval").glob("*.yaml")):
+        for callback in yaml.safe_load(path.read_text()).get("trainer", {}).get("callbacks", []):
+            if "judge" in callback.get("init_args", {}):
+                found.append((path.name, callback["init_args"]["judge"]))
+    return found
+
+
+@pytest.mark.parametrize("recipe, judge", _judges_of_recipes(), ids=[name for name, _ in _judges_of_recipes()])
+def test_recipe_judges_parse_and_build(recipe: str, judge: dict) -> None:
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--judge", type=Judge)
+    built = parser.instantiate_classes(parser.parse_object({"judge": judge})).judge
+    if "toy" in recipe:
+        assert isinstance(built, ToyJudge)
+        return
+    assert isinstance(built, ChatJudge) and isinstance(built.client, OpenAIChatClient)
+    assert built.config.model == "gpt-4.1" and built.config.api_key_env == "OPENAI_API_KEY"
+    assert built.config.image_format == ("jpeg" if recipe == "gedit_bench.yaml" else "png")
 
 
 def test_toy_judge_answers_in_each_benchmark_format() -> None:

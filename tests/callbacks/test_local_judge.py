@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from callbacks.imgedit_bench import ImgEditEvaluator
-from callbacks.judges import LocalJudge
+from callbacks.judges import ChatJudge, JudgeConfig
 from datamodules.benchmarks import BenchmarkDataModule
 from datamodules.formats.imgedit import read_cases
 from tests.modules.conftest import tiny_dim_kwargs
@@ -53,7 +53,7 @@ def benchmark(tmp_path: Path) -> Path:
     return tmp_path / "Benchmark"
 
 
-def _spy_on_generate(judge: LocalJudge) -> list[int]:
+def _spy_on_generate(judge: ChatJudge) -> list[int]:
     """New-token counts of every ``generate`` call of the judge's real transformers model."""
     counts: list[int] = []
     model = judge.client.vlm.model  # type: ignore[attr-defined]
@@ -69,8 +69,8 @@ def _spy_on_generate(judge: LocalJudge) -> list[int]:
 
 
 def _evaluate(images: Path, out: Path, judge_folder: Path) -> list[int]:
-    """``Trainer.test`` of a tiny DIM judged by a freshly loaded LocalJudge; returns its generate calls."""
-    judge = LocalJudge(pretrained=str(judge_folder), max_new_tokens=MAX_NEW_TOKENS, torch_dtype="float32")
+    """``Trainer.test`` of a tiny DIM judged by a freshly loaded local judge; returns its generate calls."""
+    judge = ChatJudge(JudgeConfig(kind="local", pretrained=str(judge_folder), max_new_tokens=MAX_NEW_TOKENS, torch_dtype="float32"))
     calls = _spy_on_generate(judge)
     data = BenchmarkDataModule("imgedit_basic", images_dir=str(images), definition=str(IMGEDIT / "basic_edit.json"),
                                results_dir=str(out), limit=CASES, batch_size=CASES, resolution=16, mllm_resolution=16)

@@ -28,7 +28,7 @@ class Reply:
 
 @dataclass
 class Request:
-    """One request as the server received it."""
+    """One request as the server received it; header names lower-cased (HTTP ignores their case)."""
 
     method: str
     path: str
@@ -82,7 +82,7 @@ class OpenAIServer:
                     body = json.loads(raw)
                 except ValueError:
                     body = raw
-                request = Request("POST", self.path, dict(self.headers), body)
+                request = Request("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body)
                 with server._lock:
                     server.requests.append(request)
                     scripted = server._replies.pop(0) if server._replies else None

@@ -3,36 +3,40 @@
 DIM's external designer (DIM paper §3.2, the chain-of-thought "blueprint"), the ImgEdit-Bench and
 GEdit-Bench judges and data annotation all send the same thing: one user turn made of images and
 text, optionally preceded by a system prompt, and read back one text reply. :class:`ChatClient` is
-that call; :class:`OpenAIChatClient` speaks the OpenAI chat-completions protocol over HTTP (OpenAI,
-Azure OpenAI, vLLM, SGLang, OpenRouter ...) and :class:`LocalVLMChatClient` runs a transformers
-VLM in-process through :class:`zoo.blocks.mllm.QwenVLEncoder`.
+that call; :class:`ChatConfig` holds every setting of it once, and :func:`build_chat_client` builds
+either :class:`OpenAIChatClient` (the OpenAI chat-completions protocol through the ``openai`` SDK:
+OpenAI, Azure OpenAI, vLLM, SGLang, OpenRouter ...) or :class:`LocalVLMChatClient` (a transformers
+VLM in-process through :class:`zoo.blocks.mllm.QwenVLEncoder`).
 
 Facts carried over from the official code (research notes §1A, §4, §5): DIM sends the image
 before the text as a base64 JPEG whose quality is stepped down until it fits the API's size
 limit, with ``seed=233, temperature=0, timeout=60``; the judges run many calls concurrently and
-retry on rate limits and server errors. Hand-written because the ``openai`` package is not a
-dependency of the zoo and the protocol needs only one POST.
+retry on rate limits and server errors. The SDK does the transport (retries with backoff and
+``Retry-After``, timeouts, Azure's paths and headers); the image encoding, the re-asking of
+malformed replies and the key redaction (:mod:`zoo.blocks.redact`) are ours, because the SDK does
+not fit images to a size limit and puts server messages, which may echo the key, into its errors.
 """
 
 from __future__ import annotations
 
 import base64
 import copy
-import email.utils
 import io
 import json
 import logging
 import os
-import random
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
-import requests
+import openai
 import torch
 from PIL import Image
+
+from zoo.blocks.config import ConfigError, check_positive, check_range
+from zoo.blocks.redact import hide_in_logs, key_forms, redact, shorten
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,96 @@ class ChatClient(Protocol):
     def complete(self, content: Sequence[ChatPart], *, system: str | None = None) -> str:
         """Send ``content`` (images and texts, in order) as one user turn; return the reply text."""
         ...
+
+
+ChatKind = Literal["openai", "local"]
+"""``openai``: an OpenAI-compatible API over HTTP; ``local``: a transformers VLM in this process."""
+
+ImageFormat = Literal["jpeg", "png"]
+"""How images are sent to an API: JPEG (quality stepped down to fit) or lossless PNG."""
+
+TorchDtype = Literal["float32", "bfloat16", "float16"]
+"""Weights dtype of a local model."""
+
+
+@dataclass
+class ChatConfig:
+    """Settings of one chat client, declared once for the designer and the judges.
+
+    ``kind: openai`` reads ``base_url`` .. ``azure_api_version``; ``kind: local`` reads
+    ``pretrained`` .. ``torch_dtype``. Users with other defaults subclass this and change only the
+    defaults (:class:`~zoo.blocks.designer.DesignerConfig`, :class:`~callbacks.judges.JudgeConfig`).
+    """
+
+    kind: ChatKind = "openai"
+    """``openai``: an OpenAI-compatible API over HTTP; ``local``: a Qwen2.5-VL run in-process."""
+    base_url: str | None = None
+    """API root, e.g. ``https://api.openai.com/v1`` or ``http://localhost:8000/v1`` (vLLM); for
+    Azure, the resource endpoint ``https://<resource>.openai.azure.com``."""
+    model: str | None = None
+    """Model name sent with every request (for Azure, the deployment name)."""
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """Environment variable holding the API key, read at every call so a rotated key takes effect;
+    null for a server without authentication. The key never appears in a config, log or error."""
+    timeout: float = 60.0
+    """Seconds to wait for the connection and for each reply."""
+    max_retries: int = 5
+    """Retries after the first attempt on HTTP 408/409/429/5xx, timeouts, failed connections and
+    malformed replies; the SDK waits with exponential backoff, or as long as the server's
+    ``Retry-After`` says up to two minutes (a longer one fails at once). Other 4xx fail at once."""
+    temperature: float | None = 0.0
+    """Sampling temperature; null leaves the server default."""
+    seed: int | None = None
+    """Sampling seed; null sends none."""
+    max_tokens: int | None = None
+    """Reply length limit in tokens; null sends none."""
+    image_format: ImageFormat = "jpeg"
+    """``jpeg`` (quality stepped down until it fits ``max_image_bytes``) or lossless ``png``."""
+    max_image_bytes: int = 18_000_000
+    """Largest encoded image file sent (OpenAI accepts up to 20 MB)."""
+    extra_headers: dict[str, str] | None = None
+    """HTTP headers added to every request (e.g. OpenRouter's ``HTTP-Referer``)."""
+    azure_api_version: str | None = None
+    """When set, speak Azure OpenAI with this ``api-version`` (the key goes in an ``api-key``
+    header; DIM's GPT-4o designer was deployment ``gpt-4o`` at ``2024-11-20``)."""
+    pretrained: str | None = None
+    """Local model: folder or cached hub id of a Qwen2.5-VL checkpoint. Exclusive with ``tiny``."""
+    tiny: dict[str, Any] | None = None
+    """Local model: options of :func:`zoo.blocks.tiny.tiny_qwen2_5_vl` for a random toy model."""
+    max_new_tokens: int = 1024
+    """Local model: longest reply in tokens (DIM's open designers allow 8192)."""
+    device: str = "cpu"
+    """Local model: where it runs, e.g. ``cuda`` (each rank's current GPU) or ``cpu``."""
+    torch_dtype: TorchDtype = "float32"
+    """Local model: dtype of its weights."""
+
+    def __post_init__(self) -> None:
+        for name, choices in (("kind", ChatKind), ("image_format", ImageFormat), ("torch_dtype", TorchDtype)):
+            if getattr(self, name) not in get_args(choices):
+                raise ConfigError(f"{name} must be one of {', '.join(get_args(choices))}; got {getattr(self, name)!r}")
+        check_positive("timeout", self.timeout)
+        check_range("max_retries", self.max_retries, low=0)
+        if self.temperature is not None:
+            check_range("temperature", self.temperature, low=0)
+        if self.max_tokens is not None:
+            check_range("max_tokens", self.max_tokens, low=1)
+        check_positive("max_image_bytes", self.max_image_bytes)
+        check_range("max_new_tokens", self.max_new_tokens, low=1)
+        if self.kind == "openai":
+            if not self.base_url or not self.model:
+                raise ConfigError(
+                    "a chat client of kind 'openai' needs base_url and model, e.g. base_url: "
+                    "https://api.openai.com/v1, model: gpt-4o-2024-11-20"
+                )
+            if not self.base_url.startswith(("http://", "https://")):
+                raise ConfigError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+
+
+def build_chat_client(config: ChatConfig) -> ChatClient:
+    """The client ``config.kind`` names: the one place the designer and the judges build one."""
+    if config.kind == "local":
+        return LocalVLMChatClient(config)
+    return OpenAIChatClient(config)
 
 
 def complete_many(
@@ -160,161 +254,125 @@ def encode_image(image: ChatImage, image_format: str = "jpeg", max_bytes: int = 
     )
 
 
+NO_KEY = "no-key"
+"""The ``api_key`` given to the SDK for a server without authentication (it insists on one)."""
+
+
 class OpenAIChatClient:
-    """A client of the OpenAI chat-completions protocol (``POST {base_url}/chat/completions``).
+    """A client of the OpenAI chat-completions protocol on ``openai.OpenAI`` / ``openai.AzureOpenAI``.
+
+    The SDK retries HTTP 408/409/429/5xx, timeouts and failed connections ``max_retries`` times,
+    honouring ``Retry-After``; a reply that arrives but holds no text (not JSON, no choices, content
+    null) is asked again here, within the same budget of ``max_retries + 1`` requests.
 
     Args:
-        base_url: API root, e.g. ``https://api.openai.com/v1`` or ``http://localhost:8000/v1``
-            for a vLLM server; for Azure, the resource endpoint (see ``azure_api_version``).
-        model: model name sent in the request (for Azure, the deployment name).
-        api_key_env: name of the environment variable holding the API key, read at every call so a
-            rotated key takes effect; ``None`` for a server without authentication. The key itself
-            never appears in a config, a log line or an error message.
-        timeout: seconds to wait for the connection and for the reply.
-        max_retries: retries after the first attempt on HTTP 429, 5xx, timeouts, connection errors
-            and malformed replies; other 4xx fail at once.
-        backoff: first retry delay in seconds, doubled each retry (with jitter), unless the server
-            sends ``Retry-After``.
-        max_backoff: upper bound of any single delay, ``Retry-After`` included.
-        temperature: sampling temperature; ``None`` leaves the server default (GEdit's judge).
-        seed: sampling seed (DIM's designer uses 233); ``None`` sends none.
-        max_tokens: reply length limit; ``None`` sends none.
-        image_format: ``"jpeg"`` (quality stepped down to fit) or ``"png"``.
-        max_image_bytes: largest encoded image file sent (OpenAI accepts up to 20 MB).
-        extra_headers: added to every request (e.g. OpenRouter's ``HTTP-Referer``).
-        azure_api_version: when set, speak Azure OpenAI instead: ``POST
-            {base_url}/openai/deployments/{model}/chat/completions?api-version=...`` with the key in
-            an ``api-key`` header (DIM's GPT-4o designer used ``2024-11-20``).
+        config: the settings (``kind: openai``).
     """
 
-    def __init__(
-        self,
-        base_url: str,
-        model: str,
-        api_key_env: str | None = "OPENAI_API_KEY",
-        timeout: float = 60.0,
-        max_retries: int = 5,
-        backoff: float = 2.0,
-        max_backoff: float = 60.0,
-        temperature: float | None = 0.0,
-        seed: int | None = None,
-        max_tokens: int | None = None,
-        image_format: str = "jpeg",
-        max_image_bytes: int = 18_000_000,
-        extra_headers: dict[str, str] | None = None,
-        azure_api_version: str | None = None,
-    ) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
-        if not model:
-            raise ValueError("model must name the model (or Azure deployment) to call")
-        if timeout <= 0 or max_retries < 0 or backoff < 0 or max_backoff < 0 or max_image_bytes <= 0:
-            raise ValueError(
-                f"need timeout > 0, max_retries >= 0, backoff >= 0, max_backoff >= 0 and "
-                f"max_image_bytes > 0; got timeout={timeout}, max_retries={max_retries}, "
-                f"backoff={backoff}, max_backoff={max_backoff}, max_image_bytes={max_image_bytes}"
-            )
-        if image_format.lower() not in ("jpeg", "png"):
-            raise ValueError(f"image_format must be 'jpeg' or 'png', got {image_format!r}")
-        self.base_url = base_url.rstrip("/")
-        self.model = model
-        self.api_key_env = api_key_env
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self.temperature = temperature
-        self.seed = seed
-        self.max_tokens = max_tokens
-        self.image_format = image_format.lower()
-        self.max_image_bytes = max_image_bytes
-        self.extra_headers = dict(extra_headers or {})
-        self.azure_api_version = azure_api_version
+    def __init__(self, config: ChatConfig) -> None:
+        if config.kind != "openai":
+            raise ConfigError(f"OpenAIChatClient needs a config of kind 'openai', got {config.kind!r}")
+        assert config.base_url is not None and config.model is not None  # checked by ChatConfig
+        self.config = config
+        self.base_url = config.base_url.rstrip("/")
+        options: dict[str, Any] = {
+            "api_key": NO_KEY,  # the real key is read at every call, see complete()
+            "timeout": config.timeout,
+            "max_retries": config.max_retries,
+            "default_headers": config.extra_headers,
+        }
+        self._sdk: openai.OpenAI
+        if config.azure_api_version is not None:
+            self._sdk = openai.AzureOpenAI(azure_endpoint=self.base_url, api_version=config.azure_api_version, **options)
+        else:
+            self._sdk = openai.OpenAI(base_url=self.base_url, **options)
+
+    def __repr__(self) -> str:
+        return f"OpenAIChatClient({self.config!r})"
+
+    def __reduce__(self) -> tuple[type[OpenAIChatClient], tuple[ChatConfig]]:
+        # The SDK's HTTP client holds locks and sockets: a pickled (ddp_spawn) or deep-copied client
+        # is rebuilt from its config instead.
+        return type(self), (self.config,)
 
     @property
     def url(self) -> str:
         """The endpoint every request goes to (without the Azure ``api-version`` query)."""
-        if self.azure_api_version is not None:
-            return f"{self.base_url}/openai/deployments/{self.model}/chat/completions"
+        if self.config.azure_api_version is not None:
+            return f"{self.base_url}/openai/deployments/{self.config.model}/chat/completions"
         return f"{self.base_url}/chat/completions"
 
     def complete(self, content: Sequence[ChatPart], *, system: str | None = None) -> str:
-        """Send one user turn (images become base64 ``image_url`` parts, in order); return the reply.
+        """Send one user turn (images become base64 ``image_url`` parts, in order); return the reply,
+        with any echo of the API key redacted.
 
         Raises:
-            MissingAPIKeyError: the ``api_key_env`` variable is unset.
-            ChatError: a rejected request (4xx other than 429, with the server's message), or no
-                usable reply after ``max_retries`` retries.
+            MissingAPIKeyError: the ``api_key_env`` variable is unset or blank.
+            ChatError: a rejected request (4xx other than 408/409/429, with the server's message), or
+                no usable reply after ``max_retries`` retries. Its message never holds the key, and it
+                chains no SDK exception (whose message may).
             ValueError, TypeError: empty content, or an image that cannot be encoded.
         """
-        key = self._api_key()
-        payload = json.dumps(self._body(content, system))
-        headers = {"Content-Type": "application/json", **self.extra_headers}
-        params: dict[str, str] = {}
-        if key is not None and self.azure_api_version is not None:
-            headers["api-key"] = key
-        elif key is not None:
-            headers["Authorization"] = f"Bearer {key}"
-        if self.azure_api_version is not None:
-            params["api-version"] = self.azure_api_version
+        key, secrets = self._api_key()
+        reply = self._ask(key or NO_KEY, self._request(content, system), secrets)
+        if isinstance(reply, ChatError):
+            raise reply  # raised outside the SDK's except block, so no SDK exception is its context
+        return reply
 
-        attempts, attempt = self.max_retries + 1, 0
-        while True:
-            attempt += 1
-            status: int | None = None
-            retry_after: float | None = None
+    def _ask(self, key: str, request: dict[str, Any], secrets: tuple[str, ...]) -> str | ChatError:
+        """The redacted reply text, or the :class:`ChatError` describing why there is none."""
+        attempts, budget, reason = 0, self.config.max_retries + 1, ""
+        while attempts < budget:
+            sdk = self._sdk.with_options(api_key=key, max_retries=budget - attempts - 1)
             try:
-                response = requests.post(self.url, data=payload, headers=headers, params=params, timeout=self.timeout)
-            except requests.Timeout:
-                reason = f"no reply within timeout={self.timeout}s"
-            except requests.ConnectionError as err:
-                reason = f"connection failed ({type(err).__name__})"
-            except requests.RequestException as err:
-                raise ChatError(f"chat request to {self.url} could not be sent: {err}", attempts=attempt) from err
-            else:
-                status = response.status_code
-                if 200 <= status < 300:
-                    reply, reason = _reply_text(response)
-                    if reply is not None:
-                        return reply
-                elif status == 429 or status >= 500:
-                    reason = f"HTTP {status}: {_server_message(response)}"
-                    retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
-                else:
-                    raise ChatError(
-                        f"chat request to {self.url} (model {self.model!r}) was rejected with HTTP {status}: "
-                        f"{_redact(_server_message(response), key)}",
-                        status=status,
-                        attempts=attempt,
-                    )
-            reason = _redact(reason, key)
-            if attempt == attempts:
-                raise ChatError(
-                    f"chat request to {self.url} (model {self.model!r}) failed after {attempts} attempts; "
-                    f"last error: {reason}",
-                    status=status,
-                    attempts=attempt,
-                )
-            delay = self._delay(attempt, retry_after)
-            log.warning(
-                "chat request to %s failed (%s); retry %d/%d in %.2fs",
-                self.url, reason, attempt, self.max_retries, delay,
-            )
-            time.sleep(delay)
+                raw = sdk.chat.completions.with_raw_response.create(**request)
+            except openai.APIError as err:
+                return self._error(err, attempts, secrets)
+            attempts += raw.retries_taken + 1
+            text, reason = _reply_text(raw.status_code, raw.text, secrets)
+            if text is not None:
+                return redact(text, secrets)
+            if attempts < budget:
+                # Asked again at once: a malformed reply says nothing about load, unlike a 429.
+                log.warning("chat reply from %s is unusable (%s); asking again (%d/%d)", self.url, reason, attempts, budget)
+        return self._failed(f"failed after {_count(attempts)}; last error: {reason}", 200, attempts)
 
-    def _api_key(self) -> str | None:
-        if self.api_key_env is None:
-            return None
-        key = os.environ.get(self.api_key_env, "").strip()
-        if not key:
+    def _error(self, err: openai.APIError, earlier: int, secrets: tuple[str, ...]) -> ChatError:
+        """The SDK's exception as a :class:`ChatError` whose text is redacted."""
+        # The SDK numbers each request it sends in this header; the exception carries the last one.
+        attempts = earlier + int(err.request.headers.get("x-stainless-retry-count", "0")) + 1
+        if isinstance(err, openai.APITimeoutError):
+            reason, status = f"no reply within timeout={self.config.timeout}s", None
+        elif isinstance(err, openai.APIConnectionError):
+            reason, status = f"connection failed ({type(err.__cause__ or err).__name__})", None
+        elif isinstance(err, openai.APIStatusError):
+            reason, status = f"HTTP {err.status_code}: {_server_message(err, secrets)}", err.status_code
+        else:
+            reason, status = shorten(err.message, 500, secrets), None
+        if status is not None and attempts == 1:
+            return self._failed(f"was rejected with {reason}", status, attempts)
+        return self._failed(f"failed after {_count(attempts)}; last error: {reason}", status, attempts)
+
+    def _failed(self, outcome: str, status: int | None, attempts: int) -> ChatError:
+        return ChatError(f"chat request to {self.url} (model {self.config.model!r}) {outcome}", status=status, attempts=attempts)
+
+    def _api_key(self) -> tuple[str | None, tuple[str, ...]]:
+        """The stripped key and every form of it to hide, after registering them with the logs."""
+        name = self.config.api_key_env
+        if name is None:
+            return None, ()
+        raw = os.environ.get(name, "")
+        if not raw.strip():
             raise MissingAPIKeyError(
-                f"environment variable {self.api_key_env} holding the API key for {self.base_url} is not "
-                f"set: export {self.api_key_env}=<key>, or set api_key_env to null for a server without "
-                f"authentication"
+                f"environment variable {name} holding the API key for {self.base_url} is not set: "
+                f"export {name}=<key>, or set api_key_env to null for a server without authentication"
             )
-        return key
+        secrets = key_forms(raw)
+        hide_in_logs(secrets)
+        return raw.strip(), secrets
 
-    def _body(self, content: Sequence[ChatPart], system: str | None) -> dict[str, Any]:
+    def _request(self, content: Sequence[ChatPart], system: str | None) -> dict[str, Any]:
+        """Keyword arguments of ``chat.completions.create``; unset options are left to the server."""
         if isinstance(content, str) or not content:
             raise ValueError("content must be a non-empty list of texts and images (one user turn)")
         parts: list[dict[str, Any]] = []
@@ -322,23 +380,15 @@ class OpenAIChatClient:
             if isinstance(part, str):
                 parts.append({"type": "text", "text": part})
             else:
-                url = encode_image(part, self.image_format, self.max_image_bytes)
+                url = encode_image(part, self.config.image_format, self.config.max_image_bytes)
                 parts.append({"type": "image_url", "image_url": {"url": url}})
-        messages: list[dict[str, Any]] = []
-        if system is not None:
-            messages.append({"role": "system", "content": system})
+        messages: list[dict[str, Any]] = [] if system is None else [{"role": "system", "content": system}]
         messages.append({"role": "user", "content": parts})
-        body: dict[str, Any] = {"model": self.model, "messages": messages}
+        request: dict[str, Any] = {"model": self.config.model, "messages": messages}
         for name in ("temperature", "seed", "max_tokens"):
-            if getattr(self, name) is not None:
-                body[name] = getattr(self, name)
-        return body
-
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(retry_after, self.max_backoff)
-        # Jitter spreads the retries of many concurrent judge calls hit by the same rate limit.
-        return min(self.backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.0), self.max_backoff)
+            if getattr(self.config, name) is not None:
+                request[name] = getattr(self.config, name)
+        return request
 
 
 class LocalVLMChatClient:
@@ -349,29 +399,18 @@ class LocalVLMChatClient:
     ``complete_many(..., max_workers=1)``.
 
     Args:
-        pretrained: folder or cached hub id of a Qwen2.5-VL checkpoint (e.g.
-            ``Qwen/Qwen2.5-VL-7B-Instruct``). Exclusive with ``tiny``.
-        tiny: options of :func:`zoo.blocks.tiny.tiny_qwen2_5_vl` for a random toy model (tests).
-        max_new_tokens: longest reply in tokens (DIM's open designers allow 8192).
-        device: where the model runs, e.g. ``cuda`` (each rank's current GPU) or ``cpu``.
-        torch_dtype: ``float32``, ``bfloat16`` or ``float16``.
+        config: the settings (``kind: local``): ``pretrained`` or ``tiny``, ``max_new_tokens``,
+            ``device`` and ``torch_dtype``.
     """
 
-    def __init__(
-        self,
-        pretrained: str | None = None,
-        tiny: dict[str, Any] | None = None,
-        max_new_tokens: int = 1024,
-        device: str = "cpu",
-        torch_dtype: str = "float32",
-    ) -> None:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    def __init__(self, config: ChatConfig) -> None:
+        if config.kind != "local":
+            raise ConfigError(f"LocalVLMChatClient needs a config of kind 'local', got {config.kind!r}")
         # Imported here so remote-only users (API judges, designer) never load transformers.
         from zoo.blocks.mllm import QwenVLEncoder
 
-        self.vlm = QwenVLEncoder(pretrained=pretrained, tiny=tiny, torch_dtype=torch_dtype).to(device)
-        self.max_new_tokens = max_new_tokens
+        self.vlm = QwenVLEncoder(pretrained=config.pretrained, tiny=config.tiny, torch_dtype=config.torch_dtype).to(config.device)
+        self.max_new_tokens = config.max_new_tokens
 
     def complete(self, content: Sequence[ChatPart], *, system: str | None = None) -> str:
         """Greedy reply to one user turn (texts and images, in the order given) after an optional
@@ -400,46 +439,35 @@ class LocalVLMChatClient:
         return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def _reply_text(response: requests.Response) -> tuple[str | None, str]:
+def _count(attempts: int) -> str:
+    """``1 attempt``, ``3 attempts``."""
+    return f"{attempts} attempt{'s' if attempts != 1 else ''}"
+
+
+def _reply_text(status: int, body: str, secrets: tuple[str, ...]) -> tuple[str | None, str]:
     """``(choices[0].message.content, "")`` or ``(None, why it is missing)`` for a 2xx reply."""
     try:
-        data = response.json()
+        data = json.loads(body)
     except ValueError:
-        return None, f"HTTP {response.status_code} reply is not JSON: {response.text[:200]!r}"
+        return None, f"HTTP {status} reply is not JSON: {shorten(body, 200, secrets)!r}"
     try:
         choice = data["choices"][0]
         text = choice["message"]["content"]
     except (KeyError, IndexError, TypeError):
-        return None, f"reply has no choices[0].message.content: {json.dumps(data)[:200]}"
+        return None, f"reply has no choices[0].message.content: {shorten(json.dumps(data), 200, secrets)}"
     if not isinstance(text, str):
-        return None, f"reply content is {text!r} (finish_reason={choice.get('finish_reason')!r})"
+        finish = shorten(repr(choice.get("finish_reason")), 50, secrets)
+        return None, f"reply content is {shorten(repr(text), 200, secrets)} (finish_reason={finish})"
     return text, ""
 
 
-def _server_message(response: requests.Response) -> str:
-    """The ``error.message`` of an OpenAI error body, else the start of the raw body."""
-    try:
-        error = response.json()["error"]
-        return str(error["message"] if isinstance(error, dict) else error)
-    except (ValueError, KeyError, TypeError):
-        return response.text[:500] or response.reason or "(empty body)"
-
-
-def _redact(text: str, key: str | None) -> str:
-    # Servers echo the key they rejected (OpenAI's 401 does); it must not reach logs or tracebacks.
-    return text.replace(key, "[redacted]") if key else text
-
-
-def _retry_after_seconds(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), or ``None``."""
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(when.timestamp() - time.time(), 0.0)
+def _server_message(err: openai.APIStatusError, secrets: tuple[str, ...]) -> str:
+    """The ``error.message`` of an OpenAI error body, else the start of the raw body; redacted."""
+    body = err.body
+    if isinstance(body, dict) and "message" in body:
+        text = str(body["message"])
+    elif isinstance(body, str) and body:
+        text = body
+    else:
+        text = err.response.text or err.response.reason_phrase or "(empty body)"
+    return shorten(text, 500, secrets)

@@ -12,7 +12,7 @@ designer (GPT-4o, or Qwen2.5-VL-3B/7B in §4.2) looks at the source image and wr
 - :func:`parse_blueprint` / :func:`format_blueprint`: tolerant reading of the sections and the
   canonical ``"1. Edit Instruction: ..."`` text the toy data generator writes as well.
 - :class:`Designer`: the above on top of any :class:`~zoo.blocks.chat.ChatClient`, built from a
-  recipe through :class:`DesignerConfig`.
+  recipe through :class:`DesignerConfig` (a :class:`~zoo.blocks.chat.ChatConfig` plus the prompt).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
 
-from zoo.blocks.chat import ChatClient, ChatError, ChatImage, ChatPart, LocalVLMChatClient, OpenAIChatClient
+from zoo.blocks.chat import ChatClient, ChatConfig, ChatError, ChatImage, ChatPart, build_chat_client
+from zoo.blocks.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -145,65 +145,36 @@ def format_blueprint(sections: Mapping[str, str]) -> str:
     return "\n".join(f"{i}. {name}: {sections[name].strip()}" for i, name in enumerate(SECTIONS, start=1))
 
 
+def _check_prompt(prompt: str) -> None:
+    """Raise :class:`~zoo.blocks.config.ConfigError` unless ``prompt`` has the ``{instruction}`` slot."""
+    if "{instruction}" not in prompt:
+        raise ConfigError("the designer prompt must contain the placeholder {instruction}")
+
+
 @dataclass
-class DesignerConfig:
-    """Plain, recipe-friendly settings of a :class:`Designer` (``designer:`` in a DIM recipe).
+class DesignerConfig(ChatConfig):
+    """The chat client of a :class:`Designer` and its prompt (``designer:`` in a DIM recipe).
 
-    Defaults reproduce the paper's GPT-4o designer (``seed: 233``, ``temperature: 0``) once
-    ``base_url`` and ``model`` (``gpt-4o-2024-11-20``) are given.
-
-    Args:
-        kind: ``openai`` calls an OpenAI-compatible API; ``local`` runs an open VLM in-process.
-        base_url: API root for ``openai``, e.g. ``https://api.openai.com/v1``.
-        model: model (or Azure deployment) name for ``openai``.
-        api_key_env: environment variable holding the API key; null for no authentication.
-        timeout: seconds to wait for each reply.
-        max_retries: retries on rate limits, server errors, timeouts and malformed replies.
-        backoff: first retry delay in seconds, doubled per retry.
-        max_backoff: longest single retry delay in seconds.
-        temperature: sampling temperature; null for the server default.
-        seed: sampling seed; null sends none.
-        max_tokens: reply length limit; null sends none.
-        image_format: ``jpeg`` (quality stepped down to fit ``max_image_bytes``) or ``png``.
-        max_image_bytes: largest encoded image sent.
-        extra_headers: HTTP headers added to every request.
-        azure_api_version: speak Azure OpenAI with this ``api-version`` (``base_url`` = endpoint).
-        pretrained: Qwen2.5-VL folder or cached hub id for ``local``.
-        tiny: toy model options for ``local`` (tests and demos).
-        max_new_tokens: longest reply of a ``local`` model, in tokens.
-        device: where a ``local`` model runs (``cuda``, ``cpu``).
-        torch_dtype: dtype of a ``local`` model (``float32``, ``bfloat16``, ``float16``).
-        prompt: request text with an ``{instruction}`` placeholder (default :data:`BLUEPRINT_PROMPT`).
+    Defaults reproduce the paper's GPT-4o designer (``seed: 233``; ``temperature: 0``, ``timeout:
+    60`` and JPEG images are :class:`~zoo.blocks.chat.ChatConfig`'s) once ``base_url`` and
+    ``model`` (``gpt-4o-2024-11-20``) are given; ``kind: local`` runs an open VLM in-process.
     """
 
-    kind: Literal["openai", "local"] = "openai"
-    base_url: str | None = None
-    model: str | None = None
-    api_key_env: str | None = "OPENAI_API_KEY"
-    timeout: float = 60.0
-    max_retries: int = 5
-    backoff: float = 2.0
-    max_backoff: float = 60.0
-    temperature: float | None = 0.0
     seed: int | None = 233
-    max_tokens: int | None = None
-    image_format: str = "jpeg"
-    max_image_bytes: int = 18_000_000
-    extra_headers: dict[str, str] | None = None
-    azure_api_version: str | None = None
-    pretrained: str | None = None
-    tiny: dict[str, Any] | None = None
-    max_new_tokens: int = 1024
-    device: str = "cpu"
-    torch_dtype: str = "float32"
+    """Sampling seed; DIM's designer sends 233. Null sends none."""
     prompt: str = BLUEPRINT_PROMPT
+    """Request text with an ``{instruction}`` placeholder (default :data:`BLUEPRINT_PROMPT`)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_prompt(self.prompt)
 
 
 class Designer:
     """DIM's designer over any chat client (a remote GPT-4o-style API or a local VLM).
 
     Args:
-        client: the chat client that answers (``OpenAIChatClient`` or ``LocalVLMChatClient``).
+        client: the chat client that answers (see :func:`~zoo.blocks.chat.build_chat_client`).
         prompt: the request text; ``{instruction}`` is replaced by the edit instruction.
 
     Attributes:
@@ -212,8 +183,7 @@ class Designer:
     """
 
     def __init__(self, client: ChatClient, prompt: str = BLUEPRINT_PROMPT) -> None:
-        if "{instruction}" not in prompt:
-            raise ValueError("the designer prompt must contain the placeholder {instruction}")
+        _check_prompt(prompt)
         self.client = client
         self.prompt = prompt
         self.requests = 0
@@ -221,41 +191,8 @@ class Designer:
 
     @classmethod
     def from_config(cls, config: DesignerConfig) -> Designer:
-        """Build the client named by ``config.kind`` and the designer on top of it."""
-        client: ChatClient
-        if config.kind == "openai":
-            if not config.base_url or not config.model:
-                raise ValueError(
-                    "designer kind 'openai' needs base_url and model, e.g. base_url: https://api.openai.com/v1, "
-                    "model: gpt-4o-2024-11-20"
-                )
-            client = OpenAIChatClient(
-                base_url=config.base_url,
-                model=config.model,
-                api_key_env=config.api_key_env,
-                timeout=config.timeout,
-                max_retries=config.max_retries,
-                backoff=config.backoff,
-                max_backoff=config.max_backoff,
-                temperature=config.temperature,
-                seed=config.seed,
-                max_tokens=config.max_tokens,
-                image_format=config.image_format,
-                max_image_bytes=config.max_image_bytes,
-                extra_headers=config.extra_headers,
-                azure_api_version=config.azure_api_version,
-            )
-        elif config.kind == "local":
-            client = LocalVLMChatClient(
-                pretrained=config.pretrained,
-                tiny=config.tiny,
-                max_new_tokens=config.max_new_tokens,
-                device=config.device,
-                torch_dtype=config.torch_dtype,
-            )
-        else:
-            raise ValueError(f"designer kind must be 'openai' or 'local', got {config.kind!r}")
-        return cls(client, prompt=config.prompt)
+        """Build the client ``config`` describes and the designer on top of it."""
+        return cls(build_chat_client(config), prompt=config.prompt)
 
     def blueprint(self, image: ChatImage | None, instruction: str) -> str:
         """The canonical five-section blueprint of editing ``image`` by ``instruction``.
