@@ -24,7 +24,7 @@ import types
 import typing
 from collections.abc import Callable
 
-from jsonargparse import ArgumentError
+from jsonargparse import ArgumentError, set_parsing_settings
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -33,6 +33,10 @@ from callbacks.edit_writer import EditWriter
 from zoo.blocks.config import ConfigError
 from zoo.blocks.pretrained import MissingPretrainedError
 from zoo.modules.base import EditingModule
+
+
+# Typed configs document each field with a string literal after it: those become --help.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 class ZooCLI(LightningCLI):

@@ -213,7 +213,7 @@ def test_designer_writes_the_blueprint_for_samples_without_one() -> None:
     batch = toy_batch(size=2)
     batch.blueprint = ["", batch.blueprint[1]]
     with OpenAIServer(completion(blueprint)) as server:
-        config = DesignerConfig(base_url=server.base_url, model="gpt-4o-2024-11-20", api_key_env=None, backoff=0.01)
+        config = DesignerConfig(base_url=server.base_url, model="gpt-4o-2024-11-20", api_key_env=None)
         model = DIMModule(**tiny_dim_kwargs(designer=config))
         model.eval()
         edited, texts = model.edit_batch(batch, generator=torch.Generator().manual_seed(0))

@@ -14,22 +14,26 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.functional import pil_to_tensor
 
-from datamodules.samples import EditSample, T2ISample, collate
+from datamodules.samples import EditBatch, EditSample, T2ISample, collate
 from datamodules.shards import ShardDataModule
 from datamodules.toy import edit_sample, t2i_sample
 from datamodules.toy import main as toy_main
 from tests.modules.conftest import toy_batch
 from zoo.blocks.spatial import parse_boxes, render_box_canvases, replace_box
+from zoo.blocks.autoencoders import CodecConfig
+from zoo.blocks.denoisers import UNetConfig
+from zoo.blocks.got_chain import GoTLoRAConfig, GoTVLMConfig
+from zoo.blocks.mllm import TinyVLMConfig
 from zoo.blocks.tiny import TINY_KL, TINY_SDXL_UNET
 from zoo.modules.got import GoTModule
 
-TINY_MLLM: dict[str, Any] = {
-    "tiny": {"seed": 0, "hidden_size": 32, "num_layers": 1, "intermediate_size": 64, "vision_depth": 1},
-    "image_size": 16,
-    "lora": {"r": 4, "lora_alpha": 4},
-}
-TINY_UNET: dict[str, Any] = {"config": TINY_SDXL_UNET, "subfolder": None}
-TINY_KL_CODEC: dict[str, Any] = {"config": TINY_KL, "subfolder": None}
+TINY_MLLM = GoTVLMConfig(
+    tiny=TinyVLMConfig(seed=0, hidden_size=32, num_layers=1, intermediate_size=64, vision_depth=1),
+    image_size=16,
+    lora=GoTLoRAConfig(r=4, lora_alpha=4),
+)
+TINY_UNET = UNetConfig(config=TINY_SDXL_UNET, subfolder=None)
+TINY_KL_CODEC = CodecConfig("kl", config=TINY_KL, subfolder=None)
 CHAIN = (
     "A white background with <|object_ref_start|>circle<|object_ref_end|>"
     "<|box_start|>(100,100),(400,400)<|box_end|> (red); <|object_ref_start|>square<|object_ref_end|>"
@@ -44,19 +48,20 @@ def make(**overrides: Any) -> GoTModule:
 
 
 @pytest.fixture
-def batch() -> dict[str, Any]:
+def batch() -> EditBatch:
     return toy_batch(4, 16)
 
 
-def _t2i_batch(size: int = 2) -> dict[str, Any]:
+def _t2i_batch(size: int = 2) -> EditBatch:
     return collate([t2i_sample(0, "train", i, 16)[0] for i in range(size)], 16, 16)
 
 
-def test_lora_projectors_and_unet_get_gradients_frozen_parts_none(batch: dict[str, Any]) -> None:
+def test_lora_projectors_and_unet_get_gradients_frozen_parts_none(batch: EditBatch) -> None:
     model = make(condition_dropout=0.0)
     model.train()
     model.training_loss(batch)["loss"].backward()
     assert model.mllm.training and not model.codec.training
+    assert not any(name.startswith("codec") for name, _ in model.named_modules()), "the VAE is outside the module tree"
     assert all(p.grad is None and not p.requires_grad for p in model.codec.parameters())
     for name, p in model.mllm.named_parameters():
         trainable = ".lora_" in name or ".modules_to_save." in name
@@ -85,11 +90,11 @@ def test_condition_dropout_samples_each_partial_combination_at_5_percent() -> No
     assert abs(counts[(True, True, True)] / n - 0.85) < 0.01
     cfg.eval()
     assert cfg.condition_keep(100).all(), "no condition is dropped outside training"
-    with pytest.raises(ValueError, match="exceeds probability 1"):
+    with pytest.raises(ValueError, match=r"condition_dropout × 7 combinations \('all'\) must be in \[0.0, 1.0\]"):
         make(condition_dropout=0.2)
 
 
-def test_dropped_mask_latent_reaches_the_unet_as_zeros(batch: dict[str, Any]) -> None:
+def test_dropped_mask_latent_reaches_the_unet_as_zeros(batch: EditBatch) -> None:
     # p = 1/3 over the CFG combinations: every sample drops the mask, so the zero-initialised mask
     # channels of conv_in get no gradient, while the reference channels (kept by 2 of 3) do.
     model = make(drop_combinations="cfg", condition_dropout=1 / 3)
@@ -101,7 +106,7 @@ def test_dropped_mask_latent_reaches_the_unet_as_zeros(batch: dict[str, Any]) ->
     assert grad[:, 4:8].abs().sum() > 0
 
 
-def test_joint_loss_decreases_on_a_fixed_toy_batch(batch: dict[str, Any]) -> None:
+def test_joint_loss_decreases_on_a_fixed_toy_batch(batch: EditBatch) -> None:
     model = make(condition_dropout=0.0)
 
     def evaluate() -> dict[str, float]:
@@ -125,21 +130,21 @@ def test_joint_loss_decreases_on_a_fixed_toy_batch(batch: dict[str, Any]) -> Non
     assert after["loss"] < 0.6 * before["loss"]
 
 
-def test_loss_weights_and_missing_chains(batch: dict[str, Any]) -> None:
+def test_loss_weights_and_missing_chains(batch: EditBatch) -> None:
     model = make(ce_weight=0.0, condition_dropout=0.0)
     model.eval()
     terms = model.training_loss(batch)
     assert terms["loss"].item() == pytest.approx(terms["diffusion_mse"].item())
     with pytest.raises(ValueError, match="reasoning chains"):
-        model.training_loss({**batch, "chain": ["", *batch["chain"][1:]]})
+        model.training_loss(batch.replace(chain=["", *batch.chain[1:]]))
 
 
 def test_t2i_reference_is_an_encoded_black_image() -> None:
     model = make(condition_dropout=0.0)
     t2i = _t2i_batch()
-    assert "source" not in t2i
+    assert t2i.source is None
     black = model.codec.encode_unscaled(-torch.ones(1, 3, 16, 16))
-    reference = model.reference_latent(t2i, 16, 16)
+    reference = model.reference_latent(t2i)
     torch.testing.assert_close(reference, black.expand(2, -1, -1, -1))
     assert reference.abs().sum() > 0, "a black image's latent is not the zero latent"
     assert torch.isfinite(model.training_loss(t2i)["loss"])
@@ -182,20 +187,20 @@ def test_mixed_batch_rows_are_conditioned_as_their_own_task() -> None:
     model = make().eval()
     batch = collate(_mixed_samples(), 16, 16)
     edits, t2i = toy_batch(2, 16), _t2i_batch(2)
-    assert batch["task"] == ["edit", "t2i", "edit", "t2i"]
+    assert batch.task == ["edit", "t2i", "edit", "t2i"]
     with torch.no_grad():
-        reference = model.reference_latent(batch, 16, 16)
-        states = model.mllm.image_token_states(model._mllm_images(batch), batch["instruction"], batch["chain"])
-        edit_states = model.mllm.image_token_states(model._mllm_images(edits), edits["instruction"], edits["chain"])
-        t2i_states = model.mllm.image_token_states(model._mllm_images(t2i), t2i["instruction"], t2i["chain"])
-    torch.testing.assert_close(reference[0::2], model.reference_latent(edits, 16, 16), rtol=0, atol=1e-5)
-    torch.testing.assert_close(reference[1::2], model.reference_latent(t2i, 16, 16), rtol=0, atol=1e-5)
+        reference = model.reference_latent(batch)
+        states = model.mllm.image_token_states(model._mllm_images(batch), batch.instruction, batch.chain)
+        edit_states = model.mllm.image_token_states(model._mllm_images(edits), edits.instruction, edits.chain)
+        t2i_states = model.mllm.image_token_states(model._mllm_images(t2i), t2i.instruction, t2i.chain)
+    torch.testing.assert_close(reference[0::2], model.reference_latent(edits), rtol=0, atol=1e-5)
+    torch.testing.assert_close(reference[1::2], model.reference_latent(t2i), rtol=0, atol=1e-5)
     torch.testing.assert_close(states[0::2], edit_states, rtol=0, atol=1e-5)
     torch.testing.assert_close(states[1::2], t2i_states, rtol=0, atol=1e-5)
     # A T2I row's reference is black even if a hand-built batch put an image in its source row.
-    painted = {**batch, "source": batch["source"].clone().fill_(0.5)}
-    torch.testing.assert_close(model.reference_latent(painted, 16, 16)[1::2], reference[1::2])
-    images = model.edit_batch(batch, torch.Generator().manual_seed(0))
+    painted = batch.replace(source=batch.source.clone().fill_(0.5))
+    torch.testing.assert_close(model.reference_latent(painted)[1::2], reference[1::2])
+    images, _ = model.edit_batch(batch, torch.Generator().manual_seed(0))
     assert images.shape == (4, 3, 16, 16) and torch.isfinite(images).all()
 
 
@@ -207,7 +212,7 @@ class _BatchRecorder(L.Callback):
         self.losses: list[float] = []
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.tasks.append(list(batch["task"]))
+        self.tasks.append(list(batch.task))
         self.losses.append(float(outputs["loss"]))
 
 
@@ -253,40 +258,39 @@ def test_interactive_regeneration_follows_the_edited_chain() -> None:
     assert (same[0] - other[0]).abs().max() > 1e-3, "moving a box must change the mask latent"
     with torch.no_grad():  # a trained SSGM reads the mask channels; the fresh ones are zero
         model.denoiser.model.conv_in.weight[:, 8:12].normal_(0, 0.5)
-    chain_a, image_a = model.generate("two shapes", chain=CHAIN)
-    chain_b, image_b = model.generate("two shapes", chain=moved)
-    _, image_c = model.generate("two shapes", chain=CHAIN)
-    assert (chain_a, chain_b) == (CHAIN, moved), "a user chain is used as given"
-    assert image_a.tobytes() == image_c.tobytes()
-    assert image_a.tobytes() != image_b.tobytes()
+    a, b, c = (model.generate("two shapes", chain=chain) for chain in (CHAIN, moved, CHAIN))
+    assert (a.text, b.text) == (CHAIN, moved), "a user chain is used as given"
+    assert a.image.tobytes() == c.image.tobytes()
+    assert a.image.tobytes() != b.image.tobytes()
     with pytest.raises(ValueError, match="cannot be drawn"):
         model.generate("x", chain="<|box_start|>(5,5),(1,1)<|box_end|> (red)")
 
 
 def test_generate_edit_and_turns_return_chains_and_images_of_the_requested_size() -> None:
     model = make(max_chain_tokens=6).eval()
-    chain, image = model.generate("a red circle", size=32)
-    assert isinstance(chain, str) and isinstance(image, Image.Image) and image.size == (32, 32)
-    assert len(model.mllm.processor.tokenizer(chain, add_special_tokens=False).input_ids) <= 6
+    generated = model.generate("a red circle", size=32)
+    assert isinstance(generated.text, str) and isinstance(generated.image, Image.Image) and generated.image.size == (32, 32)
+    assert len(model.mllm.processor.tokenizer(generated.text, add_special_tokens=False).input_ids) <= 6
     source = Image.new("RGB", (24, 16), (200, 30, 30))
-    chain, edited = model.edit(source, "make it blue")
-    assert isinstance(chain, str) and edited.size == (24, 16), "shorter side = resolution, source aspect kept"
+    edited = model.edit(source, "make it blue")
+    assert isinstance(edited.text, str) and edited.image.size == (16, 16), "the training view: shorter side resized, centre crop"
     turns = model.edit_turns(source, ["make it blue", "add a star"])
-    assert len(turns) == 2 and turns[0] == (chain, turns[0][1]) and turns[0][1].tobytes() == edited.tobytes()
-    second = model.edit(turns[0][1], "add a star")
-    assert turns[1][0] == second[0] and turns[1][1].tobytes() == second[1].tobytes(), "turn 2 edits turn 1's result"
+    assert len(turns) == 2 and turns[0].text == edited.text and turns[0].image.tobytes() == edited.image.tobytes()
+    second = model.edit(turns[0].image, "add a star")
+    assert turns[1].text == second.text and turns[1].image.tobytes() == second.image.tobytes(), "turn 2 edits turn 1's result"
     with pytest.raises(ValueError, match="multiple of 4"):
         model.generate("x", size=18)
 
 
-def test_predict_outputs_carry_the_generated_chain(batch: dict[str, Any]) -> None:
+def test_predict_outputs_carry_the_generated_chain(batch: EditBatch) -> None:
     model = make(max_chain_tokens=5).eval()
     out = model.predict_step(batch, 0)
-    assert out["text"] == model.reason(batch) and out["text"] != batch["instruction"]
-    assert out["edited"].shape == (4, 3, 16, 16) and out["edited"].abs().max() <= 1
+    assert out.text == model.reason(batch) and out.text != batch.instruction
+    assert out.edited.shape == (4, 3, 16, 16) and out.edited.abs().max() <= 1
+    assert out.key == batch.key and out.turns == []
 
 
-def test_checkpoint_keeps_lora_projectors_unet_not_base_mllm_or_vae(batch: dict[str, Any]) -> None:
+def test_checkpoint_keeps_lora_projectors_unet_not_base_mllm_or_vae(batch: EditBatch) -> None:
     model = make()
     checkpoint = {"state_dict": model.state_dict()}
     model.on_save_checkpoint(checkpoint)
