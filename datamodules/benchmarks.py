@@ -6,15 +6,16 @@ else ``~/.cache/zoo/benchmarks``) and checks its sha256; ``local_path`` points a
 already has (checked the same way), for machines without network.
 
 :class:`BenchmarkDataModule` turns ImgEdit-Bench (basic, UGE, multi-turn) or a GEdit-Bench export
-into batches of the zoo's data contract (:func:`datamodules.samples.collate`) for ``zoo test`` /
+into :class:`~datamodules.samples.EditBatch` batches (:func:`datamodules.samples.collate`) for ``zoo test`` /
 ``zoo predict``, and a ``limit``-ed subset for validation during ``fit``. A case whose edited
 image already exists in ``results_dir`` (see :func:`edited_image_path`) is not served again, which
 is how an interrupted evaluation resumes without re-generating finished edits.
 
 Multi-turn cases (ImgEdit-Bench multi-turn, 2-3 instructions on one image) are served as their
-first turn; the evaluator edits each later turn from the previous result
-(:class:`callbacks.results.BenchmarkEvaluator`), reading the instructions from :meth:`case_info`.
-Such a case counts as generated once its last turn's result exists.
+first turn with the later instructions in ``EditSample.turns``; the module edits each later turn
+from the previous result (``EditingModule.edit_outputs``) and the evaluator saves every turn
+(:class:`callbacks.results.BenchmarkEvaluator`). Such a case counts as generated once its last
+turn's result exists.
 """
 
 from __future__ import annotations
@@ -290,7 +291,7 @@ class BenchmarkDataModule(L.LightningDataModule):
         return self._loader()
 
     def case_info(self, case_id: str) -> dict[str, Any]:
-        """Metadata an evaluator needs beyond the batch (multi-turn turns, GEdit subset flags)."""
+        """Metadata an evaluator records with each edit beyond the batch (GEdit subset flags, ImgEdit image id)."""
         case = self.cases[case_id]
         if isinstance(case, GEditCase):
             return {"task_type": case.task_type, "key": case.key, "intersection": case.intersection, "language": case.language}

@@ -156,6 +156,12 @@ class EditBatch:
     mask: Tensor | None = None
     """``[B, 1, H, W]`` in {0, 1}, 1 inside the edit region; only when every sample has one."""
 
+    def __post_init__(self) -> None:
+        # A batch built by hand with another task would silently count as text-to-image in ``edits``.
+        unknown = sorted(set(self.task) - {"edit", "t2i"})
+        if unknown:
+            raise ValueError(f"EditBatch.task holds {unknown}; each entry must be 'edit' or 't2i'")
+
     def __len__(self) -> int:
         return len(self.key)
 

@@ -33,7 +33,7 @@ import lightning as L
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from datamodules.samples import EditSample, T2ISample, collate
+from datamodules.samples import EditBatch, EditSample, T2ISample, collate
 from datamodules.shard_format import decode_sample, read_tar, resolve_shards
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class ShardStream(IterableDataset):
         rng = random.Random(f"buffer/{self.seed}/{self.epoch}/{self.rank}/{worker}")
         return wds.filters.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(stream)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[EditBatch]:
         info = get_worker_info()
         physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         # After a resume at batch k, batch k must come from the loader's first worker.
@@ -225,7 +225,7 @@ class ListDataset(Dataset):
 
 
 class ShardDataModule(L.LightningDataModule):
-    """Streams WebDataset shards (schema in this module's docstring) into the zoo's batch dict.
+    """Streams WebDataset shards (schema in this module's docstring) into :class:`~datamodules.samples.EditBatch` batches.
 
     Args:
         train_shards: Training split: a folder holding ``index.json`` and its tars, or a brace

@@ -97,8 +97,8 @@ def resolve_case_image(images_dir: str | os.PathLike[str], suite: str, image_id:
 
 
 def load_case(images_dir: str | os.PathLike[str], suite: str, case: ImgEditCase) -> EditSample:
-    """The case as an :class:`EditSample`: its first turn as instruction (the evaluator edits the later
-    turns from each result), no target (judged, not compared).
+    """The case as an :class:`EditSample`: its first turn as instruction, the later ones as ``turns``
+    (the module edits each from the previous result), no target (judged, not compared).
 
     Raises:
         FileNotFoundError / OSError: the image is missing or undecodable (naming case and path).
@@ -111,4 +111,4 @@ def load_case(images_dir: str | os.PathLike[str], suite: str, case: ImgEditCase)
         )
     with Image.open(path) as image:
         source = image.convert("RGB")
-    return EditSample(key=case.key, source=source, instruction=case.turns[0], edit_type=case.edit_type or None)
+    return EditSample(key=case.key, source=source, instruction=case.turns[0], edit_type=case.edit_type or None, turns=case.turns[1:])

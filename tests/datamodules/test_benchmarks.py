@@ -69,7 +69,8 @@ def test_multiturn_serves_first_turns_until_the_last_turn_exists(tmp_path: Path)
                              results_dir=str(results), batch_size=4, resolution=8, mllm_resolution=8)
     dm.setup("test")
     [batch] = list(dm.test_dataloader())
-    assert batch["key"] == ["2", "3"] and batch["instruction"] == ["c", "f"]
+    assert batch.key == ["2", "3"] and batch.instruction == ["c", "f"]
+    assert batch.turns == [["d", "e"], ["g"]], "the later instructions travel with the batch"
     assert dm.case_info("2")["turns"] == ["c", "d", "e"]
 
 
@@ -119,8 +120,8 @@ def test_datamodule_serves_cases_skips_finished_and_missing(imgedit_files: Path,
         next(iter(dm.test_dataloader()))
     dm.strict = False
     [batch] = list(dm.test_dataloader())
-    assert batch["key"] == [cases[1].key] and batch["instruction"] == [cases[1].turns[0]]
-    assert batch["source"].shape == (1, 3, 16, 16) and "target" not in batch and dm.skipped == 1
+    assert batch.key == [cases[1].key] and batch.instruction == [cases[1].turns[0]] and batch.turns == [[]]
+    assert batch.source.shape == (1, 3, 16, 16) and batch.target is None and dm.skipped == 1
 
 
 def test_gedit_export_from_dims_jsonl(tmp_path: Path) -> None:
@@ -138,5 +139,5 @@ def test_gedit_export_from_dims_jsonl(tmp_path: Path) -> None:
     dm = BenchmarkDataModule("gedit", definition=str(export), batch_size=2, resolution=16, mllm_resolution=8)
     dm.setup("test")
     [batch] = list(dm.test_dataloader())
-    assert batch["key"][0] == "background_change/4a7d36259ad94d238a6e7e7e0bd6b643"
-    assert dm.case_info(batch["key"][0])["intersection"] is True
+    assert batch.key[0] == "background_change/4a7d36259ad94d238a6e7e7e0bd6b643"
+    assert dm.case_info(batch.key[0])["intersection"] is True

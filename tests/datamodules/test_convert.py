@@ -36,17 +36,17 @@ def test_convert_demo_round_trip(dim_data: Path, tmp_path: Path) -> None:
     dm = ShardDataModule(predict_shards=str(out), val_batch_size=4, resolution=32, mllm_resolution=16)
     dm.setup("predict")
     (batch,) = list(dm.predict_dataloader())
-    expected = collate([originals[k] for k in batch["key"]], resolution=32, mllm_resolution=16)
-    assert batch["key"] == ["0", "1", "2", "3"]
-    assert batch["instruction"] == expected["instruction"] and batch["blueprint"] == expected["blueprint"]
+    expected = collate([originals[k] for k in batch.key], resolution=32, mllm_resolution=16)
+    assert batch.key == ["0", "1", "2", "3"]
+    assert batch.instruction == expected.instruction and batch.blueprint == expected.blueprint
     for name in ("source", "target", "mllm_image"):
-        assert torch.equal(batch[name], expected[name]), name
+        assert torch.equal(getattr(batch, name), getattr(expected, name)), name
 
     jsonl = ShardDataModule(predict_jsonl=str(dim_data / "tos_dataset_edit_demo.jsonl"), val_batch_size=2, resolution=32, mllm_resolution=16)
     jsonl.setup("predict")
     batches = list(jsonl.predict_dataloader())
-    assert [k for b in batches for k in b["key"]] == ["0", "1", "2", "3"]
-    assert torch.equal(torch.cat([b["source"] for b in batches]), expected["source"])
+    assert [k for b in batches for k in b.key] == ["0", "1", "2", "3"]
+    assert torch.equal(torch.cat([b.source for b in batches]), expected.source)
     assert jsonl.skipped == {"predict": 0}
 
 

@@ -106,8 +106,8 @@ def test_mixed_file_converts_to_one_split_whose_batches_mix_tasks(tmp_path: Path
     kinds = [(T2ISample, "t1"), (EditSample, "e1"), (EditSample, "m_turn0"), (EditSample, "m_turn1")]
     assert [(type(s), s.key) for s in decoded] == kinds, "an edit row without target is skipped"
     batch = collate(decoded, resolution=8, mllm_resolution=8)
-    assert batch["task"] == ["t2i", "edit", "edit", "edit"] and batch["chain"] == [CHAIN, "c", "c1", "c2"]
-    assert torch.equal(batch["source"][0], -torch.ones(3, 8, 8))
+    assert batch.task == ["t2i", "edit", "edit", "edit"] and batch.chain == [CHAIN, "c", "c1", "c2"]
+    assert torch.equal(batch.source[0], -torch.ones(3, 8, 8))
 
 
 def test_bad_configuration_is_a_clear_error(tmp_path: Path) -> None:
@@ -137,6 +137,6 @@ def test_convert_got_edit_to_shards_keeps_the_chain(tmp_path: Path, images: dict
     decoded = [decode_sample(raw) for shard in sorted(out.glob("*.tar")) for raw in read_tar(str(shard))]
     assert [(s.key, s.chain) for s in decoded] == [(f"e_{i}", f"{CHAIN} {i}") for i in range(3)]
     batch = collate(decoded, resolution=8, mllm_resolution=8)
-    assert batch["chain"] == [f"{CHAIN} {i}" for i in range(3)]
+    assert batch.chain == [f"{CHAIN} {i}" for i in range(3)]
     with pytest.raises(SystemExit):
         convert_main(["--format", "got", "--jsonl", str(tmp_path / "edit.json"), "--out", str(out)])

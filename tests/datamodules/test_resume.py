@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from datamodules.samples import EditBatch
 from datamodules.shards import ShardDataModule
 
 
@@ -20,9 +21,9 @@ class KeyRecorder(L.LightningModule):
         self.layer = torch.nn.Linear(3, 1)
         self.keys: list[str] = []
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.keys.extend(batch["key"])
-        return self.layer(batch["source"].mean(dim=(2, 3))).pow(2).mean()
+    def training_step(self, batch: EditBatch, batch_idx: int) -> torch.Tensor:
+        self.keys.extend(batch.key)
+        return self.layer(batch.source.mean(dim=(2, 3))).pow(2).mean()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.01)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.samples import EditSample, T2ISample, collate, edit_rows, resize_center_crop
+from datamodules.samples import EditBatch, EditSample, T2ISample, collate, resize_center_crop
 
 
 def _gradient(width: int, height: int) -> Image.Image:
@@ -21,17 +21,17 @@ def test_edit_batch_contract_and_ranges() -> None:
     boxes = [{"box": [0, 0, 499, 499], "color": "red", "label": "square"}]
     samples = [EditSample("a", src, "do x", tgt, "bp", "add", mask, boxes), EditSample("b", src, "do y", tgt, mask=mask)]
     batch = collate(samples, resolution=16, mllm_resolution=8)
-    assert batch["key"] == ["a", "b"] and batch["task"] == ["edit", "edit"]
-    assert batch["instruction"] == ["do x", "do y"]
-    assert batch["blueprint"] == ["bp", ""] and batch["edit_type"] == ["add", ""]
-    assert batch["boxes"] == [boxes, []]
-    assert batch["source"].shape == (2, 3, 16, 16) and batch["target"].shape == (2, 3, 16, 16)
-    assert torch.equal(batch["source"][0, :, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
-    assert torch.equal(batch["target"][0, :, 0, 0], torch.tensor([-1.0, -1.0, 1.0]))
-    assert batch["mllm_image"].shape == (2, 3, 8, 8)
-    assert torch.allclose(batch["mllm_image"][0, :, 3, 3], torch.tensor([1.0, 0.0, 0.0]))
-    assert batch["mask"].shape == (2, 1, 16, 16)
-    assert batch["mask"][0, 0, :8, :8].eq(1).all() and batch["mask"][0, 0].sum() == 64
+    assert batch.key == ["a", "b"] and batch.task == ["edit", "edit"]
+    assert batch.instruction == ["do x", "do y"]
+    assert batch.blueprint == ["bp", ""] and batch.edit_type == ["add", ""]
+    assert batch.boxes == [boxes, []]
+    assert batch.source.shape == (2, 3, 16, 16) and batch.target.shape == (2, 3, 16, 16)
+    assert torch.equal(batch.source[0, :, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
+    assert torch.equal(batch.target[0, :, 0, 0], torch.tensor([-1.0, -1.0, 1.0]))
+    assert batch.mllm_image.shape == (2, 3, 8, 8)
+    assert torch.allclose(batch.mllm_image[0, :, 3, 3], torch.tensor([1.0, 0.0, 0.0]))
+    assert batch.mask.shape == (2, 1, 16, 16)
+    assert batch.mask[0, 0, :8, :8].eq(1).all() and batch.mask[0, 0].sum() == 64
 
 
 def test_mixed_batch_gives_t2i_rows_a_black_source_and_no_mllm_image() -> None:
@@ -41,22 +41,31 @@ def test_mixed_batch_gives_t2i_rows_a_black_source_and_no_mllm_image() -> None:
     batch = collate(samples, resolution=16, mllm_resolution=8)
     edit_alone = collate(samples[1:], resolution=16, mllm_resolution=8)
     t2i_alone = collate(samples[:1], resolution=16, mllm_resolution=8)
-    assert batch["task"] == ["t2i", "edit"] and edit_rows(batch) == [False, True]
-    assert batch["instruction"] == ["a green square", "make it green"] and batch["edit_type"] == ["", "recolour"]
-    assert batch["chain"] == ["c1", ""]
+    assert batch.task == ["t2i", "edit"] and batch.edits == [False, True]
+    assert batch.instruction == ["a green square", "make it green"] and batch.edit_type == ["", "recolour"]
+    assert batch.chain == ["c1", ""]
     # GoT's T2I reference is a black image; its MLLM row is a placeholder the modules never show.
-    assert torch.equal(batch["source"][0], -torch.ones(3, 16, 16)) and torch.equal(batch["mllm_image"][0], torch.zeros(3, 8, 8))
-    assert torch.equal(batch["source"][1], edit_alone["source"][0])
-    assert torch.equal(batch["mllm_image"][1], edit_alone["mllm_image"][0])
-    assert torch.equal(batch["target"], torch.cat([t2i_alone["target"], edit_alone["target"]]))
-    assert "mask" not in batch, "a T2I sample has no edit mask"
+    assert torch.equal(batch.source[0], -torch.ones(3, 16, 16)) and torch.equal(batch.mllm_image[0], torch.zeros(3, 8, 8))
+    assert torch.equal(batch.source[1], edit_alone.source[0])
+    assert torch.equal(batch.mllm_image[1], edit_alone.mllm_image[0])
+    assert torch.equal(batch.target, torch.cat([t2i_alone.target, edit_alone.target]))
+    assert batch.mask is None, "a T2I sample has no edit mask"
+    edit_row = batch.select([1])
+    assert edit_row.key == ["e"] and edit_row.edits == [True] and torch.equal(edit_row.source, edit_alone.source)
 
 
-def test_edit_rows_of_hand_built_batches() -> None:
-    assert edit_rows({"key": ["a", "b"], "source": torch.zeros(2, 3, 4, 4)}) == [True, True]
-    assert edit_rows({"key": ["a"]}) == [False]
+def _hand_built(task: list[str], **tensors: torch.Tensor) -> EditBatch:
+    """An :class:`EditBatch` built field by field, as a test or a script may build one."""
+    n = len(task)
+    return EditBatch(key=[str(i) for i in range(n)], task=task, instruction=["x"] * n, size=(4, 4), blueprint=[""] * n,
+                     chain=[""] * n, edit_type=[""] * n, boxes=[[] for _ in range(n)], turns=[[] for _ in range(n)], **tensors)
+
+
+def test_edits_of_hand_built_batches() -> None:
+    assert _hand_built(["edit", "edit"], source=torch.zeros(2, 3, 4, 4)).edits == [True, True]
+    assert _hand_built(["t2i"]).edits == [False]
     with pytest.raises(ValueError, match="'edit' or 't2i'"):
-        edit_rows({"key": ["a"], "task": ["inpaint"]})
+        _hand_built(["inpaint"])
 
 
 def test_dim_transform_crops_centre_but_mllm_sees_full_image() -> None:
@@ -67,20 +76,20 @@ def test_dim_transform_crops_centre_but_mllm_sees_full_image() -> None:
     row = np.asarray(out)[8, :, 0].astype(int)
     assert abs(row[0] - 17) <= 2 and abs(row[-1] - 47) <= 2
     batch = collate([EditSample("k", src, "x")], resolution=16, mllm_resolution=8)
-    full = batch["mllm_image"][0, 0, 4] * 255  # squashed: spans the whole 0..63 range
+    full = batch.mllm_image[0, 0, 4] * 255  # squashed: spans the whole 0..63 range
     assert full[0] < 8 and full[-1] > 55
-    assert "target" not in batch and "mask" not in batch
+    assert batch.target is None and batch.mask is None
 
 
 def test_t2i_batch_and_errors() -> None:
     img = Image.new("RGB", (20, 20), (0, 255, 0))
     batch = collate([T2ISample("t", img, "a green square")], resolution=16, mllm_resolution=8)
-    assert batch["instruction"] == ["a green square"] and batch["target"].shape == (1, 3, 16, 16)
-    assert "source" not in batch and "mllm_image" not in batch
-    assert batch["task"] == ["t2i"] and batch["edit_type"] == [""]
+    assert batch.instruction == ["a green square"] and batch.target.shape == (1, 3, 16, 16)
+    assert batch.source is None and batch.mllm_image is None
+    assert batch.task == ["t2i"] and batch.edit_type == [""]
     with pytest.raises(ValueError, match="some samples of the batch have a target"):
         collate([EditSample("a", img, "i", img), EditSample("b", img, "i")], 16, 8)
     with pytest.raises(ValueError, match="box 0 must be"):
         EditSample("bad", img, "i", boxes=[{"box": [0, 0, 1000, 5]}])
     batch = collate([EditSample("a", img, "i", mask=Image.new("L", (20, 20))), EditSample("b", img, "i")], 16, 8)
-    assert "mask" not in batch
+    assert batch.mask is None

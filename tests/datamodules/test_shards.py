@@ -19,7 +19,7 @@ def _epoch_keys(root: Path, *, rank: int = 0, world: int = 1, epoch: int = 0, se
     dm.rank, dm.world_size = rank, world
     dm.setup("fit")
     dm.set_epoch(epoch)
-    batches = [b["key"] for b in dm.train_dataloader()]
+    batches = [b.key for b in dm.train_dataloader()]
     assert len(batches) == dm.num_batches_per_epoch == len(dm.train_dataloader())
     return batches
 
@@ -35,13 +35,13 @@ def test_round_trip_pixels_and_text(toy_root: Path) -> None:
     dm = ShardDataModule(val_shards=str(toy_root / "val"), val_batch_size=10, resolution=32, mllm_resolution=32)
     dm.setup("validate")
     (batch,) = list(dm.val_dataloader())
-    for i, key in enumerate(batch["key"]):
+    for i, key in enumerate(batch.key):
         expected, _ = edit_sample(seed=3, split="val", index=int(key.split("_")[1]))
-        assert batch["instruction"][i] == expected.instruction and batch["blueprint"][i] == expected.blueprint
-        assert batch["boxes"][i] == expected.boxes and batch["edit_type"][i] == expected.edit_type
+        assert batch.instruction[i] == expected.instruction and batch.blueprint[i] == expected.blueprint
+        assert batch.boxes[i] == expected.boxes and batch.edit_type[i] == expected.edit_type
         target = torch.from_numpy(np.asarray(expected.target).copy()).permute(2, 0, 1).float() / 127.5 - 1
-        assert torch.allclose(batch["target"][i], target, atol=1e-6)
-        assert torch.equal(batch["mask"][i, 0] > 0, torch.from_numpy(np.asarray(expected.mask) > 0))
+        assert torch.allclose(batch.target[i], target, atol=1e-6)
+        assert torch.equal(batch.mask[i, 0] > 0, torch.from_numpy(np.asarray(expected.mask) > 0))
 
 
 @pytest.mark.parametrize("world,workers", [(1, 2), (3, 2), (2, 0)])
@@ -65,7 +65,7 @@ def test_val_order_split_and_limit(toy_root: Path) -> None:
         dm = ShardDataModule(val_shards=str(toy_root / "val"), val_batch_size=3, num_workers=2, limit_val_samples=limit)
         dm.rank, dm.world_size = rank, world
         dm.setup("validate")
-        return [k for b in dm.val_dataloader() for k in b["key"]]
+        return [k for b in dm.val_dataloader() for k in b.key]
 
     assert val_keys(0, 1) == [f"val_{i:06d}" for i in range(10)]
     assert val_keys(0, 3) + val_keys(1, 3) + val_keys(2, 3) == [f"val_{i:06d}" for i in range(10)]
@@ -95,7 +95,7 @@ def test_corrupt_members_are_counted_or_raise(tmp_path: Path) -> None:
     split = _corrupt_split(tmp_path)
     dm = ShardDataModule(val_shards=str(split), val_batch_size=4)
     dm.setup("validate")
-    keys = [k for b in dm.val_dataloader() for k in b["key"]]
+    keys = [k for b in dm.val_dataloader() for k in b.key]
     assert keys == [f"c_{i:06d}" for i in (0, 1, 2, 3, 4, 7)]
     assert dm.skipped["val"] == 2
     dm = ShardDataModule(train_shards=str(split), batch_size=4, num_workers=2)

@@ -112,7 +112,7 @@ def test_mixed_split_alternates_the_edit_and_t2i_samples(tmp_path: Path) -> None
     assert [s.prompt for s in mixed[1::2]] == [s.prompt for s in t2i] and all(s.chain for s in mixed)
     assert toy_main(["--out", str(tmp_path), "--train", "6", "--val", "2", "--test", "2", "--task", "mixed", "--resolution", "16"]) == 0
     decoded = [decode_sample(raw) for raw in read_tar(str(tmp_path / "train" / "shard-000000.tar"))]
-    assert collate(decoded, 16, 16)["task"] == ["edit", "t2i"] * 3
+    assert collate(decoded, 16, 16).task == ["edit", "t2i"] * 3
 
 
 def test_chain_colours_are_pil_colour_names() -> None:
@@ -126,4 +126,4 @@ def test_toy_shards_carry_the_chain(toy_root: Path) -> None:
     decoded = decode_sample(raw)
     index = int(decoded.key.rsplit("_", 1)[1])
     assert decoded.chain == edit_sample(seed=3, split="val", index=index)[0].chain
-    assert collate([decoded], resolution=16, mllm_resolution=16)["chain"] == [decoded.chain]
+    assert collate([decoded], resolution=16, mllm_resolution=16).chain == [decoded.chain]
