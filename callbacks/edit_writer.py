@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -17,6 +16,7 @@ from PIL import Image, ImageDraw
 from torchvision.utils import save_image
 
 from callbacks.gather import run_folder
+from datamodules.samples import EditBatch, EditOutputs
 from zoo.blocks.spatial import Box, box_pixels, parse_boxes
 
 
@@ -43,20 +43,20 @@ class EditWriter(BasePredictionWriter):
         self,
         trainer: L.Trainer,
         pl_module: L.LightningModule,
-        prediction: dict[str, Any],
+        prediction: EditOutputs,
         batch_indices: Sequence[int] | None,
-        batch: dict[str, Any],
+        batch: EditBatch,
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
         folder = self.folder
         folder.mkdir(parents=True, exist_ok=True)
         lines = []
-        for i, key in enumerate(prediction["key"]):
+        for i, key in enumerate(prediction.key):
             path = folder / f"{key}.png"
-            save_image(((prediction["edited"][i].float().cpu() + 1) / 2).clamp(0, 1), path)
-            text = prediction["text"][i]
-            record = {"key": key, "instruction": batch["instruction"][i], "text": text, "image": path.name}
+            save_image(((prediction.edited[i].float().cpu() + 1) / 2).clamp(0, 1), path)
+            text = prediction.text[i]
+            record = {"key": key, "instruction": batch.instruction[i], "text": text, "image": path.name}
             boxes = parse_boxes(text).boxes
             if boxes:
                 boxes_path = folder / f"{key}.boxes.png"

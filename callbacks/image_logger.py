@@ -16,6 +16,8 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from callbacks.gather import gather_objects, run_folder
+from datamodules.samples import EditBatch, EditOutputs
+from zoo.modules.base import EditingModule
 
 
 def edit_grid(edited: Tensor, target: Tensor | None, source: Tensor | None) -> Tensor:
@@ -26,7 +28,8 @@ def edit_grid(edited: Tensor, target: Tensor | None, source: Tensor | None) -> T
 
 
 class ImageLogger(L.Callback):
-    """Logs edit grids at validation (first batch, sampled now) and test (first batch's outputs).
+    """Logs edit grids at validation (first batch, edited now by the module's ``edit_outputs``) and
+    test (first batch's outputs).
 
     Args:
         num_samples: samples per rank shown in a grid.
@@ -41,9 +44,9 @@ class ImageLogger(L.Callback):
     def on_validation_batch_end(
         self,
         trainer: L.Trainer,
-        pl_module: L.LightningModule,
+        pl_module: EditingModule,
         outputs: Any,
-        batch: dict[str, Any],
+        batch: EditBatch,
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
@@ -53,27 +56,26 @@ class ImageLogger(L.Callback):
         if (self._validations - 1) % self.every_n_validations:
             return
         subset = _head(batch, self.num_samples)
-        generator = torch.Generator().manual_seed(pl_module.eval_seed)
-        edited, texts = pl_module.edit_with_text(subset, generator=generator)
-        self._write(trainer, "val", subset, edited, texts)
+        edits = pl_module.edit_outputs(subset, batch_idx)
+        self._write(trainer, "val", subset, edits.edited, edits.text)
 
     def on_test_batch_end(
         self,
         trainer: L.Trainer,
         pl_module: L.LightningModule,
-        outputs: dict[str, Any],
-        batch: dict[str, Any],
+        outputs: EditOutputs,
+        batch: EditBatch,
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         if batch_idx != 0:
             return
         subset = _head(batch, self.num_samples)
-        self._write(trainer, "test", subset, outputs["edited"][: self.num_samples], outputs["text"][: self.num_samples])
+        self._write(trainer, "test", subset, outputs.edited[: self.num_samples], outputs.text[: self.num_samples])
 
-    def _write(self, trainer: L.Trainer, stage: str, batch: dict[str, Any], edited: Tensor, texts: list[str]) -> None:
-        grid = edit_grid(edited, batch.get("target"), batch.get("source"))
-        caption = [f"**{key}** — {text}" for key, text in zip(batch["key"], texts)]
+    def _write(self, trainer: L.Trainer, stage: str, batch: EditBatch, edited: Tensor, texts: list[str]) -> None:
+        grid = edit_grid(edited, batch.target, batch.source)
+        caption = [f"**{key}** — {text}" for key, text in zip(batch.key, texts)]
         gathered = gather_objects(trainer, (grid, caption))
         folder = run_folder(trainer) / "images"
         if not trainer.is_global_zero:
@@ -88,6 +90,6 @@ class ImageLogger(L.Callback):
                 logger.experiment.add_text(f"{stage}/text", "\n\n".join(lines), trainer.global_step)
 
 
-def _head(batch: dict[str, Any], n: int) -> dict[str, Any]:
-    """The first ``n`` samples of a collated batch (tensors and lists alike)."""
-    return {k: v[:n] for k, v in batch.items()}
+def _head(batch: EditBatch, n: int) -> EditBatch:
+    """The first ``n`` samples of a batch."""
+    return batch.select(range(min(n, len(batch))))

@@ -24,11 +24,11 @@ every README example; our prompt asks for ``Score: <1-5>`` and our parser reads 
 and ``Score: 2.``; ``official=True`` applies the step-1 line parser instead.
 
 Multi-turn suite (2-3 instructions on one image, ``Multiturn_readme.md``): turn k edits turn k-1's
-result (generation: :class:`callbacks.results.BenchmarkEvaluator`). The paper rates each turn by
-hand and the repository ships no judge; here each turn is judged on the image before it and the
-image after it with :data:`MULTITURN_PROMPT` (yes/no per criterion), or the verdicts are imported
-from a human-ratings file (``human_ratings``). The table reports, per turn, the share of "yes" of
-each criterion over the turns rated, with the count rated and failed.
+result (the module's ``edit_outputs``; saved by :class:`callbacks.results.BenchmarkEvaluator`). The
+paper rates each turn by hand and the repository ships no judge; here each turn is judged on the
+image before it and the image after it with :data:`MULTITURN_PROMPT` (yes/no per criterion), or
+the verdicts are imported from a human-ratings file (``human_ratings``). The table reports, per
+turn, the share of "yes" of each criterion over the turns rated, with the count rated and failed.
 
 A record of a failed judge call (or of a turn not rated yet) is marked ``retry``: the next run asks
 again instead of keeping the failure.

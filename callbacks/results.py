@@ -12,9 +12,11 @@ Layout of ``<output_dir>`` (one folder per evaluator and stage)::
     summary.json                the same numbers as JSON
     judge_cache/                the judge's reply cache (see callbacks/judges.py)
 
-Multi-turn cases (ImgEdit-Bench multi-turn): the module's test step edits turn 1; the evaluator then
-edits turn k from turn k-1's saved result with the module's ``edit_with_text``, batch by batch,
-seeded like the test path, so what the model saw at each turn is exactly the PNG a judge sees.
+Evaluators consume module outputs and run no generation of their own: at test time the
+``EditOutputs`` the test step returns, at validation those of ``EditingModule.edit_outputs`` (the
+module's one entry point, seeded as its test step). Multi-turn cases (ImgEdit-Bench multi-turn):
+the module edits turn k from turn k-1's result quantised as the saved PNG holds it
+(``outputs.turns``), so what the model saw at each turn is the PNG a judge sees as "before".
 
 Resume: :class:`datamodules.benchmarks.BenchmarkDataModule` (given the same folder as
 ``results_dir``) does not serve cases whose edit (last turn) exists, so nothing is generated twice;
@@ -39,14 +41,14 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
-from torchvision.utils import save_image
 
 from callbacks.gather import gather_records, run_folder
 from callbacks.toy_score import toy_edit_scores
 from datamodules.benchmarks import edited_image_path
-from datamodules.samples import EditSample, collate
+from datamodules.samples import EditBatch, EditOutputs
+from zoo.modules.base import EditingModule, to_pil
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +84,18 @@ class ResultsFolder:
         target: torch.Tensor | None,
         turn: int | None = None,
     ) -> None:
-        """Save tensors in [-1, 1] as PNG files of the sample (``turn``: the edit is that turn's result)."""
+        """Save tensors in [-1, 1] as PNG files of the sample (``turn``: the edit is that turn's result).
+
+        Quantised by the module's own :func:`~zoo.modules.base.to_pil`, the one it edits the next
+        turn from, so a judge's "before" image holds exactly the pixels the model edited.
+        """
         path = self.edited(sample_id, turn)
         path.parent.mkdir(parents=True, exist_ok=True)
         for tensor, file in ((source, self.companion(sample_id, "SRCIMG")), (target, self.companion(sample_id, "TARGET"))):
             if tensor is not None:
-                save_image(((tensor.float().cpu() + 1) / 2).clamp(0, 1), file)
+                to_pil(tensor).save(file)
         # The edit last: its presence marks the sample (its last turn) as generated (BenchmarkDataModule skips it).
-        save_image(((edited.float().cpu() + 1) / 2).clamp(0, 1), path)
+        to_pil(edited).save(path)
 
     def load_image(self, path: Path) -> Image.Image | None:
         if not path.is_file():
@@ -166,9 +172,9 @@ class ResultsFolder:
 class BenchmarkEvaluator(L.Callback):
     """Shared evaluator flow; subclasses implement :meth:`score` and :meth:`summarize`.
 
-    At test time the module's outputs are used; with ``on_validation`` the evaluator also edits the
-    validation batches itself during ``fit`` (on every rank, seeded like the test path) and writes
-    ``<output_dir>/val/step<N>/``.
+    At test time the module's outputs are used; with ``on_validation`` the evaluator also has the
+    module edit the validation batches during ``fit`` (``edit_outputs``, on every rank, seeded like
+    the test path) and writes ``<output_dir>/val/step<N>/``.
 
     Args:
         output_dir: the results folder; default ``<log_dir>/<name>``.
@@ -176,9 +182,9 @@ class BenchmarkEvaluator(L.Callback):
             e.g. ``limit_val_batches``).
 
     Attributes:
-        multi_turn: generate every turn of multi-turn cases (set by subclasses that judge turns); the
-            datamodule must serve ``case_info(id)["turns"]``, ``resolution`` and ``mllm_resolution``
-            (:class:`~datamodules.benchmarks.BenchmarkDataModule`).
+        multi_turn: save and record every turn of multi-turn cases (set by subclasses that judge
+            turns); the batches must carry the later turns (``EditBatch.turns``, served by
+            :class:`~datamodules.benchmarks.BenchmarkDataModule`).
     """
 
     name = "eval"
@@ -228,76 +234,57 @@ class BenchmarkEvaluator(L.Callback):
             if self._orphans:
                 log.info("%d edits of an earlier run are not scored yet (or were marked retry): scoring them now", len(self._orphans))
 
-    def _truth(self, batch: dict[str, Any], edited: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    def _truth(self, batch: EditBatch, edited: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """Toy ground truth of the batch's edits when the judge reads it."""
         if not self.needs_truth:
             return None
-        if "mask" not in batch or "target" not in batch:
-            raise KeyError(
+        if batch.mask is None or batch.target is None:
+            raise ValueError(
                 f"{type(self).__name__} with the toy judge needs toy data with targets and edit-region masks "
-                f"(batch['target'], batch['mask']); use an HTTP or local judge on real benchmarks"
+                f"(EditBatch.target, EditBatch.mask); use an HTTP or local judge on real benchmarks"
             )
-        return toy_edit_scores((edited.float() + 1) / 2, (batch["target"].float() + 1) / 2, batch["mask"])
+        return toy_edit_scores((edited.float() + 1) / 2, (batch.target.float() + 1) / 2, batch.mask)
 
-    def _collect(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        batch: dict[str, Any],
-        batch_idx: int,
-        edited: torch.Tensor,
-        texts: list[str],
-    ) -> None:
+    def _collect(self, trainer: L.Trainer, batch: EditBatch, outputs: EditOutputs) -> None:
+        """Save the module's edits of ``batch`` (every turn of a multi-turn case) and record what produced them."""
         assert self.folder is not None
         info = getattr(trainer.datamodule, "case_info", None) if trainer.datamodule is not None else None
-        truth = self._truth(batch, edited)
+        truth = self._truth(batch, outputs.edited)
         entries = []
-        for i, sample_id in enumerate(batch["key"]):
-            target = batch["target"][i] if "target" in batch else None
-            self.folder.save_images(sample_id, edited[i], batch["source"][i], target, turn=1 if self.multi_turn else None)
+        for i, sample_id in enumerate(batch.key):
+            source = batch.source[i] if batch.source is not None else None
+            target = batch.target[i] if batch.target is not None else None
+            self.folder.save_images(sample_id, outputs.edited[i], source, target, turn=1 if self.multi_turn else None)
             entry = {
                 "id": sample_id,
-                "instruction": batch["instruction"][i],
-                "edit_type": batch["edit_type"][i],
-                "text": texts[i],
+                "instruction": batch.instruction[i],
+                "edit_type": batch.edit_type[i],
+                "text": outputs.text[i],
             }
             if info is not None:
                 entry["case"] = info(sample_id)
             if self.multi_turn:
-                entry["turns"] = [{"instruction": t, "text": None} for t in entry["case"]["turns"]]
-                entry["turns"][0]["text"] = texts[i]
+                entry["turns"] = [{"instruction": t, "text": None} for t in [batch.instruction[i], *batch.turns[i]]]
+                entry["turns"][0]["text"] = outputs.text[i]
             if truth is not None:
                 entry["truth"] = {name: float(value[i]) for name, value in truth.items()}
             entries.append(entry)
         if self.multi_turn:
-            self._edit_later_turns(trainer, pl_module, batch_idx, entries)
+            self._save_later_turns(outputs, entries)
         self.folder.append_generated(trainer.global_rank, entries)
         self._new.extend(entries)
 
-    def _edit_later_turns(self, trainer: L.Trainer, pl_module: L.LightningModule, batch_idx: int, entries: list[dict[str, Any]]) -> None:
-        """Turn k (>= 2) of every case that has one edits turn k-1's saved result, one batch per turn.
+    def _save_later_turns(self, outputs: EditOutputs, entries: list[dict[str, Any]]) -> None:
+        """Save turn k's result (``outputs.turns[k - 2]``) of every case that has one and record its text.
 
-        The next source is read back from the PNG, so the model edits exactly the image the judge
-        is shown as "before"; each turn's text is recorded in its entry.
+        Turns are saved in order, so a case's last turn is written last: its presence marks the case
+        as generated (a case interrupted between turns is redone).
         """
         assert self.folder is not None
-        data = trainer.datamodule
-        for turn in range(2, max(len(e["turns"]) for e in entries) + 1):
-            due = [e for e in entries if len(e["turns"]) >= turn]
-            samples = [self._turn_sample(entry, turn) for entry in due]
-            batch = move_data_to_device(collate(samples, data.resolution, data.mllm_resolution), pl_module.device)
-            edited, texts = pl_module.edit_with_text(batch, generator=_eval_generator(pl_module, batch_idx))
-            for i, entry in enumerate(due):
-                self.folder.save_images(entry["id"], edited[i], None, None, turn=turn)
-                entry["turns"][turn - 1]["text"] = texts[i]
-
-    def _turn_sample(self, entry: dict[str, Any], turn: int) -> EditSample:
-        """Turn ``turn`` of a multi-turn case: its instruction on the saved result of the turn before."""
-        assert self.folder is not None
-        previous = self.folder.load_image(self.folder.edited(entry["id"], turn - 1))
-        assert previous is not None, "the turn before saved its result"
-        instruction = entry["turns"][turn - 1]["instruction"]
-        return EditSample(key=entry["id"], source=previous, instruction=instruction, edit_type=entry["edit_type"] or None)
+        for turn, later in enumerate(outputs.turns, start=2):
+            for row, edited, text in zip(later.rows, later.edited, later.text):
+                self.folder.save_images(entries[row]["id"], edited, None, None, turn=turn)
+                entries[row]["turns"][turn - 1]["text"] = text
 
     def _finish(self, trainer: L.Trainer, stage: str) -> None:
         assert self.folder is not None
@@ -332,9 +319,9 @@ class BenchmarkEvaluator(L.Callback):
         self._start(trainer, "test")
 
     def on_test_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: EditOutputs, batch: EditBatch, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._collect(trainer, pl_module, batch, batch_idx, outputs["edited"], list(outputs["text"]))
+        self._collect(trainer, batch, outputs)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer, "test")
@@ -344,18 +331,12 @@ class BenchmarkEvaluator(L.Callback):
             self._start(trainer, "val")
 
     def on_validation_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self, trainer: L.Trainer, pl_module: EditingModule, outputs: Any, batch: EditBatch, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if not self.on_validation or trainer.sanity_checking:
             return
-        edited, texts = pl_module.edit_with_text(batch, generator=_eval_generator(pl_module, batch_idx))
-        self._collect(trainer, pl_module, batch, batch_idx, edited, texts)
+        self._collect(trainer, batch, pl_module.edit_outputs(batch, batch_idx))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.on_validation and not trainer.sanity_checking:
             self._finish(trainer, "val")
-
-
-def _eval_generator(pl_module: L.LightningModule, batch_idx: int) -> torch.Generator:
-    """The noise generator of the module's test step for this batch (``eval_seed + batch_idx``)."""
-    return torch.Generator().manual_seed(pl_module.eval_seed + batch_idx)

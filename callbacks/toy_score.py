@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from callbacks.gather import gather_records, run_folder
+from datamodules.samples import EditBatch, EditOutputs
 from datamodules.toy import PALETTE
 
 
@@ -86,18 +87,18 @@ class ToyEditEvaluator(L.Callback):
         self,
         trainer: L.Trainer,
         pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
+        outputs: EditOutputs,
+        batch: EditBatch,
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if "mask" not in batch:
-            raise KeyError("ToyEditEvaluator needs toy shards with edit-region masks (batch['mask'])")
-        target = (batch["target"].float() + 1) / 2
-        model = toy_edit_scores((outputs["edited"].float() + 1) / 2, target, batch["mask"])
-        copy = toy_edit_scores((batch["source"].float() + 1) / 2, target, batch["mask"])
-        for i, key in enumerate(batch["key"]):
-            record = {"key": key, "edit_type": batch["edit_type"][i]}
+        if batch.mask is None or batch.target is None or batch.source is None:
+            raise ValueError("ToyEditEvaluator needs toy shards of edits with targets and edit-region masks (EditBatch.mask)")
+        target = (batch.target.float() + 1) / 2
+        model = toy_edit_scores((outputs.edited.float() + 1) / 2, target, batch.mask)
+        copy = toy_edit_scores((batch.source.float() + 1) / 2, target, batch.mask)
+        for i, key in enumerate(batch.key):
+            record = {"key": key, "edit_type": batch.edit_type[i]}
             record |= {name: float(value[i]) for name, value in model.items()}
             record |= {f"copy_{name}": float(value[i]) for name, value in copy.items()}
             self.records.append(record)

@@ -61,7 +61,7 @@ def test_fid_against_a_reference_folder_and_resume_counts_every_edit_once(tmp_pa
     reference = tmp_path / "reference" / "nested"
     reference.mkdir(parents=True)
     for i, batch in enumerate(edit_batches(num=NUM_SAMPLES)):
-        for j, target in enumerate(batch["target"]):
+        for j, target in enumerate(batch.target):
             save_image((target + 1) / 2, reference / f"{i}_{j}.png")
     (reference / "notes.txt").write_text("not an image")
     assert len(image_files(tmp_path / "reference")) == NUM_SAMPLES

@@ -26,6 +26,7 @@ from PIL import Image
 from callbacks.imgedit_bench import ImgEditEvaluator
 from callbacks.judges import HTTPJudge
 from datamodules.benchmarks import BenchmarkDataModule
+from datamodules.samples import EditBatch, EditOutputs
 from tests.helpers.openai_server import OpenAIServer, Reply, Request, completion, error
 from tests.modules.conftest import tiny_dim_kwargs
 from zoo.modules.dim import DIMModule
@@ -83,16 +84,29 @@ def _sent_images(request: Request) -> list[np.ndarray]:
 
 
 def _record_edits(module: DIMModule) -> list[dict[str, Any]]:
-    """Keep (key, instruction, source pixels) of every sample the module edits, in [0, 255]."""
+    """Keep (key, instruction, source pixels in [0, 255], whether inside the module's test step) of
+    every sample the module edits: every ``edit_batch`` call, whoever makes it."""
     seen: list[dict[str, Any]] = []
-    edit_with_text = module.edit_with_text
+    edit_batch, test_step = module.edit_batch, module.test_step
+    stepping = False
 
-    def recording(batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[str]]:
-        sources = ((batch["source"].float().cpu() + 1) / 2 * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        seen.extend({"key": k, "instruction": t, "source": s} for k, t, s in zip(batch["key"], batch["instruction"], sources))
-        return edit_with_text(batch, generator=generator)
+    def recording(batch: EditBatch, generator: torch.Generator | None = None, keep_given: bool = False) -> tuple[torch.Tensor, list[str]]:
+        sources = ((batch.source.float().cpu() + 1) / 2 * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        seen.extend(
+            {"key": k, "instruction": t, "source": s, "in_test_step": stepping} for k, t, s in zip(batch.key, batch.instruction, sources)
+        )
+        return edit_batch(batch, generator, keep_given)
 
-    module.edit_with_text = recording  # type: ignore[method-assign]
+    def recording_step(batch: EditBatch, batch_idx: int) -> EditOutputs:
+        nonlocal stepping
+        stepping = True
+        try:
+            return test_step(batch, batch_idx)
+        finally:
+            stepping = False
+
+    module.edit_batch = recording  # type: ignore[method-assign]
+    module.test_step = recording_step  # type: ignore[method-assign]
     return seen
 
 
@@ -146,6 +160,7 @@ def test_multiturn_generates_every_turn_from_the_previous_result_and_judges_each
         return _pixels(out / "images" / (f"{key}_SRCIMG.png" if k == 1 else f"{key}_turn{k - 1}.png"))
 
     assert sorted((s["key"], s["instruction"]) for s in seen) == sorted((key, text) for text, (key, _) in TURNS.items())
+    assert all(s["in_test_step"] for s in seen), "every turn is edited by the module's test step, none by the evaluator"
     for sample in seen:
         assert np.array_equal(sample["source"], before(*TURNS[sample["instruction"]])), TURNS[sample["instruction"]]
     assert _pixels(out / "images" / "2_turn1.png").any(), "the stale half-done turn 1 was not redone"

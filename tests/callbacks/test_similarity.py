@@ -16,9 +16,11 @@ import pytest
 import torch
 import torchvision
 
+from callbacks.image_logger import ImageLogger
 from callbacks.results import ResultsFolder
 from callbacks.similarity import SimilarityEvaluator, lpips_metric, pair_metrics, read_captions
-from tests.helpers.editors import OracleEditor, edit_batches, run_test
+from datamodules.samples import EditBatch, EditOutputs
+from tests.helpers.editors import OracleEditor, cpu_trainer, edit_batches, run_test
 from zoo.blocks.chat import to_tensor
 from zoo.blocks.pretrained import MissingPretrainedError
 
@@ -147,6 +149,26 @@ def test_edits_of_another_size_are_compared_at_the_reference_size(tmp_path: Path
     run_test(SimilarityEvaluator(clip=None, dino=None, lpips=None, output_dir=str(out)), OracleEditor("half_size_target"), edit_batches(num=2), tmp_path / "logs")
     for record in read_records(out).values():
         assert record["error"] is None and 5 < record["psnr"] < 100 and 0 < record["l1"] < 0.5
+
+
+def test_validation_edits_are_the_modules_edit_outputs(tmp_path: Path) -> None:
+    editor = OracleEditor("target")
+    calls: list[tuple[list[str], int]] = []
+    edit_outputs = editor.edit_outputs
+
+    def recording(batch: EditBatch, batch_idx: int = 0, keep_given: bool = False) -> EditOutputs:
+        calls.append((list(batch.key), batch_idx))
+        return edit_outputs(batch, batch_idx, keep_given)
+
+    editor.edit_outputs = recording  # type: ignore[method-assign]
+    out = tmp_path / "out"
+    evaluator = SimilarityEvaluator(clip=None, dino=None, lpips=None, output_dir=str(out), on_validation=True)
+    cpu_trainer([evaluator, ImageLogger(num_samples=2)], tmp_path / "logs").validate(editor, dataloaders=edit_batches(NUM_SAMPLES))
+    # Each validation batch once for the evaluator (seeded by its index), the grid's two samples of the first batch once.
+    assert sorted(calls) == [(["s00", "s01"], 0), (["s00", "s01", "s02", "s03"], 0), (["s04", "s05"], 1)]
+    records = read_records(out / "val" / "step0000000")
+    assert sorted(records) == [f"s{i:02d}" for i in range(NUM_SAMPLES)] and all(math.isinf(r["psnr"]) for r in records.values())
+    assert [p.name for p in (tmp_path / "logs").rglob("*.png")] == ["val_step0000000.png"]
 
 
 def test_caption_file_rows_are_checked(tmp_path: Path) -> None:
