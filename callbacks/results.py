@@ -47,8 +47,8 @@ from PIL import Image
 from callbacks.gather import gather_records, run_folder
 from callbacks.toy_score import toy_edit_scores
 from datamodules.benchmarks import edited_image_path
-from datamodules.samples import EditBatch, EditOutputs
-from zoo.modules.base import EditingModule, to_pil
+from datamodules.samples import EditBatch, EditOutputs, signed_to_pil
+from zoo.modules.base import EditingModule
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +86,16 @@ class ResultsFolder:
     ) -> None:
         """Save tensors in [-1, 1] as PNG files of the sample (``turn``: the edit is that turn's result).
 
-        Quantised by the module's own :func:`~zoo.modules.base.to_pil`, the one it edits the next
+        Quantised by the module's own :func:`~datamodules.samples.signed_to_pil`, the one it edits the next
         turn from, so a judge's "before" image holds exactly the pixels the model edited.
         """
         path = self.edited(sample_id, turn)
         path.parent.mkdir(parents=True, exist_ok=True)
         for tensor, file in ((source, self.companion(sample_id, "SRCIMG")), (target, self.companion(sample_id, "TARGET"))):
             if tensor is not None:
-                to_pil(tensor).save(file)
+                signed_to_pil(tensor).save(file)
         # The edit last: its presence marks the sample (its last turn) as generated (BenchmarkDataModule skips it).
-        to_pil(edited).save(path)
+        signed_to_pil(edited).save(path)
 
     def load_image(self, path: Path) -> Image.Image | None:
         if not path.is_file():

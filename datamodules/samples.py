@@ -116,6 +116,13 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
+def signed_to_pil(image: Tensor) -> Image.Image:
+    """``[3, H, W]`` in [-1, 1] -> an RGB image, rounded to the nearest uint8 as torchvision's
+    ``save_image`` rounds: exactly what a saved PNG of it holds."""
+    levels = ((image.detach().float().cpu() + 1) / 2).clamp(0, 1).mul(255).add(0.5).to(torch.uint8)
+    return Image.fromarray(levels.permute(1, 2, 0).numpy())
+
+
 def _signed(image: Image.Image, resolution: int) -> torch.Tensor:
     return _to_tensor(resize_center_crop(image, resolution)).mul_(2.0).sub_(1.0)
 

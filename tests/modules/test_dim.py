@@ -12,10 +12,10 @@ from PIL import Image
 
 from dataclasses import replace
 
-from datamodules.samples import EditBatch, EditSample, collate
+from datamodules.samples import EditBatch, EditSample, collate, signed_to_pil
 from datamodules.toy import edit_sample, t2i_sample
 from tests.modules.conftest import TINY_SANA, toy_batch, tiny_dim_kwargs
-from zoo.modules.base import Optimization, to_pil
+from zoo.modules.base import Optimization
 from zoo.modules.dim import DIMModule
 
 
@@ -142,7 +142,7 @@ def test_edit_sees_a_non_square_image_exactly_as_training_does() -> None:
     assert torch.allclose(training.source[0], blue.expand(3, 16, 16), atol=1e-6), "the centre crop is the blue middle third"
     generator = torch.Generator().manual_seed(model.eval_seed)
     expected = model.edit_batch(training, generator)[0][0]
-    assert list(model.edit(wide, "x").image.getdata()) == list(to_pil(expected).getdata())
+    assert list(model.edit(wide, "x").image.getdata()) == list(signed_to_pil(expected).getdata())
 
 
 def test_edit_mode_requires_the_source_and_t2i_generates() -> None:

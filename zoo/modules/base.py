@@ -38,9 +38,8 @@ import torch
 from lightning.pytorch.utilities.seed import isolate_rng
 from PIL import Image
 from torch import Tensor, nn
-from torchvision.transforms.functional import to_pil_image
 
-from datamodules.samples import EditBatch, EditOutputs, EditSample, TurnOutputs, collate
+from datamodules.samples import EditBatch, EditOutputs, EditSample, TurnOutputs, collate, signed_to_pil
 from zoo.blocks.condition import Condition
 from zoo.blocks.config import ConfigError, check_range
 from zoo.blocks.frozen import FrozenParts
@@ -98,11 +97,6 @@ class Edit:
     """The edited (or generated) image, at the model's training view of the source."""
     text: str
     """The text that produced it: the instruction, DIM's blueprint, GoT's reasoning chain."""
-
-
-def to_pil(image: Tensor) -> Image.Image:
-    """``[3, H, W]`` in [-1, 1] -> an RGB PIL image (uint8, as a saved PNG holds it)."""
-    return to_pil_image(((image.detach().float().cpu() + 1) / 2).clamp(0, 1))
 
 
 class EditingModule(L.LightningModule):
@@ -313,7 +307,7 @@ class EditingModule(L.LightningModule):
             rows = [i for i, later in enumerate(batch.turns) if len(later) >= turn]
             samples = [
                 EditSample(
-                    key=batch.key[i], source=to_pil(latest[i]), instruction=batch.turns[i][turn - 1], edit_type=batch.edit_type[i] or None
+                    key=batch.key[i], source=signed_to_pil(latest[i]), instruction=batch.turns[i][turn - 1], edit_type=batch.edit_type[i] or None
                 )
                 for i in rows
             ]
@@ -361,7 +355,7 @@ class EditingModule(L.LightningModule):
         """Text-to-image generation of a ``size`` x ``size`` image (default: the training resolution)."""
         batch = self.inference_batch([None], [prompt], size=size, blueprints=[blueprint], chains=[chain])
         outputs = self.edit_outputs(batch, keep_given=True)
-        return Edit(image=to_pil(outputs.edited[0]), text=outputs.text[0])
+        return Edit(image=signed_to_pil(outputs.edited[0]), text=outputs.text[0])
 
     def edit_turns(
         self,
@@ -383,8 +377,8 @@ class EditingModule(L.LightningModule):
             [image], instructions[:1], size=size, blueprints=[blueprint], chains=[chain], turns=[list(instructions[1:])]
         )
         outputs = self.edit_outputs(batch, keep_given=True)
-        edits = [Edit(image=to_pil(outputs.edited[0]), text=outputs.text[0])]
-        edits += [Edit(image=to_pil(turn.edited[0]), text=turn.text[0]) for turn in outputs.turns]
+        edits = [Edit(image=signed_to_pil(outputs.edited[0]), text=outputs.text[0])]
+        edits += [Edit(image=signed_to_pil(turn.edited[0]), text=turn.text[0]) for turn in outputs.turns]
         return edits
 
     # -- Lightning flow ----------------------------------------------------------------------------
