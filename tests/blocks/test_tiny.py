@@ -1,4 +1,4 @@
-"""The tiny-asset factory: deterministic, real classes, Qwen's token layout looked up by string."""
+"""The tiny-asset factory: deterministic, real classes, the families' token layouts looked up by string."""
 
 from __future__ import annotations
 
@@ -7,8 +7,12 @@ import torch
 
 from zoo.blocks.tiny import (
     DEFAULT_SYSTEM_PROMPT,
+    LLAVA_ONEVISION_SPECIAL_TOKENS,
     QWEN_SPECIAL_TOKENS,
     _bpe_json,
+    tiny_llava_onevision,
+    tiny_llava_onevision_config,
+    tiny_llava_onevision_processor,
     tiny_qwen2_5_vl,
     tiny_qwen2_5_vl_config,
     tiny_qwen2_5_vl_processor,
@@ -119,3 +123,86 @@ def test_bpe_training_is_reproducible_not_just_cached() -> None:
     # Retrain (bypassing the cache): the Rust trainer's hash maps get fresh random keys each time,
     # so equal JSON means the merges do not depend on iteration order.
     assert len({_bpe_json.__wrapped__(768) for _ in range(3)}) == 1
+
+
+# --- LLaVA-OneVision ----------------------------------------------------------------------------
+
+
+def test_llava_tokenizer_has_its_special_tokens_and_config_ids_by_string() -> None:
+    processor = tiny_llava_onevision_processor()
+    tokenizer = processor.tokenizer
+    lookup = tokenizer.convert_tokens_to_ids
+    for token in LLAVA_ONEVISION_SPECIAL_TOKENS:
+        assert tokenizer(token, add_special_tokens=False).input_ids == [lookup(token)], token
+    # Qwen2's order, then <image>, <video>, after the learned vocabulary (llava-hf: 151643…151647).
+    assert [lookup(t) for t in LLAVA_ONEVISION_SPECIAL_TOKENS] == list(range(len(tokenizer) - 5, len(tokenizer)))
+    assert tokenizer("Remove the red circle.").input_ids == tiny_qwen_tokenizer()("Remove the red circle.").input_ids
+    config = tiny_llava_onevision_config(tokenizer)
+    assert config.image_token_id == lookup("<image>") == processor.image_token_id
+    assert config.video_token_id == lookup("<video>") == processor.video_token_id
+    assert config.text_config.eos_token_id == lookup("<|im_end|>") == tokenizer.eos_token_id
+    assert config.text_config.pad_token_id == lookup("<|endoftext|>") == tokenizer.pad_token_id
+    assert config.text_config.vocab_size == len(tokenizer)
+    assert config.vision_config.model_type == "siglip_vision_model" and config.text_config.model_type == "qwen2"
+    assert config.image_grid_pinpoints == processor.image_processor.image_grid_pinpoints == [[16, 16], [16, 32], [32, 16], [32, 32]]
+
+
+def test_llava_chat_template_renders_llava_hf_format() -> None:
+    processor = tiny_llava_onevision_processor()
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}
+    text = processor.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user <image>\nWhat is shown?<|im_end|><|im_start|>assistant\n"
+    system = {"role": "system", "content": "Be brief."}
+    text = processor.apply_chat_template([system, {"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=False)
+    assert text == "<|im_start|>system \nBe brief.<|im_end|><|im_start|>user \nHi<|im_end|>"
+
+
+# Whole-image tile 4×4 = 16, plus the best grid's features with the aspect padding removed, plus a
+# newline per feature row: 16 px → 1×1 tiles, 16 + 16 + 4; 32 px → 2×2 tiles, 16 + 64 + 8; 20×50 →
+# 1×2 tiles (4×8 features; the 3.2 rows of image keep all 4), 16 + 32 + 4.
+@pytest.mark.parametrize(("height", "width", "tokens"), [(16, 16, 36), (32, 32, 88), (20, 50, 52)])
+def test_llava_anyres_token_count_matches_the_vision_features(height: int, width: int, tokens: int) -> None:
+    model, processor = tiny_llava_onevision()
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}], tokenize=False
+    )
+    inputs = processor(text=[prompt], images=[torch.rand(3, height, width)], do_rescale=False, return_tensors="pt")
+    count = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert count == tokens == processor._get_num_multimodal_tokens(image_sizes=[(height, width)])["num_image_tokens"][0]
+    with torch.no_grad():  # the model checks that the placeholders match its image features
+        assert model(**inputs).logits.shape == (1, inputs["input_ids"].shape[1], len(processor.tokenizer))
+
+
+def test_llava_generates_on_cpu_deterministically_and_leaves_the_global_rng() -> None:
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a, processor = tiny_llava_onevision(seed=0)
+    assert torch.equal(torch.rand(3), before)
+    b, _ = tiny_llava_onevision(seed=0)
+    c, _ = tiny_llava_onevision(seed=1)
+    state_a, state_b, state_c = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert not torch.equal(state_a["lm_head.weight"], state_c["lm_head.weight"])
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    inputs = processor(text=[prompt], images=[torch.rand(3, 32, 32)], do_rescale=False, return_tensors="pt")
+    output = a.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert output.shape[1] - inputs["input_ids"].shape[1] in range(1, 5)
+    assert torch.equal(b.generate(**inputs, max_new_tokens=4, do_sample=False), output)
+
+
+def test_llava_config_validates() -> None:
+    tokenizer = tiny_llava_onevision_processor().tokenizer
+    assert tiny_llava_onevision_config(tokenizer, rms_norm_eps=1e-3).text_config.rms_norm_eps == 1e-3
+    with pytest.raises(ValueError, match="unknown tiny LLaVA-OneVision option"):
+        tiny_llava_onevision_config(tokenizer, hiden_size=64)
+    with pytest.raises(ValueError, match="heads"):
+        tiny_llava_onevision_config(tokenizer, hidden_size=60, num_heads=8)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        tiny_llava_onevision_config(tokenizer, tile_size=18)
+    with pytest.raises(ValueError, match="lacks the special tokens"):
+        tiny_llava_onevision_config(tiny_qwen_tokenizer())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import lru_cache
+from typing import TypeVar
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -29,16 +30,26 @@ from transformers import (
     CLIPModel,
     CLIPProcessor,
     CLIPTokenizer,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
+    Qwen2Config,
     Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
+    SiglipVisionConfig,
     ViTConfig,
     ViTModel,
 )
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
+
+ModelT = TypeVar("ModelT", bound=PreTrainedModel)
 
 # Qwen2.5's special-token strings, in Qwen's own id order (each becomes a single token).
 QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
@@ -54,6 +65,9 @@ QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
+
+# LLaVA-OneVision's (llava-hf) tokenizer: Qwen2's three special tokens, then its image/video placeholders.
+LLAVA_ONEVISION_SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
 
 # Qwen2's pre-tokenizer split: digits one by one (box coordinates stay digit-wise), letters with
 # one leading non-letter, punctuation runs, newlines apart from words.
@@ -157,25 +171,31 @@ def _bpe_json(vocab_size: int) -> str:
 
 
 def tiny_qwen_tokenizer(
-    vocab_size: int = 768, extra_special_tokens: list[str] | None = None
+    vocab_size: int = 768,
+    extra_special_tokens: list[str] | None = None,
+    special_tokens: tuple[str, ...] = QWEN_SPECIAL_TOKENS,
 ) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the toy-edit corpus, with Qwen2.5's special tokens appended.
+    """Byte-level BPE trained on the toy-edit corpus, with Qwen's special tokens appended.
 
     Args:
         vocab_size: target size of the learned BPE vocabulary (256 byte symbols + merges); the
             corpus supports up to about 1000.
-        extra_special_tokens: further special strings appended after Qwen's (e.g. GoT's
+        extra_special_tokens: further special strings appended after the family's (e.g. GoT's
             ``<|im_gen_start|>``…), each a single token; existing ids do not move.
+        special_tokens: the model family's own special strings in its id order: Qwen2.5's
+            (:data:`QWEN_SPECIAL_TOKENS`) or LLaVA-OneVision's Qwen2 set
+            (:data:`LLAVA_ONEVISION_SPECIAL_TOKENS`); both end turns with ``<|im_end|>`` and pad
+            with ``<|endoftext|>``.
     """
     if vocab_size < 256:
         raise ValueError(f"vocab_size must be >= 256 (the byte alphabet), got {vocab_size}")
     extra = list(extra_special_tokens or [])
-    clash = sorted(set(extra) & set(QWEN_SPECIAL_TOKENS))
+    clash = sorted(set(extra) & set(special_tokens))
     if clash or len(set(extra)) != len(extra):
-        raise ValueError(f"extra_special_tokens must be new and unique, got duplicates/Qwen's own: {clash or extra}")
+        raise ValueError(f"extra_special_tokens must be new and unique, got duplicates/the family's own: {clash or extra}")
     backend = Tokenizer.from_str(_bpe_json(vocab_size))
-    # Added on the backend first so ids follow Qwen's order, not the wrapper's eos/pad-first order.
-    specials = [*QWEN_SPECIAL_TOKENS, *extra]
+    # Added on the backend first so ids follow the family's order, not the wrapper's eos/pad-first order.
+    specials = [*special_tokens, *extra]
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -235,36 +255,15 @@ def tiny_qwen2_5_vl_config(
     text hidden size (the merger projects into the LLM). ``overrides`` go to the text config
     (e.g. ``rms_norm_eps``, ``max_position_embeddings``).
     """
-    unknown = sorted(set(overrides) - {field.name for field in dataclasses.fields(Qwen2_5_VLTextConfig)})
-    if unknown:
-        raise ValueError(
-            f"unknown tiny Qwen2.5-VL option(s) {unknown}: use the named arguments or Qwen2_5_VLTextConfig fields"
-        )
-    head_dim = hidden_size // num_heads
-    if hidden_size % num_heads or head_dim % 2:
-        raise ValueError(f"hidden_size {hidden_size} must split into {num_heads} heads of even size")
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
-    missing = [token for token, i in ids.items() if i is None or i == tokenizer.unk_token_id]
-    if missing:
-        raise ValueError(f"tokenizer lacks Qwen special tokens {missing}; build it with tiny_qwen_tokenizer")
+    _check_overrides("Qwen2.5-VL", Qwen2_5_VLTextConfig, overrides)
+    head_dim = _head_dim(hidden_size, num_heads)
+    ids = _special_ids(tokenizer, QWEN_SPECIAL_TOKENS)
     # M-RoPE splits each head's rotary half into (temporal, height, width) sections, like
     # Qwen's [16, 24, 24] for head_dim 128.
     half = head_dim // 2
     mrope_section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
-    text_config = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": num_kv_heads,
-        "max_position_embeddings": 4096,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-        **overrides,
-    }
+    llm = (hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size)
+    text_config = _llm_options(len(tokenizer), ids, *llm, {"mrope_section": mrope_section}, overrides)
     vision_config = {
         "depth": vision_depth,
         "hidden_size": vision_hidden_size,
@@ -310,12 +309,196 @@ def tiny_qwen2_5_vl(
     processor = tiny_qwen2_5_vl_processor(
         vocab_size, extra_special_tokens, min_pixels=min_pixels, max_pixels=max_pixels, **sizes
     )
-    model_config = tiny_qwen2_5_vl_config(processor.tokenizer, **sizes, **config)
+    model = _seeded(Qwen2_5_VLForConditionalGeneration, tiny_qwen2_5_vl_config(processor.tokenizer, **sizes, **config), seed)
+    model.set_attn_implementation(attn_implementation)
+    return model, processor
+
+
+def _seeded(model_cls: type[ModelT], config: object, seed: int) -> ModelT:
+    """``model_cls(config)`` in eval mode, weights drawn under ``seed`` in a forked RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(model_config)
+        model = model_cls(config)
+    return model.eval()
+
+
+def _check_overrides(family: str, text_config_cls: type, overrides: dict[str, object]) -> None:
+    unknown = sorted(set(overrides) - {field.name for field in dataclasses.fields(text_config_cls)})
+    if unknown:
+        raise ValueError(
+            f"unknown tiny {family} option(s) {unknown}: use the named arguments or {text_config_cls.__name__} fields"
+        )
+
+
+def _head_dim(hidden_size: int, num_heads: int) -> int:
+    """Per-head width; rotary embeddings rotate pairs of channels, so it must be even."""
+    head_dim = hidden_size // num_heads
+    if hidden_size % num_heads or head_dim % 2:
+        raise ValueError(f"hidden_size {hidden_size} must split into {num_heads} heads of even size")
+    return head_dim
+
+
+def _llm_options(
+    vocab_size: int,
+    ids: dict[str, int],
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int,
+    rope: dict[str, object],
+    overrides: dict[str, object],
+) -> dict[str, object]:
+    """Text-config options of the Qwen2-style LLM both families use, at toy size: ``<|im_end|>``
+    ends a turn (eos), ``<|endoftext|>`` begins and pads; ``rope`` adds to the rotary parameters."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, **rope},
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        **overrides,
+    }
+
+
+def _special_ids(tokenizer: PreTrainedTokenizerFast, tokens: tuple[str, ...]) -> dict[str, int]:
+    """Ids of ``tokens`` looked up by string; raise naming the ones the tokenizer lacks."""
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in tokens}
+    missing = [token for token, i in ids.items() if i is None or i == tokenizer.unk_token_id]
+    if missing:
+        raise ValueError(f"tokenizer lacks the special tokens {missing}; build it with tiny_qwen_tokenizer")
+    return ids
+
+
+# --- LLaVA-OneVision (MIND-Edit): SigLIP tower, anyres tiles, Qwen2 LLM --------------------------
+
+# Renders llava-hf's LLaVA-OneVision chat format: "<|im_start|>{role} " then the turn's images as
+# "<image>" (the processor expands each to its anyres token count), videos as "<video>", each text
+# as "\n{text}", then "<|im_end|>"; no default system turn, no newline between turns.
+LLAVA_ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }} "
+    "{% if message['content'] is string %}"
+    "{{ '\\n' + message['content'] }}"
+    "{% else %}"
+    "{% for part in message['content'] if part['type'] == 'image' %}<image>{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'video' %}<video>{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ '\\n' + part['text'] }}{% endfor %}"
+    "{% endif %}"
+    "<|im_end|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _anyres_grid(tile_size: int, max_tiles: int) -> list[list[int]]:
+    """``image_grid_pinpoints``: every ``(h, w)`` grid of up to ``max_tiles`` tiles a side, as the
+    published 384…2304 px grid is for 384 px tiles and 6 tiles."""
+    sides = [tile_size * n for n in range(1, max_tiles + 1)]
+    return [[height, width] for height in sides for width in sides]
+
+
+def tiny_llava_onevision_processor(
+    vocab_size: int = 768,
+    extra_special_tokens: list[str] | None = None,
+    tile_size: int = 16,
+    patch_size: int = 4,
+    max_tiles: int = 2,
+) -> LlavaOnevisionProcessor:
+    """A ``LlavaOnevisionProcessor`` for toy images: tiny Qwen2 tokenizer, ``tile_size`` px anyres tiles.
+
+    An image is resized to the best grid of up to ``max_tiles``² tiles plus one whole-image tile;
+    each tile gives ``(tile_size / patch_size)²`` ``<image>`` tokens (published: 384 / 14 → 27² =
+    729), plus one newline token per row of the grid, as LLaVA-OneVision's "anyres_max_9" does.
+    """
+    tokenizer = tiny_qwen_tokenizer(vocab_size, extra_special_tokens, special_tokens=LLAVA_ONEVISION_SPECIAL_TOKENS)
+    # SigLIP's normalisation (mean = std = 0.5), as the published preprocessor config.
+    pixels = {"size": {"height": tile_size, "width": tile_size}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    return LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(image_grid_pinpoints=_anyres_grid(tile_size, max_tiles), **pixels),
+        tokenizer=tokenizer,
+        video_processor=LlavaOnevisionVideoProcessor(**pixels),
+        num_image_tokens=(tile_size // patch_size) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE,
+    )
+
+
+def tiny_llava_onevision_config(
+    tokenizer: PreTrainedTokenizerFast,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vision_hidden_size: int = 32,
+    vision_depth: int = 2,
+    vision_heads: int = 2,
+    tile_size: int = 16,
+    patch_size: int = 4,
+    max_tiles: int = 2,
+    **overrides: object,
+) -> LlavaOnevisionConfig:
+    """``LlavaOnevisionConfig`` at toy size (SigLIP vision tower, Qwen2 text model) with token ids from ``tokenizer``.
+
+    As the published llava-onevision-qwen2 checkpoints: SigLIP without its pooling head, features
+    of its last layer, all patches kept (``full``), "anyres_max_9". ``tile_size``, ``patch_size`` and
+    ``max_tiles`` must equal the processor's. ``overrides`` go to the ``Qwen2Config`` text config.
+    """
+    _check_overrides("LLaVA-OneVision", Qwen2Config, overrides)
+    _head_dim(hidden_size, num_heads)
+    ids = _special_ids(tokenizer, LLAVA_ONEVISION_SPECIAL_TOKENS)
+    if tile_size % patch_size:
+        raise ValueError(f"tile_size {tile_size} must be a multiple of patch_size {patch_size}")
+    llm = (hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size)
+    text_config = Qwen2Config(**_llm_options(len(tokenizer), ids, *llm, {}, overrides))
+    vision_config = SiglipVisionConfig(
+        hidden_size=vision_hidden_size,
+        intermediate_size=2 * vision_hidden_size,
+        num_hidden_layers=vision_depth,
+        num_attention_heads=vision_heads,
+        image_size=tile_size,
+        patch_size=patch_size,
+        vision_use_head=False,
+    )
+    return LlavaOnevisionConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=ids["<image>"],
+        video_token_index=ids["<video>"],
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=_anyres_grid(tile_size, max_tiles),
+        vision_aspect_ratio="anyres_max_9",
+    )
+
+
+def tiny_llava_onevision(
+    seed: int = 0,
+    vocab_size: int = 768,
+    extra_special_tokens: list[str] | None = None,
+    tile_size: int = 16,
+    patch_size: int = 4,
+    max_tiles: int = 2,
+    attn_implementation: str = "sdpa",
+    **config: object,
+) -> tuple[LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor]:
+    """A randomly initialised ``LlavaOnevisionForConditionalGeneration`` and its matching processor.
+
+    Seeded like :func:`tiny_qwen2_5_vl`; ``config`` keys go to :func:`tiny_llava_onevision_config`.
+    """
+    sizes = {"tile_size": tile_size, "patch_size": patch_size, "max_tiles": max_tiles}
+    processor = tiny_llava_onevision_processor(vocab_size, extra_special_tokens, **sizes)
+    model_config = tiny_llava_onevision_config(processor.tokenizer, **sizes, **config)
+    model = _seeded(LlavaOnevisionForConditionalGeneration, model_config, seed)
     model.set_attn_implementation(attn_implementation)
-    return model.eval(), processor
+    return model, processor
 
 
 # --- diffusers components (constructor kwargs of the real classes) ----------------------------
@@ -417,10 +600,7 @@ def tiny_clip(
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(config)
-    return model.eval(), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return _seeded(CLIPModel, config, seed), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 def tiny_dino(
@@ -439,7 +619,4 @@ def tiny_dino(
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = ViTModel(config)
-    return model.eval()
+    return _seeded(ViTModel, config, seed)
