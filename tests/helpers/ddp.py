@@ -2,7 +2,7 @@
 
 Each rank is a fresh process that builds its own model and runs Lightning's ``ddp`` with ``RANK``,
 ``LOCAL_RANK`` and ``WORLD_SIZE`` set, as on a cluster (``ddp_spawn``, which pickles the model into
-its workers, is covered by the QwenVLEncoder pickling test in tests/blocks/test_mllm.py). Callbacks
+its workers, is covered by the VLMEncoder pickling tests in tests/blocks/test_mllm.py). Callbacks
 live in the worker processes, so tests assert on the files rank 0 writes, not on Python objects.
 """
 

@@ -1,188 +1,352 @@
-"""Qwen2.5-VL as a condition encoder and a local chat model.
+"""A vision-language model (VLM) as a condition encoder and a local chat model.
 
-:class:`QwenVLEncoder` wraps transformers' ``Qwen2_5_VLForConditionalGeneration`` and
-``Qwen2_5_VLProcessor``. Two uses:
+:class:`VLMEncoder` builds transformers' ``AutoModelForImageTextToText`` and ``AutoProcessor`` for
+a published checkpoint, or the same classes at toy size (:mod:`zoo.blocks.tiny`), for two families:
+Qwen2.5-VL (DIM, GoT, ImgEdit-E1) and LLaVA-OneVision (MIND-Edit). Two uses:
 
 - ``condition()`` — DIM's conditioning (official-code-facts §1A): one user turn
-  ``[image, instruction]`` in Qwen's chat format (default system prompt, no generation prompt),
-  the last hidden state after the final RMSNorm (``hidden_states[-1]``), restricted to the user
-  turn's content (``<|vision_start|>`` … last instruction token), zero-padded or truncated (keeping
-  the last tokens) to ``max_condition_length`` with a boolean mask. Unlike the official code it
-  runs batches: right padding leaves each sample's states unchanged.
+  ``[image, instruction]`` in the family's chat format (no generation prompt), the hidden states of
+  one layer (:attr:`VLMConfig.hidden_layer`; DIM: the last, after the final RMSNorm; MIND-Edit's
+  vision head: ``hidden_states[21]``, §2) restricted to the user turn's content, zero-padded or
+  truncated (keeping the last tokens) to ``max_condition_length`` with a boolean mask. Unlike the
+  official code it runs batches: right padding leaves each sample's states unchanged.
 - ``generate()`` — greedy chat completion, for a local designer or judge.
-- GoT (official-code-facts §3A): ``lora`` wraps the model in peft LoRA, ``got_image_tokens`` adds
-  GoT's generation tokens (:mod:`zoo.blocks.got_tokens`); ``generate_chain()`` writes the reasoning
-  chain up to ``<|im_gen_start|>``, ``image_token_states()`` / ``chain_loss_and_states()`` run the
-  second forward over prompt + chain + ``<|im_gen_start|>`` + the 64 placeholders and return their
-  last hidden states (the SDXL condition), with the chain's next-token loss for training.
 
-Every method takes a batch where any subset of the samples has an image (:data:`Images`), so GoT's
-mixed T2I + edit batches see, per sample, exactly what that sample sees alone. The encoder survives
-pickling into a fresh process (Lightning's ``ddp_spawn``) with its hidden states intact.
+GoT's reasoning chain on top of the encoder is :mod:`zoo.blocks.got_chain`.
 
-The same constructor builds the published model (``pretrained``) or a tiny random one (``tiny``,
-see :mod:`zoo.blocks.tiny`).
+Every method takes a batch where any subset of the samples has an image (:data:`Images`), so mixed
+T2I + edit batches see, per sample, exactly what that sample sees alone.
+
+Hidden states come from one forward of the VLM without its LM head (``model.model``: vision tower
++ LLM), as its ``last_hidden_state`` or, for an earlier layer, the input of that decoder layer read
+by a forward pre-hook that lives for the one call. No logits are computed, and transformers'
+``output_hidden_states`` machinery (lazily installed hooks and a process-global registry, neither of
+which survives pickling) is not involved: an encoder pickled into a fresh process (Lightning's
+``ddp_spawn``) gives the same states. One exception: LLaVA-OneVision's vision tower selects its
+feature layer through that machinery inside transformers, whose hooks (installed at the first image
+forward) pickle cannot write; pickle such an encoder before it encodes an image (ddp_spawn does,
+at the start of fit) or launch with strategy ``ddp`` (torchrun and srun start one process per rank).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from functools import partial
-from typing import Any
+import copy
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import load_peft_weights
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
     BatchFeature,
     GenerationConfig,
     PreTrainedModel,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
-    modeling_utils,
+    ProcessorMixin,
 )
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from zoo.blocks.got_tokens import GEN_START, GoTTokenIds, add_got_tokens, cover_vocabulary, got_prompt, image_token
-from zoo.blocks.pretrained import build_tiny, require_one_source, resolve_pretrained
-from zoo.blocks.tiny import tiny_qwen2_5_vl
+from zoo.blocks.config import ConfigError, check_positive, check_range
+from zoo.blocks.frozen import FrozenModule
+from zoo.blocks.pretrained import resolve_pretrained
+from zoo.blocks.tiny import tiny_llava_onevision, tiny_qwen2_5_vl
 
 Images = Tensor | Sequence[Tensor | None] | None
 """Images for a batch of texts, in [0, 1]: a ``[B, 3, H, W]`` tensor (every sample has one), a
 sequence of ``[3, H, W]`` tensors or ``None`` per sample (a batch mixing edit and T2I samples), or
 ``None`` (no sample has one)."""
 
+Family = Literal["qwen2_5_vl", "llava_onevision"]
+TorchDtype = Literal["float32", "bfloat16", "float16"]
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+AddTokens = Callable[[ProcessorMixin, PreTrainedModel], None]
+"""Adds tokens to a freshly loaded ``(processor, model)`` before any LoRA wrapping (GoT's 66)."""
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# The chat template opens the user turn with this header; the condition starts right after it.
-_USER_HEADER = "<|im_start|>user\n"
-_ASSISTANT_HEADER = "assistant\n"
-# Where transformers' lazily installed output-capture hooks live, and its "installed" flag.
-_CAPTURE_MODULE = "transformers.utils.output_capturing"
-_HOOKS_INSTALLED = "_output_capturing_hooks_installed"
+# Both families' LLMs are Qwen2-based: a turn ends with <|im_end|>, a document with <|endoftext|>.
+_TURN_END = "<|im_end|>"
+_STOP_TOKENS = (_TURN_END, "<|endoftext|>")
 
-GOT_LORA: dict = {
-    "r": 32,
-    "lora_alpha": 32,
-    "lora_dropout": 0.05,
-    # Suffix match, as GoT's config: also hits the ViT blocks' gate/up/down_proj MLPs. A regex
-    # string such as r".*language_model.*\.(q|k|v|o|gate|up|down)_proj" restricts it to the LLM.
-    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    # Trained in full next to the adapters (GoT's config): embeddings (new GoT token rows), LM
-    # head, the decoder layers' RMSNorms.
-    "modules_to_save": ["embed_tokens", "lm_head", "input_layernorm", "post_attention_layernorm"],
+
+@dataclass(frozen=True)
+class _ChatLayout:
+    """What :class:`VLMEncoder` needs to know of one family's chat format and image processor."""
+
+    user_header: str
+    """What the chat template writes right before a user turn's content."""
+    grid_images: bool
+    """``image_size`` snaps to the vision grid (Qwen's ``smart_resize``) and the processor must not
+    resize again; otherwise the squashed image goes to the processor's own tiling (LLaVA's anyres)."""
+
+
+_LAYOUTS: dict[str, _ChatLayout] = {
+    # "<|im_start|>user\n<|vision_start|><|image_pad|>…<|vision_end|>{text}<|im_end|>\n"
+    "qwen2_5_vl": _ChatLayout("<|im_start|>user\n", grid_images=True),
+    # "<|im_start|>user <image>…<image>\n{text}<|im_end|>" (llava-hf's template)
+    "llava_onevision": _ChatLayout("<|im_start|>user ", grid_images=False),
 }
-"""GoT's LoRA (``llm_qwen25_vl_3b_lora.yaml``); ``lora`` options override these keys."""
-
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-"""Qwen's image/video placeholder tokens: the processor owns them, a reasoning chain never holds them."""
 
 
-class QwenVLEncoder(nn.Module):
-    """Frozen (by default) Qwen2.5-VL giving DIM-style conditions and greedy chat replies.
+# --- typed options ------------------------------------------------------------------------------
 
-    Args:
-        pretrained: local folder or cached hub id of a Qwen2.5-VL checkpoint (model + processor),
-            e.g. ``Qwen/Qwen2.5-VL-3B-Instruct`` for DIM. Exclusive with ``tiny``.
-        tiny: options of :func:`zoo.blocks.tiny.tiny_qwen2_5_vl` for a random toy model, e.g.
-            ``{"hidden_size": 64, "num_layers": 2, "seed": 0}``. Exclusive with ``pretrained``.
-        max_condition_length: length ``L`` of ``condition()`` outputs (DIM scripts: 8192).
-        image_size: squash images (aspect not kept) to this square side, rounded by Qwen's
-            ``smart_resize`` to a multiple of patch×merge (DIM: 1024 → 1036, 1369 tokens); ``None``
-            lets the processor keep the aspect ratio.
-        freeze: no gradients and always in eval mode, so the owner can leave it out of the
-            optimizer and the checkpoint; ``False`` keeps it trainable. With ``lora`` the base
-            weights are frozen by peft and the adapters train, so ``freeze=False`` is an error.
-        lora: peft ``LoraConfig`` options over :data:`GOT_LORA` (``{}`` = GoT's r=32, alpha=32,
-            dropout 0.05 on q/k/v/o/gate/up/down, modules_to_save embeddings, LM head and
-            RMSNorms); ``None`` = no adapters. Only the adapters and ``modules_to_save`` then get
-            gradients, and the encoder follows the parent's train/eval mode.
-        got_image_tokens: add GoT's ``<|im_gen_start|>``, ``<|im_gen_end|>`` and this many
-            ``<|im_gen_XXXX|>`` placeholders (GoT: 64) to the tokenizer, growing the embeddings if
-            they do not cover the new ids; ``0`` = none (DIM).
-        torch_dtype: ``float32``, ``bfloat16`` or ``float16``.
-        attn_implementation: transformers attention backend (``sdpa``, ``eager``, ``flash_attention_2``).
+
+@dataclass
+class LoRAConfig:
+    """peft LoRA adapters on the VLM; defaults are peft's ``LoraConfig`` defaults."""
+
+    r: int = 8
+    """Rank of each adapter."""
+    lora_alpha: int = 8
+    """Scale numerator: the adapter output is multiplied by ``lora_alpha / r``."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter input, in [0, 1)."""
+    target_modules: list[str] | str | None = None
+    """Module-name suffixes to adapt (``[q_proj, v_proj]``), or a regex matched against full names
+    (``.*language_model.*\\.(q|v)_proj``); ``None`` = peft's default for the architecture."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full next to the adapters (e.g. ``[embed_tokens, lm_head]``)."""
+
+    def __post_init__(self) -> None:
+        check_range("lora.r", self.r, 1)
+        check_positive("lora.lora_alpha", self.lora_alpha)
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+    def peft_config(self) -> LoraConfig:
+        """The ``peft.LoraConfig`` of these options for a causal LM."""
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=self.target_modules,
+            modules_to_save=self.modules_to_save,
+            task_type="CAUSAL_LM",
+        )
+
+
+# Size options that only one family's tiny factory takes.
+_FAMILY_ONLY: dict[str, tuple[str, ...]] = {
+    "qwen2_5_vl": ("merge_size", "temporal_patch_size", "min_pixels", "max_pixels"),
+    "llava_onevision": ("tile_size", "max_tiles"),
+}
+
+
+@dataclass
+class TinyVLMConfig:
+    """A tiny random VLM of the real transformers classes (:mod:`zoo.blocks.tiny`), for tests and toy runs.
+
+    Same options → identical tokenizer and weights. The defaults are the factories' defaults.
     """
 
-    def __init__(
-        self,
-        pretrained: str | None = None,
-        tiny: dict | None = None,
-        *,
-        max_condition_length: int = 8192,
-        image_size: int | None = None,
-        freeze: bool = True,
-        torch_dtype: str = "float32",
-        attn_implementation: str = "sdpa",
-        lora: dict | None = None,
-        got_image_tokens: int = 0,
-    ) -> None:
+    family: Family = "qwen2_5_vl"
+    """Architecture: ``qwen2_5_vl`` (Qwen2.5-VL) or ``llava_onevision`` (LLaVA-OneVision)."""
+    seed: int = 0
+    """Seed of the random weights (drawn in a forked RNG: the global one is untouched)."""
+    vocab_size: int = 768
+    """Learned BPE vocabulary (>= 256 byte symbols; the toy corpus supports about 1000)."""
+    hidden_size: int = 64
+    """Width of the LLM (and of the vision output projected into it)."""
+    num_layers: int = 2
+    """Decoder layers of the LLM."""
+    num_heads: int = 4
+    """Attention heads of the LLM (``hidden_size / num_heads`` must be even)."""
+    num_kv_heads: int = 2
+    """Key/value heads of the LLM (grouped-query attention)."""
+    intermediate_size: int = 128
+    """Width of the LLM's MLP."""
+    vision_hidden_size: int = 32
+    """Width of the vision tower."""
+    vision_depth: int = 2
+    """Blocks of the vision tower."""
+    vision_heads: int = 2
+    """Attention heads of the vision tower."""
+    patch_size: int = 4
+    """Side of a vision patch in pixels (published: 14)."""
+    merge_size: int = 2
+    """Qwen2.5-VL only: patches merged per side into one LLM token."""
+    temporal_patch_size: int = 2
+    """Qwen2.5-VL only: frames per temporal patch."""
+    min_pixels: int = 16 * 16
+    """Qwen2.5-VL only: the image processor's lower bound on ``H * W``."""
+    max_pixels: int = 64 * 64
+    """Qwen2.5-VL only: the image processor's upper bound on ``H * W``."""
+    tile_size: int = 16
+    """LLaVA-OneVision only: side of one anyres tile and of SigLIP's input (published: 384)."""
+    max_tiles: int = 2
+    """LLaVA-OneVision only: anyres grids of up to this many tiles a side (published: 6)."""
+
+    def __post_init__(self) -> None:
+        if self.family not in get_args(Family):
+            raise ConfigError(f"tiny.family must be one of {list(get_args(Family))}, got {self.family!r}")
+        check_range("tiny.vocab_size", self.vocab_size, 256)
+        for option in dataclasses.fields(self):
+            if option.name not in ("family", "seed", "vocab_size"):
+                check_range(f"tiny.{option.name}", getattr(self, option.name), 1)
+        foreign = [
+            option.name
+            for option in dataclasses.fields(self)
+            if any(option.name in names for family, names in _FAMILY_ONLY.items() if family != self.family)
+            and getattr(self, option.name) != option.default
+        ]
+        if foreign:
+            raise ConfigError(f"tiny.{foreign[0]} does not apply to family {self.family!r}")
+
+    def build(self, attn_implementation: AttnImplementation = "sdpa") -> tuple[PreTrainedModel, ProcessorMixin]:
+        """``(model, processor)`` from the family's tiny factory."""
+        options = {
+            option.name: getattr(self, option.name)
+            for option in dataclasses.fields(self)
+            if option.name != "family" and not any(option.name in names for names in _FAMILY_ONLY.values())
+        }
+        options.update({name: getattr(self, name) for name in _FAMILY_ONLY[self.family]})
+        factory = tiny_qwen2_5_vl if self.family == "qwen2_5_vl" else tiny_llava_onevision
+        return factory(attn_implementation=attn_implementation, **options)
+
+
+@dataclass
+class VLMConfig:
+    """Options of :class:`VLMEncoder`: the model's source, the condition's layer and length, training mode."""
+
+    pretrained: str | None = None
+    """Local folder or cached hub id of a Qwen2.5-VL or LLaVA-OneVision checkpoint (model +
+    processor), e.g. ``Qwen/Qwen2.5-VL-3B-Instruct`` (DIM) or
+    ``llava-hf/llava-onevision-qwen2-7b-ov-hf`` (MIND-Edit). Exclusive with ``tiny``."""
+    tiny: TinyVLMConfig | None = None
+    """A tiny random model instead (tests, toy runs). Exclusive with ``pretrained``."""
+    max_condition_length: int = 8192
+    """Length ``L`` of ``condition()`` outputs (DIM scripts: 8192)."""
+    image_size: int | None = None
+    """Squash images (aspect not kept) to this square side. Qwen2.5-VL rounds it with its
+    ``smart_resize`` to a multiple of patch × merge (DIM: 1024 → 1036, 1369 tokens); LLaVA-OneVision
+    then tiles it (anyres). ``None`` leaves sizing to the processor (aspect kept)."""
+    hidden_layer: int = -1
+    """Which entry of transformers' ``hidden_states`` tuple the condition reads: ``0`` = the input
+    embeddings (image features merged in), ``k`` = the output of decoder layer ``k`` (1-based),
+    ``-1`` = the last = the output of the final norm (DIM, GoT). MIND-Edit's "21st hidden layer" of
+    LLaVA-OneVision-7B's 28 is ``21``. Must lie in ``[-(N + 1), N]`` for an ``N``-layer LLM."""
+    freeze: bool = True
+    """No gradients and always in eval mode, so the owner leaves it out of the optimizer and the
+    checkpoint; ``False`` trains every weight. With ``lora`` peft freezes the base weights and the
+    adapters train, so ``freeze: false`` with ``lora`` is an error."""
+    torch_dtype: TorchDtype = "float32"
+    """Weight dtype."""
+    attn_implementation: AttnImplementation = "sdpa"
+    """transformers attention backend."""
+    lora: LoRAConfig | None = None
+    """peft LoRA adapters; only they (and ``modules_to_save``) then get gradients and the encoder
+    follows its parent's train/eval mode. ``None`` = no adapters."""
+
+    def __post_init__(self) -> None:
+        if (self.pretrained is None) == (self.tiny is None):
+            raise ConfigError("the VLM needs exactly one of `pretrained` (id or folder) and `tiny`")
+        if self.lora is not None and not self.freeze:
+            raise ConfigError("freeze: false trains every weight while lora trains only adapters: give one of them")
+        check_range("max_condition_length", self.max_condition_length, 1)
+        if self.image_size is not None:
+            check_range("image_size", self.image_size, 1)
+        for name, allowed in (("torch_dtype", TorchDtype), ("attn_implementation", AttnImplementation)):
+            if getattr(self, name) not in get_args(allowed):
+                raise ConfigError(f"{name} must be one of {list(get_args(allowed))}, got {getattr(self, name)!r}")
+
+
+# --- the encoder --------------------------------------------------------------------------------
+
+
+class VLMEncoder(FrozenModule):
+    """Frozen (by default) Qwen2.5-VL or LLaVA-OneVision giving conditions and greedy chat replies.
+
+    Args:
+        config: the model's source and options (:class:`VLMConfig`).
+        add_tokens: called with ``(processor, model)`` after loading and before LoRA wrapping, to
+            add tokens and grow the embeddings (GoT's generation tokens,
+            :class:`~zoo.blocks.got_chain.GoTReasoner`); ``modules_to_save`` then copies the grown
+            embeddings.
+
+    Attributes:
+        model: the transformers model (a peft ``PeftModel`` around it with ``lora``).
+        processor: its processor (tokenizer, image processor, chat template).
+    """
+
+    def __init__(self, config: VLMConfig, *, add_tokens: AddTokens | None = None) -> None:
         super().__init__()
-        if lora is not None and not freeze:
-            raise ValueError("freeze=False trains every weight while lora trains only adapters: give one of them")
-        if got_image_tokens < 0:
-            raise ValueError(f"got_image_tokens must be >= 0 (GoT: 64), got {got_image_tokens}")
-        require_one_source("QwenVLEncoder", pretrained, tiny)
-        if torch_dtype not in _DTYPES:
-            raise ValueError(f"torch_dtype must be one of {sorted(_DTYPES)}, got {torch_dtype!r}")
-        if max_condition_length < 1:
-            raise ValueError(f"max_condition_length must be >= 1, got {max_condition_length}")
-        if image_size is not None and image_size < 1:
-            raise ValueError(f"image_size must be a positive side length or None, got {image_size}")
-        dtype = _DTYPES[torch_dtype]
-        if pretrained is not None:
-            folder = resolve_pretrained(pretrained)
-            self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                folder, dtype=dtype, attn_implementation=attn_implementation
+        self.config = config
+        dtype = _DTYPES[config.torch_dtype]
+        if config.pretrained is not None:
+            folder = resolve_pretrained(config.pretrained)
+            # Checked before loading billions of weights.
+            self._layout = _layout(AutoConfig.from_pretrained(folder).model_type, config.pretrained)
+            self.model = AutoModelForImageTextToText.from_pretrained(
+                folder, dtype=dtype, attn_implementation=config.attn_implementation
             )
-            self.processor = Qwen2_5_VLProcessor.from_pretrained(folder)
+            self.processor = AutoProcessor.from_pretrained(folder)
         else:
-            factory = partial(tiny_qwen2_5_vl, attn_implementation=attn_implementation)
-            model, self.processor = build_tiny(factory, "QwenVLEncoder", tiny)
+            self._layout = _LAYOUTS[config.tiny.family]
+            model, self.processor = config.tiny.build(config.attn_implementation)
             self.model = model.to(dtype)
-        self.max_condition_length = max_condition_length
-        self.image_size = image_size
+        self._layer = self._resolve_layer(config.hidden_layer)
         tokenizer = self.processor.tokenizer
-        self._im_end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self._stop_ids = [self._im_end_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-        self.got_ids: GoTTokenIds | None = None
-        if got_image_tokens:
-            # Before peft: the resized embedding is what modules_to_save then copies.
-            self.got_ids = add_got_tokens(self.processor, got_image_tokens)
-            cover_vocabulary(self.model, tokenizer)
-        self.frozen = freeze and lora is None
-        if lora is not None:
-            self.model = get_peft_model(self.model, _lora_config(lora))
-        elif freeze:
-            self.model.requires_grad_(False)
-        self.train()
+        self._im_end_id = tokenizer.convert_tokens_to_ids(_TURN_END)
+        self._stop_ids = tokenizer.convert_tokens_to_ids(list(_STOP_TOKENS))
+        if add_tokens is not None:
+            add_tokens(self.processor, self.model)
+        if config.lora is not None:
+            self.model = get_peft_model(self.model, config.lora.peft_config())
+        if config.freeze and config.lora is None:
+            self.freeze()
+        else:
+            self.train()
+
+    @property
+    def family(self) -> str:
+        """transformers' ``model_type``: ``qwen2_5_vl`` or ``llava_onevision``."""
+        return self.model.config.model_type
 
     @property
     def hidden_size(self) -> int:
-        """Width ``D`` of the language model's hidden states (Qwen2.5-VL-3B: 2048)."""
-        return self.model.config.text_config.hidden_size
+        """Width ``D`` of the LLM's hidden states (Qwen2.5-VL-3B: 2048, LLaVA-OneVision-7B: 3584)."""
+        return self.model.config.get_text_config().hidden_size
 
-    def train(self, mode: bool = True) -> QwenVLEncoder:
-        # A frozen encoder ignores the parent's .train(): dropout off, same features in fit and eval.
-        return super().train(mode and not self.frozen)
+    @property
+    def max_condition_length(self) -> int:
+        return self.config.max_condition_length
 
-    # transformers 5 registers each model class's output-capture specs (which layers' outputs make
-    # ``hidden_states``) in a process-global registry from ``PreTrainedModel.__init__``, and installs
-    # forward hooks (local closures) lazily at the first forward asking for them. Unpickling skips
-    # ``__init__``, so in a fresh process (Lightning's ddp_spawn) ``output_hidden_states`` came back
-    # empty; and a model that ran such a forward could not be pickled at all.
+    @property
+    def image_size(self) -> int | None:
+        return self.config.image_size
 
-    def __getstate__(self) -> dict[str, Any]:
-        _drop_capture_hooks(self.model)
-        return super().__getstate__()
+    def _resolve_layer(self, hidden_layer: int) -> int:
+        """``hidden_layer`` as a non-negative index into the ``N + 1`` hidden states."""
+        num_layers = self.model.config.get_text_config().num_hidden_layers
+        if not -(num_layers + 1) <= hidden_layer <= num_layers:
+            raise ConfigError(
+                f"hidden_layer must be in [{-(num_layers + 1)}, {num_layers}] for this {num_layers}-layer LLM, got {hidden_layer}"
+            )
+        return hidden_layer % (num_layers + 1)
+
+    def _unwrapped(self) -> PreTrainedModel:
+        """The transformers model, inside peft's wrapper when there is one."""
+        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+
+    # --- persistence ----------------------------------------------------------------------------
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        _register_output_capture(self.model)
+        # transformers 5 learns which submodules its hidden-state capture reads when a model of
+        # that class is built in the process; unpickling builds nothing. LLaVA-OneVision's vision
+        # tower picks its feature layer through that capture, so in a fresh process (ddp_spawn) one
+        # model of each class is built on the meta device (no weights allocated), as loading does.
+        model = self._unwrapped()
+        with torch.device("meta"):
+            type(model)(copy.deepcopy(model.config))
 
     def save_pretrained(self, path: str) -> None:
-        """Write model and processor so that ``QwenVLEncoder(pretrained=path)`` reloads them.
+        """Write model and processor so that ``VLMEncoder(VLMConfig(pretrained=path))`` reloads them.
 
         With ``lora`` use :meth:`save_adapter`: the base model is reloaded from its source.
         """
@@ -194,19 +358,22 @@ class QwenVLEncoder(nn.Module):
     def save_adapter(self, path: str) -> None:
         """Write the LoRA adapters and ``modules_to_save`` copies (peft format) and the processor."""
         if not isinstance(self.model, PeftModel):
-            raise ValueError("this encoder has no LoRA adapters (build it with lora={...})")
+            raise ValueError("this encoder has no LoRA adapters (build it with lora=LoRAConfig(...))")
         self.model.save_pretrained(path)
         self.processor.save_pretrained(path)
 
     def load_adapter(self, path: str) -> None:
         """Load weights written by :meth:`save_adapter` into this encoder's adapters (same ``lora``)."""
         if not isinstance(self.model, PeftModel):
-            raise ValueError("this encoder has no LoRA adapters to load into (build it with the saved lora={...})")
+            raise ValueError("this encoder has no LoRA adapters to load into (build it with the saved lora=LoRAConfig(...))")
         result = set_peft_model_state_dict(self.model, load_peft_weights(path, device="cpu"))
         if result.unexpected_keys:
             raise ValueError(f"adapter at {path} does not fit this encoder's lora config: unexpected {result.unexpected_keys[:3]}")
 
+    # --- inputs ---------------------------------------------------------------------------------
+
     def _prompts(self, has_image: list[bool], texts: list[str], add_generation_prompt: bool) -> list[str]:
+        """One single-turn ``[image?, text]`` user conversation per sample, rendered by the chat template."""
         conversations = [
             [{"role": "user", "content": [*([{"type": "image"}] if image else []), {"type": "text", "text": text}]}]
             for image, text in zip(has_image, texts)
@@ -218,7 +385,7 @@ class QwenVLEncoder(nn.Module):
     def _images(self, images: Images, batch: int) -> tuple[list[bool], list[Tensor] | None, dict]:
         """``(has_image per sample, the given images in batch order or None, processor kwargs)``.
 
-        The processor fills the ``<|image_pad|>`` runs of the batch with the images in order, so a
+        The processor fills the image placeholders of the batch with the images in order, so a
         list holding only the samples that have an image lines up with their prompts.
         """
         if images is None:
@@ -234,7 +401,7 @@ class QwenVLEncoder(nn.Module):
         if not pixels:
             return has_image, None, {}
         kwargs = {"do_rescale": False}  # already in [0, 1]
-        if self.image_size is not None:
+        if self.image_size is not None and self._layout.grid_images:
             kwargs["do_resize"] = False  # already on Qwen's grid (_prepare)
         return has_image, pixels, kwargs
 
@@ -247,24 +414,27 @@ class QwenVLEncoder(nn.Module):
         image = image.float()
         if self.image_size is None:
             return image.cpu()
-        # One resample straight to Qwen's grid-aligned size, as the official DIM pipeline does.
-        ip = self.processor.image_processor
-        side = smart_resize(
-            self.image_size,
-            self.image_size,
-            factor=ip.patch_size * ip.merge_size,
-            min_pixels=ip.size.shortest_edge,
-            max_pixels=ip.size.longest_edge,
-        )
+        side = (self.image_size, self.image_size)
+        if self._layout.grid_images:
+            # One resample straight to Qwen's grid-aligned size, as the official DIM pipeline does.
+            ip = self.processor.image_processor
+            side = smart_resize(
+                self.image_size,
+                self.image_size,
+                factor=ip.patch_size * ip.merge_size,
+                min_pixels=ip.size.shortest_edge,
+                max_pixels=ip.size.longest_edge,
+            )
         resized = F.interpolate(image[None], size=side, mode="bicubic", antialias=True, align_corners=False)
         return resized[0].clamp(0, 1).cpu()
 
     def build_inputs(self, images: Images, texts: list[str]) -> BatchFeature:
         """Tokenise ``[image?, text]`` user turns, right-padded, plus the boolean ``user_span`` [B, T].
 
-        ``user_span`` marks the user turn's content: ``<|vision_start|>``, the image pads,
-        ``<|vision_end|>`` and the text (only the text without an image), never the system
-        prompt, the role header or ``<|im_end|>`` (official-code-facts §1A, ``user_labels``).
+        ``user_span`` marks the user turn's content: with an image, from its first placeholder token
+        (Qwen: ``<|vision_start|>``; LLaVA-OneVision: the first ``<image>``) through the last text
+        token; without one, the text alone. Never the system prompt, the role header or
+        ``<|im_end|>`` (official-code-facts §1A, ``user_labels``).
         """
         if not texts:
             raise ValueError("texts must hold at least one instruction")
@@ -280,15 +450,17 @@ class QwenVLEncoder(nn.Module):
             **image_kwargs,
         )
         offsets = inputs.pop("offset_mapping")
+        header = self._layout.user_header
         span = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
-        for b, prompt in enumerate(prompts):
-            if _USER_HEADER not in prompt:
-                raise ValueError(f"the processor's chat template does not render Qwen's user header {_USER_HEADER!r}")
-            content_start = prompt.rindex(_USER_HEADER) + len(_USER_HEADER)
-            # Images only expand after content_start, so the character offset holds in the
-            # expanded text; the first token starting there opens the span.
+        for b, (prompt, text, image) in enumerate(zip(prompts, texts, has_image)):
+            if header not in prompt or _TURN_END not in prompt:
+                raise ValueError(f"the processor's chat template does not render the user header {header!r} and {_TURN_END!r}")
+            # Images expand only after these character offsets, so they hold in the expanded text.
+            # Without an image the text is the whole content, except a separator the template may
+            # put before it (LLaVA-OneVision's "\n").
+            start_char = prompt.rindex(header) + len(header) if image else prompt.rindex(_TURN_END) - len(text)
             real = inputs["attention_mask"][b].bool()
-            after = (offsets[b, :, 0] >= content_start) & real
+            after = (offsets[b, :, 0] >= start_char) & real
             ends = ((inputs["input_ids"][b] == self._im_end_id) & after).nonzero()
             start = int(after.nonzero()[0]) if after.any() else len(real)
             end = int(ends[0]) if len(ends) else start
@@ -298,28 +470,41 @@ class QwenVLEncoder(nn.Module):
         inputs["user_span"] = span
         return inputs
 
-    def _last_hidden_state(self, inputs: BatchFeature) -> Tensor:
-        """``hidden_states[-1]`` (after the final norm) of one forward, ``[B, T, D]``."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            # Only the hidden states are needed: logits for one position keep the LM head cheap.
-            out = self.model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        if not out.hidden_states:
-            raise RuntimeError(
-                "the MLLM returned no hidden states: this transformers version lost its output-capture "
-                "registration when the model was unpickled in a fresh process (Lightning's ddp_spawn); "
-                "launch with strategy 'ddp' (torchrun or srun start one process per rank) instead"
-            )
-        return out.hidden_states[-1]
+    # --- hidden states --------------------------------------------------------------------------
+
+    def _forward_states(self, inputs: BatchFeature) -> tuple[Tensor, Tensor]:
+        """``(final states, hidden_layer states)``, both ``[B, T, D]``, from one forward without the LM head.
+
+        The final states are the output of the LLM's last norm (``hidden_states[-1]``, what the LM
+        head reads); the second are ``hidden_states[hidden_layer]`` (the same tensor by default).
+        """
+        decoder = self._unwrapped().base_model  # vision tower + LLM, no LM head
+        layers = decoder.get_decoder().layers
+        captured: list[Tensor] = []
+        # hidden_states[k] (k < N) is the input of decoder layer k (0-based), which is the output of
+        # layer k - 1; the hook lives for this call only, so the model stays picklable.
+        handle = (
+            layers[self._layer].register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+            if self._layer < len(layers)
+            else None
+        )
+        try:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+                final = decoder(**inputs, use_cache=False).last_hidden_state
+        finally:
+            if handle is not None:
+                handle.remove()
+        return final, captured[0] if captured else final
 
     def condition(self, images: Images, texts: list[str]) -> tuple[Tensor, Tensor]:
-        """DIM condition: user-span last hidden states, ``(states [B, L, D] float32, mask [B, L] bool)``.
+        """Condition: user-span states of ``hidden_layer``, ``(states [B, L, D] float32, mask [B, L] bool)``.
 
         ``L = max_condition_length``; shorter spans are zero-padded on the right, longer ones keep
         their last ``L`` tokens (official DIM ``y[..., -max_length:]``).
         """
         inputs = self.build_inputs(images, texts).to(self.model.device)
         span = inputs.pop("user_span")
-        hidden = self._last_hidden_state(inputs)
+        _, hidden = self._forward_states(inputs)
         length = self.max_condition_length
         states = hidden.new_zeros(len(texts), length, hidden.shape[-1], dtype=torch.float32)
         mask = torch.zeros(len(texts), length, dtype=torch.bool, device=hidden.device)
@@ -329,7 +514,41 @@ class QwenVLEncoder(nn.Module):
             mask[b, : len(selected)] = True
         return states, mask
 
+    # --- chat -----------------------------------------------------------------------------------
+
     @torch.no_grad()
+    def _generate_ids(
+        self,
+        prompts: list[str],
+        pixels: list[Tensor] | None,
+        image_kwargs: dict,
+        max_new_tokens: int,
+        stop_ids: list[int],
+        stop_strings: list[str] | None = None,
+    ) -> list[list[int]]:
+        """Greedy continuation ids of rendered ``prompts`` (with :meth:`_images`' pixels), per sample.
+
+        Generation stops at any of ``stop_ids`` (kept at the end of a reply) or a ``stop_strings``
+        match and never runs past ``max_new_tokens``; a reply that stopped before the batch's
+        longest ends in padding.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        # Left padding: every sample's reply then starts at the same position.
+        inputs = self.processor(
+            text=prompts, images=pixels, padding=True, padding_side="left", return_tensors="pt", **image_kwargs
+        ).to(self.model.device)
+        tokenizer = self.processor.tokenizer
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            stop_strings=stop_strings,
+        )
+        output = self.model.generate(**inputs, generation_config=config, tokenizer=tokenizer)
+        return output[:, inputs["input_ids"].shape[1] :].tolist()
+
     def generate(
         self,
         images: Images,
@@ -344,163 +563,15 @@ class QwenVLEncoder(nn.Module):
         """
         if not texts:
             raise ValueError("texts must hold at least one prompt")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         has_image, pixels, image_kwargs = self._images(images, len(texts))
         prompts = self._prompts(has_image, texts, add_generation_prompt=True)
-        # Left padding: every sample's reply then starts at the same position.
-        inputs = self.processor(
-            text=prompts, images=pixels, padding=True, padding_side="left", return_tensors="pt", **image_kwargs
-        ).to(self.model.device)
-        tokenizer = self.processor.tokenizer
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=self._stop_ids,
-            pad_token_id=tokenizer.pad_token_id,
-            stop_strings=stop_strings,
+        replies = self._generate_ids(prompts, pixels, image_kwargs, max_new_tokens, self._stop_ids, stop_strings)
+        return self.processor.tokenizer.batch_decode(replies, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _layout(model_type: str, source: str | None) -> _ChatLayout:
+    if model_type not in _LAYOUTS:
+        raise ConfigError(
+            f"pretrained VLM '{source}' is a {model_type!r} model; the VLM encoder serves {sorted(_LAYOUTS)}"
         )
-        output = self.model.generate(**inputs, generation_config=config, tokenizer=tokenizer)
-        replies = output[:, inputs["input_ids"].shape[1] :]
-        return tokenizer.batch_decode(replies, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    # --- GoT: reasoning chain and image-token states ------------------------------------------------
-
-    def _require_got(self) -> GoTTokenIds:
-        if self.got_ids is None:
-            raise ValueError("GoT methods need GoT's tokens: build the encoder with got_image_tokens=64")
-        return self.got_ids
-
-    def _got_prompts(self, has_image: list[bool], prompts: list[str]) -> list[str]:
-        # Per sample, the editing template exactly when a source image is given (got_model.py L155-162).
-        texts = [got_prompt(prompt, image) for image, prompt in zip(has_image, prompts)]
-        return self._prompts(has_image, texts, add_generation_prompt=True)
-
-    @torch.no_grad()
-    def generate_chain(self, images: Images, prompts: list[str], max_new_tokens: int = 1024) -> list[str]:
-        """GoT reasoning chains: greedy continuation of the T2I (no image) or edit prompt of each sample.
-
-        Decoding stops at ``<|im_gen_start|>`` (the caller then appends the image placeholders),
-        ``<|im_end|>`` or ``<|endoftext|>`` and never runs past ``max_new_tokens`` (GoT's loop only
-        stops on ``<|endoftext|>`` and spins when the model ends its turn). The chain is decoded
-        with special tokens kept (``<|box_start|>`` …) and the stop token removed; tokens a chain
-        cannot hold are dropped, as GoT drops ``<|vision_start|>``/``<|vision_end|>``/``<|im_gen_end|>``
-        from its text: vision placeholders (the processor would expand or reject them when the
-        chain is read back) and GoT's image placeholders (appended by the caller).
-        """
-        ids = self._require_got()
-        if not prompts:
-            raise ValueError("prompts must hold at least one caption or instruction")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        has_image, pixels, image_kwargs = self._images(images, len(prompts))
-        inputs = self.processor(
-            text=self._got_prompts(has_image, prompts),
-            images=pixels,
-            padding=True,
-            padding_side="left",
-            return_tensors="pt",
-            **image_kwargs,
-        ).to(self.model.device)
-        tokenizer = self.processor.tokenizer
-        stops = [ids.gen_start, *self._stop_ids]
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id
-        )
-        output = self.model.generate(**inputs, generation_config=config)
-        dropped = {ids.gen_end, *ids.image_ids, *tokenizer.convert_tokens_to_ids(list(VISION_TOKENS))}
-        chains = []
-        for reply in output[:, inputs["input_ids"].shape[1] :].tolist():
-            end = next((i for i, token in enumerate(reply) if token in stops), len(reply))
-            kept = [token for token in reply[:end] if token not in dropped]
-            chains.append(tokenizer.decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False))
-        return chains
-
-    def _chain_forward(
-        self, images: Images, prompts: list[str], chains: list[str]
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(input_ids [B, T], last hidden states [B, T, D], image-token states [B, 64, D] float32)``."""
-        ids = self._require_got()
-        if len(chains) != len(prompts):
-            raise ValueError(f"got {len(chains)} chains for {len(prompts)} prompts; give one chain per prompt")
-        for b, chain in enumerate(chains):
-            if any(token in chain for token in VISION_TOKENS):
-                raise ValueError(f"chain {b} holds a vision token ({', '.join(VISION_TOKENS)}); a chain is text, boxes and object refs")
-        placeholders = GEN_START + "".join(image_token(k) for k in range(ids.num_image_tokens))
-        has_image, pixels, image_kwargs = self._images(images, len(prompts))
-        texts = [p + c + placeholders for p, c in zip(self._got_prompts(has_image, prompts), chains)]
-        inputs = self.processor(
-            text=texts, images=pixels, padding=True, padding_side="right", return_tensors="pt", **image_kwargs
-        ).to(self.model.device)
-        input_ids = inputs["input_ids"]
-        is_image = ids.is_image(input_ids)
-        expected = torch.tensor(ids.image_ids, device=input_ids.device)
-        for b in range(len(texts)):
-            starts = (input_ids[b] == ids.gen_start).nonzero()
-            if len(starts) != 1 or not torch.equal(input_ids[b][is_image[b]], expected):
-                raise ValueError(f"chain {b} contains GoT generation tokens itself; pass the text before <|im_gen_start|>")
-        hidden = self._last_hidden_state(inputs)
-        return input_ids, hidden, hidden[is_image].view(len(texts), ids.num_image_tokens, -1).float()
-
-    def _chain_loss(self, input_ids: Tensor, hidden: Tensor) -> Tensor:
-        """Next-token CE on the chain and its closing ``<|im_gen_start|>`` (the model must learn to stop)."""
-        ids = self._require_got()
-        tokenizer = self.processor.tokenizer
-        im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-        header = len(tokenizer(_ASSISTANT_HEADER, add_special_tokens=False).input_ids)
-        rows, targets = [], []
-        for b in range(len(input_ids)):
-            # The chain starts after the last role header ("<|im_start|>assistant\n").
-            start = int((input_ids[b] == im_start).nonzero()[-1]) + 1 + header
-            stop = int((input_ids[b] == ids.gen_start).nonzero()[0])
-            rows.append(hidden[b, start - 1 : stop])
-            targets.append(input_ids[b, start : stop + 1])
-        # Logits only where needed: the LM head over the whole sequence (image pads included) is
-        # the largest activation of the forward at 151936 rows.
-        logits = self.model.get_output_embeddings()(torch.cat(rows))
-        return F.cross_entropy(logits.float(), torch.cat(targets))
-
-    def image_token_states(self, images: Images, prompts: list[str], chains: list[str]) -> Tensor:
-        """Last hidden states (after the final norm) at the 64 image placeholders, ``[B, 64, D]`` float32.
-
-        The second forward of GoT (``got_model.py`` L222-233): prompt + chain +
-        ``<|im_gen_start|>`` + ``<|im_gen_0000|>``…; gradients flow through LoRA when enabled.
-        """
-        return self._chain_forward(images, prompts, chains)[2]
-
-    def chain_loss_and_states(
-        self, images: Images, prompts: list[str], chains: list[str]
-    ) -> tuple[Tensor, Tensor]:
-        """Training forward: ``(chain next-token CE, image_token_states)`` from one pass.
-
-        The CE averages over the chain tokens and the closing ``<|im_gen_start|>`` of the batch.
-        """
-        input_ids, hidden, states = self._chain_forward(images, prompts, chains)
-        return self._chain_loss(input_ids, hidden), states
-
-
-def _drop_capture_hooks(model: nn.Module) -> None:
-    """Remove transformers' output-capture hooks (closures, which pickle cannot write) and clear
-    its "installed" flag, so the next forward asking for hidden states installs them again."""
-    for module in model.modules():
-        for key in [k for k, hook in module._forward_hooks.items() if getattr(hook, "__module__", None) == _CAPTURE_MODULE]:
-            del module._forward_hooks[key]
-        if getattr(module, _HOOKS_INSTALLED, False):
-            setattr(module, _HOOKS_INSTALLED, False)
-
-
-def _register_output_capture(model: nn.Module) -> None:
-    """Register every submodel's capture specs in transformers' registry, as ``PreTrainedModel.__init__`` does."""
-    # The registry is keyed by the class string, both as the plain dict of early 5.x releases and as
-    # the later dict subclass whose __setitem__ takes the model: the dict entry works with either.
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            dict.__setitem__(modeling_utils._CAN_RECORD_REGISTRY, str(type(module)), module._can_record_outputs)
-
-
-def _lora_config(options: dict) -> LoraConfig:
-    merged = {**GOT_LORA, **options, "task_type": "CAUSAL_LM"}
-    try:
-        return LoraConfig(**merged)
-    except TypeError as err:
-        raise ValueError(f"bad `lora` options {options}: {err}") from err
+    return _LAYOUTS[model_type]
