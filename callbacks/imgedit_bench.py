@@ -362,7 +362,7 @@ class ImgEditEvaluator(BenchmarkEvaluator):
     """Judges edits with the ImgEdit-Bench protocol and writes the results folder.
 
     Args:
-        judge: an :class:`~callbacks.judges.HTTPJudge`, :class:`~callbacks.judges.LocalJudge` or,
+        judge: a :class:`~callbacks.judges.ChatJudge` (remote API or local VLM) or,
             on toy data, :class:`~callbacks.judges.ToyJudge`; may be left out only when
             ``human_ratings`` rates a multi-turn run.
         suite: ``basic`` (per-type rubrics), ``uge`` (one score) or ``multiturn`` (every turn

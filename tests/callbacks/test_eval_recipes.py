@@ -32,4 +32,4 @@ def test_eval_overlay_parses(recipe: str) -> None:
         assert evaluator.init_args.judge.class_path == "callbacks.judges.ToyJudge"
     else:
         assert config.data.class_path == "datamodules.benchmarks.BenchmarkDataModule"
-        assert evaluator.init_args.judge.init_args.model == "gpt-4.1"
+        assert evaluator.init_args.judge.init_args.client.model == "gpt-4.1"

@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
 from callbacks.imgedit_bench import ImgEditEvaluator
-from callbacks.judges import HTTPJudge
+from callbacks.judges import ChatJudge, JudgeConfig
 from datamodules.benchmarks import BenchmarkDataModule
 from datamodules.samples import EditBatch, EditOutputs
 from tests.helpers.openai_server import OpenAIServer, Reply, Request, completion, error
@@ -130,7 +130,7 @@ def _run(out: Path, benchmark: tuple[Path, Path], server: OpenAIServer, logs: Pa
     definition, images = benchmark
     data = BenchmarkDataModule("imgedit_multiturn", images_dir=str(images), definition=str(definition), results_dir=str(out),
                                batch_size=2, resolution=RESOLUTION, mllm_resolution=RESOLUTION)
-    judge = HTTPJudge(server.base_url, "judge", api_key_env=None, max_retries=0, timeout=10.0, max_workers=2)
+    judge = ChatJudge(JudgeConfig(base_url=server.base_url, model="judge", api_key_env=None, max_retries=0, timeout=10.0), max_workers=2)
     evaluator = ImgEditEvaluator(judge, suite="multiturn", output_dir=str(out), label="tiny-dim")
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=CSVLogger(logs, name="", version=0), callbacks=[evaluator],
                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)

@@ -6,7 +6,7 @@ text, optionally preceded by a system prompt, and read back one text reply. :cla
 that call; :class:`ChatConfig` holds every setting of it once, and :func:`build_chat_client` builds
 either :class:`OpenAIChatClient` (the OpenAI chat-completions protocol through the ``openai`` SDK:
 OpenAI, Azure OpenAI, vLLM, SGLang, OpenRouter ...) or :class:`LocalVLMChatClient` (a transformers
-VLM in-process through :class:`zoo.blocks.mllm.QwenVLEncoder`).
+VLM in-process through :class:`zoo.blocks.mllm.VLMEncoder`).
 
 Facts carried over from the official code (research notes §1A, §4, §5): DIM sends the image
 before the text as a base64 JPEG whose quality is stepped down until it fits the API's size
@@ -133,7 +133,7 @@ class ChatConfig:
     pretrained: str | None = None
     """Local model: folder or cached hub id of a Qwen2.5-VL checkpoint. Exclusive with ``tiny``."""
     tiny: dict[str, Any] | None = None
-    """Local model: options of :func:`zoo.blocks.tiny.tiny_qwen2_5_vl` for a random toy model."""
+    """Local model: :class:`~zoo.blocks.mllm.TinyVLMConfig` options of a random toy model (tests)."""
     max_new_tokens: int = 1024
     """Local model: longest reply in tokens (DIM's open designers allow 8192)."""
     device: str = "cpu"
@@ -392,7 +392,7 @@ class OpenAIChatClient:
 
 
 class LocalVLMChatClient:
-    """A chat client running a transformers VLM in-process (:class:`~zoo.blocks.mllm.QwenVLEncoder`).
+    """A chat client running a transformers VLM in-process (:class:`~zoo.blocks.mllm.VLMEncoder`).
 
     The open-designer path of DIM (Qwen/InternVL/MiMo/GLM, greedy decoding, research notes §1A) and
     a local judge. Decoding is greedy, so replies are deterministic. One call runs at a time: use
@@ -407,9 +407,11 @@ class LocalVLMChatClient:
         if config.kind != "local":
             raise ConfigError(f"LocalVLMChatClient needs a config of kind 'local', got {config.kind!r}")
         # Imported here so remote-only users (API judges, designer) never load transformers.
-        from zoo.blocks.mllm import QwenVLEncoder
+        from zoo.blocks.mllm import TinyVLMConfig, VLMConfig, VLMEncoder
 
-        self.vlm = QwenVLEncoder(pretrained=config.pretrained, tiny=config.tiny, torch_dtype=config.torch_dtype).to(config.device)
+        tiny = TinyVLMConfig(**config.tiny) if config.tiny is not None else None
+        vlm = VLMConfig(pretrained=config.pretrained, tiny=tiny, torch_dtype=config.torch_dtype)
+        self.vlm = VLMEncoder(vlm).to(config.device)
         self.max_new_tokens = config.max_new_tokens
 
     def complete(self, content: Sequence[ChatPart], *, system: str | None = None) -> str:

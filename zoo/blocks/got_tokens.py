@@ -119,10 +119,11 @@ def cover_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     resizing); a tiny model sized to its tokenizer needs the resize. New rows are drawn (mean-resizing)
     under ``seed`` in a forked RNG, so the result is deterministic and the caller's RNG untouched.
     """
-    rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) <= rows:
+    embeddings = model.get_input_embeddings().weight
+    if len(tokenizer) <= embeddings.shape[0]:
         return False
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model.resize_token_embeddings(len(tokenizer))
+        # A model built on the meta device (sizing a paper-scale run) has no row statistics to draw from.
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=not embeddings.is_meta)
     return True

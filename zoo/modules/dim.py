@@ -58,7 +58,8 @@ class DIMModule(EditingModule):
         guidance_scale: text CFG scale at sampling (official: 7.5).
         num_inference_steps: sampler steps (official: 30).
         objective: flow matching settings and sampler (official: shift 3, DPM-Solver++).
-        resolution: training/inference side in pixels; null = DiT ``sample_size`` × codec factor.
+        output_size: side in pixels of generated images (and the view of new images to edit) until a
+            fit sets the DataModule's; null = DiT ``sample_size`` × codec factor.
         init_from: checkpoint whose trainable weights initialise this model (edit stage 2 starts
             from stage 1).
         optim: optimiser and schedule.
@@ -79,7 +80,7 @@ class DIMModule(EditingModule):
         guidance_scale: float = 7.5,
         num_inference_steps: int = 30,
         objective: FlowMatching | None = None,
-        resolution: int | None = None,
+        output_size: int | None = None,
         init_from: str | None = None,
         optim: Optimization | None = None,
         eval_seed: int = 0,
@@ -105,7 +106,7 @@ class DIMModule(EditingModule):
         self.denoiser.requires_grad_(train_denoiser)
         self.objective = objective or FlowMatching()
         self.designer = Designer.from_config(designer) if designer is not None else None
-        self.resolution = resolution or self.denoiser.sample_size * self.codec.downsample_factor
+        self.resolution = output_size or self.denoiser.sample_size * self.codec.downsample_factor
         self.mllm_resolution = self.mllm.image_size or self.resolution
         if init_from is not None:
             self.load_trainable(init_from)

@@ -5,7 +5,7 @@ inference code facts (``official-code-facts.md`` §3A; the training code was nev
 
 - Reasoning (§4, §5.1): Qwen2.5-VL-3B with peft LoRA (r=32, alpha=32, dropout 0.05; embeddings, LM
   head and RMSNorms trained in full) and GoT's 66 generation tokens writes the chain for the T2I
-  or edit prompt (:meth:`~zoo.blocks.mllm.QwenVLEncoder.generate_chain`, bounded by
+  or edit prompt (:meth:`~zoo.blocks.got_chain.GoTReasoner.generate_chain`, bounded by
   ``max_chain_tokens``); a second forward over prompt + chain + ``<|im_gen_start|>`` + 64
   placeholders gives the semantic guidance ``c_T`` (their last hidden states).
 - Projectors (``agent_got.yaml``): Linear 2048 → 2048 (UNet context) and Linear 2048 → 1280
@@ -16,7 +16,7 @@ inference code facts (``official-code-facts.md`` §3A; the training code was nev
   canvas); reference ``c_R`` = unscaled latent of the source, a black image for T2I. SDXL's UNet
   reads ``[x_t | c_R | c_S]`` through a 12-channel ``conv_in`` (:class:`~zoo.blocks.denoisers.UNetDenoiser`).
 - Tasks: pretraining mixes T2I (LAHR-GoT, JourneyDB-GoT) and editing (OmniEdit-GoT) samples, so a
-  batch may hold both (``batch["task"]``): each sample gets its own prompt template, MLLM image (none
+  batch may hold both (``batch.task``): each sample gets its own prompt template, MLLM image (none
   for T2I) and reference, exactly as it would alone.
 - Multi-guidance (§5.3): ``ε = ε_u + g(ε_text − ε_img) + c(ε_cond − ε_text) + i(ε_img − ε_u)``
   (:func:`~zoo.blocks.guidance.got_cfg`) over the branches of
@@ -92,8 +92,8 @@ class GoTModule(EditingModule):
         num_inference_steps: DDPM steps (official 50).
         max_chain_tokens: bound of chain generation (official ``max_new_tokens=1024``).
         teacher_chains: evaluate with the data's chains where present instead of reasoning anew.
-        resolution: training/inference side in pixels; null = UNet ``sample_size`` × VAE factor
-            (SDXL: 1024).
+        output_size: side in pixels of generated images (and the view of new images to edit) until a
+            fit sets the DataModule's; null = UNet ``sample_size`` × VAE factor (SDXL: 1024).
         init_from: checkpoint whose trainable weights initialise this model (finetune from pretrain).
         official_weights: the released GoT-6B checkpoint (file or folder of HF ``LucasFang/GoT-6B``)
             loaded over the built model (:mod:`zoo.modules.got_official`); not with ``init_from``.
@@ -118,7 +118,7 @@ class GoTModule(EditingModule):
         num_inference_steps: int = 50,
         max_chain_tokens: int = 1024,
         teacher_chains: bool = False,
-        resolution: int | None = None,
+        output_size: int | None = None,
         init_from: str | None = None,
         official_weights: str | None = None,
         optim: Optimization | None = None,
@@ -161,10 +161,10 @@ class GoTModule(EditingModule):
         self.context_projector = nn.Linear(width, self.denoiser.context_dim)
         self.pooled_projector = nn.Linear(width, pooled_dim)
         self.objective = objective or EpsilonDiffusion(noise_offset=0.1)
-        self.resolution = resolution or self.denoiser.sample_size * self.codec.downsample_factor
+        self.resolution = output_size or self.denoiser.sample_size * self.codec.downsample_factor
         self.mllm_resolution = self.mllm.image_size or self.resolution
         if self.resolution % self.size_multiple:
-            raise ConfigError(f"resolution {self.resolution} must be a multiple of {self.size_multiple} for this VAE + UNet")
+            raise ConfigError(f"output_size {self.resolution} must be a multiple of {self.size_multiple} for this VAE + UNet")
         if init_from is not None:
             self.load_trainable(init_from)
         if official_weights is not None:
