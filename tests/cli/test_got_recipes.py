@@ -13,6 +13,7 @@ from PIL import Image
 
 from callbacks.edit_writer import EditWriter
 from datamodules import toy
+from datamodules.samples import EditBatch, EditOutputs
 from tests.helpers.recipes import ParseOnly, configs, error_lines, run_zoo, tiny_run_overlay
 from zoo.cli import main
 
@@ -29,11 +30,14 @@ def test_paper_recipe_parses(stage: str) -> None:
     cli = ParseOnly(args=configs(STAGES[stage]), run=False)
     assert cli.config.model.class_path == "zoo.modules.got.GoTModule"
     init, trainer, data = cli.config.model.init_args, cli.config.trainer, cli.config.data.init_args
-    assert init.mllm["pretrained"] == "Qwen/Qwen2.5-VL-3B-Instruct" and init.mllm["image_size"] == 448
-    assert init.mllm["lora"] == {"r": 32, "lora_alpha": 32, "lora_dropout": 0.05}
-    assert init.denoiser["pretrained"] == init.autoencoder["pretrained"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert init.mllm.pretrained == "Qwen/Qwen2.5-VL-3B-Instruct" and init.mllm.image_size == 448
+    lora = init.mllm.lora
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (32, 32, 0.05)
+    assert "embed_tokens" in lora.modules_to_save and "q_proj" in lora.target_modules, "GoT's LoRA config by default"
+    assert init.mllm.image_tokens == 64 and init.autoencoder.kind == "kl"
+    assert init.denoiser.pretrained == init.autoencoder.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
     assert (init.guidance_scale, init.cond_guidance_scale, init.image_guidance_scale) == (7.5, 4.0, 1.0)
-    assert init.num_inference_steps == 50 and init.noise_offset == 0.1 and init.condition_dropout == 0.05
+    assert init.num_inference_steps == 50 and init.objective.init_args.noise_offset == 0.1 and init.condition_dropout == 0.05
     assert init.ce_weight == init.diffusion_weight == 1.0
     optim = init.optim
     assert optim.weight_decay == 0.05 and optim.schedule == "cosine" and tuple(optim.betas) == (0.9, 0.98)
@@ -55,7 +59,8 @@ def test_official_weights_overlay_parses_and_samples_like_the_official_code() ->
 def test_tiny_overlay_replaces_every_pretrained_part() -> None:
     for files in STAGES.values():
         init = ParseOnly(args=configs([*files, TINY]), run=False).config.model.init_args
-        assert "pretrained" not in init.mllm and "pretrained" not in init.denoiser and "pretrained" not in init.autoencoder
+        assert init.mllm.pretrained is None and init.denoiser.pretrained is None and init.autoencoder.pretrained is None
+        assert init.mllm.tiny.hidden_size == 32 and init.mllm.lora.r == 8 and init.mllm.lora.modules_to_save, "tiny LoRA over GoT's"
         assert init.init_from is None
 
 
@@ -129,8 +134,8 @@ def test_tiny_predict_writes_the_chain_as_text(toy_mixed: Path, tmp_path: Path) 
 
 def test_edit_writer_draws_the_chain_boxes_on_a_copy(tmp_path: Path) -> None:
     chain = "a <|object_ref_start|>cat<|object_ref_end|><|box_start|>(250,250),(750,750)<|box_end|> (red)"
-    prediction = {"key": ["a", "b"], "edited": -torch.ones(2, 3, 32, 32), "text": [chain, "no boxes"]}
-    batch = {"instruction": ["add a cat", "nothing"]}
+    prediction = EditOutputs(key=["a", "b"], edited=-torch.ones(2, 3, 32, 32), text=[chain, "no boxes"])
+    batch = EditBatch.for_inference([None, None], ["add a cat", "nothing"], 32, 32)
     trainer = SimpleNamespace(global_rank=0)
     EditWriter(output_dir=str(tmp_path)).write_on_batch_end(trainer, None, prediction, None, batch, 0, 0)
     first, second = [json.loads(line) for line in (tmp_path / "predictions.rank0.jsonl").read_text().splitlines()]

@@ -38,9 +38,9 @@ def test_paper_recipe_parses(stage: str) -> None:
     assert cli.config.model.class_path == "zoo.modules.dim.DIMModule"
     assert cli.config.data.class_path == "datamodules.shards.ShardDataModule"
     init = cli.config.model.init_args
-    assert init.mllm["pretrained"] == "Qwen/Qwen2.5-VL-3B-Instruct"
+    assert init.mllm.pretrained == "Qwen/Qwen2.5-VL-3B-Instruct" and init.mllm.torch_dtype == "bfloat16"
     assert init.guidance_scale == 7.5 and init.num_inference_steps == 30 and init.cfg_dropout == 0.1
-    assert init.connector_hidden == 2304 and init.flow_shift == 3.0
+    assert init.connector_hidden == 2304 and init.objective.init_args.shift == 3.0 and init.objective.init_args.sampler == "dpm_solver++"
     assert init.train_denoiser == (stage != "dim_t2i_warmup")
     assert (init.mode == "t2i") == stage.startswith("dim_t2i")
 
@@ -49,7 +49,9 @@ def test_tiny_overlay_parses_over_every_paper_recipe() -> None:
     for files, _ in STAGES.values():
         cli = ParseOnly(args=configs([*files, "recipes/tiny/dim.yaml"]), run=False)
         init = cli.config.model.init_args
-        assert "pretrained" not in init.mllm and init.autoencoder == {"kind": "identity"}
+        assert init.mllm.pretrained is None and init.mllm.tiny.hidden_size == 64 and init.mllm.torch_dtype == "float32"
+        assert init.denoiser.pretrained is None and init.denoiser.config["patch_size"] == 1
+        assert (init.autoencoder.kind, init.autoencoder.pretrained, init.autoencoder.scaling_factor) == ("identity", None, None)
         assert cli.config.trainer.accelerator == "cpu" and init.init_from is None
 
 

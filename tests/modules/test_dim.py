@@ -223,3 +223,26 @@ def test_designer_writes_the_blueprint_for_samples_without_one() -> None:
     content = request.body["messages"][-1]["content"]
     assert any(part.get("type") == "image_url" for part in content)
     assert batch.instruction[0] in json.dumps(content)
+
+
+def test_ddp_and_ema_copies_see_only_what_trains(tmp_path) -> None:
+    import copy
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    model = DIMModule(**tiny_dim_kwargs())
+    # An EMA / WeightAveraging copy shares the frozen MLLM and codec instead of duplicating them.
+    averaged = copy.deepcopy(model)
+    assert averaged.mllm is model.mllm and averaged.codec is model.codec
+    assert averaged.connector is not model.connector
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(model)
+        synced = {id(p) for p in wrapped.parameters()}
+        assert synced == {id(p) for p in model.parameters()}
+        assert not synced & {id(p) for p in model.mllm.parameters()}
+        assert not any(key.startswith(("module.mllm.", "module.codec.")) for key in wrapped.state_dict())
+    finally:
+        dist.destroy_process_group()

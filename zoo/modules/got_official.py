@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from zoo.blocks.pretrained import MissingPretrainedError
+from zoo.modules.base import EditingModule
 
 _PREFIXES = (
     ("mllm.", "mllm.model."),
@@ -102,7 +103,7 @@ def _tensors(files: list[Path]) -> Iterator[tuple[str, Tensor]]:
         yield from state.items()
 
 
-def load_official_got(module: nn.Module, path: str | Path) -> int:
+def load_official_got(module: EditingModule, path: str | Path) -> int:
     """Copy the official GoT-6B weights at ``path`` into ``module`` (a GoTModule built with GoT's
     configuration: LoRA r=32 on Qwen2.5-VL-3B, SDXL UNet/VAE); returns the number of tensors loaded.
 
@@ -113,6 +114,9 @@ def load_official_got(module: nn.Module, path: str | Path) -> int:
         ValueError: a tensor whose shape differs from the module's.
     """
     own = module.state_dict()
+    # The frozen VAE is held outside the module tree; its tensors are in the checkpoint all the same.
+    for name, part in module.frozen_parts.items():
+        own.update({f"{name}.{key}": value for key, value in part.state_dict().items()})
     loaded: set[str] = set()
     with torch.no_grad():
         for key, value in _tensors(checkpoint_files(path)):
