@@ -177,6 +177,16 @@ class EditBatch:
         """Which samples are edits (the others are text-to-image)."""
         return [task == "edit" for task in self.task]
 
+    @property
+    def mllm_images(self) -> list[Tensor | None] | None:
+        """Per sample, the image the MLLM reads (the source of an edit) or None (T2I); None when no
+        sample has one. A mixed batch's T2I rows thus get no image, as each would alone."""
+        if not any(self.edits):
+            return None
+        if self.mllm_image is None:
+            raise ValueError(f"edit samples {self.key[:3]} need their mllm_image (the source in [0, 1] for the MLLM)")
+        return [image if edit else None for image, edit in zip(self.mllm_image, self.edits)]
+
     def select(self, rows: Sequence[int]) -> EditBatch:
         """The sub-batch of ``rows`` (in that order)."""
         rows = list(rows)

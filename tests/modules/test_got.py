@@ -19,7 +19,7 @@ from datamodules.shards import ShardDataModule
 from datamodules.toy import edit_sample, t2i_sample
 from datamodules.toy import main as toy_main
 from tests.modules.conftest import toy_batch
-from zoo.blocks.spatial import parse_boxes, render_box_canvases, replace_box
+from zoo.blocks.spatial import box_mask_latents, parse_boxes, render_box_canvases, replace_box
 from zoo.blocks.autoencoders import CodecConfig
 from zoo.blocks.denoisers import UNetConfig
 from zoo.blocks.got_chain import GoTLoRAConfig, GoTVLMConfig
@@ -190,9 +190,9 @@ def test_mixed_batch_rows_are_conditioned_as_their_own_task() -> None:
     assert batch.task == ["edit", "t2i", "edit", "t2i"]
     with torch.no_grad():
         reference = model.reference_latent(batch)
-        states = model.mllm.image_token_states(model._mllm_images(batch), batch.instruction, batch.chain)
-        edit_states = model.mllm.image_token_states(model._mllm_images(edits), edits.instruction, edits.chain)
-        t2i_states = model.mllm.image_token_states(model._mllm_images(t2i), t2i.instruction, t2i.chain)
+        states = model.mllm.image_token_states(batch.mllm_images, batch.instruction, batch.chain)
+        edit_states = model.mllm.image_token_states(edits.mllm_images, edits.instruction, edits.chain)
+        t2i_states = model.mllm.image_token_states(t2i.mllm_images, t2i.instruction, t2i.chain)
     torch.testing.assert_close(reference[0::2], model.reference_latent(edits), rtol=0, atol=1e-5)
     torch.testing.assert_close(reference[1::2], model.reference_latent(t2i), rtol=0, atol=1e-5)
     torch.testing.assert_close(states[0::2], edit_states, rtol=0, atol=1e-5)
@@ -245,7 +245,7 @@ def test_mask_latent_is_the_mean_of_per_box_canvas_latents() -> None:
     canvases = render_box_canvases(boxes, 16, 16)
     pixels = torch.stack([pil_to_tensor(c) for c in canvases])
     expected = model.codec.encode_unscaled(pixels.float() / 127.5 - 1).mean(dim=0)
-    got = model.mask_latent([CHAIN, "no boxes here"], 16, 16)
+    got = box_mask_latents(model.codec, [CHAIN, "no boxes here"], 16, 16)
     torch.testing.assert_close(got[0], expected)
     torch.testing.assert_close(got[1], model.codec.encode_unscaled(-torch.ones(1, 3, 16, 16))[0])
 
@@ -253,7 +253,7 @@ def test_mask_latent_is_the_mean_of_per_box_canvas_latents() -> None:
 def test_interactive_regeneration_follows_the_edited_chain() -> None:
     model = make().eval()
     moved = replace_box(CHAIN, 1, box=(100, 600, 500, 950))
-    same, other = model.mask_latent([CHAIN, CHAIN, moved], 16, 16).split([2, 1])
+    same, other = box_mask_latents(model.codec, [CHAIN, CHAIN, moved], 16, 16).split([2, 1])
     torch.testing.assert_close(same[0], same[1])
     assert (same[0] - other[0]).abs().max() > 1e-3, "moving a box must change the mask latent"
     with torch.no_grad():  # a trained SSGM reads the mask channels; the fresh ones are zero

@@ -14,7 +14,8 @@ over the chain), so adversarial text costs bounded time. Parsing is hand-written
 
 The SSGM's spatial guidance (paper §5.2; ``GenCot.generate`` L262-276) draws each box on its own
 black canvas with PIL ``draw.rectangle(((x1/1000*W, y1/1000*H), (x2/1000*W, y2/1000*H)), fill=colour)``;
-:func:`render_box_canvases` does the same, so pixels match the official masks exactly.
+:func:`render_box_canvases` does the same, so pixels match the official masks exactly, and
+:func:`box_mask_latents` encodes and averages them into the UNet's mask channels.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from PIL import Image, ImageColor, ImageDraw
+from torch import Tensor
+from torchvision.transforms.functional import pil_to_tensor
+
+from zoo.blocks.autoencoders import KLAutoencoder
 
 BOX_START = "<|box_start|>"
 BOX_END = "<|box_end|>"
@@ -268,3 +274,14 @@ def render_box_canvases(boxes: Sequence[Box], height: int, width: int) -> list[I
         ImageDraw.Draw(canvas).rectangle(((x1, y1), (x2, y2)), fill=b.colour)
         canvases.append(canvas)
     return canvases or [Image.new("RGB", (width, height), (0, 0, 0))]
+
+
+def box_mask_latents(codec: KLAutoencoder, chains: Sequence[str], height: int, width: int) -> Tensor:
+    """SSGM spatial guidance ``[B, C, h, w]``: per chain, the mean unscaled latent of its box canvases.
+
+    Boxes a chain holds that cannot be drawn are left out (see :func:`parse_boxes`).
+    """
+    canvases = [render_box_canvases(parse_boxes(chain).boxes, height, width) for chain in chains]
+    pixels = torch.stack([pil_to_tensor(c) for group in canvases for c in group]).float() / 127.5 - 1
+    latents = codec.encode_unscaled(pixels.to(codec.model.device, codec.model.dtype))
+    return torch.stack([part.mean(dim=0) for part in latents.split([len(g) for g in canvases])])

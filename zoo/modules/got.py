@@ -45,7 +45,6 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torchvision.transforms.functional import pil_to_tensor
 
 from datamodules.samples import EditBatch
 from zoo.blocks.autoencoders import CodecConfig, KLAutoencoder
@@ -54,9 +53,8 @@ from zoo.blocks.config import ConfigError, check_range
 from zoo.blocks.denoisers import UNetConfig, UNetDenoiser, sdxl_time_ids
 from zoo.blocks.got_chain import GoTReasoner, GoTVLMConfig
 from zoo.blocks.guidance import got_cfg, got_cfg_batch
-from zoo.blocks.mllm import Images
 from zoo.blocks.objectives import EpsilonDiffusion
-from zoo.blocks.spatial import Box, parse_boxes, render_box_canvases
+from zoo.blocks.spatial import box_mask_latents, parse_boxes
 from zoo.modules.base import EditingModule, Optimization
 from zoo.modules.got_official import load_official_got
 
@@ -177,15 +175,6 @@ class GoTModule(EditingModule):
 
     # -- conditioning -----------------------------------------------------------------------
 
-    @staticmethod
-    def _mllm_images(batch: EditBatch) -> Images:
-        """Per sample, the source for the MLLM (edit prompt) or None (T2I: caption prompt, no image)."""
-        if not any(batch.edits):
-            return None
-        if batch.mllm_image is None:
-            raise ValueError("an edit sample needs its mllm_image (the source in [0, 1] for the MLLM)")
-        return [image if edit else None for image, edit in zip(batch.mllm_image, batch.edits)]
-
     def project(self, states: Tensor) -> tuple[Tensor, Tensor]:
         """``(context [B, 64, Dc], pooled [B, P])`` from the image-token states (pooled = mean of projections)."""
         states = states.to(self.dtype)
@@ -200,17 +189,6 @@ class GoTModule(EditingModule):
             source[rows] = batch.source.to(self.device, self.dtype)[rows]
         return self.codec.encode_unscaled(source)
 
-    def mask_latent(self, chains: list[str], height: int, width: int) -> Tensor:
-        """SSGM spatial guidance ``[B, C, h, w]``: mean unscaled latent of each chain's box canvases."""
-        boxes = [parse_boxes(chain).boxes for chain in chains]
-        return self._canvas_latents(boxes, height, width)
-
-    def _canvas_latents(self, boxes: list[tuple[Box, ...]], height: int, width: int) -> Tensor:
-        canvases = [render_box_canvases(b, height, width) for b in boxes]
-        pixels = torch.stack([pil_to_tensor(c) for group in canvases for c in group])
-        latents = self.codec.encode_unscaled((pixels.float() / 127.5 - 1).to(self.device, self.dtype))
-        return torch.stack([part.mean(dim=0) for part in latents.split([len(g) for g in canvases])])
-
     def encode_condition(self, batch: EditBatch, losses: bool = False) -> Condition:
         """Image-token states of prompt + chain, projected (context, SDXL pooled), with the reference
         and box-mask latents as channels; with ``losses``, the chain CE of the same forward."""
@@ -218,7 +196,7 @@ class GoTModule(EditingModule):
         missing = [key for key, chain in zip(batch.key, chains) if not chain]
         if missing:
             raise ValueError(f"GoT conditions on reasoning chains; samples {missing[:3]} have none")
-        images, prompts = self._mllm_images(batch), list(batch.instruction)
+        images, prompts = batch.mllm_images, list(batch.instruction)
         terms = {}
         if losses:
             terms["chain_ce"], states = self.mllm.chain_loss_and_states(images, prompts, chains)
@@ -226,7 +204,7 @@ class GoTModule(EditingModule):
             states = self.mllm.image_token_states(images, prompts, chains)
         context, pooled = self.project(states)
         height, width = batch.size
-        channels = torch.cat([self.reference_latent(batch), self.mask_latent(chains, height, width)], dim=1)
+        channels = torch.cat([self.reference_latent(batch), box_mask_latents(self.codec, chains, height, width)], dim=1)
         time_ids = sdxl_time_ids(height, width).to(self.device).expand(len(batch), -1)
         mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
         return Condition(context, mask, channels, {"text_embeds": pooled, "time_ids": time_ids}, terms)
@@ -300,7 +278,7 @@ class GoTModule(EditingModule):
     @torch.no_grad()
     def reason(self, batch: EditBatch) -> list[str]:
         """The model's reasoning chain per sample (bounded by ``max_chain_tokens``)."""
-        return self.mllm.generate_chain(self._mllm_images(batch), list(batch.instruction), self.max_chain_tokens)
+        return self.mllm.generate_chain(batch.mllm_images, list(batch.instruction), self.max_chain_tokens)
 
     def prepare_batch(self, batch: EditBatch, keep_given: bool = False) -> EditBatch:
         """Reason for every sample, except those whose chain is kept (given by a user, or
