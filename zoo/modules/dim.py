@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-from torch import Tensor
 
 from datamodules.samples import EditBatch
 from zoo.blocks.autoencoders import CodecConfig, build_codec
