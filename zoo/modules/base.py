@@ -103,9 +103,9 @@ class EditingModule(L.LightningModule):
     """Shared LightningModule flow for MLLM-guided editing and generation.
 
     A subclass builds ``codec`` (kept frozen), ``denoiser``, ``objective`` and its condition
-    encoder, sets ``num_inference_steps`` and the training view (``resolution``,
-    ``mllm_resolution``; a fit adopts its DataModule's and checkpoints keep them), and implements
-    :meth:`encode_condition` and :meth:`null_condition`.
+    encoder, sets the training view (``resolution``, ``mllm_resolution``; a fit adopts its
+    DataModule's and checkpoints keep them), and implements :meth:`encode_condition` and
+    :meth:`null_condition`.
 
     Args:
         optim: optimiser and schedule.
