@@ -79,7 +79,7 @@ def _assert_rank_zero_wrote_everything(tmp_path: Path) -> None:
     pngs = list((log_dir / "images").glob("*.png"))
     assert [p.name for p in pngs] == ["test_step0000000.png"]
     tiles = torch.zeros(min(BATCH_SIZE, GRID_SAMPLES), 3, RESOLUTION, RESOLUTION)
-    one_rank = edit_grid(tiles, tiles, tiles)  # [3, H, W] of source | edited | target rows
+    one_rank = edit_grid(tiles, tiles, tiles, [[""]] * len(tiles))  # [3, H, W]: source | edited | target | text rows
     with Image.open(pngs[0]) as image:
         width, height = image.size
     assert (height, width) == (WORLD_SIZE * one_rank.shape[1], one_rank.shape[2])

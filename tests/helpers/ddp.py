@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -39,6 +40,10 @@ def _rank_main(rank: int, world_size: int, port: int, job: Callable[..., None], 
         LOCAL_RANK=str(rank),
     )
     job(*args)
+    # As a training script ends: a process group left to interpreter shutdown can abort the rank
+    # ("terminate called without an active exception") while gloo's threads are torn down.
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def launch(job: Callable[..., None], args: tuple[Any, ...], world_size: int, deadlock_after_s: float) -> None:
