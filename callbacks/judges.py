@@ -34,12 +34,11 @@ from zoo.blocks.chat import (
     ChatError,
     ChatPart,
     ImageFormat,
-    TorchDtype,
     build_chat_client,
     complete_many,
     to_pil,
 )
-from zoo.blocks.config import check_range
+from zoo.blocks.config import TorchDtype, check_range
 
 log = logging.getLogger(__name__)
 

@@ -28,14 +28,14 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import openai
 import torch
 from PIL import Image
 
-from zoo.blocks.config import ConfigError, check_positive, check_range
+from zoo.blocks.config import ConfigError, TorchDtype, check_choice, check_positive, check_range
 from zoo.blocks.redact import hide_in_logs, key_forms, redact, shorten
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,6 @@ ChatKind = Literal["openai", "local"]
 
 ImageFormat = Literal["jpeg", "png"]
 """How images are sent to an API: JPEG (quality stepped down to fit) or lossless PNG."""
-
-TorchDtype = Literal["float32", "bfloat16", "float16"]
-"""Weights dtype of a local model."""
-
 
 @dataclass
 class ChatConfig:
@@ -143,8 +139,7 @@ class ChatConfig:
 
     def __post_init__(self) -> None:
         for name, choices in (("kind", ChatKind), ("image_format", ImageFormat), ("torch_dtype", TorchDtype)):
-            if getattr(self, name) not in get_args(choices):
-                raise ConfigError(f"{name} must be one of {', '.join(get_args(choices))}; got {getattr(self, name)!r}")
+            check_choice(name, getattr(self, name), choices)
         check_positive("timeout", self.timeout)
         check_range("max_retries", self.max_retries, low=0)
         if self.temperature is not None:

@@ -7,6 +7,11 @@ arguments the same way before building any model. The CLI prints a :class:`Confi
 
 from __future__ import annotations
 
+from typing import Any, Literal, get_args
+
+TorchDtype = Literal["float32", "bfloat16", "float16"]
+"""Weight dtype of a model, as a config names it."""
+
 
 class ConfigError(ValueError):
     """A configuration value is out of range or inconsistent with another."""
@@ -23,3 +28,14 @@ def check_positive(name: str, value: float) -> None:
     """Raise :class:`ConfigError` unless ``value > 0``."""
     if not value > 0:
         raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def check_choice(name: str, value: object, choices: Any) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is one of the ``Literal`` type ``choices``.
+
+    jsonargparse checks ``Literal`` fields when it parses a recipe; configs built in Python are
+    checked here the same way.
+    """
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")

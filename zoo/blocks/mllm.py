@@ -34,7 +34,7 @@ import copy
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from zoo.blocks.config import ConfigError, check_positive, check_range
+from zoo.blocks.config import ConfigError, TorchDtype, check_choice, check_positive, check_range
 from zoo.blocks.frozen import FrozenModule
 from zoo.blocks.pretrained import resolve_pretrained
 from zoo.blocks.tiny import tiny_llava_onevision, tiny_qwen2_5_vl
@@ -63,7 +63,6 @@ sequence of ``[3, H, W]`` tensors or ``None`` per sample (a batch mixing edit an
 ``None`` (no sample has one)."""
 
 Family = Literal["qwen2_5_vl", "llava_onevision"]
-TorchDtype = Literal["float32", "bfloat16", "float16"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 AddTokens = Callable[[ProcessorMixin, PreTrainedModel], None]
 """Adds tokens to a freshly loaded ``(processor, model)`` before any LoRA wrapping (GoT's 66)."""
@@ -182,8 +181,7 @@ class TinyVLMConfig:
     """LLaVA-OneVision only: anyres grids of up to this many tiles a side (published: 6)."""
 
     def __post_init__(self) -> None:
-        if self.family not in get_args(Family):
-            raise ConfigError(f"tiny.family must be one of {list(get_args(Family))}, got {self.family!r}")
+        check_choice("tiny.family", self.family, Family)
         check_range("tiny.vocab_size", self.vocab_size, 256)
         for option in dataclasses.fields(self):
             if option.name not in ("family", "seed", "vocab_size"):
@@ -250,9 +248,8 @@ class VLMConfig:
         check_range("max_condition_length", self.max_condition_length, 1)
         if self.image_size is not None:
             check_range("image_size", self.image_size, 1)
-        for name, allowed in (("torch_dtype", TorchDtype), ("attn_implementation", AttnImplementation)):
-            if getattr(self, name) not in get_args(allowed):
-                raise ConfigError(f"{name} must be one of {list(get_args(allowed))}, got {getattr(self, name)!r}")
+        check_choice("torch_dtype", self.torch_dtype, TorchDtype)
+        check_choice("attn_implementation", self.attn_implementation, AttnImplementation)
 
 
 # --- the encoder --------------------------------------------------------------------------------

@@ -30,8 +30,12 @@ import torch
 from diffusers import DDPMScheduler, SchedulerMixin
 from torch import Tensor
 
-from zoo.blocks.config import ConfigError, check_positive, check_range
+from zoo.blocks.config import check_choice, check_positive, check_range
 from zoo.blocks.sampling import build_scheduler
+
+
+PredictionType = Literal["epsilon", "v_prediction"]
+"""What an ε-objective's denoiser predicts: the noise (SDXL, GoT) or v."""
 
 
 def mean_squared_error(pred: Tensor, target: Tensor) -> Tensor:
@@ -166,13 +170,12 @@ class EpsilonDiffusion(Objective):
     """diffusers schedule name; ``scaled_linear`` is linear in sqrt(β)."""
     noise_offset: float = 0.0
     """Scale of the per-channel constant noise added to ε (GoT: 0.1; 0 disables)."""
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    prediction_type: PredictionType = "epsilon"
     """``epsilon`` (SDXL, GoT) or ``v_prediction``."""
     scheduler: DDPMScheduler = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ConfigError(f"objective.prediction_type must be 'epsilon' or 'v_prediction', got '{self.prediction_type}'")
+        check_choice("objective.prediction_type", self.prediction_type, PredictionType)
         check_range("objective.noise_offset", self.noise_offset, 0.0)
         check_range("objective.num_train_timesteps", self.num_train_timesteps, 2)
         # SDXL's scheduler config as GoT's DDPMScheduler.from_pretrained reads it (clip_sample off).
