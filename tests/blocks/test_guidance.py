@@ -154,6 +154,16 @@ def test_got_cfg_batch_pooled_null_and_shared_conditions() -> None:
     assert torch.equal(shared.condition[1, 4:], x["mask"][0])
 
 
+def test_got_cfg_batch_without_latents_builds_the_same_conditions_once() -> None:
+    x = got_inputs()
+    full, conditions = got_cfg_batch(**x), got_cfg_batch(**{**x, "latents": None})
+    assert conditions.latents is None
+    for field in ("context", "condition", "pooled"):
+        torch.testing.assert_close(getattr(conditions, field), getattr(full, field), rtol=0, atol=0)
+    shared = got_cfg_batch(**{**x, "latents": None, "reference": x["reference"][:1], "mask": x["mask"][:1]})
+    assert shared.condition.shape[0] == 4 * x["latents"].shape[0], "the batch comes from the per-sample conditions"
+
+
 def test_got_cfg_batch_then_got_cfg_on_a_linear_model() -> None:
     """With a denoiser linear in its inputs, the guided output is the formula applied per branch."""
     x = got_inputs(batch=1)

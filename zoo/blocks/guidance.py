@@ -70,10 +70,10 @@ class GoTBranchBatch:
 
     Each field has batch ``4B``; ``prediction.chunk(4)`` gives the branches in :func:`got_cfg`'s
     argument order. ``condition`` is ``[reference | mask]`` along channels, the order GoT's
-    ``conv_in`` reads them after the noisy latent.
+    ``conv_in`` reads them after the noisy latent. ``latents`` is None when built without them.
     """
 
-    latents: Tensor
+    latents: Tensor | None
     context: Tensor
     condition: Tensor
     pooled: Tensor
@@ -86,7 +86,7 @@ def _to_batch(x: Tensor, batch: int, name: str, ndim: int) -> Tensor:
 
 
 def got_cfg_batch(
-    latents: Tensor,
+    latents: Tensor | None,
     context_gen: Tensor,
     context_null: Tensor,
     reference: Tensor,
@@ -110,16 +110,20 @@ def got_cfg_batch(
     hidden state, like ``context_null``) replaces it in the null-context branches instead.
 
     Args:
-        latents: noisy latents ``[B, C, h, w]`` (already ``scale_model_input``-ed).
+        latents: noisy latents ``[B, C, h, w]`` (already ``scale_model_input``-ed); ``None`` builds
+            only the conditions, once, for a sampler that stacks its latents 4 times at every step.
         context_gen: projected MLLM context ``[B, L, D]``; ``context_null``: the null one (batch B or 1).
         reference: unscaled reference latent ``[B, Cr, h, w]`` (source image, or a black image for T2I).
         mask: averaged unscaled box-mask latent ``[B, Cm, h, w]``.
         pooled_gen: SDXL ``text_embeds`` ``[B, P]``; ``pooled_null``: optional null-branch one.
         Every condition may have batch 1 to share it over the batch.
     """
-    if latents.ndim != 4:
+    if latents is None:
+        batch, spatial = max(x.shape[0] for x in (context_gen, reference, mask, pooled_gen)), reference.shape[2:]
+    elif latents.ndim != 4:
         raise ValueError(f"latents must be [B, C, h, w], got {tuple(latents.shape)}")
-    batch, spatial = latents.shape[0], latents.shape[2:]
+    else:
+        batch, spatial = latents.shape[0], latents.shape[2:]
     context_gen = _to_batch(context_gen, batch, "context_gen", 3)
     context_null = _to_batch(context_null, batch, "context_null", 3)
     if context_gen.shape != context_null.shape:
@@ -133,7 +137,7 @@ def got_cfg_batch(
     pooled_null = pooled_gen if pooled_null is None else _to_batch(pooled_null, batch, "pooled_null", 2)
     no_reference, no_mask = torch.zeros_like(reference), torch.zeros_like(mask)
     return GoTBranchBatch(
-        latents=torch.cat([latents] * 4),
+        latents=None if latents is None else torch.cat([latents] * 4),
         context=torch.cat([context_gen, context_gen, context_null, context_null]),
         condition=torch.cat(
             [

@@ -10,7 +10,9 @@ to change                                   override
 what the denoiser is conditioned on         :meth:`encode_condition` (-> ``Condition``)
 the unconditional branch of CFG             :meth:`null_condition`
 training-time condition dropout             :meth:`drop_condition` (default: whole samples -> null)
-the guidance rule                           :meth:`guide` (default: text CFG)
+the guidance rule                           :meth:`guidance_branches` (the branches' denoiser batch,
+                                            built once per sampling call) and :meth:`guide`
+                                            (their combination at each step; default: text CFG)
 loss terms and their weights                :meth:`loss_weights`, :meth:`extra_losses`
 the objective                               the ``objective`` config (:mod:`zoo.blocks.objectives`)
 the denoiser call                           :meth:`denoise`
@@ -209,10 +211,15 @@ class EditingModule(L.LightningModule):
         """One denoiser prediction in the objective's convention."""
         return self.denoiser.predict(latents, timestep, condition)
 
-    def guide(self, latents: Tensor, timestep: Tensor, condition: Condition, null: Condition) -> Tensor:
-        """The guided prediction at one sampler step: text CFG ``u + s (c - u)``, both branches in one call."""
-        both = Condition.cat([null, condition])
-        uncond, cond = self.denoise(torch.cat([latents, latents]), torch.cat([timestep, timestep]), both).chunk(2)
+    def guidance_branches(self, condition: Condition, null: Condition) -> Condition:
+        """The conditions of every CFG branch stacked into one denoiser batch, built once per sampling
+        call (they do not change between steps): ``[null, condition]`` for text CFG."""
+        return Condition.cat([null, condition])
+
+    def guide(self, latents: Tensor, timestep: Tensor, branches: Condition) -> Tensor:
+        """The guided prediction at one sampler step from :meth:`guidance_branches`' batch: text CFG
+        ``u + s (c - u)``, both branches in one denoiser call."""
+        uncond, cond = self.denoise(torch.cat([latents, latents]), torch.cat([timestep, timestep]), branches).chunk(2)
         return text_cfg(uncond, cond, self.guidance_scale)
 
     def prepare_batch(self, batch: EditBatch, keep_given: bool = False) -> EditBatch:
@@ -272,9 +279,10 @@ class EditingModule(L.LightningModule):
         shape = (len(condition), self.codec.latent_channels, size[0] // factor, size[1] // factor)
         noise = torch.randn(shape, generator=generator).to(self.device, self.dtype)
         scheduler = self.objective.sampling_scheduler()
+        branches = self.guidance_branches(condition, null)
 
         def predict(x_t: Tensor, timestep: Tensor) -> Tensor:
-            return self.guide(x_t, timestep.to(x_t.device), condition, null)
+            return self.guide(x_t, timestep.to(x_t.device), branches)
 
         return sample(predict, noise, scheduler, self.num_inference_steps, generator=generator)
 

@@ -252,25 +252,21 @@ class GoTModule(EditingModule):
         """Joint objective (paper §5.4): ``ce_weight`` · chain CE + ``diffusion_weight`` · ε-MSE."""
         return {"chain_ce": self.ce_weight, "diffusion_mse": self.diffusion_weight}
 
-    def guide(self, latents: Tensor, timestep: Tensor, condition: Condition, null: Condition) -> Tensor:
-        """GoT's 4-branch multi-guidance over one denoiser call (paper §5.3)."""
+    def guidance_branches(self, condition: Condition, null: Condition) -> Condition:
+        """GoT's four CFG branches ``[cond, text, image, uncond]`` (paper §5.3) as one denoiser batch."""
         reference, spatial = condition.channels.chunk(2, dim=1)
-        branches = got_cfg_batch(
-            latents,
-            condition.context,
-            null.context,
-            reference,
-            spatial,
-            condition.added["text_embeds"],
-            null.added["text_embeds"] if self.null_pooled else None,
-        )
-        stacked = Condition(
+        null_pooled = null.added["text_embeds"] if self.null_pooled else None
+        branches = got_cfg_batch(None, condition.context, null.context, reference, spatial, condition.added["text_embeds"], null_pooled)
+        return Condition(
             context=branches.context,
             mask=condition.mask.repeat(4, 1),
             channels=branches.condition,
             added={"text_embeds": branches.pooled, "time_ids": condition.added["time_ids"].repeat(4, 1)},
         )
-        eps = self.denoise(branches.latents, timestep.repeat(4), stacked)
+
+    def guide(self, latents: Tensor, timestep: Tensor, branches: Condition) -> Tensor:
+        """GoT's multi-guidance ``u + g (text - image) + c (cond - text) + i (image - u)`` over one denoiser call."""
+        eps = self.denoise(torch.cat([latents] * 4), timestep.repeat(4), branches)
         return got_cfg(*eps.chunk(4), *self.guidance)
 
     # -- reasoning --------------------------------------------------------------------------
