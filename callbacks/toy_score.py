@@ -123,40 +123,71 @@ class ToyEditEvaluator(L.Callback):
         )
 
 
-def report(metrics_files: list[str], out: str) -> bool:
+def report(
+    metrics_files: list[str],
+    out: str,
+    trained: str = "trained",
+    bar: float | None = None,
+    ablations: tuple[str, ...] = (),
+    margin: float = 0.05,
+) -> bool:
     """Merge evaluator outputs into one ``metrics.json``, print a per-type table, and say if the model learned.
 
-    Each input holds one model label and the copy-the-source baseline. Returns whether the last
-    model (the trained one) beats every other model and the baseline on the overall score.
+    Each input holds one model label (``trained``, ``untrained``, ablations...) and the
+    copy-the-source baseline. The model ``trained`` has learned when its overall score beats every
+    model that is not an ablation and the baseline, every edit type beats the baseline, it reaches
+    ``bar`` (when given), and each of ``ablations`` (e.g. the trained model given other samples'
+    instructions) scores at least ``margin`` below it. Every check is printed and stored under
+    ``"checks"``; returns whether all hold.
     """
     merged: dict[str, dict[str, dict[str, float]]] = {}
     for path in metrics_files:
         merged |= json.loads(Path(path).read_text())
+    if trained not in merged:
+        raise ValueError(f"no model labelled {trained!r} in {metrics_files} (labels: {sorted(merged)})")
     labels = [label for label in merged if label != "copy_source"] + ["copy_source"]
     groups = sorted({g for label in labels for g in merged[label]} - {"overall"}) + ["overall"]
-    rows = [f"{'edit type':<12}" + "".join(f"{label:>14}" for label in labels)]
+    rows = [f"{'edit type':<12}" + "".join(f"{label:>19}" for label in labels)]
     for group in groups:
-        cells = "".join(f"{merged[label].get(group, {}).get('score', float('nan')):>14.4f}" for label in labels)
+        cells = "".join(f"{merged[label].get(group, {}).get('score', float('nan')):>19.4f}" for label in labels)
         rows.append(f"{group:<12}{cells}")
-    trained = labels[-2]
-    learned = all(
-        merged[trained]["overall"]["score"] > merged[other]["overall"]["score"] for other in labels if other != trained
-    )
+    score = {label: merged[label]["overall"]["score"] for label in labels}
+    mine, copy = merged[trained], merged["copy_source"]
+    checks: dict[str, bool] = {}
+    for other in labels:
+        if other not in (trained, *ablations):
+            checks[f"{trained} {score[trained]:.4f} > {other} {score[other]:.4f}"] = score[trained] > score[other]
+    below = [g for g in groups if g != "overall" and mine.get(g, {}).get("score", 0.0) <= copy.get(g, {}).get("score", 0.0)]
+    checks[f"every edit type above copy_source (not: {', '.join(below) or 'none'})"] = not below
+    if bar is not None:
+        checks[f"{trained} {score[trained]:.4f} >= bar {bar:.2f}"] = score[trained] >= bar
+    for ablation in ablations:
+        if ablation not in merged:
+            raise ValueError(f"no ablation labelled {ablation!r} in {metrics_files} (labels: {sorted(merged)})")
+        checks[f"{ablation} {score[ablation]:.4f} <= {trained} - {margin:.2f}"] = score[ablation] <= score[trained] - margin
+    learned = all(checks.values())
+    merged["checks"] = checks  # type: ignore[assignment]
     merged["learned"] = learned  # type: ignore[assignment]
     Path(out).write_text(json.dumps(merged, indent=2) + "\n")
     print("toy edit score (higher is better; edit-region agreement and preservation, averaged)")
     print("\n".join(rows))
-    verdict = "beats" if learned else "does NOT beat"
-    print(f"'{trained}' {verdict} every other model and the copy-the-source baseline overall -> {out}")
+    for check, ok in checks.items():
+        print(f"  [{'ok' if ok else 'FAILED'}] {check}")
+    print(f"'{trained}' {'learned' if learned else 'did NOT learn'} its toy edits -> {out}")
     return learned
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``zoo toy-report METRICS.json... --out FILE``: exit 1 when the trained model did not learn."""
+    """``zoo toy-report METRICS.json... --out FILE [--bar X] [--ablation LABEL]``: exit 1 when the model did not learn."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="zoo toy-report", description=report.__doc__)
-    parser.add_argument("metrics", nargs="+", help="metrics.json files; the trained model's last")
+    parser.add_argument("metrics", nargs="+", help="metrics.json files of the evaluations to merge")
     parser.add_argument("--out", required=True, help="merged metrics.json to write")
+    parser.add_argument("--trained", default="trained", help="label of the model under test")
+    parser.add_argument("--bar", type=float, default=None, help="overall score the trained model must reach")
+    parser.add_argument("--ablation", action="append", default=[], help="label of an ablation that must score lower")
+    parser.add_argument("--margin", type=float, default=0.05, help="how far below the trained model an ablation must score")
     args = parser.parse_args(argv)
-    return 0 if report(args.metrics, args.out) else 1
+    ok = report(args.metrics, args.out, args.trained, args.bar, tuple(args.ablation), args.margin)
+    return 0 if ok else 1

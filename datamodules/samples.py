@@ -201,6 +201,16 @@ class EditBatch:
 
         return EditBatch(**{f.name: self.size if f.name == "size" else take(getattr(self, f.name)) for f in fields(self)})
 
+    def with_texts_of(self, shift: int) -> EditBatch:
+        """Ablation: every sample takes the instruction, blueprint, chain, boxes and later turns of
+        the sample ``shift`` places later in the batch (cyclically); images, masks and edit types
+        stay. A model that uses its instruction scores lower on the batch this returns."""
+        if len(self) < 2 or shift % len(self) == 0:
+            raise ValueError(f"shifting the texts of a batch of {len(self)} by {shift} gives every sample its own again")
+        order = [(i + shift) % len(self) for i in range(len(self))]
+        texts = ("instruction", "blueprint", "chain", "boxes", "turns")
+        return replace(self, **{name: [getattr(self, name)[i] for i in order] for name in texts})
+
     def replace(self, **changes: Any) -> EditBatch:
         """A copy with some fields replaced (e.g. the designer's blueprints)."""
         return replace(self, **changes)

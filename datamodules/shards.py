@@ -245,6 +245,9 @@ class ShardDataModule(L.LightningDataModule):
         strict: Raise on the first undecodable sample (naming shard and key) instead of
             skipping and counting it.
         limit_val_samples: Keep only the first n samples of the val and test splits.
+        wrong_instructions: Ablation for ``zoo test``: each test sample gets the instruction (and
+            blueprint, chain, boxes) of the next sample in its batch (:meth:`EditBatch.with_texts_of`),
+            so the score shows how much the model uses its instruction. Needs ``val_batch_size >= 2``.
     """
 
     def __init__(
@@ -263,6 +266,7 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: int = 256,
         strict: bool = False,
         limit_val_samples: int | None = None,
+        wrong_instructions: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
@@ -277,6 +281,9 @@ class ShardDataModule(L.LightningDataModule):
         self.num_workers, self.resolution, self.mllm_resolution = num_workers, resolution, mllm_resolution
         self.seed, self.shuffle_buffer, self.strict = seed, shuffle_buffer, strict
         self.limit_val_samples = limit_val_samples
+        if wrong_instructions and self.val_batch_size < 2:
+            raise ValueError("wrong_instructions swaps texts between the samples of a test batch: set val_batch_size >= 2")
+        self.wrong_instructions = wrong_instructions
         self.rank, self.world_size = 0, 1
         self.streams: dict[str, ShardStream] = {}
         self._counters: dict[str, Any] = {}
@@ -315,6 +322,12 @@ class ShardDataModule(L.LightningDataModule):
                 strict=self.strict,
                 limit_samples=self.limit_val_samples if split in ("val", "test") else None,
                 skipped=self._counters[split],
+            )
+        test = self.streams.get("test")
+        if self.wrong_instructions and test is not None and 1 in test.rank_batch_sizes:
+            raise ValueError(
+                f"wrong_instructions: this rank's test batches {test.rank_batch_sizes} include one of a single sample, "
+                "which has no other sample's instruction to take; choose a val_batch_size that leaves none"
             )
         if "predict" in wanted and self.predict_shards is None and self.predict_jsonl is not None:
             from datamodules.formats.dim import TosJsonl
@@ -419,6 +432,15 @@ class ShardDataModule(L.LightningDataModule):
                 "batches_total": int(state_dict["batches_total"]),
                 "layout": dict(state_dict["layout"]),
             }
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """The ``wrong_instructions`` ablation, applied to test batches only."""
+        testing = self.trainer is not None and self.trainer.testing
+        if self.wrong_instructions and testing and isinstance(batch, EditBatch):
+            if len(batch) < 2:
+                raise ValueError(f"wrong_instructions needs test batches of >= 2 samples; batch {batch.key} has one")
+            return batch.with_texts_of(1)
+        return batch
 
     # -- loaders --
 

@@ -5,7 +5,8 @@
 ``--config`` files merged in order (a paper recipe, then overlays such as ``recipes/tiny/dim.yaml``),
 and the resolved config saved with overwrite allowed — a requeued job writes into the same run
 directory (pitfall 25). ``zoo data convert|toy`` are the shard writers of :mod:`datamodules`;
-``zoo toy-report`` merges toy evaluations into one table.
+``zoo toy-report`` merges toy evaluations into one table; ``zoo demo`` runs the toy-learning harness
+(:mod:`zoo.demo`).
 
 Configuration mistakes (an unknown key at any depth, with the closest valid one; a value out of
 range, :class:`~zoo.blocks.config.ConfigError`) and missing pretrained weights end in one
@@ -56,6 +57,15 @@ class ZooCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the configuration as given: the recipes and command line, never the checkpoint's hparams.
+
+        LightningCLI would merge the checkpoint's saved hyperparameters over the parsed config, so
+        ``zoo test --ckpt_path last.ckpt --model.init_args.guidance_scale=4.5`` silently ran with the
+        training-time scale. Here the given recipes define the model; the checkpoint gives weights,
+        loaded strictly, so a model that does not match them fails loudly.
+        """
 
 
 def _data_tools() -> dict[str, Callable[[list[str] | None], int]]:
@@ -146,6 +156,10 @@ def _config_type(annotation: object) -> object | None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m zoo``; returns the process exit status."""
     words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["demo"]:
+        from zoo.demo import main as demo
+
+        return demo(words[1:])
     if words[:1] == ["toy-report"]:
         from callbacks.toy_score import main as toy_report
 

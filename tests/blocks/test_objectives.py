@@ -9,6 +9,7 @@ import torch
 
 from diffusers import DDPMScheduler
 
+from zoo.blocks.config import ConfigError
 from zoo.blocks.objectives import EpsilonDiffusion, FlowMatching
 
 
@@ -210,3 +211,19 @@ def test_epsilon_bad_inputs_are_explained() -> None:
         EpsilonDiffusion(prediction_type="sample")
     with pytest.raises(ValueError, match=r"noise_offset must be in \[0.0, inf\]"):
         EpsilonDiffusion(noise_offset=-0.1)
+
+
+def test_edit_region_weight_weighs_the_region_and_defaults_to_the_plain_mse() -> None:
+    pred = torch.zeros(2, 3, 4, 4)
+    target = torch.ones(2, 3, 4, 4)
+    target[:, :, 0, 0] = 3.0  # error 9 in one of 16 cells, 1 elsewhere
+    region = torch.zeros(2, 1, 4, 4)
+    region[:, :, 0, 0] = 1
+    plain = (15 * 1 + 9) / 16
+    for objective in (FlowMatching(), EpsilonDiffusion()):
+        assert float(objective.loss(pred, target, region)) == pytest.approx(plain)  # weight 1: the paper's loss
+    for objective in (FlowMatching(edit_region_weight=5.0), EpsilonDiffusion(edit_region_weight=5.0)):
+        assert float(objective.loss(pred, target, region)) == pytest.approx((15 * 1 + 5 * 9) / (15 + 5))
+        assert float(objective.loss(pred, target)) == pytest.approx(plain)  # no mask given: nothing to weigh
+    with pytest.raises(ConfigError, match="edit_region_weight"):
+        FlowMatching(edit_region_weight=0.0)

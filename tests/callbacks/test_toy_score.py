@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +76,26 @@ def test_report_says_whether_the_trained_model_beats_the_rest(tmp_path) -> None:
     assert report([write("u.json", "untrained", 0.2, 0.5), write("t.json", "trained", 0.6, 0.5)], str(out))
     assert json.loads(out.read_text())["learned"] is True
     assert not report([write("u.json", "untrained", 0.2, 0.5), write("t.json", "trained", 0.45, 0.5)], str(out))
+
+
+def test_report_checks_the_bar_every_edit_type_and_the_ablations(tmp_path) -> None:
+    def write(name: str, label: str, add: float, move: float) -> str:
+        groups = {"add": {"score": add}, "move": {"score": move}, "overall": {"score": (add + move) / 2}}
+        path = tmp_path / name
+        copy = {g: {"score": 0.5} for g in groups}
+        path.write_text(json.dumps({label: groups, "copy_source": copy}))
+        return str(path)
+
+    out = str(tmp_path / "metrics.json")
+    untrained, trained = write("u.json", "untrained", 0.1, 0.1), write("t.json", "trained", 0.9, 0.7)
+    wrong = write("w.json", "wrong_instruction", 0.6, 0.6)
+    assert report([untrained, wrong, trained], out, bar=0.75, ablations=("wrong_instruction",))
+    merged = json.loads(Path(out).read_text())
+    assert merged["learned"] and all(merged["checks"].values())
+    assert not report([untrained, wrong, trained], out, bar=0.85, ablations=("wrong_instruction",))  # misses the bar
+    close = write("c.json", "wrong_instruction", 0.85, 0.7)
+    assert not report([untrained, close, trained], out, ablations=("wrong_instruction",))  # instruction barely matters
+    one_type_below = write("t2.json", "trained", 1.0, 0.45)
+    assert not report([untrained, one_type_below], out)  # overall 0.725 > 0.5, but "move" is below copying
+    with pytest.raises(ValueError, match="no ablation labelled"):
+        report([untrained, trained], out, ablations=("wrong_instruction",))

@@ -19,17 +19,27 @@ STAGES = {  # paper run -> (recipe + stage overlays, toy task)
     "dim_edit_stage1": (["recipes/dim_edit_stage1.yaml"], "edit"),
     "dim_edit": (["recipes/dim_edit.yaml"], "edit"),
 }
-OVERLAYS = {"recipes/demo.yaml"}  # CPU overlays applied after recipes/tiny/dim.yaml
 
 
 def test_every_recipe_is_covered() -> None:
     # Imported here: test_got_recipes reuses this module's helpers.
     from tests.cli.test_got_recipes import OFFICIAL, STAGES as GOT_STAGES
 
-    listed = {path for files, _ in STAGES.values() for path in files} | OVERLAYS | {OFFICIAL}
+    listed = {path for files, _ in STAGES.values() for path in files} | {OFFICIAL}
     listed |= {path for files in GOT_STAGES.values() for path in files}
     on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "recipes").glob("*.yaml")}
     assert on_disk == listed
+
+
+def test_every_demo_overlay_belongs_to_a_demo_and_parses() -> None:
+    from zoo.demo import DEMOS
+
+    overlays = {str(p.relative_to(ROOT)) for p in (ROOT / "recipes" / "demo").glob("*.yaml")}
+    assert overlays == {demo.recipes[-1] for demo in DEMOS.values()}
+    for demo in DEMOS.values():
+        cli = ParseOnly(args=configs(list(demo.recipes)), run=False)
+        assert cli.config.trainer.default_root_dir == demo.folder and cli.config.trainer.accelerator == "cpu"
+        assert cli.config.data.init_args.test_shards == f"{demo.folder}/data/test"
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -102,6 +112,18 @@ def test_tiny_recipe_fits_and_tests(stage: str, toy_data: dict[str, Path], tmp_p
     assert (tmp_path / "train" / "config.yaml").is_file()
     assert list((tmp_path / "train" / "images").glob("val_step*.png"))
     assert main(["test", *args, f"--ckpt_path={last}", "--trainer.limit_test_batches=1"]) == 0
+
+
+def test_test_time_overrides_win_over_the_checkpoint_hparams(toy_data: dict[str, Path], tmp_path: Path) -> None:
+    # LightningCLI alone merges the checkpoint's saved hparams over the command line, which would
+    # silently evaluate with the training-time guidance scale.
+    args = _tiny_args("dim_edit_stage1", toy_data, tmp_path)
+    assert main(["fit", *args, "--trainer.max_steps=2"]) == 0
+    last = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    overrides = ["--model.init_args.guidance_scale=1.25", "--trainer.logger.init_args.version=evaluate"]
+    assert main(["test", *args, f"--ckpt_path={last}", "--trainer.limit_test_batches=1", *overrides]) == 0
+    saved = yaml.safe_load((tmp_path / "evaluate" / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["guidance_scale"] == 1.25
 
 
 def test_recipes_checkpoint_into_the_same_files_on_requeue() -> None:

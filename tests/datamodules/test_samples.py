@@ -93,3 +93,28 @@ def test_t2i_batch_and_errors() -> None:
         EditSample("bad", img, "i", boxes=[{"box": [0, 0, 1000, 5]}])
     batch = collate([EditSample("a", img, "i", mask=Image.new("L", (20, 20))), EditSample("b", img, "i")], 16, 8)
     assert batch.mask is None
+
+
+def test_with_texts_of_moves_every_text_but_keeps_images_and_types() -> None:
+    samples = [
+        EditSample(
+            key=str(i),
+            source=Image.new("RGB", (8, 8), (i * 40, 0, 0)),
+            target=Image.new("RGB", (8, 8), (0, i * 40, 0)),
+            instruction=f"edit {i}",
+            blueprint=f"blueprint {i}",
+            chain=f"chain {i}",
+            edit_type=f"type {i}",
+        )
+        for i in range(3)
+    ]
+    batch = collate(samples, 8, 8)
+    wrong = batch.with_texts_of(1)
+    assert wrong.instruction == ["edit 1", "edit 2", "edit 0"]
+    assert wrong.blueprint == ["blueprint 1", "blueprint 2", "blueprint 0"] and wrong.chain == ["chain 1", "chain 2", "chain 0"]
+    assert wrong.key == batch.key and wrong.edit_type == batch.edit_type
+    assert torch.equal(wrong.source, batch.source) and torch.equal(wrong.target, batch.target)
+    with pytest.raises(ValueError, match="its own again"):
+        batch.with_texts_of(3)
+    with pytest.raises(ValueError, match="its own again"):
+        batch.select([0]).with_texts_of(1)

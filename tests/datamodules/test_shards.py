@@ -117,3 +117,21 @@ def test_truncated_shard_is_counted_and_batch_count_kept(tmp_path: Path) -> None
     batches = list(dm.train_dataloader())
     assert len(batches) == dm.num_batches_per_epoch == 4
     assert dm.skipped["train"] >= 3
+
+
+def test_wrong_instructions_ablation_applies_to_test_batches_only(toy_root: Path) -> None:
+    import lightning as L
+
+    dm = ShardDataModule(test_shards=str(toy_root / "test"), val_shards=str(toy_root / "val"), batch_size=4, wrong_instructions=True)
+    dm.setup("test")
+    batch = next(iter(dm.test_dataloader()))
+    dm.trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    dm.trainer.testing = True
+    assert dm.on_after_batch_transfer(batch, 0).instruction == batch.with_texts_of(1).instruction
+    dm.trainer.validating = True
+    assert dm.on_after_batch_transfer(batch, 0) is batch  # validation and training see their own texts
+    # 7 test samples in batches of 6 leave a last batch of one: caught at set-up, not at the end of a run.
+    with pytest.raises(ValueError, match="a single sample"):
+        ShardDataModule(test_shards=str(toy_root / "test"), val_batch_size=6, wrong_instructions=True).setup("test")
+    with pytest.raises(ValueError, match="val_batch_size >= 2"):
+        ShardDataModule(test_shards=str(toy_root / "test"), batch_size=1, wrong_instructions=True)

@@ -40,6 +40,7 @@ import torch
 from lightning.pytorch.utilities.seed import isolate_rng
 from PIL import Image
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from datamodules.samples import EditBatch, EditOutputs, EditSample, TurnOutputs, collate, signed_to_pil
 from zoo.blocks.condition import Condition
@@ -266,7 +267,19 @@ class EditingModule(L.LightningModule):
         t = self.objective.sample_timesteps(x0.shape[0], device=x0.device)
         x_t, _, model_t = self.objective.add_noise(x0, noise, t)
         pred = self.denoise(x_t, model_t, condition)
-        return self.objective.loss(pred, self.objective.target(x0, noise, t))
+        return self.objective.loss(pred, self.objective.target(x0, noise, t), self.edit_region(batch, x0.shape[-2:]))
+
+    def edit_region(self, batch: EditBatch, size: tuple[int, int]) -> Tensor | None:
+        """The batch's edit-region mask at latent ``size`` (a latent cell touching the region counts),
+        when the objective weighs the region (``edit_region_weight``); else None."""
+        if self.objective.edit_region_weight == 1:
+            return None
+        if batch.mask is None:
+            raise ValueError(
+                f"objective.edit_region_weight={self.objective.edit_region_weight} needs the edit-region mask of "
+                f"every training sample (EditBatch.mask); samples {batch.key[:3]} come without one (set it to 1)"
+            )
+        return F.adaptive_max_pool2d(batch.mask.to(self.device, torch.float32), tuple(size))
 
     # -- generation ------------------------------------------------------------------------------
 
