@@ -19,11 +19,12 @@ from datamodules.shards import ShardDataModule
 from datamodules.toy import edit_sample, t2i_sample
 from datamodules.toy import main as toy_main
 from tests.modules.conftest import toy_batch
-from zoo.blocks.spatial import box_mask_latents, parse_boxes, render_box_canvases, replace_box
+from callbacks.toy_score import toy_edit_scores
 from zoo.blocks.autoencoders import CodecConfig
 from zoo.blocks.denoisers import UNetConfig
 from zoo.blocks.got_chain import GoTLoRAConfig, GoTVLMConfig
 from zoo.blocks.mllm import TinyVLMConfig
+from zoo.blocks.spatial import box_mask_latents, box_pixels, parse_boxes, render_box_canvases, replace_box
 from zoo.blocks.tiny import TINY_KL, TINY_SDXL_UNET
 from zoo.modules.got import GoTModule
 
@@ -34,6 +35,9 @@ TINY_MLLM = GoTVLMConfig(
 )
 TINY_UNET = UNetConfig(config=TINY_SDXL_UNET, subfolder=None)
 TINY_KL_CODEC = CodecConfig("kl", config=TINY_KL, subfolder=None)
+# Pixel space, as recipes/tiny/got.yaml trains the toy GoT: 3-channel UNet, identity codec.
+TINY_PIXEL_UNET = UNetConfig(config=TINY_SDXL_UNET | {"sample_size": 16, "in_channels": 3, "out_channels": 3}, subfolder=None)
+PIXELS = CodecConfig("identity")
 CHAIN = (
     "A white background with <|object_ref_start|>circle<|object_ref_end|>"
     "<|box_start|>(100,100),(400,400)<|box_end|> (red); <|object_ref_start|>square<|object_ref_end|>"
@@ -248,6 +252,28 @@ def test_mask_latent_is_the_mean_of_per_box_canvas_latents() -> None:
     got = box_mask_latents(model.codec, [CHAIN, "no boxes here"], 16, 16)
     torch.testing.assert_close(got[0], expected)
     torch.testing.assert_close(got[1], model.codec.encode_unscaled(-torch.ones(1, 3, 16, 16))[0])
+
+
+def test_pixel_space_reference_and_mask_reach_the_unet_as_exact_pixels(batch: EditBatch) -> None:
+    model = make(denoiser=TINY_PIXEL_UNET, autoencoder=PIXELS, condition_dropout=0.0)
+    target = batch.target
+    roundtrip = model.codec.decode(model.codec.encode(target))
+    assert torch.equal(roundtrip, target), "the toy GoT's codec loses nothing"
+    assert toy_edit_scores((roundtrip + 1) / 2, (target + 1) / 2, batch.mask)["edit"].eq(1).all()
+    channels = model.encode_condition(batch).channels
+    assert channels.shape == (4, 6, 16, 16)
+    reference, mask = channels.split(3, dim=1)
+    assert torch.equal(reference, batch.source)
+    for chain, canvas in zip(batch.chain, mask):
+        boxes = parse_boxes(chain).boxes
+        assert boxes, "toy chains ground every target object"
+        for box in boxes:  # each box's colour, over the other boxes' black, at the box's pixels
+            x1, y1, x2, y2 = (int(v) for v in box_pixels(box.box, 16, 16))
+            inside = canvas[:, y1 : y2 + 1, x1 : x2 + 1]
+            assert (inside > -1).any() and torch.equal(inside, inside[:, :1, :1].expand_as(inside))
+        drawn = torch.stack([pil_to_tensor(c) for c in render_box_canvases(boxes, 16, 16)]).float() / 127.5 - 1
+        torch.testing.assert_close(canvas, drawn.mean(dim=0), rtol=0, atol=0)
+    assert torch.isfinite(model.training_loss(batch)["loss"])
 
 
 def test_interactive_regeneration_follows_the_edited_chain() -> None:

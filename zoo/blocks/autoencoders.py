@@ -9,7 +9,7 @@ and frozen parts are reloaded from their source rather than checkpointed (DESIGN
 - :class:`KLAutoencoder`: diffusers ``AutoencoderKL`` (SDXL / SD1.5 / FLUX VAEs),
   ``z = (posterior - shift_factor) * scaling_factor``; :meth:`KLAutoencoder.encode_unscaled` is the
   raw posterior mode GoT conditions its UNet on (official-code-facts §3A).
-- :class:`IdentityCodec`: latent = pixels, for toy runs in pixel space.
+- :class:`IdentityCodec`: latent = pixels, for toy runs in pixel space (also GoT's unscaled conditions).
 """
 
 from __future__ import annotations
@@ -195,6 +195,10 @@ class IdentityCodec(Codec):
     def encode(self, images: Tensor) -> Tensor:
         self._check_latents(images)
         return images
+
+    def encode_unscaled(self, images: Tensor) -> Tensor:
+        """The pixels themselves: with no scale, GoT's condition latents equal :meth:`encode`'s (toy GoT)."""
+        return self.encode(images)
 
     def decode(self, latents: Tensor) -> Tensor:
         self._check_latents(latents)

@@ -29,7 +29,7 @@ from PIL import Image, ImageColor, ImageDraw
 from torch import Tensor
 from torchvision.transforms.functional import pil_to_tensor
 
-from zoo.blocks.autoencoders import KLAutoencoder
+from zoo.blocks.autoencoders import IdentityCodec, KLAutoencoder
 
 BOX_START = "<|box_start|>"
 BOX_END = "<|box_end|>"
@@ -276,12 +276,15 @@ def render_box_canvases(boxes: Sequence[Box], height: int, width: int) -> list[I
     return canvases or [Image.new("RGB", (width, height), (0, 0, 0))]
 
 
-def box_mask_latents(codec: KLAutoencoder, chains: Sequence[str], height: int, width: int) -> Tensor:
-    """SSGM spatial guidance ``[B, C, h, w]``: per chain, the mean unscaled latent of its box canvases.
+def box_mask_latents(
+    codec: KLAutoencoder | IdentityCodec, chains: Sequence[str], height: int, width: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """SSGM spatial guidance ``[B, C, h, w]``: per chain, the mean unscaled latent of its box canvases,
+    encoded on ``device`` in ``dtype`` (the codec's); with the identity codec, the mean canvas itself.
 
     Boxes a chain holds that cannot be drawn are left out (see :func:`parse_boxes`).
     """
     canvases = [render_box_canvases(parse_boxes(chain).boxes, height, width) for chain in chains]
     pixels = torch.stack([pil_to_tensor(c) for group in canvases for c in group]).float() / 127.5 - 1
-    latents = codec.encode_unscaled(pixels.to(codec.model.device, codec.model.dtype))
+    latents = codec.encode_unscaled(pixels.to(device, dtype))
     return torch.stack([part.mean(dim=0) for part in latents.split([len(g) for g in canvases])])

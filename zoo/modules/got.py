@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.samples import EditBatch
-from zoo.blocks.autoencoders import CodecConfig, KLAutoencoder
+from zoo.blocks.autoencoders import CodecConfig, build_codec
 from zoo.blocks.condition import Condition
 from zoo.blocks.config import ConfigError, check_range
 from zoo.blocks.denoisers import UNetConfig, UNetDenoiser, sdxl_time_ids
@@ -73,7 +73,8 @@ class GoTModule(EditingModule):
         mllm: the reasoning VLM (Qwen2.5-VL-3B, ``image_size`` 448 for GoT's 256 visual tokens) with
             GoT's LoRA and 64 image tokens by default.
         denoiser: the SDXL UNet; ``conv_in`` is widened here by 2 × the VAE's latent channels.
-        autoencoder: the SDXL VAE (kind ``kl``).
+        autoencoder: the SDXL VAE (kind ``kl``); ``identity`` for pixel-space toy runs (reference and
+            box canvases then enter the UNet as pixels).
         ce_weight: weight of the chain's next-token cross-entropy (paper: 1).
         diffusion_weight: weight of the ε-MSE (paper: 1).
         condition_dropout: probability of each partially-conditioned combination in training
@@ -133,8 +134,8 @@ class GoTModule(EditingModule):
         check_range("max_chain_tokens", max_chain_tokens, 1)
         if init_from is not None and official_weights is not None:
             raise ConfigError("give init_from (a zoo checkpoint) or official_weights (GoT-6B), not both")
-        if autoencoder.kind != "kl":
-            raise ConfigError(f"GoT conditions on SDXL's KL VAE latents: autoencoder.kind must be 'kl', got '{autoencoder.kind}'")
+        if autoencoder.kind not in ("kl", "identity"):
+            raise ConfigError(f"GoT conditions on SDXL's KL VAE latents (or pixels, 'identity'): autoencoder.kind must be 'kl' or 'identity', got '{autoencoder.kind}'")
         super().__init__(
             optim=optim, eval_seed=eval_seed, guidance_scale=guidance_scale, cfg_dropout=0.0, num_inference_steps=num_inference_steps
         )
@@ -148,7 +149,7 @@ class GoTModule(EditingModule):
         self.teacher_chains = teacher_chains
 
         self.mllm = GoTReasoner(mllm)
-        self.keep_frozen("codec", KLAutoencoder(autoencoder))
+        self.keep_frozen("codec", build_codec(autoencoder))
         latent = self.codec.latent_channels
         self.denoiser = UNetDenoiser(denoiser, condition_channels=2 * latent)
         if not self.denoiser.needs_added_conditions:
@@ -204,7 +205,7 @@ class GoTModule(EditingModule):
             states = self.mllm.image_token_states(images, prompts, chains)
         context, pooled = self.project(states)
         height, width = batch.size
-        channels = torch.cat([self.reference_latent(batch), box_mask_latents(self.codec, chains, height, width)], dim=1)
+        channels = torch.cat([self.reference_latent(batch), box_mask_latents(self.codec, chains, height, width, self.device, self.dtype)], dim=1)
         time_ids = sdxl_time_ids(height, width).to(self.device).expand(len(batch), -1)
         mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
         return Condition(context, mask, channels, {"text_embeds": pooled, "time_ids": time_ids}, terms)
