@@ -23,6 +23,7 @@ STAGES = {  # paper run -> recipe + stage overlays
 }
 TINY = "recipes/tiny/got.yaml"
 OFFICIAL = "recipes/got_official.yaml"  # overlay: the released GoT-6B weights
+DEMO = "recipes/demo/got.yaml"  # overlay of `make demo MODEL=got`, after TINY
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -62,6 +63,18 @@ def test_tiny_overlay_replaces_every_pretrained_part() -> None:
         assert init.mllm.pretrained is None and init.denoiser.pretrained is None and init.autoencoder.pretrained is None
         assert init.mllm.tiny.hidden_size == 32 and init.mllm.lora.r == 8 and init.mllm.lora.modules_to_save, "tiny LoRA over GoT's"
         assert init.init_from is None
+        # Pixel space: 3-channel UNet at the toy resolution, v-prediction over the paper's DDPM schedule.
+        assert init.autoencoder.kind == "identity" and init.denoiser.config["in_channels"] == 3
+        assert init.denoiser.config["sample_size"] == 32 and init.denoiser.zero_init_condition is False
+        assert init.objective.init_args.prediction_type == "v_prediction" and init.objective.init_args.noise_offset == 0.1
+
+
+def test_demo_overlay_keeps_everything_under_runs_demo_got() -> None:
+    config = ParseOnly(args=configs([*STAGES["got_pretrain"], TINY, DEMO]), run=False).config
+    trainer, data = config.trainer, config.data.init_args
+    assert trainer.default_root_dir == trainer.logger.init_args.save_dir == "runs/demo_got"
+    assert all(getattr(data, f"{split}_shards") == f"runs/demo_got/data/{split}" for split in ("train", "val", "test"))
+    assert config.model.init_args.autoencoder.kind == "identity" and trainer.max_steps == 1500
 
 
 def test_paper_recipe_without_weights_fails_in_one_line() -> None:
