@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from callbacks.toy_score import report, summarize, toy_edit_scores
+from callbacks.toy_score import chain_record, report, summarize, toy_edit_scores
 from datamodules.toy import PALETTE
 
 
@@ -99,3 +99,13 @@ def test_report_checks_the_bar_every_edit_type_and_the_ablations(tmp_path) -> No
     assert not report([untrained, one_type_below], out)  # overall 0.725 > 0.5, but "move" is below copying
     with pytest.raises(ValueError, match="no ablation labelled"):
         report([untrained, trained], out, ablations=("wrong_instruction",))
+
+
+def test_chain_record_tells_parsing_from_exact_boxes() -> None:
+    truth = [{"box": [100, 100, 300, 300], "color": "red", "label": "circle"}]
+    exact = "a <|box_start|>(100,100),(300,300)<|box_end|> (red) circle"
+    assert chain_record(exact, truth) == {"chain_parses": 1.0, "chain_exact": 1.0}
+    assert chain_record(exact.replace("(red)", "(blue)"), truth) == {"chain_parses": 1.0, "chain_exact": 0.0}
+    assert chain_record("no boxes at all", truth) == {"chain_parses": 0.0, "chain_exact": 0.0}
+    broken = exact + " and <|box_start|>(5,5),(1,1)<|box_end|> (red)"
+    assert chain_record(broken, truth)["chain_parses"] == 0.0  # one undrawable box spoils the chain

@@ -1,0 +1,113 @@
+"""Collect the toy-learning demos' results into ``benchmarks/toy_learning.{json,md}``.
+
+Run after ``make demo`` (and ``make demo MODEL=got``)::
+
+    python benchmarks/toy_learning.py            # reads runs/demo*/metrics.json and their train configs
+
+Per model: training steps, wall times (set-up apart), the toy edit score per edit type of every
+evaluation (untrained, trained, ablations, copy-the-source) and the checks, plus the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from zoo.demo import DEMOS  # noqa: E402
+
+
+def machine() -> dict[str, str | int]:
+    """What the numbers were measured on."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count() or 0,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def collect() -> dict[str, dict]:
+    """Every demo that has run: its metrics.json plus its steps and batch size."""
+    results = {}
+    for name, demo in DEMOS.items():
+        folder = ROOT / demo.folder
+        if not (folder / "metrics.json").is_file():
+            continue
+        metrics = json.loads((folder / "metrics.json").read_text())
+        config = yaml.safe_load((folder / "train" / "config.yaml").read_text())
+        results[name] = {
+            "recipes": list(demo.recipes),
+            "steps": config["trainer"]["max_steps"],
+            "batch_size": config["data"]["init_args"]["batch_size"],
+            "bar": demo.bar,
+            "metrics": metrics,
+        }
+    return results
+
+
+def markdown(results: dict[str, dict], host: dict[str, str | int]) -> str:
+    lines = ["# Toy learning: tiny models on the procedural toy edits", ""]
+    lines += [
+        "Written by `python benchmarks/toy_learning.py` from `make demo` (DIM) and `make demo MODEL=got` (GoT).",
+        "Score = (agreement inside the edit region + agreement outside) / 2 on the 128-sample held-out split;",
+        "copy_source = returning the source unchanged.",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in host.items()),
+        "",
+    ]
+    for name, result in results.items():
+        metrics = result["metrics"]
+        timings = metrics.get("timings_s", {})
+        labels = [label for label in metrics if isinstance(metrics[label], dict) and "overall" in metrics[label]]
+        groups = [g for g in metrics[labels[0]] if g != "overall"] + ["overall"]
+        lines += [f"## {name}", ""]
+        lines += [
+            f"{result['steps']} steps at batch {result['batch_size']}; training {timings.get('fit', float('nan')):.0f} s, "
+            f"training + evaluation {timings.get('train_and_evaluate', float('nan')):.0f} s, set-up (toy shards) "
+            f"{timings.get('setup_data', float('nan')):.0f} s. Bar: {result['bar']:.2f}. Learned: {metrics.get('learned')}.",
+            "",
+            "| edit type | " + " | ".join(labels) + " |",
+            "|---|" + "---|" * len(labels),
+        ]
+        for group in groups:
+            cells = [f"{metrics[label].get(group, {}).get('score', float('nan')):.3f}" for label in labels]
+            lines.append(f"| {group} | " + " | ".join(cells) + " |")
+        for label in labels:
+            overall = metrics[label]["overall"]
+            if "chain_parses" in overall:
+                lines.append("")
+                lines.append(
+                    f"{label}: {overall['chain_parses']:.1%} of generated chains parse into boxes, "
+                    f"{overall['chain_exact']:.1%} are exactly the target's boxes and colours."
+                )
+        lines += ["", "Checks:", ""] + [f"- {'ok' if ok else 'FAILED'}: {check}" for check, ok in metrics.get("checks", {}).items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    results = collect()
+    if not results:
+        print("no demo results under runs/: run `make demo` (and `make demo MODEL=got`) first", file=sys.stderr)
+        return 2
+    host = machine()
+    out = ROOT / "benchmarks"
+    (out / "toy_learning.json").write_text(json.dumps({"machine": host, "models": results}, indent=2) + "\n")
+    (out / "toy_learning.md").write_text(markdown(results, host))
+    print(f"wrote {out / 'toy_learning.md'} and {out / 'toy_learning.json'} for {', '.join(results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
