@@ -5,7 +5,8 @@ Run after ``make demo`` (and ``make demo MODEL=got``)::
     python benchmarks/toy_learning.py            # reads runs/demo*/metrics.json and their train configs
 
 Per model: training steps, wall times (set-up apart), the toy edit score per edit type of every
-evaluation (untrained, trained, ablations, copy-the-source) and the checks, plus the machine.
+evaluation (untrained, trained, ablations, copy-the-source) and the checks, plus the machine. The
+hand-written notes after the ``NOTES`` marker (the routes measured on the way) are kept.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from zoo.demo import DEMOS  # noqa: E402
+
+
+NOTES = "<!-- hand-written notes below are kept when the tables above are rewritten -->"
 
 
 def machine() -> dict[str, str | int]:
@@ -104,7 +108,9 @@ def main() -> int:
     host = machine()
     out = ROOT / "benchmarks"
     (out / "toy_learning.json").write_text(json.dumps({"machine": host, "models": results}, indent=2) + "\n")
-    (out / "toy_learning.md").write_text(markdown(results, host))
+    page = out / "toy_learning.md"
+    notes = page.read_text().split(NOTES, 1)[1] if page.is_file() and NOTES in page.read_text() else "\n"
+    page.write_text(markdown(results, host) + "\n" + NOTES + notes)
     print(f"wrote {out / 'toy_learning.md'} and {out / 'toy_learning.json'} for {', '.join(results)}")
     return 0
 

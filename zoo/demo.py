@@ -14,7 +14,7 @@ over the model's paper recipe, its tiny overlay and its demo overlay (``recipes/
    untrained one and copying the source overall and on every edit type, reaches the model's bar,
    and the wrong-instruction ablation scores clearly lower (the instruction is used).
 
-Exit status 1 when a check fails. Wall times per stage go to ``<folder>/timings.json`` and into
+The folder is cleared first. Exit status 1 when a check fails. Wall times per stage go to ``<folder>/timings.json`` and into
 the merged ``metrics.json``.
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -97,6 +98,7 @@ def _zoo(*args: str) -> float:
 def run(demo: Demo) -> bool:
     """All stages of ``demo``; returns whether every check of the report holds."""
     folder = Path(demo.folder)
+    shutil.rmtree(folder, ignore_errors=True)  # a fresh run: no stale checkpoint or metrics
     configs = [f"--config={recipe}" for recipe in demo.recipes]
     checkpoint = folder / "train" / "checkpoints" / "last.ckpt"
     timings = {"setup_data": _zoo("data", "toy", "--out", str(folder / "data"), *demo.data)}

@@ -17,9 +17,9 @@ from PIL import Image
 from callbacks.toy_score import toy_edit_scores
 from datamodules.samples import EditBatch, EditSample, collate
 from datamodules.toy import Scene, ToyObject, render
+from tests.modules.conftest import TINY_MLLM, TINY_SANA
 from zoo.blocks.autoencoders import CodecConfig
 from zoo.blocks.denoisers import SanaConfig
-from zoo.blocks.mllm import TinyVLMConfig, VLMConfig
 from zoo.blocks.objectives import FlowMatching
 from zoo.modules.base import Optimization
 from zoo.modules.dim import DIMModule
@@ -56,24 +56,9 @@ def shared_source_batch() -> EditBatch:
 def tiny_dim() -> DIMModule:
     torch.manual_seed(0)
     return DIMModule(
-        mllm=VLMConfig(tiny=TinyVLMConfig(seed=0, hidden_size=32, num_layers=1), max_condition_length=64, image_size=16),
-        denoiser=SanaConfig(
-            config={
-                "in_channels": 3,
-                "out_channels": 3,
-                "sample_size": RESOLUTION,
-                "patch_size": 1,
-                "num_layers": 2,
-                "num_attention_heads": 2,
-                "attention_head_dim": 16,
-                "num_cross_attention_heads": 2,
-                "cross_attention_head_dim": 16,
-                "cross_attention_dim": 32,
-                "caption_channels": 32,
-                "interpolation_scale": 1.0,
-            },
-            subfolder=None,
-        ),
+        mllm=TINY_MLLM,
+        # The tiny SANA of the module tests at patch 1, two layers and with position information.
+        denoiser=SanaConfig(config={**TINY_SANA.config, "patch_size": 1, "num_layers": 2, "interpolation_scale": 1.0}, subfolder=None),
         autoencoder=CodecConfig("identity"),
         cfg_dropout=0.25,
         guidance_scale=1.0,

@@ -67,6 +67,7 @@ class Objective(ABC):
     """What a module's training step and sampler agree on (see the module docstring)."""
 
     num_train_timesteps: int
+    edit_region_weight: float
 
     @abstractmethod
     def sample_timesteps(
@@ -88,8 +89,6 @@ class Objective(ABC):
     @abstractmethod
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """What the denoiser is trained to predict at ``x_t``."""
-
-    edit_region_weight: float
 
     def loss(self, pred: Tensor, target: Tensor, edit_region: Tensor | None = None) -> Tensor:
         """``mean_flat((target - pred)^2).mean()``: per-sample mean, then batch mean (float32).
