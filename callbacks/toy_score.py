@@ -157,11 +157,10 @@ def report(
     Each input holds one model label (``trained``, ``untrained``, ablations...) and the
     copy-the-source baseline. The model ``trained`` has learned when its overall score beats every
     model that is not an ablation and the baseline, every edit type beats the baseline (when
-    ``every_type``), it reaches
-    ``bar`` (when given), and each of ``ablations`` (e.g. the trained model given other samples'
-    instructions) scores at least ``margin`` below it; models in ``beside`` are only reported (GoT
-    with the chains it writes itself). Every check is printed and stored under
-    ``"checks"``; returns whether all hold.
+    ``every_type``), it reaches ``bar`` (when given), and each of ``ablations`` (e.g. the trained
+    model given other samples' instructions) scores at least ``margin`` below it; models in
+    ``beside`` are only reported (GoT with the chains it writes itself). Every check is printed and
+    stored under ``"checks"``; returns whether all hold.
     """
     merged: dict[str, dict[str, dict[str, float]]] = {}
     for path in metrics_files:

@@ -104,3 +104,16 @@ def test_the_instruction_is_what_tells_the_edits_apart(fitted: tuple[DIMModule, 
         assert score(model, batch) <= trained - 0.15
     finally:
         model.guidance_scale = 1.0
+
+
+def test_edit_region_weight_needs_the_masks_and_weighs_the_region() -> None:
+    batch = shared_source_batch()
+    plain, weighted = tiny_dim(), tiny_dim()
+    weighted.objective = FlowMatching(shift=3.0, edit_region_weight=5.0)
+    torch.manual_seed(1)
+    plain_loss = plain.diffusion_loss(batch, plain.encode_condition(batch))
+    torch.manual_seed(1)
+    weighted_loss = weighted.diffusion_loss(batch, weighted.encode_condition(batch))
+    assert not torch.isclose(plain_loss, weighted_loss)  # same noise, same weights: only the weighting differs
+    with pytest.raises(ValueError, match="needs the edit-region mask"):
+        weighted.diffusion_loss(batch.replace(mask=None), weighted.encode_condition(batch))
