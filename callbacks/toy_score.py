@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     """``zoo toy-report METRICS.json... --out FILE [--bar X] [--ablation LABEL]``: exit 1 when the model did not learn."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="zoo toy-report", description=report.__doc__)
+    parser = argparse.ArgumentParser(prog="zoo toy-report", allow_abbrev=False, description=report.__doc__)
     parser.add_argument("metrics", nargs="+", help="metrics.json files of the evaluations to merge")
     parser.add_argument("--out", required=True, help="merged metrics.json to write")
     parser.add_argument("--trained", default="trained", help="label of the model under test")

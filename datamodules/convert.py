@@ -37,7 +37,7 @@ def _records(pairs: Iterable[tuple[EditSample | T2ISample, dict]]) -> Iterator[t
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns a process exit code (0 ok, 1 when nothing could be converted)."""
-    parser = argparse.ArgumentParser(prog="zoo data convert", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="zoo data convert", allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--format", choices=("dim", "got"), default="dim", help="release format (default: dim)")
     parser.add_argument("--jsonl", required=True, help="DIM tos jsonl (id, image_path, prompt[, image_path_target]); GoT: .jsonl or .json")
     parser.add_argument("--image-root", default=None, help="folder the image paths are relative to (default: the jsonl's)")

@@ -1,4 +1,5 @@
-"""``python -m zoo``: builds ZooCLI only; models live in importable modules (pitfall 23)."""
+"""``python -m zoo``: the command line of :mod:`zoo.cli`; models live in importable modules, never here
+(a class defined in ``__main__`` could not be found again when a checkpoint is loaded)."""
 
 import sys
 

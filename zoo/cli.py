@@ -1,195 +1,73 @@
-"""ZooCLI: ``python -m zoo {fit,validate,test,predict}`` over recipes, plus ``zoo data ...`` tools.
+"""``python -m zoo COMMAND``: the zoo's command line, dispatched before anything heavy is imported.
 
-``fit/validate/test/predict`` are LightningCLI's, with any :class:`EditingModule` subclass as
-``model`` and any LightningDataModule as ``data`` (``class_path`` + ``init_args`` in recipes), several
-``--config`` files merged in order (a paper recipe, then overlays such as ``recipes/tiny/dim.yaml``),
-and the resolved config saved with overwrite allowed — a requeued job writes into the same run
-directory (pitfall 25). ``zoo data convert|toy`` are the shard writers of :mod:`datamodules`;
-``zoo toy-report`` merges toy evaluations into one table; ``zoo demo`` runs the toy-learning harness
-(:mod:`zoo.demo`).
-
-Configuration mistakes (an unknown key at any depth, with the closest valid one; a value out of
-range, :class:`~zoo.blocks.config.ConfigError`) and missing pretrained weights end in one
-``zoo: error: ...`` line and exit status 2, not a stack trace.
+``fit/validate/test/predict`` are LightningCLI's over recipes (:mod:`zoo.trainer_cli`); ``data
+convert|toy`` are the shard writers of :mod:`datamodules`; ``toy-report`` merges toy evaluations
+into one table (:mod:`callbacks.toy_score`); ``demo`` runs the toy-learning harness
+(:mod:`zoo.demo`). Each command's module is imported only when that command runs, so ``zoo
+--help`` lists them all in about the time Python takes to start.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import importlib
-import inspect
-import re
 import sys
-import types
-import typing
-from collections.abc import Callable
 
-from jsonargparse import ArgumentError, set_parsing_settings
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
-from lightning.pytorch.cli import LightningCLI
+TRAINER_COMMANDS = {
+    "fit": "train a model: --config RECIPE [--config OVERLAY ...] [--section.key=value ...]",
+    "validate": "one pass over the validation split (--ckpt_path CKPT)",
+    "test": "one pass over the test split with the recipe's evaluators (--ckpt_path CKPT)",
+    "predict": "edit the images of a JSONL file (--data.init_args.predict_jsonl FILE --ckpt_path CKPT)",
+}
+"""LightningCLI's commands -> their one-line purpose."""
 
-from callbacks.edit_writer import EditWriter
-from zoo.blocks.config import ConfigError
-from zoo.blocks.pretrained import MissingPretrainedError
-from zoo.modules.base import EditingModule
-
-
-# Typed configs document each field with a string literal after it: those become --help.
-set_parsing_settings(docstring_parse_attribute_docstrings=True)
-
-
-class ZooCLI(LightningCLI):
-    """LightningCLI with the zoo's defaults: subclass mode, merged configs, overwrite-safe config saving."""
-
-    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
-        super().__init__(
-            model_class=EditingModule,
-            datamodule_class=LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={
-                "callbacks": [RichProgressBar(), LearningRateMonitor(logging_interval="step"), EditWriter()]
-            },
-            parser_kwargs={"exit_on_error": False},
-            args=args,
-            run=run,
-        )
-
-    def _parse_ckpt_path(self) -> None:
-        """Keep the configuration as given: the recipes and command line, never the checkpoint's hparams.
-
-        LightningCLI would merge the checkpoint's saved hyperparameters over the parsed config, so
-        ``zoo test --ckpt_path last.ckpt --model.init_args.guidance_scale=4.5`` silently ran with the
-        training-time scale. Here the given recipes define the model; the checkpoint gives weights,
-        loaded strictly, so a model that does not match them fails loudly.
-        """
+TOOLS = {
+    "data convert": ("datamodules.convert", "write shards from a DIM or GoT release file (JSONL/JSON + images)"),
+    "data toy": ("datamodules.toy", "write the procedural toy edit (and T2I) shards"),
+    "toy-report": ("callbacks.toy_score", "merge toy evaluations (metrics.json) into one table with checks"),
+    "demo": ("zoo.demo", "train a tiny model on toy edits on the CPU and prove that it learned (make demo)"),
+}
+"""The zoo's own commands -> (module whose ``main(argv)`` runs it, one-line purpose)."""
 
 
-def _data_tools() -> dict[str, Callable[[list[str] | None], int]]:
-    from datamodules import convert, toy
-
-    return {"convert": convert.main, "toy": toy.main}
-
-
-_NOISE = ("Does not validate", "Subtypes:", "Errors:", "- Problem with given class_path", "Given value", "- Expected a <class 'NoneType'>")
-# How jsonargparse names an option it does not know, by where it met it.
-_UNKNOWN = (
-    re.compile(r"unrecognized arguments: --(?P<option>[\w.]+)"),
-    re.compile(r"Group '(?P<group>[\w.]+)' does not accept option '(?P<option>[\w.]+)'"),
-    re.compile(r"Option '(?P<option>[\w.]+)' is not accepted"),
-)
-
-
-def _one_line(error: BaseException) -> str:
-    """One line from an error; jsonargparse's nested reports become ``key.path: first reason``,
-    and an unknown key names its full path and the closest valid key."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    keys = [m.group(1) for line in lines if (m := re.fullmatch(r'Parser key "(.+)":', line))]
-    reasons = [line for line in lines if not line.startswith(_NOISE) and not re.fullmatch(r'Parser key ".+":', line)]
-    if not keys:
-        return lines[0]
-    unknown = _unknown_key(keys, lines)
-    if unknown is not None:
-        return unknown
-    return f"{'.'.join(keys)}: {reasons[0] if reasons else 'invalid value'}"
-
-
-def _unknown_key(keys: list[str], lines: list[str]) -> str | None:
-    """``model.init_args.mllm.lora: unknown key 'rr' (did you mean 'r'?)`` for an unknown option."""
-    classes = [m.group(1) for line in lines if (m := re.search(r"Problem with given class_path '([^']+)'", line))]
-    for line in lines:
-        for pattern in _UNKNOWN:
-            match = pattern.search(line)
-            if match is None:
-                continue
-            found = match.groupdict()
-            path = [part for key in keys[1:] for part in key.split(".")]
-            path += found["group"].split(".") if found.get("group") else []
-            *parents, option = path + found["option"].split(".")
-            where = ".".join([keys[0], *(["init_args"] if classes else []), *parents])
-            hint = _closest(classes[0], parents, option) if classes else None
-            return f"{where}: unknown key '{option}'" + (f" (did you mean '{hint}'?)" if hint else "")
-    return None
-
-
-def _closest(class_path: str, parents: list[str], option: str) -> str | None:
-    """The valid key nearest to ``option`` below ``parents`` of ``class_path``'s init arguments."""
-    module, _, name = class_path.rpartition(".")
-    try:
-        owner: object = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return None
-    for parent in parents:
-        owner = _config_type(_arguments(owner).get(parent))
-        if owner is None:
-            return None
-    matches = difflib.get_close_matches(option, list(_arguments(owner)), n=1)
-    return matches[0] if matches else None
-
-
-def _arguments(owner: object) -> dict[str, object]:
-    """Argument name -> type of a dataclass's fields or a class's ``__init__``."""
-    if dataclasses.is_dataclass(owner):
-        hints = typing.get_type_hints(owner)
-        return {f.name: hints.get(f.name) for f in dataclasses.fields(owner) if f.init}
-    if not inspect.isclass(owner):
-        return {}
-    hints = typing.get_type_hints(owner.__init__)
-    names = [n for n in inspect.signature(owner.__init__).parameters if n != "self"]
-    return {n: hints.get(n) for n in names}
-
-
-def _config_type(annotation: object) -> object | None:
-    """The dataclass inside ``annotation`` (``X``, ``X | None``)."""
-    if dataclasses.is_dataclass(annotation):
-        return annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return next((arg for arg in typing.get_args(annotation) if dataclasses.is_dataclass(arg)), None)
-    return None
+def usage() -> str:
+    """The listing of every command that ``zoo``, ``zoo -h`` and ``zoo --help`` print."""
+    rows = [*TRAINER_COMMANDS.items(), *((name, purpose) for name, (_, purpose) in TOOLS.items())]
+    width = max(len(name) for name, _ in rows) + 2
+    lines = [
+        "usage: zoo COMMAND [ARGS]   (python -m zoo COMMAND [ARGS])",
+        "",
+        "Image editing guided by multimodal LLMs: train, evaluate and run the zoo's models from YAML recipes.",
+        "",
+        "commands:",
+        *(f"  {name:<{width}}{purpose}" for name, purpose in rows),
+        "",
+        "`zoo COMMAND --help` shows a command's options.",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m zoo``; returns the process exit status."""
     words = list(sys.argv[1:] if argv is None else argv)
-    if words[:1] == ["demo"]:
-        from zoo.demo import main as demo
+    if not words or words[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if words else 2
+    if words[0] in TRAINER_COMMANDS or words[0].startswith("-"):
+        from zoo.trainer_cli import run
 
-        return demo(words[1:])
-    if words[:1] == ["toy-report"]:
-        from callbacks.toy_score import main as toy_report
-
-        return toy_report(words[1:])
-    if words[:1] == ["data"]:
-        tools = _data_tools()
-        if len(words) < 2 or words[1] not in tools:
-            print(f"zoo: error: usage: zoo data {{{','.join(tools)}}} ...", file=sys.stderr)
-            return 2
-        return tools[words[1]](words[2:])
-    try:
-        # args=None lets LightningCLI read sys.argv itself (it warns when given both).
-        ZooCLI(args=argv)
-    except ArgumentError as error:
-        print(f"zoo: error: {_one_line(error)} (see --help)", file=sys.stderr)
+        return run(argv)
+    name = " ".join(words[:2]) if words[0] == "data" else words[0]
+    if name not in TOOLS:
+        if words[0] == "data":
+            tools = [tool for tool in TOOLS if tool.startswith("data ")]
+            if words[1:2] in (["-h"], ["--help"]):
+                print("\n".join(f"zoo {tool}: {TOOLS[tool][1]}" for tool in tools))
+                return 0
+            given = f" (got '{words[1]}')" if len(words) > 1 else ""
+            print(f"zoo: error: zoo data needs one of: {', '.join(tools)}{given}", file=sys.stderr)
+        else:
+            known = ", ".join([*TRAINER_COMMANDS, *TOOLS])
+            print(f"zoo: error: unknown command '{name}'; one of: {known} (see zoo --help)", file=sys.stderr)
         return 2
-    except Exception as error:
-        known = _user_error(error)
-        if known is None:
-            raise
-        print(f"zoo: error: {_one_line(known)}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _user_error(error: BaseException) -> MissingPretrainedError | ConfigError | None:
-    """The missing-weights or bad-config error behind ``error`` (jsonargparse wraps instantiation errors)."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, (MissingPretrainedError, ConfigError)):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+    module, _ = TOOLS[name]
+    return importlib.import_module(module).main(words[len(name.split()) :])

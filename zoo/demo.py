@@ -145,7 +145,7 @@ def run(demo: Demo) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """``zoo demo [MODEL]``; exit 1 when the trained model misses a check."""
-    parser = argparse.ArgumentParser(prog="zoo demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="zoo demo", allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", default="dim", choices=sorted(DEMOS), help="which tiny model to train")
     args = parser.parse_args(argv)
     return 0 if run(DEMOS[args.model]) else 1

@@ -10,7 +10,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from zoo.blocks.config import ConfigError
-from zoo.blocks.objectives import EpsilonDiffusion, FlowMatching
+from zoo.blocks.objectives import EpsilonDiffusion, FlowMatching, edit_region_weights
 
 
 def test_sigmas_are_the_shifted_linear_flow_grid() -> None:
@@ -213,17 +213,22 @@ def test_epsilon_bad_inputs_are_explained() -> None:
         EpsilonDiffusion(noise_offset=-0.1)
 
 
-def test_edit_region_weight_weighs_the_region_and_defaults_to_the_plain_mse() -> None:
-    pred = torch.zeros(2, 3, 4, 4)
-    target = torch.ones(2, 3, 4, 4)
+def test_edit_region_share_balances_the_region_and_defaults_to_the_plain_mse() -> None:
+    pred = torch.zeros(3, 3, 4, 4)
+    target = torch.ones(3, 3, 4, 4)
     target[:, :, 0, 0] = 3.0  # error 9 in one of 16 cells, 1 elsewhere
-    region = torch.zeros(2, 1, 4, 4)
-    region[:, :, 0, 0] = 1
+    region = torch.zeros(3, 1, 4, 4)
+    region[:2, :, 0, 0] = 1
+    region[2] = 1  # the whole image edited: nothing to balance, the plain mean
     plain = (15 * 1 + 9) / 16
     for objective in (FlowMatching(), EpsilonDiffusion()):
-        assert float(objective.loss(pred, target, region)) == pytest.approx(plain)  # weight 1: the paper's loss
-    for objective in (FlowMatching(edit_region_weight=5.0), EpsilonDiffusion(edit_region_weight=5.0)):
-        assert float(objective.loss(pred, target, region)) == pytest.approx((15 * 1 + 5 * 9) / (15 + 5))
+        assert float(objective.loss(pred, target, region)) == pytest.approx(plain)  # null: the paper's loss
+    for objective in (FlowMatching(edit_region_share=0.5), EpsilonDiffusion(edit_region_share=0.5)):
+        assert float(objective.loss(pred, target, region)) == pytest.approx((2 * (0.5 * 9 + 0.5 * 1) + plain) / 3)
         assert float(objective.loss(pred, target)) == pytest.approx(plain)  # no mask given: nothing to weigh
-    with pytest.raises(ConfigError, match="edit_region_weight"):
-        FlowMatching(edit_region_weight=0.0)
+    weights = edit_region_weights(region, 0.8)
+    assert float(weights[0, 0, 0, 0]) == pytest.approx(0.8) and float(weights[0, 0, 1, 1]) == pytest.approx(0.2 / 15)
+    assert weights[2].eq(1).all()
+    for share in (0.0, 1.0, -0.5):
+        with pytest.raises(ConfigError, match="edit_region_share must be null"):
+            FlowMatching(edit_region_share=share)

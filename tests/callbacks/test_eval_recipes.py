@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from zoo.cli import ZooCLI
+from zoo.trainer_cli import ZooCLI
 
 ROOT = Path(__file__).resolve().parents[2]
 EVAL_RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes" / "eval").glob("*.yaml"))

@@ -111,7 +111,12 @@ def test_tiny_recipe_fits_and_tests(stage: str, toy_data: dict[str, Path], tmp_p
     assert not any(k.startswith("mllm.") for k in checkpoint["state_dict"])
     assert (tmp_path / "train" / "config.yaml").is_file()
     assert list((tmp_path / "train" / "images").glob("val_step*.png"))
-    assert main(["test", *args, f"--ckpt_path={last}", "--trainer.limit_test_batches=1"]) == 0
+    saved, events = (tmp_path / "train" / "config.yaml").read_text(), sorted((tmp_path / "train").glob("events.*"))
+    assert main(["test", *args, f"--ckpt_path={last}", "--trainer.limit_test_batches=1", "--trainer.max_steps=99"]) == 0
+    # The test stage has its own folder and config; the training run's are untouched.
+    assert yaml.safe_load((tmp_path / "test" / "config.yaml").read_text())["trainer"]["max_steps"] == 99
+    assert list((tmp_path / "test").glob("events.*"))
+    assert (tmp_path / "train" / "config.yaml").read_text() == saved and sorted((tmp_path / "train").glob("events.*")) == events
 
 
 def test_test_time_overrides_win_over_the_checkpoint_hparams(toy_data: dict[str, Path], tmp_path: Path) -> None:
@@ -166,6 +171,7 @@ def test_tiny_predict_writes_edits_from_a_tos_jsonl(tmp_path: Path) -> None:
     shards_unset = [f"--data.init_args.{split}_shards=null" for split in ("train", "val", "test")]
     assert main(["predict", *args, *shards_unset, f"--data.init_args.predict_jsonl={jsonl}"]) == 0
     [written] = list(tmp_path.glob("**/predictions/a.png"))
+    assert written == tmp_path / "predict" / "predictions" / "a.png", "predict writes into its own stage folder"
     record = json.loads(written.with_name("predictions.rank0.jsonl").read_text())
     assert record == {"key": "a", "instruction": "make the background white", "text": "make the background white", "image": "a.png"}
     from PIL import Image

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from zoo.cli import ZooCLI
+from zoo.trainer_cli import ZooCLI
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,7 +44,7 @@ def tiny_run_overlay(
             "default_root_dir": str(run_dir),
             "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(run_dir), "name": "", "version": "train"},
+                "init_args": {"save_dir": str(run_dir), "name": ""},
             },
             "callbacks": [
                 {

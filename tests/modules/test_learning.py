@@ -106,10 +106,10 @@ def test_the_instruction_is_what_tells_the_edits_apart(fitted: tuple[DIMModule, 
         model.guidance_scale = 1.0
 
 
-def test_edit_region_weight_needs_the_masks_and_weighs_the_region() -> None:
+def test_edit_region_share_needs_the_masks_and_changes_the_loss() -> None:
     batch = shared_source_batch()
     plain, weighted = tiny_dim(), tiny_dim()
-    weighted.objective = FlowMatching(shift=3.0, edit_region_weight=5.0)
+    weighted.objective = FlowMatching(shift=3.0, edit_region_share=0.5)
     torch.manual_seed(1)
     plain_loss = plain.diffusion_loss(batch, plain.encode_condition(batch))
     torch.manual_seed(1)

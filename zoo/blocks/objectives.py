@@ -30,7 +30,7 @@ import torch
 from diffusers import DDPMScheduler, SchedulerMixin
 from torch import Tensor
 
-from zoo.blocks.config import check_choice, check_positive, check_range
+from zoo.blocks.config import ConfigError, check_choice, check_positive, check_range
 from zoo.blocks.sampling import build_scheduler
 
 
@@ -52,6 +52,17 @@ def mean_squared_error(pred: Tensor, target: Tensor, weight: Tensor | None = Non
     return ((squared * weight).flatten(1).sum(dim=1) / weight.flatten(1).sum(dim=1)).mean()
 
 
+def edit_region_weights(region: Tensor, share: float) -> Tensor:
+    """Per-element weights ``[B, 1, h, w]`` giving ``region`` (``{0, 1}``) ``share`` of each
+    sample's weighted mean and the rest ``1 - share``; uniform for a sample whose region is empty
+    or everything (there is nothing to balance)."""
+    region = region.float()
+    inside = region.flatten(1).sum(dim=1).view(-1, 1, 1, 1)
+    outside = region[0].numel() - inside
+    balanced = share * region / inside.clamp_min(1) + (1 - share) * (1 - region) / outside.clamp_min(1)
+    return torch.where((inside > 0) & (outside > 0), balanced, torch.ones_like(balanced))
+
+
 def _check_steps(t: Tensor, batch: int, num_train_timesteps: int) -> None:
     if t.ndim != 1 or t.shape[0] != batch or t.dtype.is_floating_point:
         raise ValueError(f"t must be integer step indices of shape [{batch}], got {t.dtype} {tuple(t.shape)}")
@@ -67,7 +78,7 @@ class Objective(ABC):
     """What a module's training step and sampler agree on (see the module docstring)."""
 
     num_train_timesteps: int
-    edit_region_weight: float
+    edit_region_share: float | None
 
     @abstractmethod
     def sample_timesteps(
@@ -93,12 +104,19 @@ class Objective(ABC):
     def loss(self, pred: Tensor, target: Tensor, edit_region: Tensor | None = None) -> Tensor:
         """``mean_flat((target - pred)^2).mean()``: per-sample mean, then batch mean (float32).
 
-        With ``edit_region_weight != 1`` and an ``edit_region`` mask (``[B, 1, h, w]`` in {0, 1} at
-        the latent's size) each sample's mean weighs the region's elements by that factor.
+        With ``edit_region_share`` set and an ``edit_region`` mask (``[B, 1, h, w]`` in {0, 1} at
+        the latent's size) each sample's loss is ``share * mean inside + (1 - share) * mean
+        outside`` (:func:`edit_region_weights`).
         """
-        if self.edit_region_weight == 1 or edit_region is None:
+        if self.edit_region_share is None or edit_region is None:
             return mean_squared_error(pred, target)
-        return mean_squared_error(pred, target, 1 + (self.edit_region_weight - 1) * edit_region)
+        return mean_squared_error(pred, target, edit_region_weights(edit_region, self.edit_region_share))
+
+    def check_edit_region_share(self) -> None:
+        """Raise :class:`ConfigError` unless ``edit_region_share`` is None or strictly between 0 and 1."""
+        share = self.edit_region_share
+        if share is not None and not 0 < share < 1:
+            raise ConfigError(f"objective.edit_region_share must be null (plain MSE) or in (0, 1), got {share}")
 
     @abstractmethod
     def sampling_scheduler(self) -> SchedulerMixin:
@@ -119,15 +137,16 @@ class FlowMatching(Objective):
     """Its standard deviation (SANA ``logit_std``)."""
     sampler: Literal["dpm_solver++", "flow_euler"] = "dpm_solver++"
     """Sampling scheduler: diffusers' DPM-Solver++ as SANA's (official) or flow Euler."""
-    edit_region_weight: float = 1.0
-    """Weight of the loss inside the ground-truth edit region (``EditBatch.mask``) relative to the
-    rest. 1 = the paper's plain MSE. Not from any paper: toy runs raise it because an object edit
-    changes 4-7% of the pixels and the plain loss is then mostly copying."""
+    edit_region_share: float | None = None
+    """Share of each sample's loss carried by its ground-truth edit region (``EditBatch.mask``),
+    the rest by the pixels outside it; None = the paper's plain MSE. Not from any paper: an object
+    edit changes 4-7% of the toy pixels, so the plain loss is mostly copying (0.5 balances the two,
+    as the toy edit score averages them)."""
     sigmas: Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_positive("objective.shift", self.shift)
-        check_positive("objective.edit_region_weight", self.edit_region_weight)
+        self.check_edit_region_share()
         check_positive("objective.logit_std", self.logit_std)
         check_range("objective.num_train_timesteps", self.num_train_timesteps, 2)
         betas = torch.linspace(1.0, 0.001, self.num_train_timesteps, dtype=torch.float64)
@@ -190,16 +209,17 @@ class EpsilonDiffusion(Objective):
     """Scale of the per-channel constant noise added to ε (GoT: 0.1; 0 disables)."""
     prediction_type: PredictionType = "epsilon"
     """``epsilon`` (SDXL, GoT) or ``v_prediction``."""
-    edit_region_weight: float = 1.0
-    """Weight of the loss inside the ground-truth edit region (``EditBatch.mask``) relative to the
-    rest. 1 = the paper's plain MSE. Not from any paper: toy runs raise it because an object edit
-    changes 4-7% of the pixels and the plain loss is then mostly copying."""
+    edit_region_share: float | None = None
+    """Share of each sample's loss carried by its ground-truth edit region (``EditBatch.mask``),
+    the rest by the pixels outside it; None = the paper's plain MSE. Not from any paper: an object
+    edit changes 4-7% of the toy pixels, so the plain loss is mostly copying (0.5 balances the two,
+    as the toy edit score averages them)."""
     scheduler: DDPMScheduler = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_choice("objective.prediction_type", self.prediction_type, PredictionType)
         check_range("objective.noise_offset", self.noise_offset, 0.0)
-        check_positive("objective.edit_region_weight", self.edit_region_weight)
+        self.check_edit_region_share()
         check_range("objective.num_train_timesteps", self.num_train_timesteps, 2)
         # SDXL's scheduler config as GoT's DDPMScheduler.from_pretrained reads it (clip_sample off).
         self.scheduler = DDPMScheduler(

@@ -271,13 +271,13 @@ class EditingModule(L.LightningModule):
 
     def edit_region(self, batch: EditBatch, size: tuple[int, int]) -> Tensor | None:
         """The batch's edit-region mask at latent ``size`` (a latent cell touching the region counts),
-        when the objective weighs the region (``edit_region_weight``); else None."""
-        if self.objective.edit_region_weight == 1:
+        when the objective balances the loss over it (``edit_region_share``); else None."""
+        if self.objective.edit_region_share is None:
             return None
         if batch.mask is None:
             raise ValueError(
-                f"objective.edit_region_weight={self.objective.edit_region_weight} needs the edit-region mask of "
-                f"every training sample (EditBatch.mask); samples {batch.key[:3]} come without one (set it to 1)"
+                f"objective.edit_region_share={self.objective.edit_region_share} needs the edit-region mask of "
+                f"every training sample (EditBatch.mask); samples {batch.key[:3]} come without one (set it to null)"
             )
         return F.adaptive_max_pool2d(batch.mask.to(self.device, torch.float32), tuple(size))
 

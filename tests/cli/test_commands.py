@@ -1,0 +1,54 @@
+"""``zoo --help`` lists every command without importing torch; abbreviated options are errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers.recipes import ROOT, configs, error_lines, run_zoo
+from zoo.cli import TOOLS, TRAINER_COMMANDS, main
+
+
+def _seconds(*command: str) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    return time.perf_counter() - start
+
+
+def test_help_lists_every_command_faster_than_importing_torch() -> None:
+    result = run_zoo("--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: zoo COMMAND")
+    listed = [line[2:].split("  ")[0] for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert listed == [*TRAINER_COMMANDS, *TOOLS]
+    # Measured in one run: the listing imports nothing heavy (torch alone takes seconds).
+    torch_import = _seconds(sys.executable, "-c", "import torch")
+    help_time = _seconds(sys.executable, "-m", "zoo", "--help")
+    assert help_time < torch_import, (help_time, torch_import)
+
+
+def test_data_help_and_unknown_commands() -> None:
+    shown = run_zoo("data", "--help")
+    assert shown.returncode == 0 and "zoo data convert:" in shown.stdout and "zoo data toy:" in shown.stdout
+    for words, expected in ((["data"], "zoo data needs one of: data convert, data toy"), (["train"], "unknown command 'train'")):
+        result = run_zoo(*words)
+        assert result.returncode == 2 and error_lines(result.stderr) == [error_lines(result.stderr)[0]]
+        assert expected in result.stderr
+    assert run_zoo().returncode == 2, "no command is a usage error"
+
+
+@pytest.mark.parametrize("command", [["data", "toy", "--ou", "x"], ["toy-report", "m.json", "--ou", "x"], ["demo", "--mod", "dim"]])
+def test_tools_reject_abbreviated_options(command: list[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(command)
+    assert exited.value.code == 2
+
+
+def test_trainer_commands_reject_abbreviated_options(capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse would otherwise read --trainer.max_step as --trainer.max_steps.
+    args = ["fit", *configs(["recipes/dim_edit_stage1.yaml", "recipes/tiny/dim.yaml"]), "--trainer.max_step=3", "--print_config"]
+    assert main(args) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert "--trainer.max_step=3" in line

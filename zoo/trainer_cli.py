@@ -1,0 +1,192 @@
+"""ZooCLI: ``python -m zoo {fit,validate,test,predict}`` over recipes (dispatched by :mod:`zoo.cli`).
+
+These commands are LightningCLI's, with any :class:`EditingModule` subclass as
+``model`` and any LightningDataModule as ``data`` (``class_path`` + ``init_args`` in recipes), several
+``--config`` files merged in order (a paper recipe, then overlays such as ``recipes/tiny/dim.yaml``),
+and the resolved config saved with overwrite allowed — a requeued job writes into the same run
+directory (pitfall 25).
+
+Configuration mistakes (an unknown key at any depth, with the closest valid one; a value out of
+range, :class:`~zoo.blocks.config.ConfigError`) and missing pretrained weights end in one
+``zoo: error: ...`` line and exit status 2, not a stack trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import inspect
+import re
+import sys
+import types
+import typing
+
+from jsonargparse import ArgumentError, Namespace, set_parsing_settings
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+
+from callbacks.edit_writer import EditWriter
+from zoo.blocks.config import ConfigError
+from zoo.blocks.pretrained import MissingPretrainedError
+from zoo.modules.base import EditingModule
+
+
+# Typed configs document each field with a string literal after it: those become --help.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+STAGE_FOLDERS = {"fit": "train", "validate": "validate", "test": "test", "predict": "predict"}
+"""The logger version (folder under ``default_root_dir``) of each stage unless a recipe or the
+command line names one: a test never writes into the training run's folder, config or TensorBoard
+run, and a requeued fit reuses ``train``."""
+
+
+class ZooCLI(LightningCLI):
+    """LightningCLI with the zoo's defaults: subclass mode, merged configs, overwrite-safe config
+    saving, a folder per stage, and no abbreviated options (``--trainer.max_step`` is an error)."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            model_class=EditingModule,
+            datamodule_class=LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "callbacks": [RichProgressBar(), LearningRateMonitor(logging_interval="step"), EditWriter()]
+            },
+            parser_kwargs={
+                "exit_on_error": False,
+                "prog": "zoo",
+                "allow_abbrev": False,
+                **{stage: {"allow_abbrev": False} for stage in STAGE_FOLDERS},
+            },
+            args=args,
+            run=run,
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """Give the stage's logger its own version (:data:`STAGE_FOLDERS`) when none is set."""
+        if self.subcommand is None:
+            return
+        logger = self.config[self.subcommand].get("trainer.logger")
+        init = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if isinstance(init, Namespace) and "version" in init and init.version is None:
+            init.version = STAGE_FOLDERS[self.subcommand]
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the configuration as given: the recipes and command line, never the checkpoint's hparams.
+
+        LightningCLI would merge the checkpoint's saved hyperparameters over the parsed config, so
+        ``zoo test --ckpt_path last.ckpt --model.init_args.guidance_scale=4.5`` silently ran with the
+        training-time scale. Here the given recipes define the model; the checkpoint gives weights,
+        loaded strictly, so a model that does not match them fails loudly.
+        """
+
+
+_NOISE = ("Does not validate", "Subtypes:", "Errors:", "- Problem with given class_path", "Given value", "- Expected a <class 'NoneType'>")
+# How jsonargparse names an option it does not know, by where it met it.
+_UNKNOWN = (
+    re.compile(r"unrecognized arguments: --(?P<option>[\w.]+)"),
+    re.compile(r"Group '(?P<group>[\w.]+)' does not accept option '(?P<option>[\w.]+)'"),
+    re.compile(r"Option '(?P<option>[\w.]+)' is not accepted"),
+)
+
+
+def _one_line(error: BaseException) -> str:
+    """One line from an error; jsonargparse's nested reports become ``key.path: first reason``,
+    and an unknown key names its full path and the closest valid key."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    keys = [m.group(1) for line in lines if (m := re.fullmatch(r'Parser key "(.+)":', line))]
+    reasons = [line for line in lines if not line.startswith(_NOISE) and not re.fullmatch(r'Parser key ".+":', line)]
+    if not keys:
+        return lines[0]
+    unknown = _unknown_key(keys, lines)
+    if unknown is not None:
+        return unknown
+    return f"{'.'.join(keys)}: {reasons[0] if reasons else 'invalid value'}"
+
+
+def _unknown_key(keys: list[str], lines: list[str]) -> str | None:
+    """``model.init_args.mllm.lora: unknown key 'rr' (did you mean 'r'?)`` for an unknown option."""
+    classes = [m.group(1) for line in lines if (m := re.search(r"Problem with given class_path '([^']+)'", line))]
+    for line in lines:
+        for pattern in _UNKNOWN:
+            match = pattern.search(line)
+            if match is None:
+                continue
+            found = match.groupdict()
+            path = [part for key in keys[1:] for part in key.split(".")]
+            path += found["group"].split(".") if found.get("group") else []
+            *parents, option = path + found["option"].split(".")
+            where = ".".join([keys[0], *(["init_args"] if classes else []), *parents])
+            hint = _closest(classes[0], parents, option) if classes else None
+            return f"{where}: unknown key '{option}'" + (f" (did you mean '{hint}'?)" if hint else "")
+    return None
+
+
+def _closest(class_path: str, parents: list[str], option: str) -> str | None:
+    """The valid key nearest to ``option`` below ``parents`` of ``class_path``'s init arguments."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        owner: object = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    for parent in parents:
+        owner = _config_type(_arguments(owner).get(parent))
+        if owner is None:
+            return None
+    matches = difflib.get_close_matches(option, list(_arguments(owner)), n=1)
+    return matches[0] if matches else None
+
+
+def _arguments(owner: object) -> dict[str, object]:
+    """Argument name -> type of a dataclass's fields or a class's ``__init__``."""
+    if dataclasses.is_dataclass(owner):
+        hints = typing.get_type_hints(owner)
+        return {f.name: hints.get(f.name) for f in dataclasses.fields(owner) if f.init}
+    if not inspect.isclass(owner):
+        return {}
+    hints = typing.get_type_hints(owner.__init__)
+    names = [n for n in inspect.signature(owner.__init__).parameters if n != "self"]
+    return {n: hints.get(n) for n in names}
+
+
+def _config_type(annotation: object) -> object | None:
+    """The dataclass inside ``annotation`` (``X``, ``X | None``)."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return next((arg for arg in typing.get_args(annotation) if dataclasses.is_dataclass(arg)), None)
+    return None
+
+
+def run(argv: list[str] | None) -> int:
+    """``fit/validate/test/predict`` with ``argv`` (None: ``sys.argv``); returns the exit status."""
+    try:
+        # args=None lets LightningCLI read sys.argv itself (it warns when given both).
+        ZooCLI(args=argv)
+    except ArgumentError as error:
+        print(f"zoo: error: {_one_line(error)} (see --help)", file=sys.stderr)
+        return 2
+    except Exception as error:
+        known = _user_error(error)
+        if known is None:
+            raise
+        print(f"zoo: error: {_one_line(known)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _user_error(error: BaseException) -> MissingPretrainedError | ConfigError | None:
+    """The missing-weights or bad-config error behind ``error`` (jsonargparse wraps instantiation errors)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (MissingPretrainedError, ConfigError)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
