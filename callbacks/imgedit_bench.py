@@ -154,6 +154,10 @@ def parse_yes_no(text: str, fields: tuple[str, ...] = MULTITURN_CRITERIA) -> dic
 
 # -- rubrics -----------------------------------------------------------------------------------
 
+TOY_RUBRIC_FIELDS = ("Instruction Compliance", "Preservation", "Integrity")
+"""The three dimensions the toy judge rates when no rubric is read (ImgEdit's order: compliance,
+then the type's second and third dimensions)."""
+
 _FIELD_LINE = re.compile(r"^(?P<name>[^:]+): A number from 1 to 5\.?\s*$")
 
 
@@ -416,10 +420,20 @@ class ImgEditEvaluator(BenchmarkEvaluator):
             return f"human ratings ({self.human_ratings})"
         return self.judge.name
 
+    @property
+    def reads_rubrics(self) -> bool:
+        """The basic suite's judge reads the official rubric; the toy judge answers from the ground
+        truth alone, so a toy run needs no ``prompts.json`` (and no network)."""
+        return self.suite == "basic" and not self.needs_truth
+
     def rubrics(self) -> dict[str, str]:
         if self._rubrics is None:
             self._rubrics = load_rubrics(self.rubrics_path, self.cache_dir)
         return self._rubrics
+
+    def preflight(self) -> None:
+        if self.reads_rubrics:
+            self.rubrics()  # fetched (or refused, in one line) before any edit is generated
 
     # -- scoring --
 
@@ -444,6 +458,8 @@ class ImgEditEvaluator(BenchmarkEvaluator):
         images = [folder.load_image(folder.companion(entry["id"], "SRCIMG")), folder.load_image(folder.edited(entry["id"]))]
         if self.suite == "uge":
             return JudgeRequest("imgedit_uge", [UGE_PROMPT.replace("<edit_prompt>", entry["instruction"]), *images], ("Score",), entry.get("truth"))
+        if not self.reads_rubrics:
+            return JudgeRequest("imgedit_basic", [entry["instruction"], *images], TOY_RUBRIC_FIELDS, entry.get("truth"))
         template = self.rubrics()[rubric_type(entry["edit_type"])]
         text = template.replace("<edit_prompt>", entry["instruction"])
         return JudgeRequest("imgedit_basic", [text, *images], rubric_fields(template), entry.get("truth"))

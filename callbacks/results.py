@@ -158,6 +158,7 @@ class ResultsFolder:
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(_cell(v, digits) for v in row) + " |" for row in rows]
         (self.root / f"{name}.md").write_text("\n".join(lines) + "\n")
+        rank_zero_info("\n".join([f"{self.root / name}.md:", *lines]))
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(header)
@@ -213,6 +214,10 @@ class BenchmarkEvaluator(L.Callback):
         """Store the toy ground truth with each generated entry (the toy judge reads it)."""
         return False
 
+    def preflight(self) -> None:
+        """Check, before the first edit is generated, what scoring will need (files, rubrics), so a
+        run fails in its first seconds instead of after the whole generation pass."""
+
     # -- flow --
 
     def _root(self, trainer: L.Trainer, stage: str) -> Path:
@@ -220,6 +225,7 @@ class BenchmarkEvaluator(L.Callback):
         return base if stage == "test" else base / "val" / f"step{trainer.global_step:07d}"
 
     def _start(self, trainer: L.Trainer, stage: str) -> None:
+        self.preflight()
         if self.multi_turn and not hasattr(trainer.datamodule, "case_info"):
             raise ValueError(
                 f"{type(self).__name__} judges multi-turn cases: evaluate with "

@@ -137,9 +137,21 @@ class ToyEditEvaluator(L.Callback):
         (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         overall = metrics[self.label]["overall"]
         rank_zero_info(
-            f"toy edit score ({self.label}): {overall['score']:.4f} "
-            f"(copy-the-source {metrics['copy_source']['overall']['score']:.4f}) on {int(overall['count'])} edits"
+            "\n".join(score_rows(metrics, [self.label, "copy_source"]))
+            + f"\ntoy edit score ({self.label}): {overall['score']:.4f} "
+            f"(copy-the-source {metrics['copy_source']['overall']['score']:.4f}) on {int(overall['count'])} edits "
+            f"-> {folder / 'metrics.json'}"
         )
+
+
+def score_rows(metrics: dict[str, dict[str, dict[str, float]]], labels: list[str]) -> list[str]:
+    """A text table of the overall score per edit type (rows) of each label (columns)."""
+    groups = sorted({g for label in labels for g in metrics[label]} - {"overall"}) + ["overall"]
+    rows = [f"{'edit type':<12}" + "".join(f"{label:>19}" for label in labels)]
+    for group in groups:
+        cells = "".join(f"{metrics[label].get(group, {}).get('score', float('nan')):>19.4f}" for label in labels)
+        rows.append(f"{group:<12}{cells}")
+    return rows
 
 
 def report(
@@ -169,10 +181,7 @@ def report(
         raise ValueError(f"no model labelled {trained!r} in {metrics_files} (labels: {sorted(merged)})")
     labels = [label for label in merged if label != "copy_source"] + ["copy_source"]
     groups = sorted({g for label in labels for g in merged[label]} - {"overall"}) + ["overall"]
-    rows = [f"{'edit type':<12}" + "".join(f"{label:>19}" for label in labels)]
-    for group in groups:
-        cells = "".join(f"{merged[label].get(group, {}).get('score', float('nan')):>19.4f}" for label in labels)
-        rows.append(f"{group:<12}{cells}")
+    rows = score_rows(merged, labels)
     score = {label: merged[label]["overall"]["score"] for label in labels}
     mine, copy = merged[trained], merged["copy_source"]
     checks: dict[str, bool] = {}

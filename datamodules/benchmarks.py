@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from datamodules.formats.dim import resolve_image
 from datamodules.formats.gedit import GEditCase, load_gedit_case, read_gedit_jsonl
 from datamodules.formats.imgedit import ImgEditCase, load_case, read_cases, resolve_case_image
-from datamodules.samples import EditSample, collate
+from datamodules.samples import DataConfigError, EditSample, collate
 from datamodules.shards import ListDataset
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,10 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "zoo" / "benchmarks")
 
 
+class MissingBenchmarkFileError(DataConfigError, RuntimeError):
+    """A pinned benchmark file is neither given, cached nor downloadable: one ``zoo: error:`` line."""
+
+
 def fetch(
     name: str,
     cache_dir: str | None = None,
@@ -102,7 +106,7 @@ def fetch(
 
     Raises:
         KeyError: unknown name. ValueError: a checksum mismatch (naming both digests).
-        RuntimeError: the download failed (naming the URL and how to pass a local copy).
+        MissingBenchmarkFileError: the download failed (naming the URL and where to put the file).
     """
     if name not in PINNED:
         raise KeyError(f"unknown benchmark file {name!r}; known: {sorted(PINNED)}")
@@ -119,9 +123,9 @@ def fetch(
         response = requests.get(url, timeout=timeout)
         response.raise_for_status()
     except requests.RequestException as error:
-        raise RuntimeError(
-            f"could not download {name} from {url} ({error}); without network, pass the file you have "
-            f"as local_path (sha256 {pinned.sha256})"
+        raise MissingBenchmarkFileError(
+            f"benchmark file {name} is missing and could not be downloaded from {url} ({type(error).__name__}); "
+            f"put that file at {target} or pass it as local_path (sha256 {pinned.sha256})"
         ) from error
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as handle:
@@ -197,11 +201,11 @@ class BenchmarkDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if benchmark not in BENCHMARKS:
-            raise ValueError(f"benchmark must be one of {BENCHMARKS}, got {benchmark!r}")
+            raise DataConfigError(f"benchmark must be one of {BENCHMARKS}, got {benchmark!r}")
         if definition is None and benchmark not in _SUITE_FILES:
-            raise ValueError(f"benchmark {benchmark!r} needs definition= (the suite JSON / jsonl export)")
+            raise DataConfigError(f"benchmark {benchmark!r} needs definition= (the suite JSON / jsonl export)")
         if images_dir is None and benchmark != "gedit":
-            raise ValueError("ImgEdit-Bench needs images_dir= (the unpacked Benchmark.tar of HF sysuyy/ImgEdit)")
+            raise DataConfigError("ImgEdit-Bench needs images_dir= (the unpacked Benchmark.tar of HF sysuyy/ImgEdit)")
         self.benchmark, self.images_dir, self.definition = benchmark, images_dir, definition
         self.cache_dir, self.language, self.results_dir, self.limit = cache_dir, language, results_dir, limit
         self.batch_size, self.num_workers = batch_size, num_workers

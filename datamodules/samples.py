@@ -21,6 +21,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+class DataConfigError(ValueError):
+    """A data module's argument is out of range or inconsistent with another: the CLI prints it as
+    one ``zoo: error:`` line (as it does :class:`zoo.blocks.config.ConfigError`), before any model is built."""
+
+
 BOX_RANGE = 1000
 """Box coordinates are integers in [0, BOX_RANGE), relative to the full image (GoT convention)."""
 

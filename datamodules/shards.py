@@ -33,7 +33,7 @@ import lightning as L
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from datamodules.samples import EditBatch, EditSample, T2ISample, collate
+from datamodules.samples import DataConfigError, EditBatch, EditSample, T2ISample, collate
 from datamodules.shard_format import decode_sample, read_tar, resolve_shards
 
 log = logging.getLogger(__name__)
@@ -270,9 +270,9 @@ class ShardDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
-            raise ValueError("batch sizes must be >= 1")
+            raise DataConfigError(f"batch_size and val_batch_size must be >= 1, got {batch_size} and {val_batch_size}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise DataConfigError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters()
         self.train_shards, self.val_shards, self.test_shards = train_shards, val_shards, test_shards
         self.predict_shards, self.predict_jsonl = predict_shards, predict_jsonl
@@ -282,7 +282,7 @@ class ShardDataModule(L.LightningDataModule):
         self.seed, self.shuffle_buffer, self.strict = seed, shuffle_buffer, strict
         self.limit_val_samples = limit_val_samples
         if wrong_instructions and self.val_batch_size < 2:
-            raise ValueError("wrong_instructions swaps texts between the samples of a test batch: set val_batch_size >= 2")
+            raise DataConfigError("wrong_instructions swaps texts between the samples of a test batch: set val_batch_size >= 2")
         self.wrong_instructions = wrong_instructions
         self.rank, self.world_size = 0, 1
         self.streams: dict[str, ShardStream] = {}

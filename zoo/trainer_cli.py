@@ -17,17 +17,24 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import logging
 import re
 import sys
 import types
 import typing
+import warnings
+from typing import Any
 
 from jsonargparse import ArgumentError, Namespace, set_parsing_settings
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.edit_writer import EditWriter
+from callbacks.progress import StepProgressBar
+from callbacks.results import BenchmarkEvaluator
+from callbacks.toy_score import ToyEditEvaluator
+from datamodules.samples import DataConfigError
 from zoo.blocks.config import ConfigError
 from zoo.blocks.pretrained import MissingPretrainedError
 from zoo.modules.base import EditingModule
@@ -35,6 +42,22 @@ from zoo.modules.base import EditingModule
 
 # Typed configs document each field with a string literal after it: those become --help.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+# Known-harmless messages, silenced at their source:
+# Lightning's own use of a torch pytree API it has not caught up with; nothing for a user to act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+# ShardDataModule splits shards by worker and rank itself, so its __len__ is exact with any number of workers.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+
+
+class _NoAdvert(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing litlogger" advert printed at every fit."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvert())
 
 
 STAGE_FOLDERS = {"fit": "train", "validate": "validate", "test": "test", "predict": "predict"}
@@ -54,9 +77,7 @@ class ZooCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={
-                "callbacks": [RichProgressBar(), LearningRateMonitor(logging_interval="step"), EditWriter()]
-            },
+            trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step"), EditWriter()]},
             parser_kwargs={
                 "exit_on_error": False,
                 "prog": "zoo",
@@ -68,13 +89,51 @@ class ZooCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Give the stage's logger its own version (:data:`STAGE_FOLDERS`) when none is set."""
+        """Give the stage's logger its own version (:data:`STAGE_FOLDERS`) when none is set, and no
+        TensorBoard ``hp_metric = -1`` placeholder (the zoo logs no hyperparameter metric)."""
         if self.subcommand is None:
             return
         logger = self.config[self.subcommand].get("trainer.logger")
         init = logger.get("init_args") if isinstance(logger, Namespace) else None
         if isinstance(init, Namespace) and "version" in init and init.version is None:
             init.version = STAGE_FOLDERS[self.subcommand]
+        if isinstance(init, Namespace) and init.get("default_hp_metric") is True:
+            init.default_hp_metric = False
+
+    def after_fit(self) -> None:
+        self._report()
+
+    def after_validate(self) -> None:
+        self._report()
+
+    def after_test(self) -> None:
+        self._report()
+
+    def after_predict(self) -> None:
+        self._report()
+
+    def _report(self) -> None:
+        """Print the stage's logged metrics (validate/test) and the folder its outputs went to."""
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        if self.subcommand in ("validate", "test"):
+            metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if value.numel() == 1}
+            if metrics:
+                width = max(map(len, metrics))
+                print("\n".join([f"{self.subcommand} metrics:", *(f"  {k:<{width}}  {v:.4f}" for k, v in sorted(metrics.items()))]))
+            elif not any(isinstance(c, (BenchmarkEvaluator, ToyEditEvaluator)) for c in trainer.callbacks):
+                print(f"{self.subcommand}: no metric was logged (add an evaluator, e.g. --trainer.callbacks+=callbacks.toy_score.ToyEditEvaluator)")
+        print(f"zoo: {self.subcommand} outputs in {trainer.log_dir}")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """The trainer, with :class:`StepProgressBar` unless the progress bar is disabled or the
+        configuration brings its own (a default bar would clash with ``enable_progress_bar: false``)."""
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def _parse_ckpt_path(self) -> None:
         """Keep the configuration as given: the recipes and command line, never the checkpoint's hparams.
@@ -182,11 +241,11 @@ def run(argv: list[str] | None) -> int:
     return 0
 
 
-def _user_error(error: BaseException) -> MissingPretrainedError | ConfigError | None:
+def _user_error(error: BaseException) -> MissingPretrainedError | ConfigError | DataConfigError | None:
     """The missing-weights or bad-config error behind ``error`` (jsonargparse wraps instantiation errors)."""
     seen: BaseException | None = error
     while seen is not None:
-        if isinstance(seen, (MissingPretrainedError, ConfigError)):
+        if isinstance(seen, (MissingPretrainedError, ConfigError, DataConfigError)):
             return seen
         seen = seen.__cause__ or seen.__context__
     return None

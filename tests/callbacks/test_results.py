@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import socket
 from pathlib import Path
 
 import lightning as L
 import pytest
 
 from callbacks.imgedit_bench import ImgEditEvaluator
-from callbacks.judges import ToyJudge
+from callbacks.judges import ChatJudge, JudgeConfig, ToyJudge
 from callbacks.results import ResultsFolder
+from datamodules.benchmarks import MissingBenchmarkFileError
 from datamodules.shards import ShardDataModule
 from datamodules.toy import main as toy_main
 from tests.modules.conftest import tiny_dim_kwargs
@@ -95,3 +97,41 @@ def test_unscored_edits_of_an_interrupted_run_are_scored_next_time(toy_test: Pat
     assert len(evaluator._orphans) == 4
     evaluator._finish(trainer, "test")
     assert len(ResultsFolder(out).records()) == 6
+
+
+@pytest.fixture()
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every outgoing connection fails, as on a machine without network."""
+
+    def refuse(self: socket.socket, address: object) -> None:
+        raise OSError(f"network blocked in this test (connect to {address})")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def test_toy_evaluation_runs_offline_without_any_benchmark_file(
+    toy_test: Path, tmp_path: Path, no_network: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The toy judge answers from the ground truth: no rubric file is read, none is downloaded.
+    monkeypatch.setenv("ZOO_BENCHMARK_CACHE", str(tmp_path / "empty_cache"))
+    module = DIMModule(**tiny_dim_kwargs(num_inference_steps=1))
+    data = ShardDataModule(test_shards=str(toy_test), val_batch_size=4, resolution=16, mllm_resolution=16)
+    out = tmp_path / "imgedit"
+    _trainer(tmp_path, ImgEditEvaluator(ToyJudge(), output_dir=str(out))).test(module, datamodule=data)
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and all(r["error"] is None and len(r["scores"]) == 3 for r in records)
+    assert not (tmp_path / "empty_cache").exists()
+
+
+def test_a_missing_rubric_file_fails_before_any_edit_is_generated(
+    toy_test: Path, tmp_path: Path, no_network: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ZOO_BENCHMARK_CACHE", str(tmp_path / "empty_cache"))
+    judge = ChatJudge(JudgeConfig(base_url="http://127.0.0.1:9/v1", model="judge", api_key_env=None))
+    module = DIMModule(**tiny_dim_kwargs(num_inference_steps=1))
+    generated: list[int] = []
+    module.test_step = lambda batch, batch_idx: generated.append(batch_idx)  # type: ignore[method-assign]
+    data = ShardDataModule(test_shards=str(toy_test), val_batch_size=4, resolution=16, mllm_resolution=16)
+    with pytest.raises(MissingBenchmarkFileError, match=r"imgedit/prompts.json is missing .* put that file at .*empty_cache"):
+        _trainer(tmp_path, ImgEditEvaluator(judge, output_dir=str(tmp_path / "imgedit"))).test(module, datamodule=data)
+    assert generated == [], "the rubric check must come before the generation pass"

@@ -52,3 +52,17 @@ def test_trainer_commands_reject_abbreviated_options(capsys: pytest.CaptureFixtu
     assert main(args) == 2
     [line] = error_lines(capsys.readouterr().err)
     assert "--trainer.max_step=3" in line
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--data.init_args.batch_size=0", "batch_size and val_batch_size must be >= 1, got 0"),
+        ("--data.init_args.wrong_instructions=true", "wrong_instructions swaps texts between the samples"),
+    ],
+)
+def test_data_config_mistakes_are_one_line(override: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["test", *configs(["recipes/dim_edit_stage1.yaml", "recipes/tiny/dim.yaml"]), override, "--data.init_args.val_batch_size=1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert error_lines(err) == [line for line in err.splitlines() if line.strip()] and message in err

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -102,9 +104,10 @@ def _tiny_args(stage: str, toy_data: dict[str, Path], run_dir: Path) -> list[str
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_tiny_recipe_fits_and_tests(stage: str, toy_data: dict[str, Path], tmp_path: Path) -> None:
+def test_tiny_recipe_fits_and_tests(stage: str, toy_data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = _tiny_args(stage, toy_data, tmp_path)
     assert main(["fit", *args]) == 0
+    assert f"zoo: fit outputs in {tmp_path / 'train'}" in capsys.readouterr().out
     last = tmp_path / "train" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 4
@@ -115,18 +118,29 @@ def test_tiny_recipe_fits_and_tests(stage: str, toy_data: dict[str, Path], tmp_p
     assert main(["test", *args, f"--ckpt_path={last}", "--trainer.limit_test_batches=1", "--trainer.max_steps=99"]) == 0
     # The test stage has its own folder and config; the training run's are untouched.
     assert yaml.safe_load((tmp_path / "test" / "config.yaml").read_text())["trainer"]["max_steps"] == 99
+    printed = capsys.readouterr().out
+    assert "test: no metric was logged" in printed and f"zoo: test outputs in {tmp_path / 'test'}" in printed
     assert list((tmp_path / "test").glob("events.*"))
     assert (tmp_path / "train" / "config.yaml").read_text() == saved and sorted((tmp_path / "train").glob("events.*")) == events
 
 
-def test_test_time_overrides_win_over_the_checkpoint_hparams(toy_data: dict[str, Path], tmp_path: Path) -> None:
+def test_test_time_overrides_win_over_the_checkpoint_hparams(
+    toy_data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     # LightningCLI alone merges the checkpoint's saved hparams over the command line, which would
     # silently evaluate with the training-time guidance scale.
     args = _tiny_args("dim_edit_stage1", toy_data, tmp_path)
     assert main(["fit", *args, "--trainer.max_steps=2"]) == 0
     last = tmp_path / "train" / "checkpoints" / "last.ckpt"
     overrides = ["--model.init_args.guidance_scale=1.25", "--trainer.logger.init_args.version=evaluate"]
+    overrides += ["--trainer.callbacks+=callbacks.toy_score.ToyEditEvaluator", "--trainer.enable_progress_bar=false"]
+    caplog.set_level(logging.INFO)
     assert main(["test", *args, f"--ckpt_path={last}", "--trainer.limit_test_batches=1", *overrides]) == 0
+    printed = capsys.readouterr().out + caplog.text  # Lightning's rank_zero_info goes through logging
+    # The evaluator prints its table and where it wrote; the CLI prints the stage's folder.
+    assert re.search(r"^overall +\d\.\d{4} +\d\.\d{4}$", printed, re.M), printed
+    assert f"-> {tmp_path / 'evaluate' / 'metrics.json'}" in printed and "no metric was logged" not in printed
+    assert f"zoo: test outputs in {tmp_path / 'evaluate'}" in printed
     saved = yaml.safe_load((tmp_path / "evaluate" / "config.yaml").read_text())
     assert saved["model"]["init_args"]["guidance_scale"] == 1.25
 
