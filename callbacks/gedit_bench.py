@@ -167,6 +167,9 @@ class GEditEvaluator(BenchmarkEvaluator):
     def needs_truth(self) -> bool:
         return self.judge.needs_truth
 
+    def preflight(self) -> None:
+        self.judge.preflight()
+
     def score(self, entries: list[dict[str, Any]], folder: ResultsFolder) -> list[dict[str, Any]]:
         self.judge.set_default_cache(folder.root / "judge_cache")
         requests = []

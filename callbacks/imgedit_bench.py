@@ -434,6 +434,8 @@ class ImgEditEvaluator(BenchmarkEvaluator):
     def preflight(self) -> None:
         if self.reads_rubrics:
             self.rubrics()  # fetched (or refused, in one line) before any edit is generated
+        if self.judge is not None:
+            self.judge.preflight()
 
     # -- scoring --
 

@@ -34,11 +34,12 @@ from zoo.blocks.chat import (
     ChatError,
     ChatPart,
     ImageFormat,
+    MissingAPIKeyError,
     build_chat_client,
     complete_many,
     to_pil,
 )
-from zoo.blocks.config import TorchDtype, check_range
+from zoo.blocks.config import ConfigError, TorchDtype, check_range
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,10 @@ class Judge:
     def set_default_cache(self, folder: str | os.PathLike[str]) -> None:
         """Use ``folder`` as the reply cache unless one was configured (evaluators call this)."""
 
+    def preflight(self) -> None:
+        """Check that the judge can answer at all, before any edit is generated (evaluators call
+        this first); raises :class:`JudgeUnavailableError`. Judges without a backend pass."""
+
 
 @dataclass
 class JudgeConfig(ChatConfig):
@@ -115,6 +120,14 @@ def _identity(config: ChatConfig) -> str:
     sampling = {"temperature": config.temperature, "max_tokens": config.max_tokens, "image_format": config.image_format}
     seed = {"seed": config.seed} if config.seed is not None else {}
     return json.dumps({"model": config.model, **sampling, **seed})
+
+
+PREFLIGHT_PROMPT = "Reply with the word OK."
+"""The one request :meth:`ChatJudge.preflight` sends before an evaluation generates anything."""
+
+
+class JudgeUnavailableError(ConfigError):
+    """The judge failed its pre-flight request: one ``zoo: error:`` line, before any generation."""
 
 
 class ChatJudge(Judge):
@@ -153,6 +166,16 @@ class ChatJudge(Judge):
     def set_default_cache(self, folder: str | os.PathLike[str]) -> None:
         if self.cache_dir is None:
             self.cache_dir = Path(folder)
+
+    def preflight(self) -> None:
+        """One short request to a remote judge, so a missing key, a wrong URL or model name fails in
+        seconds, not after hours of generation (a local judge was loaded when it was built)."""
+        if self.config.kind == "local":
+            return
+        try:
+            self.client.complete([PREFLIGHT_PROMPT])
+        except (ChatError, MissingAPIKeyError, OSError) as error:
+            raise JudgeUnavailableError(f"the judge cannot answer ({error}); nothing was generated") from None
 
     def cache_key(self, request: JudgeRequest) -> str:
         """sha256 over the judge identity, system prompt, texts and image pixels (not file bytes)."""

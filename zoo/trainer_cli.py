@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import json
 import logging
 import re
 import sys
@@ -135,6 +136,13 @@ class ZooCLI(LightningCLI):
             callbacks = [*callbacks, StepProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse the command line (``sys.argv`` when ``args`` is None) with :func:`explicit_nulls`."""
+        if isinstance(args, (dict, Namespace)):
+            super().parse_arguments(parser, args)
+            return
+        self.config = parser.parse_args(explicit_nulls(list(sys.argv[1:] if args is None else args)))
+
     def _parse_ckpt_path(self) -> None:
         """Keep the configuration as given: the recipes and command line, never the checkpoint's hparams.
 
@@ -143,6 +151,30 @@ class ZooCLI(LightningCLI):
         training-time scale. Here the given recipes define the model; the checkpoint gives weights,
         loaded strictly, so a model that does not match them fails loudly.
         """
+
+
+_NESTED_NULL = re.compile(r"^--(?P<owner>[\w.]+)\.init_args\.(?P<path>\w+(?:\.\w+)+)=null$")
+
+
+def explicit_nulls(words: list[str]) -> list[str]:
+    """``--a.init_args.b.leaf=null`` -> ``--a={"init_args": {"b": {"leaf": null}}}``.
+
+    jsonargparse (4.53) turns a dotted ``null`` into the string ``"None"`` for a field of a typed
+    config nested in a class's ``init_args`` (``--trainer.callbacks.init_args.judge.init_args.client
+    .api_key_env=null`` asked to ``export None=<key>``); the same value given as a mapping on the
+    class merges into its config as a real null, every other field kept.
+    """
+    rewritten = []
+    for word in words:
+        match = _NESTED_NULL.match(word)
+        if match is None:
+            rewritten.append(word)
+            continue
+        value: Any = None
+        for key in reversed(match["path"].split(".")):
+            value = {key: value}
+        rewritten.append(f"--{match['owner']}={json.dumps({'init_args': value})}")
+    return rewritten
 
 
 _NOISE = ("Does not validate", "Subtypes:", "Errors:", "- Problem with given class_path", "Given value", "- Expected a <class 'NoneType'>")

@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
 from callbacks.imgedit_bench import ImgEditEvaluator
-from callbacks.judges import ChatJudge, JudgeConfig
+from callbacks.judges import PREFLIGHT_PROMPT, ChatJudge, JudgeConfig
 from datamodules.benchmarks import BenchmarkDataModule
 from datamodules.samples import EditBatch, EditOutputs
 from tests.helpers.openai_server import OpenAIServer, Reply, Request, completion, error
@@ -55,6 +55,17 @@ TABLE_FIRST_RUN = [["turn 1", 2 / 3, 1 / 3, 3, 0], ["turn 2", 1 / 2, 1.0, 2, 1],
 TABLE_AFTER_RETRY = TABLE_FIRST_RUN[:2] + [["turn 3", 1.0, 1.0, 1, 0]]
 
 
+def _is_preflight(request: Request) -> bool:
+    return request.body["messages"][0]["content"][0]["text"] == PREFLIGHT_PROMPT
+
+
+def _judged(server: OpenAIServer) -> list[Request]:
+    """The judge requests of one run after its single pre-flight request, which comes first."""
+    preflight, *judged = server.requests
+    assert _is_preflight(preflight) and not any(map(_is_preflight, judged))
+    return judged
+
+
 def _instruction(request: Request) -> str:
     text = request.body["messages"][0]["content"][0]["text"]
     return re.search(r"Instruction of this turn: (.*)\.\n", text)[1]
@@ -62,6 +73,8 @@ def _instruction(request: Request) -> str:
 
 def _judge_server(failing: set[str]) -> OpenAIServer:
     def respond(request: Request) -> Reply:
+        if _is_preflight(request):
+            return completion("OK")
         instruction = _instruction(request)
         if instruction in failing:
             return error(400, "content filter")
@@ -153,7 +166,7 @@ def test_multiturn_generates_every_turn_from_the_previous_result_and_judges_each
 
     with _judge_server({FAILS_FIRST}) as server:
         seen = _run(out, benchmark, server, tmp_path / "logs1")
-        requests = list(server.requests)
+        requests = _judged(server)
 
     # Every turn edited once, turn k's source being turn k-1's saved result (turn 1: the source).
     def before(key: str, k: int) -> np.ndarray:
@@ -186,13 +199,13 @@ def test_multiturn_generates_every_turn_from_the_previous_result_and_judges_each
     finished = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
     with _judge_server(set()) as server:
         assert _run(out, benchmark, server, tmp_path / "logs2") == []
-        assert [_instruction(r) for r in server.requests] == [FAILS_FIRST]
+        assert [_instruction(r) for r in _judged(server)] == [FAILS_FIRST]
     assert _table(out) == TABLE_AFTER_RETRY
     assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == finished
 
     # And again: nothing generated, nothing judged.
     with _judge_server(set()) as server:
-        assert _run(out, benchmark, server, tmp_path / "logs3") == [] and server.requests == []
+        assert _run(out, benchmark, server, tmp_path / "logs3") == [] and _judged(server) == []
     assert _table(out) == TABLE_AFTER_RETRY and len((out / "records.jsonl").read_text().splitlines()) == 4
 
 

@@ -11,12 +11,14 @@ import lightning as L
 import pytest
 
 from callbacks.imgedit_bench import ImgEditEvaluator
-from callbacks.judges import ChatJudge, JudgeConfig, ToyJudge
+from callbacks.judges import ChatJudge, JudgeConfig, JudgeUnavailableError, ToyJudge
 from callbacks.results import ResultsFolder
 from datamodules.benchmarks import MissingBenchmarkFileError
 from datamodules.shards import ShardDataModule
 from datamodules.toy import main as toy_main
+from tests.helpers.openai_server import OpenAIServer, error
 from tests.modules.conftest import tiny_dim_kwargs
+from zoo.blocks.config import ConfigError
 from zoo.modules.dim import DIMModule
 
 PROMPTS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "imgedit-bench" / "prompts.json"
@@ -135,3 +137,17 @@ def test_a_missing_rubric_file_fails_before_any_edit_is_generated(
     with pytest.raises(MissingBenchmarkFileError, match=r"imgedit/prompts.json is missing .* put that file at .*empty_cache"):
         _trainer(tmp_path, ImgEditEvaluator(judge, output_dir=str(tmp_path / "imgedit"))).test(module, datamodule=data)
     assert generated == [], "the rubric check must come before the generation pass"
+
+
+def test_a_judge_that_refuses_the_key_fails_before_any_edit_is_generated(toy_test: Path, tmp_path: Path) -> None:
+    module = DIMModule(**tiny_dim_kwargs(num_inference_steps=1))
+    generated: list[int] = []
+    module.test_step = lambda batch, batch_idx: generated.append(batch_idx)  # type: ignore[method-assign]
+    data = ShardDataModule(test_shards=str(toy_test), val_batch_size=4, resolution=16, mllm_resolution=16)
+    with OpenAIServer(error(401, "Incorrect API key provided")) as server:
+        judge = ChatJudge(JudgeConfig(base_url=server.base_url, model="gpt-4.1", api_key_env=None, max_retries=0))
+        evaluator = ImgEditEvaluator(judge, suite="uge", output_dir=str(tmp_path / "uge"))
+        with pytest.raises(JudgeUnavailableError, match=r"cannot answer .*HTTP 401: Incorrect API key provided.*nothing was generated"):
+            _trainer(tmp_path, evaluator).test(module, datamodule=data)
+    assert generated == [] and len(server.requests) == 1, "one pre-flight request, then nothing"
+    assert isinstance(JudgeUnavailableError("x"), ConfigError), "the CLI prints it as one zoo: error: line"

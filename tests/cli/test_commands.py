@@ -1,4 +1,5 @@
-"""``zoo --help`` lists every command without importing torch; abbreviated options are errors."""
+"""``zoo --help`` lists every command without importing torch; abbreviated options are errors; a
+command-line null is null; data-module mistakes are one line."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import time
 
 import pytest
 
-from tests.helpers.recipes import ROOT, configs, error_lines, run_zoo
+from tests.helpers.recipes import ROOT, ParseOnly, configs, error_lines, run_zoo
 from zoo.cli import TOOLS, TRAINER_COMMANDS, main
+from zoo.trainer_cli import explicit_nulls
 
 
 def _seconds(*command: str) -> float:
@@ -66,3 +68,21 @@ def test_data_config_mistakes_are_one_line(override: str, message: str, capsys: 
     assert main(args) == 2
     err = capsys.readouterr().err
     assert error_lines(err) == [line for line in err.splitlines() if line.strip()] and message in err
+
+
+def test_a_command_line_null_is_null_at_any_depth() -> None:
+    files = ["recipes/dim_edit_stage1.yaml", "recipes/tiny/dim.yaml", "recipes/eval/gedit_bench.yaml"]
+    nested = "--trainer.callbacks.init_args.judge.init_args.client.api_key_env=null"
+    args = [*configs(files), nested, "--model.init_args.mllm.pretrained=null", "--model.init_args.mllm.torch_dtype=bfloat16"]
+    config = ParseOnly(args=args, run=False).config
+    [evaluator] = [c for c in config.trainer.callbacks if c.class_path.endswith("GEditEvaluator")]
+    client = evaluator.init_args.judge.init_args.client
+    assert client.api_key_env is None and client.model == "gpt-4.1", "null, with the client's other fields kept"
+    mllm = config.model.init_args.mllm
+    assert mllm.pretrained is None and mllm.torch_dtype == "bfloat16" and mllm.tiny.hidden_size == 64
+    words = ["--data.init_args.val_shards=null", "--a.init_args.b.init_args.c.d=null", "--a.init_args.b.c=none"]
+    assert explicit_nulls(words) == [
+        "--data.init_args.val_shards=null",  # a class's own argument: jsonargparse reads it right
+        '--a.init_args.b={"init_args": {"c": {"d": null}}}',
+        "--a.init_args.b.c=none",
+    ]
