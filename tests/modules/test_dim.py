@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import replace
 
 import lightning as L
 import pytest
 import torch
 from PIL import Image
-
-from dataclasses import replace
 
 from datamodules.samples import EditBatch, EditSample, collate, signed_to_pil
 from datamodules.toy import edit_sample, t2i_sample
@@ -171,14 +171,19 @@ def test_a_sample_of_the_other_task_is_an_actionable_error() -> None:
         t2i.edit_batch(toy_batch(size=2))
 
 
-def test_blueprint_is_the_condition_when_present() -> None:
+def test_blueprint_is_the_condition_when_present(caplog: pytest.LogCaptureFixture) -> None:
     model = DIMModule(**tiny_dim_kwargs())
     batch = toy_batch(size=2)
-    assert model.condition_text(batch) == batch.blueprint
+    assert model.condition_text(batch) == batch.blueprint and model.instruction_fallbacks == 0
     batch.blueprint = ["", batch.blueprint[1]]
-    assert model.condition_text(batch) == [batch.instruction[0], batch.blueprint[1]]
+    with caplog.at_level(logging.WARNING, logger="zoo.modules.dim"):
+        assert model.condition_text(batch) == [batch.instruction[0], batch.blueprint[1]]
+        assert model.condition_text(batch) == [batch.instruction[0], batch.blueprint[1]]
+    # The fallback is counted every time and announced once, with its count.
+    [warning] = [r.getMessage() for r in caplog.records if "no blueprint" in r.getMessage()]
+    assert "1 of 2 samples" in warning and model.instruction_fallbacks == 2
     plain = DIMModule(**tiny_dim_kwargs(use_blueprint=False))
-    assert plain.condition_text(batch) == batch.instruction
+    assert plain.condition_text(batch) == batch.instruction and plain.instruction_fallbacks == 0
 
 
 def test_stage_two_starts_from_a_t2i_checkpoint_with_widened_input(tmp_path) -> None:

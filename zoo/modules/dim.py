@@ -25,8 +25,8 @@ Map to the paper (``../shared/papers/dim-draw-in-mind.txt``) and the official co
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
-
 
 from datamodules.samples import EditBatch
 from zoo.blocks.autoencoders import CodecConfig, build_codec
@@ -38,6 +38,8 @@ from zoo.blocks.guidance import NullCondition
 from zoo.blocks.mllm import VLMConfig, VLMEncoder
 from zoo.blocks.objectives import FlowMatching
 from zoo.modules.base import EditingModule, Optimization
+
+log = logging.getLogger(__name__)
 
 
 class DIMModule(EditingModule):
@@ -94,6 +96,8 @@ class DIMModule(EditingModule):
         self.save_hyperparameters()
         self.mode = mode
         self.use_blueprint = use_blueprint
+        self.instruction_fallbacks = 0
+        """Samples conditioned on their raw instruction because ``use_blueprint`` found no blueprint."""
 
         self.add_encoder("mllm", VLMEncoder(mllm))
         self.keep_frozen("codec", build_codec(autoencoder))
@@ -117,9 +121,20 @@ class DIMModule(EditingModule):
     # -- conditioning -----------------------------------------------------------------------
 
     def condition_text(self, batch: EditBatch) -> list[str]:
-        """Blueprint when ``use_blueprint`` and one exists, else the instruction."""
+        """Blueprint when ``use_blueprint`` and one exists, else the instruction (counted in
+        :attr:`instruction_fallbacks`; the first such batch warns, once per module)."""
         if not self.use_blueprint:
             return list(batch.instruction)
+        missing = sum(not blueprint for blueprint in batch.blueprint)
+        if missing:
+            if not self.instruction_fallbacks:
+                log.warning(
+                    "use_blueprint is set but %d of %d samples in this batch have no blueprint and no designer "
+                    "writes one: they are conditioned on the raw instruction (stage 1 of DIM does this by design; "
+                    "for stage 2 give the data's *_cot.jsonl or a designer). Counted in instruction_fallbacks.",
+                    missing, len(batch.blueprint),
+                )
+            self.instruction_fallbacks += missing
         return [blueprint or instruction for instruction, blueprint in zip(batch.instruction, batch.blueprint)]
 
     def prepare_batch(self, batch: EditBatch, keep_given: bool = False) -> EditBatch:
