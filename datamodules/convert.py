@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         reader = TosJsonl(args.jsonl, image_root=args.image_root, cot_jsonl=args.cot_jsonl, strict=args.strict)
         pairs = ((sample, row.extra) for row, sample in reader.pairs())
-    index = write_split(args.out, _records(pairs), args.samples_per_shard)
+    index = write_split(args.out, _records(pairs), args.samples_per_shard, progress="converting")
     print(f"wrote {index['total']} samples in {len(index['shards'])} shard(s) to {args.out}; skipped {reader.skipped}")
     return 0 if index["total"] > 0 else 1
 

@@ -26,11 +26,24 @@ import io
 import json
 import logging
 import os
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import webdataset as wds
 from PIL import Image
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 from datamodules.samples import EditSample, T2ISample
 
@@ -74,12 +87,38 @@ def encode_sample(sample: EditSample | T2ISample, extra: dict[str, Any] | None =
     return record
 
 
+class _Rate(ProgressColumn):
+    """Items per second."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0:.1f}/s")
+
+
+@contextmanager
+def counting(label: str | None, total: int | None = None) -> Iterator[Callable[[], None]]:
+    """A Rich progress bar (count, rate, time left when ``total`` is known) for long data work,
+    as the trainer's bar looks; yields the function that counts one item. ``label`` None: silent."""
+    if label is None:
+        yield lambda: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)
+
+
 def write_split(
     out_dir: str | os.PathLike[str],
     records: Iterable[EditSample | T2ISample | tuple[EditSample | T2ISample, dict[str, Any]]],
     samples_per_shard: int,
+    progress: str | None = None,
+    total: int | None = None,
 ) -> dict[str, Any]:
-    """Write one split folder of tar shards plus its ``index.json``; returns the index."""
+    """Write one split folder of tar shards plus its ``index.json``; returns the index.
+
+    With ``progress`` (a label) a Rich progress bar counts the samples written, with their rate and,
+    given ``total``, the time left.
+    """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     out = Path(out_dir)
@@ -95,12 +134,14 @@ def write_split(
     )
     holder.append(writer)
     seen: set[str] = set()
-    for item in records:
-        sample, extra = item if isinstance(item, tuple) else (item, None)
-        if sample.key in seen:
-            raise ValueError(f"duplicate sample key {sample.key!r} in split {out}")
-        seen.add(sample.key)
-        writer.write(encode_sample(sample, extra))
+    with counting(progress, total) as advance:
+        for item in records:
+            sample, extra = item if isinstance(item, tuple) else (item, None)
+            if sample.key in seen:
+                raise ValueError(f"duplicate sample key {sample.key!r} in split {out}")
+            seen.add(sample.key)
+            writer.write(encode_sample(sample, extra))
+            advance()
     writer.close()
     # ShardWriter opens its first shard eagerly, so an empty split leaves an empty tar behind.
     for entry in [c for c in counts if c["samples"] == 0]:

@@ -316,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", choices=sorted(TASKS), default="edit", help="mixed: edit and T2I samples alternate")
     args = parser.parse_args(argv)
     for split in ("train", "val", "test"):
-        index = write_split(
-            f"{args.out}/{split}", generate(args.task, args.seed, split, getattr(args, split), args.resolution), args.samples_per_shard
-        )
+        count = getattr(args, split)
+        samples = generate(args.task, args.seed, split, count, args.resolution)
+        index = write_split(f"{args.out}/{split}", samples, args.samples_per_shard, progress=f"toy {split}", total=count)
         print(f"{split}: {index['total']} samples in {len(index['shards'])} shard(s)")
     return 0
 

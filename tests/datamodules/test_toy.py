@@ -127,3 +127,11 @@ def test_toy_shards_carry_the_chain(toy_root: Path) -> None:
     index = int(decoded.key.rsplit("_", 1)[1])
     assert decoded.chain == edit_sample(seed=3, split="val", index=index)[0].chain
     assert collate([decoded], resolution=16, mllm_resolution=16).chain == [decoded.chain]
+
+
+def test_writing_shows_progress_with_counts_and_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert toy_main(["--out", str(tmp_path), "--train", "7", "--val", "2", "--test", "3", "--resolution", "16"]) == 0
+    printed = capsys.readouterr().out
+    for split, count in (("train", 7), ("val", 2), ("test", 3)):
+        assert re.search(rf"toy {split} .* {count}/{count} +\d+(\.\d)?/s", printed), printed
+        assert f"{split}: {count} samples in 1 shard(s)" in printed
