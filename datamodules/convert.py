@@ -2,8 +2,9 @@
 
 ``python -m zoo data convert --jsonl X --image-root Y [--cot-jsonl Z] --out DIR --samples-per-shard N``
 ``python -m zoo data convert --format got --got-kind t2i|edit|multi_turn|mixed --jsonl X [--fields '{"chain": "got_text"}'] --out DIR``
-Images are re-encoded losslessly as PNG (the schema's ``source.png``/``target.png``), so JPEG bytes
-under a .png name and real PNGs end up alike; the row's extra fields go into the sample json.
+Images keep the bytes they were read from (a JPEG stays the same JPEG under the schema's
+``source.png``/``target.png`` names; nothing is resized), a target that repeats the source file is
+stored once, and the row's extra fields go into the sample json.
 """
 
 from __future__ import annotations

@@ -26,6 +26,11 @@ class DataConfigError(ValueError):
     one ``zoo: error:`` line (as it does :class:`zoo.blocks.config.ConfigError`), before any model is built."""
 
 
+ORIGINAL_BYTES = "zoo_original_bytes"
+"""``PIL.Image.info`` key under which a reader keeps the file bytes an image was decoded from, so a
+shard writer stores them as they are (a JPEG stays a JPEG) instead of re-encoding the pixels."""
+
+
 BOX_RANGE = 1000
 """Box coordinates are integers in [0, BOX_RANGE), relative to the full image (GoT convention)."""
 

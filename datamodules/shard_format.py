@@ -11,8 +11,10 @@ because webdataset splits a member name at its first dot):
   ``edit_type`` (or null), ``boxes`` (list of
   ``{"box": [x1, y1, x2, y2] ints in [0,1000), "color": str, "label": str}``), plus free extra fields
   (kept out of the batch, e.g. the toy generator's scene description).
-* ``<key>.source.png``  edit only: the source image (RGB; any PIL-readable bytes are accepted).
-* ``<key>.target.png``  the edited image (T2I: the image); absent in predict sets.
+* ``<key>.source.png``  edit only: the source image (RGB; any PIL-readable bytes are accepted: a
+  converted JPEG keeps its original bytes under this name).
+* ``<key>.target.png``  the edited image (T2I: the image); absent in predict sets, and absent with
+  ``"target_is_source": true`` in the json when the target is the source itself (stored once).
 * ``<key>.mask.png``    optional "L" image, 255 inside the edit region.
 
 ``<split>/index.json`` = ``{"shards": [{"url": "shard-000000.tar", "samples": n}, ...], "total": N}``
@@ -45,7 +47,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from datamodules.samples import EditSample, T2ISample
+from datamodules.samples import ORIGINAL_BYTES, EditSample, T2ISample
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,12 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def _encoded(image: Image.Image) -> bytes:
+    """The bytes a reader decoded ``image`` from (:data:`ORIGINAL_BYTES`), else lossless PNG."""
+    original = image.info.get(ORIGINAL_BYTES)
+    return original if isinstance(original, bytes) else _png(image)
+
+
 def encode_sample(sample: EditSample | T2ISample, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Turn a record into a ``ShardWriter`` sample following the schema above."""
     if "." in sample.key or "/" in sample.key or not sample.key:
@@ -71,8 +79,10 @@ def encode_sample(sample: EditSample | T2ISample, extra: dict[str, Any] | None =
     record: dict[str, Any] = {"__key__": sample.key}
     if isinstance(sample, EditSample):
         meta.update(task="edit", instruction=sample.instruction, edit_type=sample.edit_type)
-        record["source.png"] = _png(sample.source)
+        record["source.png"] = _encoded(sample.source)
         target = sample.target
+        if target is sample.source:  # one copy of a repeated image
+            meta["target_is_source"], target = True, None
         if sample.mask is not None:
             record["mask.png"] = _png(sample.mask)
     else:
@@ -82,7 +92,7 @@ def encode_sample(sample: EditSample | T2ISample, extra: dict[str, Any] | None =
     if sample.chain is not None:
         meta["chain"] = sample.chain
     if target is not None:
-        record["target.png"] = _png(target)
+        record["target.png"] = _encoded(target)
     record["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
     return record
 
@@ -210,9 +220,12 @@ def decode_sample(raw: dict[str, Any]) -> EditSample | T2ISample:
         )
     if "source.png" not in raw:
         raise ValueError("edit sample without source.png")
+    source = _open_image(raw["source.png"], "RGB")
+    if meta.get("target_is_source") is True:
+        target = source.copy()
     return EditSample(
         key=key,
-        source=_open_image(raw["source.png"], "RGB"),
+        source=source,
         instruction=meta["instruction"],
         target=target,
         blueprint=meta.get("blueprint"),

@@ -16,6 +16,7 @@ with its leading folders dropped one at a time, so a release folder copied elsew
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from datamodules.samples import EditSample, T2ISample
+from datamodules.samples import ORIGINAL_BYTES, EditSample, T2ISample
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +151,18 @@ class TosJsonl:
         if not row.is_edit:
             return T2ISample(key=row.key, image=None, prompt=row.prompt, blueprint=row.blueprint)
         images = []
-        for path in (row.source_path, row.target_path):
+        for path in dict.fromkeys((row.source_path, row.target_path)):  # a repeated file is decoded once
             try:
-                with Image.open(path) as image:
-                    images.append(image.convert("RGB"))
+                data = Path(path).read_bytes()
+                with Image.open(io.BytesIO(data)) as image:
+                    rgb = image.convert("RGB")
             except OSError as error:
                 raise OSError(f"row id={row.key!r} of {self.path}: cannot decode image {path}: {error}") from error
-        return EditSample(key=row.key, source=images[0], target=images[1], instruction=row.prompt, blueprint=row.blueprint)
+            rgb.info[ORIGINAL_BYTES] = data
+            images.append(rgb)
+        # DIM's files repeat the source as the target where there is none: the same image object.
+        source, target = images[0], images[-1]
+        return EditSample(key=row.key, source=source, target=target, instruction=row.prompt, blueprint=row.blueprint)
 
     def pairs(self) -> Iterator[tuple[TosRow, EditSample | T2ISample]]:
         """``(row, sample)`` for every row whose images exist and decode; the rest are counted."""

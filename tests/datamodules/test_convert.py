@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from datamodules.convert import main as convert_main
 from datamodules.formats.dim import TosJsonl
@@ -55,3 +56,23 @@ def test_convert_fails_cleanly_when_nothing_converts(dim_data: Path, tmp_path: P
     assert convert_main(["--jsonl", str(dim_data / "tos_dataset_edit.jsonl"), "--out", str(out), "--samples-per-shard", "8"]) == 1
     assert json.loads((out / "index.json").read_text()) == {"shards": [], "total": 0}
     assert list(out.glob("*.tar")) == []
+
+
+def test_convert_keeps_the_original_bytes_and_stores_a_repeated_image_once(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg", quality=80)
+    Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(tmp_path / "edited.png")
+    rows = [
+        {"id": "a", "image_path": "photo.jpg", "image_path_target": "edited.png", "prompt": "edit it"},
+        {"id": "b", "image_path": "photo.jpg", "image_path_target": "photo.jpg", "prompt": "predict only"},  # DIM's repeat
+    ]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert convert_main(["--jsonl", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "out")]) == 0
+    raw = {r["__key__"]: r for r in read_tar(str(tmp_path / "out" / "shard-000000.tar"))}
+    jpeg = (tmp_path / "photo.jpg").read_bytes()
+    assert raw["a"]["source.png"] == jpeg and raw["b"]["source.png"] == jpeg, "a JPEG in is the same JPEG in the shard"
+    assert raw["a"]["target.png"] == (tmp_path / "edited.png").read_bytes()
+    assert "target.png" not in raw["b"] and json.loads(raw["b"]["json"])["target_is_source"] is True
+    repeated = decode_sample(raw["b"])
+    assert np.array_equal(np.asarray(repeated.target), np.asarray(repeated.source))
+    assert repeated.target is not repeated.source, "decoded as its own image, so an edit of one cannot change the other"
