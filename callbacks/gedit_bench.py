@@ -1,18 +1,19 @@
 """GEdit-Bench (Step1X-Edit paper §5; VIEScore-style scoring): judging, parsing and aggregation.
 
-Facts from the official scorer (``GEdit-Bench/``, research notes §5): per sample the judge is asked
-twice. Semantic consistency (SC) gets the source and edited images and answers two 0-10 scores
-(editing success, over-editing); perceptual quality (PQ) gets the edited image only and answers two
-(naturalness, artifacts). ``SC = min``, ``PQ = min``, ``O = sqrt(SC * PQ)`` per sample; per group
-the means of the three, over all cases and over the "intersection" subset
+Facts from the official scorer (``stepfun-ai/Step1X-Edit@570eba6:GEdit-Bench/``:
+``test_gedit_score.py``, ``viescore/__init__.py``, ``calculate_statistics.py``): per sample the
+judge is asked twice. Semantic consistency (SC) gets the source and edited images and answers two
+0-10 scores (editing success, over-editing); perceptual quality (PQ) gets the edited image only and
+answers two (naturalness, artifacts). ``SC = min``, ``PQ = min``, ``O = sqrt(SC * PQ)`` per sample;
+per group the means of the three, over all cases and over the "intersection" subset
 (``Intersection_exist``); overall = unweighted mean over the 11 groups. Case ids are
 ``(task_type, key)``: two keys repeat across groups.
 
-The official parser guesses ``random.randint(0, 10)`` for a score it cannot read (and for failed
-calls, whose reply is empty). Here such a sample is recorded as a failure with its raw reply and
-left out of the means (counted in ``failed``; a failed call is marked ``retry`` and asked again by
-the next run); ``official_random_guess=True`` restores the guess (seeded) to reproduce the official
-behaviour.
+The official parser (``viescore/utils.py:154-187``, ``mllm_output_to_dict``) guesses
+``random.randint(0, 10)`` for a score it cannot read (and for failed calls, whose reply is empty).
+Here such a sample is recorded as a failure with its raw reply and left out of the means (counted
+in ``failed``; a failed call is marked ``retry`` and asked again by the next run);
+``official_random_guess=True`` restores the guess (seeded) to reproduce the official behaviour.
 
 The SC/PQ prompts below follow VIEScore's structure (task context, rules, JSON answer
 ``{"score": [...], "reasoning": "..."}``) in our own words; they are not the official text.

@@ -5,9 +5,10 @@ toy image stays legible), the ground-truth edit region outlined in red on the ta
 data has one, and the instruction and the text the model conditioned on (DIM's blueprint, GoT's
 chain) written beside it.
 
-Sampling runs on every rank in lock-step (ZeRO-3 and DDP need all ranks inside the forward,
-pitfall 12); the grids are gathered to rank 0, which writes them to TensorBoard (image + text) and
-as PNG files under ``<log_dir>/images/``.
+Sampling runs on every rank in lock-step: ZeRO-3 gathers each layer's sharded weights from all
+ranks during a forward, so a forward on rank 0 alone would hang (DDP also needs all ranks inside
+it). The grids are gathered to rank 0, which writes them to TensorBoard (image + text) and as PNG
+files under ``<log_dir>/images/``.
 """
 
 from __future__ import annotations

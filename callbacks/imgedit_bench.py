@@ -1,9 +1,10 @@
 """ImgEdit-Bench (ImgEdit paper §5): rubric judging, answer parsing and aggregation of the basic, UGE
 and multi-turn suites.
 
-Basic suite (facts from the official ``Benchmark/Basic`` scripts, research notes §4D): the judge gets
-the per-type rubric of ``prompts.json`` with ``<edit_prompt>`` replaced, then the original and the
-edited image (always exactly two), and answers three 1-5 scores. A sample's score is the mean of
+Basic suite (facts from the official scripts in ``PKU-YuanGroup/ImgEdit@547185d:Benchmark/Basic/``:
+``basic_bench.py``, ``step1_get_avgscore.py``, ``step2_typescore.py``): the judge gets the per-type
+rubric of ``prompts.json`` with ``<edit_prompt>`` replaced, then the original and the edited image
+(always exactly two), and answers three 1-5 scores. A sample's score is the mean of
 the three; a type's score the mean over its samples; **Overall = unweighted mean of the 9 type
 scores** (how the leaderboard's Overall is computed).
 

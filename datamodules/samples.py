@@ -4,7 +4,7 @@ A reader (shards, DIM jsonl, toy generator) yields :class:`EditSample` or :class
 :func:`collate` turns a list of them into an :class:`EditBatch`, the typed batch every module
 consumes; :meth:`EditBatch.for_inference` builds one from PIL images and texts through the same
 preprocessing. This file is the only thing ``datamodules`` shares
-with ``zoo`` (DESIGN.md, "Data flows one way").
+with ``zoo``: data flows one way, so ``datamodules`` never imports ``zoo``.
 
 Image transforms follow DIM (``data/tos_dataset.py``): the generation branch sees the image
 resized so its shorter side is R (bicubic) and centre-cropped to R x R, in [-1, 1]; the MLLM

@@ -4,7 +4,7 @@ These commands are LightningCLI's, with any :class:`EditingModule` subclass as
 ``model`` and any LightningDataModule as ``data`` (``class_path`` + ``init_args`` in recipes), several
 ``--config`` files merged in order (a paper recipe, then overlays such as ``recipes/tiny/dim.yaml``),
 and the resolved config saved with overwrite allowed — a requeued job writes into the same run
-directory (pitfall 25).
+directory, where Lightning's ``SaveConfigCallback`` would otherwise refuse to replace ``config.yaml``.
 
 Configuration mistakes (an unknown key at any depth, with the closest valid one; a value out of
 range, :class:`~zoo.blocks.config.ConfigError`) and missing pretrained weights end in one

@@ -1,4 +1,4 @@
-"""Readers of GoT's datasets (GoT paper §3; official-code-facts §3C) and the GoT chain format.
+"""Readers of GoT's datasets (GoT paper §3; HF ``LucasFang/GoT-6B`` model card) and the GoT chain format.
 
 Three kinds of rows, in a ``.jsonl`` file (one object per line) or a ``.json`` file (a list):
 

@@ -11,7 +11,7 @@ from zoo.blocks.connectors import MLPConnector
 
 def test_dim_paper_size_has_the_official_parameter_count() -> None:
     connector = MLPConnector(2048, 2304)
-    # 2048*2304 + 2304 + 2304*2304 + 2304 (official-code-facts §1A).
+    # 2048*2304 + 2304 + 2304*2304 + 2304 (showlab/DIM@28e644f:models/multimodal/multimodal_projector/builder.py:34-41).
     assert sum(p.numel() for p in connector.parameters()) == 10_031_616
 
 

@@ -16,7 +16,7 @@ from datamodules.formats.got import GoTFields, GoTReader, object_chain
 from datamodules.samples import EditSample, T2ISample, collate
 from datamodules.shard_format import decode_sample, read_tar
 
-# GoT's parser (got/models/utils.py, official-code-facts §3A): the format chains must follow.
+# GoT's parser (sunyasheng/NeoAnalogist@c58cf0a:thirdparty/GoT/got/models/utils.py:38): the format chains must follow.
 GOT_BOX = re.compile(r"<\|box_start\|>\((\d+),(\d+)\),\((\d+),(\d+)\)<\|box_end\|> \((\w+)\)")
 CHAIN = "<|object_ref_start|>cat<|object_ref_end|><|box_start|>(100,200),(500,900)<|box_end|> (red)"
 

@@ -2,13 +2,15 @@
 
 A :class:`Codec` has ``latent_channels``, ``downsample_factor``, ``encode`` and ``decode``; it is
 frozen (no gradients, always in eval mode) because every paper in the zoo keeps its VAE frozen,
-and frozen parts are reloaded from their source rather than checkpointed (DESIGN.md).
+and frozen parts are reloaded from their source rather than checkpointed.
 
 - :class:`DCAutoencoder`: diffusers ``AutoencoderDC`` (DIM / SANA: ``dc-ae-f32c32-sana-1.1``,
-  ``z = ae.encode(x) * 0.41407``, ``x = ae.decode(z / 0.41407)``; official-code-facts §1A).
+  ``z = ae.encode(x) * 0.41407``, ``x = ae.decode(z / 0.41407)``;
+  ``showlab/DIM@28e644f:models/modeling_dim.py:357-411``).
 - :class:`KLAutoencoder`: diffusers ``AutoencoderKL`` (SDXL / SD1.5 / FLUX VAEs),
   ``z = (posterior - shift_factor) * scaling_factor``; :meth:`KLAutoencoder.encode_unscaled` is the
-  raw posterior mode GoT conditions its UNet on (official-code-facts §3A).
+  raw posterior mode GoT conditions its UNet on
+  (``sunyasheng/NeoAnalogist@c58cf0a:thirdparty/GoT/got/models/got_model.py:259-260``).
 - :class:`IdentityCodec`: latent = pixels, for toy runs in pixel space (also GoT's unscaled conditions).
 """
 
@@ -124,10 +126,11 @@ class DCAutoencoder(Codec):
 class KLAutoencoder(Codec):
     """KL-regularised VAE (diffusers ``AutoencoderKL``): SDXL / SD1.5, and FLUX with its shift.
 
-    GoT (paper §5.2; official-code-facts §3A, ``GenCot.generate`` L255-293) uses SDXL's VAE three
-    ways: the denoised latent lives in the scaled space (``decode`` divides by ``scaling_factor``),
-    while the reference image and the box-mask canvases enter the UNet as the *unscaled* posterior
-    mode (InstructPix2Pix convention) -- :meth:`encode_unscaled`.
+    GoT (paper §5.2) uses SDXL's VAE three ways (``GenCot.generate``,
+    ``sunyasheng/NeoAnalogist@c58cf0a:thirdparty/GoT/got/models/got_model.py:255-293, 351``): the denoised
+    latent lives in the scaled space (``decode`` divides by ``scaling_factor``), while the reference
+    image and the box-mask canvases enter the UNet as the *unscaled* posterior mode (InstructPix2Pix
+    convention) -- :meth:`encode_unscaled`.
 
     Args:
         pretrained: hub id or local folder of a diffusers pipeline or VAE (``subfolder`` inside it),

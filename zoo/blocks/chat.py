@@ -8,13 +8,16 @@ either :class:`OpenAIChatClient` (the OpenAI chat-completions protocol through t
 OpenAI, Azure OpenAI, vLLM, SGLang, OpenRouter ...) or :class:`LocalVLMChatClient` (a transformers
 VLM in-process through :class:`zoo.blocks.mllm.VLMEncoder`).
 
-Facts carried over from the official code (research notes §1A, §4, §5): DIM sends the image
-before the text as a base64 JPEG whose quality is stepped down until it fits the API's size
-limit, with ``seed=233, temperature=0, timeout=60``; the judges run many calls concurrently and
-retry on rate limits and server errors. The SDK does the transport (retries with backoff and
-``Retry-After``, timeouts, Azure's paths and headers); the image encoding, the re-asking of
-malformed replies and the key redaction (:mod:`zoo.blocks.redact`) are ours, because the SDK does
-not fit images to a size limit and puts server messages, which may echo the key, into its errors.
+Facts carried over from the official code: DIM sends the image before the text as a base64 JPEG
+whose quality is stepped down until it fits the API's size limit, with ``seed=233, temperature=0,
+timeout=60`` (``showlab/DIM@28e644f:models/modeling_dim.py:807-840`` and
+``models/utils/__init__.py:19-44``); the judges run many calls concurrently and retry on rate
+limits and server errors (``PKU-YuanGroup/ImgEdit@547185d:Benchmark/UGE/UGE_bench.py:41-92``,
+``stepfun-ai/Step1X-Edit@570eba6:GEdit-Bench/test_gedit_score.py:18-58``). The SDK does the
+transport (retries with backoff and ``Retry-After``, timeouts, Azure's paths and headers); the image
+encoding, the re-asking of malformed replies and the key redaction (:mod:`zoo.blocks.redact`) are
+ours, because the SDK does not fit images to a size limit and puts server messages, which may echo
+the key, into its errors.
 """
 
 from __future__ import annotations
@@ -389,7 +392,8 @@ class OpenAIChatClient:
 class LocalVLMChatClient:
     """A chat client running a transformers VLM in-process (:class:`~zoo.blocks.mllm.VLMEncoder`).
 
-    The open-designer path of DIM (Qwen/InternVL/MiMo/GLM, greedy decoding, research notes §1A) and
+    The open-designer path of DIM (Qwen/InternVL/MiMo/GLM, greedy decoding: the
+    ``get_cot_from_designer_*`` methods of ``showlab/DIM@28e644f:models/modeling_dim.py:854-1092``) and
     a local judge. Decoding is greedy, so replies are deterministic. One call runs at a time: use
     ``complete_many(..., max_workers=1)``.
 
@@ -413,10 +417,11 @@ class LocalVLMChatClient:
         """Greedy reply to one user turn (texts and images, in the order given) after an optional
         system prompt, at most ``max_new_tokens`` long.
 
-        ImgEdit-Judge reads ``[rubric, original, result]`` (research notes §4D), so images keep their
-        place among the texts. The official judge script passes only ``max_new_tokens`` to
-        ``generate``: the checkpoint's own generation settings (stop tokens, repetition penalty)
-        apply, except that decoding is greedy so replies are deterministic.
+        ImgEdit-Judge reads ``[rubric, original, result]`` (its usage example,
+        ``PKU-YuanGroup/ImgEdit@547185d:README.md:276-302``), so images keep their place among the
+        texts. That official example passes only ``max_new_tokens`` to ``generate``: the
+        checkpoint's own generation settings (stop tokens, repetition penalty) apply, except that
+        decoding is greedy so replies are deterministic.
 
         Raises:
             ValueError: empty content.

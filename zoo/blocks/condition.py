@@ -1,6 +1,7 @@
 """The typed condition a module's encoder hands its denoiser.
 
-``encode_condition(batch) -> Condition`` is the pivot of every paper module (DESIGN.md, data flow):
+``encode_condition(batch) -> Condition`` is the pivot of every paper module (the data flow of
+:mod:`zoo.modules.base`):
 the MLLM/connector output the denoiser cross-attends to, its padding mask, a channel-concatenated
 image condition (DIM's source latent, GoT's reference + box-mask latents), added conditions of the
 denoiser (SDXL's pooled ``text_embeds`` + ``time_ids``, IP-Adapter image embeddings) and loss terms

@@ -73,7 +73,8 @@ def widen_input_conv(conv: nn.Conv2d, extra_channels: int, *, zero_init: bool, c
     The old weights go into ``weight[:, :conv.in_channels]``. The new input channels are zero
     (``zero_init=True``: the widened model starts as the old one) or keep the fresh default init
     (DIM ``expand_channels(zero_init=False)``, official default). ``copy_bias=False`` leaves the bias
-    at its fresh init, as GoT's ``conv_in`` widening does (official-code-facts §3A).
+    at its fresh init, as GoT's ``conv_in`` widening does
+    (``sunyasheng/NeoAnalogist@c58cf0a:thirdparty/GoT/got/models/got_model.py:27-37``).
     """
     if extra_channels <= 0:
         raise ValueError(f"extra_channels must be positive, got {extra_channels}")
@@ -193,11 +194,13 @@ class Denoiser(nn.Module, ABC):
 class SanaDenoiser(Denoiser):
     """SANA / SANA-1.5 DiT (diffusers ``SanaTransformer2DModel``), the decoder of DIM.
 
-    Maps to DIM's ``SanaMS[ChannelCond]_1600M_P1_D20`` (official-code-facts §1A): with
+    Maps to DIM's ``SanaMS[ChannelCond]_1600M_P1_D20`` (``showlab/DIM@28e644f``:
+    ``models/diffusion/model/nets/sana_multi_scale.py:559-563, 755-763``): with
     ``condition_channels > 0`` the condition (DIM edit: the source's DC-AE latent) is concatenated
     after the noisy latent before the patch embedding, whose ``proj`` conv is widened with
-    ``zero_init`` (official default False: random new channels) and the bias copied. T2I uses
-    ``condition_channels=0`` (plain SanaMS).
+    ``zero_init`` (official default False: random new channels) and the bias copied
+    (``models/modeling_dim.py:335-355``, ``expand_channels``). T2I uses ``condition_channels=0``
+    (plain SanaMS).
 
     Built from a :class:`SanaConfig`; ``condition_channels`` (set by the module: the source
     latent's channels for editing, 0 for T2I) widens the patch embedding.
@@ -254,7 +257,9 @@ def sdxl_time_ids(
     """SDXL's micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)`` as ``[1, 6]``.
 
     ``target`` defaults to ``(height, width)``; GoT passes ``(H, W, 0, 0, H, W)`` for the generated
-    size (official-code-facts §3A, ``_get_add_time_ids``). Float32; the denoiser casts and broadcasts it.
+    size (``_get_add_time_ids`` and its call,
+    ``sunyasheng/NeoAnalogist@c58cf0a:thirdparty/GoT/got/models/got_model.py:53-69, 310-319``).
+    Float32; the denoiser casts and broadcasts it.
     """
     target_h, target_w = (height, width) if target is None else target
     if min(height, width, target_h, target_w) <= 0 or min(crop) < 0:
@@ -265,7 +270,8 @@ def sdxl_time_ids(
 class UNetDenoiser(Denoiser):
     """SDXL / SD1.5 UNet (diffusers ``UNet2DConditionModel``), GoT's SSGM diffusion module.
 
-    Maps to GoT (paper §5.2; official-code-facts §3A, ``got_model.py`` L26-38): SDXL base with
+    Maps to GoT (paper §5.2;
+    ``sunyasheng/NeoAnalogist@c58cf0a:thirdparty/GoT/got/models/got_model.py:27-37``): SDXL base with
     ``conv_in`` widened from 4 to 12 input channels = [noisy latent 4 | reference latent 4 |
     box-mask latent 4], i.e. ``condition_channels=8``; the new input channels are zero and the
     pretrained weights go to the first 4. The official code does *not* copy the conv bias (the GoT

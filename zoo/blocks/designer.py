@@ -5,7 +5,8 @@ chain-of-thought "imaginations" written by GPT-4o (paper §3.1.2), and at infere
 designer (GPT-4o, or Qwen2.5-VL-3B/7B in §4.2) looks at the source image and writes a blueprint
 "in the same format as DIM-Edit" (§3.2): five numbered sections whose text replaces the prompt.
 
-- :data:`SECTIONS`: the five section names, in order (official code, research notes §1A).
+- :data:`SECTIONS`: the five section names, in order (the official designer prompt,
+  ``showlab/DIM@28e644f:models/modeling_dim.py:813-817``).
 - :data:`BLUEPRINT_PROMPT`: our wording of the request; the image goes first, then this text.
 - :func:`clean_reply`: drops ``<think>`` reasoning and keeps an ``<answer>`` block (the official
   code does this for InternVL/MiMo and GLM-4.1V respectively; we do it for every designer).

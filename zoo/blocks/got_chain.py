@@ -1,4 +1,7 @@
-"""GoT's reasoning chain on Qwen2.5-VL (official-code-facts §3A).
+"""GoT's reasoning chain on Qwen2.5-VL.
+
+The official code cited below is ``got/models/got_model.py`` of GoT's vendored copy
+``sunyasheng/NeoAnalogist@c58cf0a:thirdparty/GoT/``.
 
 :class:`GoTReasoner` is a :class:`~zoo.blocks.mllm.VLMEncoder` with GoT's 66 generation tokens
 (:mod:`zoo.blocks.got_tokens`) and, by default, GoT's LoRA (:class:`GoTLoRAConfig`):

@@ -1,4 +1,7 @@
-"""GoT's generation tokens and prompt templates (official-code-facts §3A).
+"""GoT's generation tokens and prompt templates.
+
+The official paths below are relative to GoT's vendored copy
+``sunyasheng/NeoAnalogist@c58cf0a:thirdparty/GoT/``.
 
 GoT (``got/processer/qwen25_vl_processor.py``, ``add_gen_token_num=64``) appends 66 special tokens
 to Qwen2.5-VL's tokenizer: ``<|im_gen_start|>`` (begin of image, "BOI"), ``<|im_gen_end|>`` (end of

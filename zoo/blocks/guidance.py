@@ -4,7 +4,8 @@
   re-initialised by DIM's ``expand_context`` as ``randn(L, D) / sqrt(D)``); training-time dropout
   to it is :meth:`zoo.blocks.condition.Condition.drop_to` (``CaptionEmbedder.token_drop``).
 - :func:`text_cfg`: single text CFG ``u + s (c - u)`` (DIM ``DIMDecoder.denoise``).
-- :func:`got_cfg`: GoT's four-branch multi-guidance (official-code-facts §3A), and
+- :func:`got_cfg`: GoT's four-branch multi-guidance (paper §5.3;
+  ``sunyasheng/NeoAnalogist@c58cf0a:thirdparty/GoT/got/models/got_model.py:338-346``), and
   :func:`got_cfg_batch`, which stacks the four branches' inputs into one denoiser batch.
 
 The guided combinations are plain functions of the branch predictions, so a sampler's ``predict``
@@ -94,7 +95,9 @@ def got_cfg_batch(
     pooled_gen: Tensor,
     pooled_null: Tensor | None = None,
 ) -> GoTBranchBatch:
-    """GoT's 4-way CFG batch (paper §5.3; official-code-facts §3A, ``GenCot.generate`` L295-320).
+    """GoT's 4-way CFG batch (paper §5.3), built as ``GenCot.generate`` builds it.
+
+    Official code: ``sunyasheng/NeoAnalogist@c58cf0a:thirdparty/GoT/got/models/got_model.py:295-320``.
 
     ===========  =======  =======  =======  =======
     branch       cond     text     image    uncond

@@ -4,12 +4,13 @@
 a published checkpoint, or the same classes at toy size (:mod:`zoo.blocks.tiny`), for two families:
 Qwen2.5-VL (DIM, GoT, ImgEdit-E1) and LLaVA-OneVision (MIND-Edit). Two uses:
 
-- ``condition()`` — DIM's conditioning (official-code-facts §1A): one user turn
-  ``[image, instruction]`` in the family's chat format (no generation prompt), the hidden states of
-  one layer (:attr:`VLMConfig.hidden_layer`; DIM: the last, after the final RMSNorm; MIND-Edit's
-  vision head: ``hidden_states[21]``, §2) restricted to the user turn's content, zero-padded or
-  truncated (keeping the last tokens) to ``max_condition_length`` with a boolean mask. Unlike the
-  official code it runs batches: right padding leaves each sample's states unchanged.
+- ``condition()`` — DIM's conditioning (``showlab/DIM@28e644f:models/modeling_dim.py:633-643``):
+  one user turn ``[image, instruction]`` in the family's chat format (no generation prompt), the
+  hidden states of one layer (:attr:`VLMConfig.hidden_layer`; DIM: the last, after the final
+  RMSNorm; MIND-Edit's vision head: ``hidden_states[21]``, MIND-Edit paper §4.1) restricted to the
+  user turn's content, zero-padded or truncated (keeping the last tokens) to
+  ``max_condition_length`` with a boolean mask. Unlike the official code it runs batches: right
+  padding leaves each sample's states unchanged.
 - ``generate()`` — greedy chat completion, for a local designer or judge.
 
 GoT's reasoning chain on top of the encoder is :mod:`zoo.blocks.got_chain`.
@@ -431,7 +432,7 @@ class VLMEncoder(FrozenModule):
         ``user_span`` marks the user turn's content: with an image, from its first placeholder token
         (Qwen: ``<|vision_start|>``; LLaVA-OneVision: the first ``<image>``) through the last text
         token; without one, the text alone. Never the system prompt, the role header or
-        ``<|im_end|>`` (official-code-facts §1A, ``user_labels``).
+        ``<|im_end|>`` (DIM's ``user_labels``, ``showlab/DIM@28e644f:data/tos_dataset.py:242-258``).
         """
         if not texts:
             raise ValueError("texts must hold at least one instruction")

@@ -5,9 +5,10 @@ Every objective is an :class:`Objective`: ``sample_timesteps``, ``sample_noise``
 integrates what the denoiser learned). Objectives are typed dataclasses, so a recipe picks one and
 its settings by config (``objective: {shift: 3.0}``) and ``--help`` documents every field.
 
-:class:`FlowMatching` is SANA's / DIM's rectified-flow objective (official-code-facts §1A,
-``gaussian_diffusion.py`` + ``respace.py``, yaml ``noise_schedule: linear_flow``,
-``predict_flow_v: true``, ``flow_shift: 3.0``, ``weighting_scheme: logit_normal``):
+:class:`FlowMatching` is SANA's / DIM's rectified-flow objective (``showlab/DIM@28e644f``:
+``models/diffusion/model/gaussian_diffusion.py:136-143`` + ``respace.py:80-127``, and the SANA yaml's
+``noise_schedule: linear_flow``, ``predict_flow_v: true``, ``flow_shift: 3.0``,
+``weighting_scheme: logit_normal``):
 
 - base grid ``sigma_i = 1 - beta_i`` with ``beta`` linear from 1.0 to 0.001 over N=1000 steps
   (so ``sigma_i = i / N``), shifted ``sigma'_i = s * sigma_i / (1 + (s - 1) * sigma_i)``;
@@ -188,9 +189,11 @@ class FlowMatching(Objective):
 class EpsilonDiffusion(Objective):
     """DDPM training objective of SDXL / SD1.5 UNets, as GoT trains its SSGM UNet.
 
-    GoT's training code is unreleased (official-code-facts §3B); its inference loads SDXL's
-    scheduler as ``DDPMScheduler`` (ε-prediction, scaled-linear β 0.00085 -> 0.012, 1000 steps,
-    ``leading`` spacing, ``steps_offset=1``; §3A), and the paper adds a noise offset of 0.1 (§8).
+    GoT's training code is unreleased (rongyaofang/GoT#1); its inference loads SDXL's scheduler as
+    ``DDPMScheduler`` (ε-prediction, scaled-linear β 0.00085 -> 0.012, 1000 steps, ``leading``
+    spacing, ``steps_offset=1``;
+    ``sunyasheng/NeoAnalogist@c58cf0a:thirdparty/GoT/configs/clm_models/agent_got.yaml:12-15``), and
+    the paper adds a noise offset of 0.1 (supplementary §8).
     So the step is the diffusers text-to-image recipe: ``t ~ U{0..N-1}``, ``noise = eps + offset *
     randn(B, C, 1, 1)`` (Guttenberg's noise offset, per sample and channel, constant over space, as
     diffusers' ``train_text_to_image*.py`` do), ``x_t = scheduler.add_noise(x0, noise, t)``, target

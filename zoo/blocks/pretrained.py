@@ -1,8 +1,8 @@
 """Resolve a pretrained model id or path to a local folder, offline.
 
 Every block that loads published weights calls :func:`resolve_pretrained` first, so a missing
-model gives one actionable line instead of a hub stack trace (DESIGN.md, "One code path, two
-sizes"). The zoo never downloads at run time: users fetch weights once and point recipes at them.
+model gives one actionable line instead of a hub stack trace. The zoo never downloads at run
+time: users fetch weights once and point recipes at them.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def load_diffusers_model(
 ) -> ModelT:
     """Build ``model_cls`` from a published id / local folder, or from constructor kwargs (a tiny config).
 
-    The one code path for both sizes (DESIGN.md): exactly one of ``pretrained`` and ``config``.
+    One code path for a published model and a tiny one: exactly one of ``pretrained`` and ``config``.
     ``pretrained`` goes through :func:`resolve_pretrained` first, so a missing model is one clear line.
     """
     if (pretrained is None) == (config is None):

@@ -5,15 +5,19 @@ with Qwen2.5-VL's grounding tokens, e.g.::
 
     <|object_ref_start|>a red cat<|object_ref_end|><|box_start|>(100,200),(500,900)<|box_end|> (red)
 
-The official parser (``got/models/utils.py::parse_coordinates_colors``; official-code-facts §3A) is
-one regex: the two corners (digits, no spaces) between the box tokens, then one space and a
-parenthesised word as the colour; it silently drops anything else, and an unknown colour name then
-crashes PIL. :func:`parse_boxes` accepts exactly that format as valid but also reports every
-rejected box with a reason, and is a linear scan over the special tokens (no backtracking regex
-over the chain), so adversarial text costs bounded time. Parsing is hand-written because no maintained library reads this Qwen/GoT grounding format.
+The official parser (``parse_coordinates_colors`` in
+``sunyasheng/NeoAnalogist@c58cf0a:thirdparty/GoT/got/models/utils.py:27-52``) is one regex: the
+two corners (digits, no spaces) between the box tokens, then one space and a parenthesised word as
+the colour; it silently drops anything else, and an unknown colour name then crashes PIL.
+:func:`parse_boxes` accepts exactly that format as valid but also reports every rejected box with a
+reason, and is a linear scan over the special tokens (no backtracking regex over the chain), so
+adversarial text costs bounded time. Parsing is hand-written because no maintained library reads
+this Qwen/GoT grounding format.
 
-The SSGM's spatial guidance (paper §5.2; ``GenCot.generate`` L262-276) draws each box on its own
-black canvas with PIL ``draw.rectangle(((x1/1000*W, y1/1000*H), (x2/1000*W, y2/1000*H)), fill=colour)``;
+The SSGM's spatial guidance (paper §5.2; ``GenCot.generate``,
+``sunyasheng/NeoAnalogist@c58cf0a:thirdparty/GoT/got/models/got_model.py:262-276``) draws each box
+on its own black canvas with PIL
+``draw.rectangle(((x1/1000*W, y1/1000*H), (x2/1000*W, y2/1000*H)), fill=colour)``;
 :func:`render_box_canvases` does the same, so pixels match the official masks exactly, and
 :func:`box_mask_latents` encodes and averages them into the UNet's mask channels.
 """

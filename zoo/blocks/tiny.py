@@ -1,5 +1,4 @@
-"""The one factory of tiny, randomly initialised real components (DESIGN.md, "Tiny components
-without a model hub").
+"""The one factory of tiny, randomly initialised real components, built without a model hub.
 
 No machine here reaches a model hub, so tests, tiny recipes and the demo build the real
 transformers classes at toy size from this file, deterministically: the tokenizer is trained on a

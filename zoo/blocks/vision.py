@@ -38,7 +38,7 @@ _DINO_RESIZE_RATIO = 256 / 224
 def torch_hub_file(url: str, what: str) -> Path:
     """The file ``torch.hub.load_state_dict_from_url(url)`` reads, which must already be there.
 
-    The zoo never downloads at run time (DESIGN.md), so a missing file is one actionable line.
+    The zoo never downloads at run time, so a missing file is one actionable line.
 
     Raises:
         MissingPretrainedError: naming the URL and the folder to put it in.

@@ -1,6 +1,6 @@
 """EditingModule: the method's skeleton every paper module shares.
 
-Data flows one way (DESIGN.md): ``EditBatch`` -> :meth:`~EditingModule.encode_condition` ->
+Data flows one way, never back: ``EditBatch`` -> :meth:`~EditingModule.encode_condition` ->
 ``Condition`` -> objective + denoiser loss (fit) or sampler (test/predict) -> images -> callbacks.
 The base owns that flow; a paper module composes blocks and implements its parts of it:
 
@@ -24,7 +24,7 @@ The base owns training_loss, the evaluation and inference entry points (:meth:`e
 evaluators, :meth:`edit` / :meth:`generate` / :meth:`edit_turns` for users, all through the
 training preprocessing), multi-turn editing, optimiser and schedule, and checkpoint hygiene. Frozen
 encoders are kept out of the module tree (:meth:`keep_frozen`): ``parameters()``, ``state_dict()``,
-DDP, DeepSpeed, EMA and checkpoints see only what trains (DESIGN.md, "Trainable state only").
+DDP, DeepSpeed, EMA and checkpoints see only what trains; frozen parts are rebuilt from their source.
 """
 
 from __future__ import annotations
@@ -444,7 +444,8 @@ class EditingModule(L.LightningModule):
             eps=self.optim.eps,
             weight_decay=self.optim.weight_decay,
         )
-        # Streaming loaders have no length, so the schedule is defined by max_steps (pitfall 13).
+        # Streaming loaders have no length (Lightning cannot estimate the number of steps of an
+        # iterable loader), so the schedule is defined by trainer.max_steps.
         max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else 0
         if self.optim.schedule == "cosine" and max_steps <= 0:
             raise ConfigError("a cosine schedule needs trainer.max_steps > 0 (streaming data has no epoch length)")

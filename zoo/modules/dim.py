@@ -1,7 +1,8 @@
 """DIMModule: Draw-In-Mind (DIM-4.6B-T2I / DIM-4.6B-Edit), composed from zoo blocks.
 
-Map to the paper (``../shared/papers/dim-draw-in-mind.txt``) and the official code facts
-(``official-code-facts.md`` §1):
+Map to the DIM paper (the § numbers below are its sections) and the official code,
+``showlab/DIM@28e644f:models/modeling_dim.py`` (``DIM``, ``DIMDecoder``; no training code is
+released, showlab/DIM#4):
 
 - MLLM (§3, "frozen 3.0B VLM"): Qwen2.5-VL-3B reads the source image and the instruction, or the
   designer's chain-of-thought blueprint; the last hidden state after the final norm over the user

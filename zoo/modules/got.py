@@ -1,7 +1,9 @@
 """GoTModule: Generation Chain-of-Thought (GoT-6B), composed from zoo blocks.
 
-Map to the paper (``../shared/papers/got-generation-chain-of-thought.txt``) and the official
-inference code facts (``official-code-facts.md`` §3A; the training code was never released, §3B):
+Map to the GoT paper (arXiv:2503.10639; the § numbers below are its sections) and the official
+inference code, cited from its vendored copy ``sunyasheng/NeoAnalogist@c58cf0a:thirdparty/GoT/``
+(``got/models/got_model.py`` ``GenCot``, ``configs/clm_models/``); the training code was never
+released (rongyaofang/GoT#1):
 
 - Reasoning (§4, §5.1): Qwen2.5-VL-3B with peft LoRA (r=32, alpha=32, dropout 0.05; embeddings, LM
   head and RMSNorms trained in full) and GoT's 66 generation tokens writes the chain for the T2I

@@ -1,7 +1,8 @@
 """Load the released GoT-6B weights (HF ``LucasFang/GoT-6B``) into a :class:`~zoo.modules.got.GoTModule`.
 
-The official inference code (``official-code-facts.md`` §3A, §3D) saves its whole ``GenCot`` module
-with ``torch.save(state_dict)`` and reloads it with ``load_state_dict(strict=False)``, printing
+The released checkpoint is the ``state_dict`` of the whole official ``GenCot`` module, which the
+official loader (``sunyasheng/NeoAnalogist@c58cf0a:thirdparty/GoT/got/models/got_model.py:372-382``,
+``GenCot.from_pretrained``) reads with ``torch.load`` and ``load_state_dict(strict=False)``, printing
 and otherwise ignoring keys that do not fit. Its attributes map onto ours one to one:
 
 ============================================  ==============================================
