@@ -60,6 +60,15 @@ def collect() -> dict[str, dict]:
     return results
 
 
+def _table(metrics: dict, labels: list[str], groups: list[str], name: str) -> list[str]:
+    """Markdown rows of ``name`` per edit type (rows) and evaluation (columns)."""
+    rows = ["| edit type | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for group in groups:
+        cells = [f"{metrics[label].get(group, {}).get(name, float('nan')):.3f}" for label in labels]
+        rows.append(f"| {group} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def markdown(results: dict[str, dict], host: dict[str, str | int]) -> str:
     lines = ["# Toy learning: tiny models on the procedural toy edits", ""]
     lines += [
@@ -79,14 +88,14 @@ def markdown(results: dict[str, dict], host: dict[str, str | int]) -> str:
         lines += [
             f"{result['steps']} steps at batch {result['batch_size']}; training {timings.get('fit', float('nan')):.0f} s, "
             f"training + evaluation {timings.get('train_and_evaluate', float('nan')):.0f} s, set-up (toy shards) "
-            f"{timings.get('setup_data', float('nan')):.0f} s. Bar in zoo/demo.py now: {result['bar']:.2f}; the checks below are those of this run. Learned: {metrics.get('learned')}.",
+            f"{timings.get('setup_data', float('nan')):.0f} s. Bar in zoo/demo.py now: {result['bar']:.2f}; "
+            f"the checks below are those of this run. Learned: {metrics.get('learned')}.",
             "",
-            "| edit type | " + " | ".join(labels) + " |",
-            "|---|" + "---|" * len(labels),
         ]
-        for group in groups:
-            cells = [f"{metrics[label].get(group, {}).get('score', float('nan')):.3f}" for label in labels]
-            lines.append(f"| {group} | " + " | ".join(cells) + " |")
+        lines += _table(metrics, labels, groups, "score")
+        if all("kept" in metrics[label]["overall"] for label in labels):
+            lines += ["", "Objects kept outside the edit region (`kept`: agreement over the target's non-background pixels there):", ""]
+            lines += _table(metrics, labels, groups, "kept")
         for label in labels:
             overall = metrics[label]["overall"]
             if "chain_parses" in overall:

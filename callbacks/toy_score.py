@@ -7,7 +7,11 @@ from the generator:
 
 - ``edit``: agreement inside the edit region (did the requested change happen?);
 - ``preserve``: agreement outside it, where the target equals the source (was the rest kept?);
-- ``score = (edit + preserve) / 2`` in [0, 1], per sample, averaged per edit type and overall.
+- ``score = (edit + preserve) / 2`` in [0, 1], per sample, averaged per edit type and overall;
+- ``kept``: agreement over the *objects* outside the region (target pixels that are not the
+  target's background colour), reported beside the score. Background pixels dominate
+  ``preserve``: an edit that paints the new object into every cell, or removes every object, still
+  preserves most pixels; ``kept`` shows whether the other objects survived.
 
 The copy-the-source baseline scores ``preserve = 1`` and ``edit`` = the fraction of the region that
 needs no change, so beating it requires actually performing edits. The evaluator scores the model
@@ -39,7 +43,7 @@ def palette_index(images: Tensor, palette: Tensor) -> Tensor:
 
 
 def toy_edit_scores(edited: Tensor, target: Tensor, mask: Tensor) -> dict[str, Tensor]:
-    """Per-sample ``edit``, ``preserve`` and ``score`` for images in [0,1] and a {0,1} mask [B,1,H,W]."""
+    """Per-sample ``edit``, ``preserve``, ``score`` and ``kept`` for images in [0,1] and a {0,1} mask [B,1,H,W]."""
     if mask.sum(dim=(1, 2, 3)).eq(0).any():
         raise ValueError("a toy sample has an empty edit region: the toy edit score is undefined for it")
     palette = torch.tensor(list(PALETTE.values()), dtype=torch.float32, device=edited.device) / 255
@@ -49,7 +53,12 @@ def toy_edit_scores(edited: Tensor, target: Tensor, mask: Tensor) -> dict[str, T
     edit = (agree * region).sum(dim=(1, 2)) / region.sum(dim=(1, 2))
     preserve = (agree * outside).sum(dim=(1, 2)) / outside.sum(dim=(1, 2)).clamp_min(1)
     preserve = torch.where(outside.sum(dim=(1, 2)) > 0, preserve, torch.ones_like(preserve))
-    return {"edit": edit, "preserve": preserve, "score": (edit + preserve) / 2}
+    truth = palette_index(target.float(), palette)
+    background = torch.stack([colours.flatten().bincount(minlength=len(palette)).argmax() for colours in truth])
+    objects = outside * truth.ne(background.view(-1, 1, 1)).float()
+    kept = (agree * objects).sum(dim=(1, 2)) / objects.sum(dim=(1, 2)).clamp_min(1)
+    kept = torch.where(objects.sum(dim=(1, 2)) > 0, kept, torch.ones_like(kept))
+    return {"edit": edit, "preserve": preserve, "score": (edit + preserve) / 2, "kept": kept}
 
 
 def chain_record(chain: str, boxes: list[dict[str, Any]]) -> dict[str, float]:
@@ -68,7 +77,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     for record in records:
         groups[record["edit_type"] or "unknown"].append(record)
         groups["overall"].append(record)
-    names = [n for n in ("score", "edit", "preserve", "chain_parses", "chain_exact") if records and n in records[0]]
+    names = [n for n in ("score", "edit", "preserve", "kept", "chain_parses", "chain_exact") if records and n in records[0]]
     return {
         group: {name: sum(r[name] for r in rows) / len(rows) for name in names} | {"count": float(len(rows))}
         for group, rows in sorted(groups.items())
@@ -126,7 +135,7 @@ class ToyEditEvaluator(L.Callback):
         if not trainer.is_global_zero:
             return
         baseline = [
-            {n: r[n] for n in ("key", "edit_type")} | {n: r[f"copy_{n}"] for n in ("score", "edit", "preserve")} for r in records
+            {n: r[n] for n in ("key", "edit_type")} | {n: r[f"copy_{n}"] for n in ("score", "edit", "preserve", "kept")} for r in records
         ]
         metrics = {self.label: summarize(records), "copy_source": summarize(baseline)}
         if trainer.logger is not None:
@@ -144,12 +153,12 @@ class ToyEditEvaluator(L.Callback):
         )
 
 
-def score_rows(metrics: dict[str, dict[str, dict[str, float]]], labels: list[str]) -> list[str]:
-    """A text table of the overall score per edit type (rows) of each label (columns)."""
+def score_rows(metrics: dict[str, dict[str, dict[str, float]]], labels: list[str], name: str = "score") -> list[str]:
+    """A text table of ``name`` (the score, or ``kept``) per edit type (rows) of each label (columns)."""
     groups = sorted({g for label in labels for g in metrics[label]} - {"overall"}) + ["overall"]
     rows = [f"{'edit type':<12}" + "".join(f"{label:>19}" for label in labels)]
     for group in groups:
-        cells = "".join(f"{metrics[label].get(group, {}).get('score', float('nan')):>19.4f}" for label in labels)
+        cells = "".join(f"{metrics[label].get(group, {}).get(name, float('nan')):>19.4f}" for label in labels)
         rows.append(f"{group:<12}{cells}")
     return rows
 
@@ -205,6 +214,9 @@ def report(
     Path(out).write_text(json.dumps(merged, indent=2) + "\n")
     print("toy edit score (higher is better; edit-region agreement and preservation, averaged)")
     print("\n".join(rows))
+    if all("kept" in merged[label]["overall"] for label in labels):
+        print("objects kept outside the edit region (kept: agreement over the target's non-background pixels there)")
+        print("\n".join(score_rows(merged, labels, "kept")))
     for label in labels:
         overall = merged[label]["overall"]
         if "chain_parses" in overall:

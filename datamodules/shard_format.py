@@ -111,8 +111,8 @@ def counting(label: str | None, total: int | None = None) -> Iterator[Callable[[
     if label is None:
         yield lambda: None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns) as bar:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate())
+    with Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn()) as bar:
         task = bar.add_task(label, total=total)
         yield lambda: bar.advance(task)
 

@@ -282,7 +282,9 @@ class ShardDataModule(L.LightningDataModule):
         self.seed, self.shuffle_buffer, self.strict = seed, shuffle_buffer, strict
         self.limit_val_samples = limit_val_samples
         if wrong_instructions and self.val_batch_size < 2:
-            raise DataConfigError("wrong_instructions swaps texts between the samples of a test batch: set val_batch_size >= 2")
+            raise DataConfigError(
+                "wrong_instructions swaps texts between the samples of a test batch: set val_batch_size >= 2"
+            )
         self.wrong_instructions = wrong_instructions
         self.rank, self.world_size = 0, 1
         self.streams: dict[str, ShardStream] = {}

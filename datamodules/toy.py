@@ -305,7 +305,8 @@ def generate(task: str, seed: int, split: str, count: int, resolution: int = 32)
 
 def main(argv: list[str] | None = None) -> int:
     """Write DIR/train, DIR/val and DIR/test shards (+ index.json); returns an exit code."""
-    parser = argparse.ArgumentParser(prog="zoo data toy", allow_abbrev=False, description="Write the procedural toy edit/T2I dataset as shards.")
+    description = "Write the procedural toy edit/T2I dataset as shards."
+    parser = argparse.ArgumentParser(prog="zoo data toy", allow_abbrev=False, description=description)
     parser.add_argument("--out", required=True)
     parser.add_argument("--train", type=int, default=512)
     parser.add_argument("--val", type=int, default=64)

@@ -122,9 +122,11 @@ class ZooCLI(LightningCLI):
             metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if value.numel() == 1}
             if metrics:
                 width = max(map(len, metrics))
-                print("\n".join([f"{self.subcommand} metrics:", *(f"  {k:<{width}}  {v:.4f}" for k, v in sorted(metrics.items()))]))
+                rows = [f"  {name:<{width}}  {value:.4f}" for name, value in sorted(metrics.items())]
+                print("\n".join([f"{self.subcommand} metrics:", *rows]))
             elif not any(isinstance(c, (BenchmarkEvaluator, ToyEditEvaluator)) for c in trainer.callbacks):
-                print(f"{self.subcommand}: no metric was logged (add an evaluator, e.g. --trainer.callbacks+=callbacks.toy_score.ToyEditEvaluator)")
+                hint = "add an evaluator, e.g. --trainer.callbacks+=callbacks.toy_score.ToyEditEvaluator"
+                print(f"{self.subcommand}: no metric was logged ({hint})")
         print(f"zoo: {self.subcommand} outputs in {trainer.log_dir}")
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:

@@ -26,7 +26,9 @@ class _Seen(StepProgressBar):
 def test_bar_reads_steps_of_max_steps_across_epochs(tmp_path: Path) -> None:
     bar = _Seen()
     model = BoringModel()  # 64 batches per epoch: 150 steps cross two epoch boundaries
-    trainer = Trainer(max_steps=150, max_epochs=-1, callbacks=[bar], default_root_dir=tmp_path, limit_val_batches=0, enable_model_summary=False)
+    trainer = Trainer(
+        max_steps=150, max_epochs=-1, callbacks=[bar], default_root_dir=tmp_path, limit_val_batches=0, enable_model_summary=False
+    )
     trainer.fit(model)
     assert [completed for completed, _, _ in bar.shown] == list(range(1, 151))
     assert {total for _, total, _ in bar.shown} == {150}
@@ -36,7 +38,9 @@ def test_bar_reads_steps_of_max_steps_across_epochs(tmp_path: Path) -> None:
 
 def test_bar_without_max_steps_counts_the_epoch_batches(tmp_path: Path) -> None:
     bar = _Seen()
-    trainer = Trainer(max_epochs=1, callbacks=[bar], default_root_dir=tmp_path, limit_train_batches=5, limit_val_batches=0, enable_model_summary=False)
+    trainer = Trainer(
+        max_epochs=1, callbacks=[bar], default_root_dir=tmp_path, limit_train_batches=5, limit_val_batches=0, enable_model_summary=False
+    )
     trainer.fit(BoringModel())
     assert [(completed, total) for completed, total, _ in bar.shown] == [(i, 5) for i in range(1, 6)]
     assert bar.shown[0][2].startswith("Epoch 0/0")

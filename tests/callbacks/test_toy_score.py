@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from callbacks.toy_score import chain_record, report, summarize, toy_edit_scores
-from datamodules.toy import PALETTE
+from datamodules.toy import PALETTE, Scene, ToyObject, render
 
 
 def _solid(name: str, size: int = 8) -> torch.Tensor:
@@ -109,3 +109,23 @@ def test_chain_record_tells_parsing_from_exact_boxes() -> None:
     assert chain_record("no boxes at all", truth) == {"chain_parses": 0.0, "chain_exact": 0.0}
     broken = exact + " and <|box_start|>(5,5),(1,1)<|box_end|> (red)"
     assert chain_record(broken, truth)["chain_parses"] == 0.0  # one undrawable box spoils the chain
+
+
+def test_kept_counts_the_objects_outside_the_region_that_preservation_hides() -> None:
+    # "Remove the red circle" done by removing every object: preservation is still high (the
+    # background dominates), but none of the other objects was kept.
+    red, blue = ToyObject("circle", "red", 0), ToyObject("square", "blue", 4)
+    source, target = render(Scene("black", (red, blue)), 32), render(Scene("black", (blue,)), 32)
+    empty = render(Scene("black", ()), 32)
+    mask = torch.from_numpy((source != target).any(axis=2)).float()[None, None]
+    as_tensor = lambda image: torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255  # noqa: E731
+    everything_removed = toy_edit_scores(as_tensor(empty), as_tensor(target), mask)
+    assert float(everything_removed["edit"]) == 1.0 and float(everything_removed["preserve"]) > 0.9
+    assert float(everything_removed["kept"]) == 0.0
+    done = toy_edit_scores(as_tensor(target), as_tensor(target), mask)
+    assert float(done["kept"]) == 1.0 and float(done["score"]) == 1.0
+    # A background change: the objects are what lies outside the region, the new colour is the background.
+    white = render(Scene("white", (red, blue)), 32)
+    region = torch.from_numpy((source != white).any(axis=2)).float()[None, None]
+    assert float(toy_edit_scores(as_tensor(render(Scene("white", ()), 32)), as_tensor(white), region)["kept"]) == 0.0
+    assert float(toy_edit_scores(as_tensor(white), as_tensor(white), region)["kept"]) == 1.0
