@@ -49,13 +49,19 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 # ShardDataModule splits shards by worker and rank itself, so its __len__ is exact with any number of workers.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+# Testing a checkpoint into its own stage folder: the checkpoint's ModelCheckpoint state names the
+# training folder, and nothing is saved while testing.
+warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
 
 
 class _NoAdvert(logging.Filter):
-    """Drops Lightning's "💡 Tip: ... try installing litlogger" advert printed at every fit."""
+    """Drops Lightning's "💡 Tip: ... try installing litlogger" advert printed at every fit, and its
+    restatement of a configured ``limit_*_batches``."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip:")
+        message = str(record.msg)
+        # The advert, and the note that a recipe's limit_*_batches is in effect (the recipe says so).
+        return not message.startswith("💡 Tip:") and not re.match(r"`Trainer\(limit_\w+_batches=", message)
 
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvert())
