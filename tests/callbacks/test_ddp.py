@@ -71,7 +71,7 @@ def _assert_rank_zero_wrote_everything(tmp_path: Path) -> None:
     assert metrics["tiny"]["overall"]["count"] == NUM_TEST
     assert sum(v["count"] for group, v in metrics["tiny"].items() if group != "overall") == NUM_TEST
     # Toy masks are exactly the changed pixels: copying the source keeps everything and edits nothing.
-    assert metrics["copy_source"]["overall"] == {"score": 0.5, "edit": 0.0, "preserve": 1.0, "count": NUM_TEST}
+    assert metrics["copy_source"]["overall"] == {"score": 0.5, "edit": 0.0, "preserve": 1.0, "kept": 1.0, "count": NUM_TEST}
     records = [json.loads(line) for line in (log_dir / "records.jsonl").read_text().splitlines()]
     assert len(records) == NUM_TEST and len({r["key"] for r in records}) == NUM_TEST  # none lost, none doubled
 
