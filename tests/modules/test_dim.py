@@ -176,13 +176,15 @@ def test_blueprint_is_the_condition_when_present(caplog: pytest.LogCaptureFixtur
     batch = toy_batch(size=2)
     assert model.condition_text(batch) == batch.blueprint and model.instruction_fallbacks == 0
     batch.blueprint = ["", batch.blueprint[1]]
+    assert model.condition_text(batch) == [batch.instruction[0], batch.blueprint[1]]
     with caplog.at_level(logging.WARNING, logger="zoo.modules.dim"):
-        assert model.condition_text(batch) == [batch.instruction[0], batch.blueprint[1]]
-        assert model.condition_text(batch) == [batch.instruction[0], batch.blueprint[1]]
-    # The fallback is counted every time and announced once, with its count.
+        model.edit_batch(batch, torch.Generator().manual_seed(0))  # reads condition_text twice
+        model.edit_batch(batch, torch.Generator().manual_seed(0))
+    # The fallback is counted once per conditioned sample and announced once, with its count.
     [warning] = [r.getMessage() for r in caplog.records if "no blueprint" in r.getMessage()]
     assert "1 of 2 samples" in warning and model.instruction_fallbacks == 2
     plain = DIMModule(**tiny_dim_kwargs(use_blueprint=False))
+    plain.edit_batch(batch, torch.Generator().manual_seed(0))
     assert plain.condition_text(batch) == batch.instruction and plain.instruction_fallbacks == 0
 
 

@@ -122,21 +122,23 @@ class DIMModule(EditingModule):
     # -- conditioning -----------------------------------------------------------------------
 
     def condition_text(self, batch: EditBatch) -> list[str]:
-        """Blueprint when ``use_blueprint`` and one exists, else the instruction (counted in
-        :attr:`instruction_fallbacks`; the first such batch warns, once per module)."""
+        """Blueprint when ``use_blueprint`` and one exists, else the instruction."""
         if not self.use_blueprint:
             return list(batch.instruction)
-        missing = sum(not blueprint for blueprint in batch.blueprint)
-        if missing:
-            if not self.instruction_fallbacks:
-                log.warning(
-                    "use_blueprint is set but %d of %d samples in this batch have no blueprint and no designer "
-                    "writes one: they are conditioned on the raw instruction (stage 1 of DIM does this by design; "
-                    "for stage 2 give the data's *_cot.jsonl or a designer). Counted in instruction_fallbacks.",
-                    missing, len(batch.blueprint),
-                )
-            self.instruction_fallbacks += missing
         return [blueprint or instruction for instruction, blueprint in zip(batch.instruction, batch.blueprint)]
+
+    def count_instruction_fallbacks(self, batch: EditBatch) -> None:
+        """Add the samples that ``use_blueprint`` conditions on their raw instruction (no blueprint,
+        no designer) to :attr:`instruction_fallbacks`; the first such batch warns, once per module."""
+        missing = sum(not blueprint for blueprint in batch.blueprint) if self.use_blueprint else 0
+        if missing and not self.instruction_fallbacks:
+            log.warning(
+                "use_blueprint is set but %d of %d samples in this batch have no blueprint and no designer "
+                "writes one: they are conditioned on the raw instruction (stage 1 of DIM does this by design; "
+                "for stage 2 give the data's *_cot.jsonl or a designer). Counted in instruction_fallbacks.",
+                missing, len(batch.blueprint),
+            )
+        self.instruction_fallbacks += missing
 
     def prepare_batch(self, batch: EditBatch, keep_given: bool = False) -> EditBatch:
         """The designer (a paid API call) writes a blueprint for each sample that has none."""
@@ -173,6 +175,7 @@ class DIMModule(EditingModule):
         edit = self.mode == "edit"
         if edit and batch.source is None:
             raise ValueError("an edit-mode DIMModule needs the source image of every sample (batch.source)")
+        self.count_instruction_fallbacks(batch)
         states, mask = self.mllm.condition(batch.mllm_image if edit else None, self.condition_text(batch))
         channels = self.codec.encode(batch.source.to(self.device, self.dtype)) if edit else None
         return Condition(context=self.connector(states.to(self.dtype)), mask=mask, channels=channels)
