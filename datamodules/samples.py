@@ -65,7 +65,9 @@ class EditSample:
     ``target`` is None for predict sets; ``blueprint`` is DIM's 5-section chain-of-thought;
     ``mask`` is a PIL "L" image, 255 inside the edit region; ``boxes`` describe the target image;
     ``chain`` is GoT's reasoning chain (text with ``<|box_start|>(x1,y1),(x2,y2)<|box_end|> (colour)``);
-    ``turns`` are the instructions of a multi-turn case's later turns (ImgEdit-Bench multi-turn).
+    ``turns`` are the instructions of a multi-turn case's later turns (ImgEdit-Bench multi-turn);
+    ``optimized_instruction`` is MIND-Edit's rewrite of the instruction, the MLLM's reply target in
+    the appendix-C format (:mod:`zoo.blocks.optimized_instruction`).
     """
 
     key: str
@@ -78,6 +80,7 @@ class EditSample:
     boxes: list[dict[str, Any]] = field(default_factory=list)
     chain: str | None = None
     turns: list[str] = field(default_factory=list)
+    optimized_instruction: str | None = None
 
     def __post_init__(self) -> None:
         if self.source.mode != "RGB":
@@ -164,6 +167,8 @@ class EditBatch:
     """GoT-style boxes of the target objects (see :func:`check_boxes`)."""
     turns: list[list[str]]
     """Instructions of the later turns of a multi-turn case (each edits the previous result); [] otherwise."""
+    optimized_instruction: list[str]
+    """MIND-Edit's optimized instruction (``optimized_prompt: ... negative_prompt: ...``)."""
     target: Tensor | None = None
     """``[B, 3, H, W]`` in [-1, 1]; None for prediction sets."""
     source: Tensor | None = None
@@ -212,13 +217,13 @@ class EditBatch:
         return EditBatch(**{f.name: self.size if f.name == "size" else take(getattr(self, f.name)) for f in fields(self)})
 
     def with_texts_of(self, shift: int) -> EditBatch:
-        """Ablation: every sample takes the instruction, blueprint, chain, boxes and later turns of
+        """Ablation: every sample takes the instruction, blueprint, chain, boxes, optimized instruction and later turns of
         the sample ``shift`` places later in the batch (cyclically); images, masks and edit types
         stay. A model that uses its instruction scores lower on the batch this returns."""
         if len(self) < 2 or shift % len(self) == 0:
             raise ValueError(f"shifting the texts of a batch of {len(self)} by {shift} gives every sample its own again")
         order = [(i + shift) % len(self) for i in range(len(self))]
-        texts = ("instruction", "blueprint", "chain", "boxes", "turns")
+        texts = ("instruction", "blueprint", "chain", "boxes", "turns", "optimized_instruction")
         return replace(self, **{name: [getattr(self, name)[i] for i in order] for name in texts})
 
     def replace(self, **changes: Any) -> EditBatch:
@@ -305,6 +310,7 @@ def collate(samples: Sequence[EditSample | T2ISample], resolution: int, mllm_res
         edit_type=[(s.edit_type or "") if isinstance(s, EditSample) else "" for s in samples],
         boxes=[s.boxes for s in samples],
         turns=[list(s.turns) if isinstance(s, EditSample) else [] for s in samples],
+        optimized_instruction=[(s.optimized_instruction or "") if isinstance(s, EditSample) else "" for s in samples],
     )
     if any(edits):
         batch.source, batch.mllm_image, batch.mask = _sources(samples, resolution, mllm_resolution)

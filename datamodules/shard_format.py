@@ -8,6 +8,7 @@ because webdataset splits a member name at its first dot):
 
 * ``<key>.json``   utf-8 JSON object: ``task`` ("edit" | "t2i"), ``instruction`` (T2I: the prompt),
   ``blueprint`` (DIM 5-section CoT or null), ``chain`` (GoT reasoning chain, absent or null),
+  ``optimized_instruction`` (edit only: MIND-Edit's appendix-C rewrite, absent or null),
   ``edit_type`` (or null), ``boxes`` (list of
   ``{"box": [x1, y1, x2, y2] ints in [0,1000), "color": str, "label": str}``), plus free extra fields
   (kept out of the batch, e.g. the toy generator's scene description).
@@ -85,6 +86,8 @@ def encode_sample(sample: EditSample | T2ISample, extra: dict[str, Any] | None =
             meta["target_is_source"], target = True, None
         if sample.mask is not None:
             record["mask.png"] = _png(sample.mask)
+        if sample.optimized_instruction is not None:
+            meta["optimized_instruction"] = sample.optimized_instruction
     else:
         meta.update(task="t2i", instruction=sample.prompt, edit_type=None)
         target = sample.image
@@ -212,6 +215,8 @@ def decode_sample(raw: dict[str, Any]) -> EditSample | T2ISample:
         raise ValueError(f"json must be an object with task 'edit' or 't2i', got {str(meta)[:80]!r}")
     if not isinstance(meta.get("instruction"), str):
         raise ValueError("json has no string 'instruction'")
+    if not isinstance(meta.get("optimized_instruction", ""), (str, type(None))):
+        raise ValueError("json 'optimized_instruction' must be a string or null")
     target = _open_image(raw["target.png"], "RGB") if "target.png" in raw else None
     boxes = meta.get("boxes") or []
     if meta["task"] == "t2i":
@@ -233,4 +238,5 @@ def decode_sample(raw: dict[str, Any]) -> EditSample | T2ISample:
         mask=_open_image(raw["mask.png"], "L") if "mask.png" in raw else None,
         boxes=boxes,
         chain=meta.get("chain"),
+        optimized_instruction=meta.get("optimized_instruction"),
     )
