@@ -187,3 +187,55 @@ def test_got_four_branch_guidance_through_ddpm_sampling() -> None:
     out = sample(predict, noise, scheduler, 50, generator=torch.Generator().manual_seed(0))
     cond, text, image, _ = targets
     torch.testing.assert_close(out, 4 * cond + 3.5 * text - 6.5 * image, rtol=0, atol=1e-4)
+
+
+def eps_oracle(x0: torch.Tensor, scheduler: DDPMScheduler, calls: list[int]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Exact ε of x_t = sqrt(abar) x0 + sqrt(1 - abar) ε for a DDPM/DDIM schedule."""
+    abar = scheduler.alphas_cumprod
+
+    def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append(int(t[0]))
+        a = abar[t].view(-1, 1, 1, 1)
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+    return predict
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_keep_restores_the_source_outside_the_region_and_edits_inside(sampler: str) -> None:
+    source, target = data(1)
+    scheduler = EpsilonDiffusion(sampler=sampler).sampling_scheduler()
+    keep = torch.zeros(2, 1, 6, 6)
+    keep[..., :3] = 1
+    noise = torch.randn(source.shape, generator=torch.Generator().manual_seed(2))
+    calls: list[int] = []
+    out = sample(eps_oracle(target, scheduler, calls), noise, scheduler, 20, source=source, keep=keep,
+                 generator=torch.Generator().manual_seed(3))
+    assert len(calls) == 20
+    torch.testing.assert_close(out[..., :3], source[..., :3], rtol=0, atol=0)
+    # Inside the region the oracle of the target is followed (DDPM adds noise on the way; DDIM without set_alpha_to_one ends one step short of t = 0).
+    assert (out[..., 3:] - target[..., 3:]).abs().max() < (0.15 if sampler == "ddim" else 0.5)
+    assert (out[..., 3:] - source[..., 3:]).abs().mean() > 0.5
+
+
+def test_strength_runs_the_last_steps_from_the_noised_source() -> None:
+    source, target = data(2)
+    scheduler = EpsilonDiffusion(sampler="ddim").sampling_scheduler()
+    noise = torch.randn(source.shape, generator=torch.Generator().manual_seed(4))
+    calls: list[int] = []
+    out = sample(eps_oracle(target, scheduler, calls), noise, scheduler, 20, source=source, strength=0.5)
+    scheduler.set_timesteps(20)
+    assert calls == scheduler.timesteps[10:].tolist()
+    # The oracle's ε at t_start is not the noise that made x_t, so the output sits between the two.
+    assert 0 < (out - target).abs().mean() < (source - target).abs().mean()
+
+
+def test_source_options_are_checked() -> None:
+    source, _ = data()
+    scheduler = EpsilonDiffusion().sampling_scheduler()
+    with pytest.raises(ValueError, match="strength must be in"):
+        sample(lambda x, t: x, source, scheduler, 4, source=source, strength=0.0)
+    with pytest.raises(ValueError, match="need the source latent"):
+        sample(lambda x, t: x, source, scheduler, 4, keep=torch.ones(2, 1, 6, 6))
+    with pytest.raises(ValueError, match="no add_noise"):
+        sample(lambda x, t: x, source, build_scheduler("flow_euler"), 4, source=source, strength=0.5)

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel, ProcessorMixin
 
@@ -39,8 +38,6 @@ from zoo.blocks.mllm import Images, LoRAConfig, VLMConfig, VLMEncoder
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 """Qwen's image/video placeholder tokens: the processor owns them, a reasoning chain never holds them."""
-
-_ASSISTANT_HEADER = "assistant\n"
 
 
 @dataclass
@@ -162,23 +159,6 @@ class GoTReasoner(VLMEncoder):
         final, hidden = self._forward_states(inputs)
         return input_ids, final, hidden[is_image].view(len(texts), ids.num_image_tokens, -1).float()
 
-    def _chain_loss(self, input_ids: Tensor, final: Tensor) -> Tensor:
-        """Next-token CE on the chain and its closing ``<|im_gen_start|>`` (the model must learn to stop)."""
-        tokenizer = self.processor.tokenizer
-        im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-        header = len(tokenizer(_ASSISTANT_HEADER, add_special_tokens=False).input_ids)
-        rows, targets = [], []
-        for b in range(len(input_ids)):
-            # The chain starts after the last role header ("<|im_start|>assistant\n").
-            start = int((input_ids[b] == im_start).nonzero()[-1]) + 1 + header
-            stop = int((input_ids[b] == self.got_ids.gen_start).nonzero()[0])
-            rows.append(final[b, start - 1 : stop])
-            targets.append(input_ids[b, start : stop + 1])
-        # Logits only where needed: the LM head over the whole sequence (image pads included) is
-        # the largest activation of the forward at 151936 rows.
-        logits = self.model.get_output_embeddings()(torch.cat(rows))
-        return F.cross_entropy(logits.float(), torch.cat(targets))
-
     def image_token_states(self, images: Images, prompts: list[str], chains: list[str]) -> Tensor:
         """States at the 64 image placeholders, ``[B, 64, D]`` float32 (GoT: after the final norm).
 
@@ -193,4 +173,4 @@ class GoTReasoner(VLMEncoder):
         The CE averages over the chain tokens and the closing ``<|im_gen_start|>`` of the batch.
         """
         input_ids, final, states = self._chain_forward(images, prompts, chains)
-        return self._chain_loss(input_ids, final), states
+        return self.reply_cross_entropy(input_ids, final, self.got_ids.gen_start), states

@@ -72,6 +72,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # Both families' LLMs are Qwen2-based: a turn ends with <|im_end|>, a document with <|endoftext|>.
 _TURN_END = "<|im_end|>"
 _STOP_TOKENS = (_TURN_END, "<|endoftext|>")
+_ASSISTANT_HEADER = "assistant\n"
+"""What follows ``<|im_start|>`` at the start of an assistant turn (both families' chat templates)."""
 
 
 @dataclass(frozen=True)
@@ -426,20 +428,25 @@ class VLMEncoder(FrozenModule):
         resized = F.interpolate(image[None], size=side, mode="bicubic", antialias=True, align_corners=False)
         return resized[0].clamp(0, 1).cpu()
 
-    def build_inputs(self, images: Images, texts: list[str]) -> BatchFeature:
+    def build_inputs(self, images: Images, texts: list[str], replies: list[str] | None = None) -> BatchFeature:
         """Tokenise ``[image?, text]`` user turns, right-padded, plus the boolean ``user_span`` [B, T].
 
         ``user_span`` marks the user turn's content: with an image, from its first placeholder token
         (Qwen: ``<|vision_start|>``; LLaVA-OneVision: the first ``<image>``) through the last text
         token; without one, the text alone. Never the system prompt, the role header or
         ``<|im_end|>`` (DIM's ``user_labels``, ``showlab/DIM@28e644f:data/tos_dataset.py:242-258``).
+        With ``replies``, each conversation continues with the assistant's reply and ``<|im_end|>``
+        (teacher forcing, :meth:`reply_loss_and_states`).
         """
         if not texts:
             raise ValueError("texts must hold at least one instruction")
+        if replies is not None and len(replies) != len(texts):
+            raise ValueError(f"got {len(replies)} replies for {len(texts)} texts; give one reply per text")
         has_image, pixels, image_kwargs = self._images(images, len(texts))
-        prompts = self._prompts(has_image, texts, add_generation_prompt=False)
+        prompts = self._prompts(has_image, texts, add_generation_prompt=replies is not None)
+        full = prompts if replies is None else [p + r + _TURN_END for p, r in zip(prompts, replies)]
         inputs = self.processor(
-            text=prompts,
+            text=full,
             images=pixels,
             padding=True,
             padding_side="right",
@@ -453,9 +460,9 @@ class VLMEncoder(FrozenModule):
         for b, (prompt, text, image) in enumerate(zip(prompts, texts, has_image)):
             if header not in prompt or _TURN_END not in prompt:
                 raise ValueError(f"the processor's chat template does not render the user header {header!r} and {_TURN_END!r}")
-            # Images expand only after these character offsets, so they hold in the expanded text.
-            # Without an image the text is the whole content, except a separator the template may
-            # put before it (LLaVA-OneVision's "\n").
+            # Images expand only after these character offsets, so they hold in the expanded text
+            # (and a reply only follows them). Without an image the text is the whole content,
+            # except a separator the template may put before it (LLaVA-OneVision's "\n").
             start_char = prompt.rindex(header) + len(header) if image else prompt.rindex(_TURN_END) - len(text)
             real = inputs["attention_mask"][b].bool()
             after = (offsets[b, :, 0] >= start_char) & real
@@ -494,23 +501,63 @@ class VLMEncoder(FrozenModule):
                 handle.remove()
         return final, captured[0] if captured else final
 
-    def condition(self, images: Images, texts: list[str]) -> tuple[Tensor, Tensor]:
-        """Condition: user-span states of ``hidden_layer``, ``(states [B, L, D] float32, mask [B, L] bool)``.
+    def _span_states(self, hidden: Tensor, span: Tensor) -> tuple[Tensor, Tensor]:
+        """Each sample's ``span`` of ``hidden`` as ``(states [B, L, D] float32, mask [B, L] bool)``.
 
         ``L = max_condition_length``; shorter spans are zero-padded on the right, longer ones keep
         their last ``L`` tokens (official DIM ``y[..., -max_length:]``).
         """
-        inputs = self.build_inputs(images, texts).to(self.model.device)
-        span = inputs.pop("user_span")
-        _, hidden = self._forward_states(inputs)
         length = self.max_condition_length
-        states = hidden.new_zeros(len(texts), length, hidden.shape[-1], dtype=torch.float32)
-        mask = torch.zeros(len(texts), length, dtype=torch.bool, device=hidden.device)
-        for b in range(len(texts)):
+        states = hidden.new_zeros(len(span), length, hidden.shape[-1], dtype=torch.float32)
+        mask = torch.zeros(len(span), length, dtype=torch.bool, device=hidden.device)
+        for b in range(len(span)):
             selected = hidden[b, span[b]][-length:]
             states[b, : len(selected)] = selected.float()
             mask[b, : len(selected)] = True
         return states, mask
+
+    def condition(self, images: Images, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """Condition: user-span states of ``hidden_layer``, ``(states [B, L, D] float32, mask [B, L] bool)``
+        (:meth:`_span_states`)."""
+        inputs = self.build_inputs(images, texts).to(self.model.device)
+        span = inputs.pop("user_span")
+        _, hidden = self._forward_states(inputs)
+        return self._span_states(hidden, span)
+
+    def reply_cross_entropy(self, input_ids: Tensor, final: Tensor, stop_id: int) -> Tensor:
+        """Next-token CE over every sample's reply: the tokens after the last assistant header
+        (``<|im_start|>assistant\n``) through the first ``stop_id`` after it (the model must learn
+        to stop), averaged over the batch's reply tokens; ``final`` are the final-norm states."""
+        tokenizer = self.processor.tokenizer
+        im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+        header = len(tokenizer(_ASSISTANT_HEADER, add_special_tokens=False).input_ids)
+        rows, targets = [], []
+        for b in range(len(input_ids)):
+            start = int((input_ids[b] == im_start).nonzero()[-1]) + 1 + header
+            stops = (input_ids[b, start:] == stop_id).nonzero()
+            if not len(stops):
+                raise ValueError(f"reply {b} does not end with token {stop_id} ({tokenizer.convert_ids_to_tokens(stop_id)})")
+            stop = start + int(stops[0])
+            rows.append(final[b, start - 1 : stop])
+            targets.append(input_ids[b, start : stop + 1])
+        # Logits only where needed: the LM head over the whole sequence (image pads included) is
+        # the largest activation of the forward at 151936 rows.
+        logits = self.model.get_output_embeddings()(torch.cat(rows))
+        return F.cross_entropy(logits.float(), torch.cat(targets))
+
+    def reply_loss_and_states(self, images: Images, texts: list[str], replies: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """Teacher-forced training forward: ``(reply CE, user-span states of hidden_layer, mask)``.
+
+        One pass over ``[image?, text]`` + the assistant's ``reply`` + ``<|im_end|>``. The CE is
+        the LM head's on the final states (:meth:`reply_cross_entropy`); the states are those of
+        :meth:`condition` — under the causal mask the user turn never sees the reply, so they equal
+        what :meth:`condition` returns at inference, before any reply is written.
+        """
+        inputs = self.build_inputs(images, texts, replies).to(self.model.device)
+        span = inputs.pop("user_span")
+        final, hidden = self._forward_states(inputs)
+        states, mask = self._span_states(hidden, span)
+        return self.reply_cross_entropy(inputs["input_ids"], final, self._im_end_id), states, mask
 
     # --- chat -----------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from diffusers import DDPMScheduler, SchedulerMixin
+from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin
 from torch import Tensor
 
 from zoo.blocks.config import ConfigError, check_choice, check_positive, check_range
@@ -217,10 +217,14 @@ class EpsilonDiffusion(Objective):
     the rest by the pixels outside it; None = the paper's plain MSE. Not from any paper: an object
     edit changes 4-7% of the toy pixels, so the plain loss is mostly copying (0.5 balances the two,
     as the toy edit score averages them)."""
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    """Sampling scheduler on this schedule: ``ddpm`` (GoT samples 50 DDPM steps) or ``ddim``
+    (IP-Adapter's SD1.5 demos, η = 0)."""
     scheduler: DDPMScheduler = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_choice("objective.prediction_type", self.prediction_type, PredictionType)
+        check_choice("objective.sampler", self.sampler, Literal["ddpm", "ddim"])
         check_range("objective.noise_offset", self.noise_offset, 0.0)
         self.check_edit_region_share()
         check_range("objective.num_train_timesteps", self.num_train_timesteps, 2)
@@ -241,8 +245,11 @@ class EpsilonDiffusion(Objective):
         """``abar_t`` for ``t = 0..N-1`` (float32, CPU)."""
         return self.scheduler.alphas_cumprod
 
-    def sampling_scheduler(self) -> DDPMScheduler:
-        """A fresh ``DDPMScheduler`` with this schedule (GoT samples 50 DDPM steps)."""
+    def sampling_scheduler(self) -> DDPMScheduler | DDIMScheduler:
+        """A fresh scheduler of ``sampler`` with this schedule (DDIM: ``set_alpha_to_one=False``, as
+        SD1.5's and IP-Adapter's DDIM configs)."""
+        if self.sampler == "ddim":
+            return DDIMScheduler.from_config(self.scheduler.config, set_alpha_to_one=False)
         return DDPMScheduler.from_config(self.scheduler.config)
 
     def sample_timesteps(

@@ -78,6 +78,9 @@ def sample(
     num_steps: int,
     *,
     generator: torch.Generator | None = None,
+    source: Tensor | None = None,
+    strength: float = 1.0,
+    keep: Tensor | None = None,
 ) -> Tensor:
     """Denoise ``noise`` in ``num_steps`` scheduler steps (one ``predict`` call each).
 
@@ -88,19 +91,41 @@ def sample(
         scheduler: from :func:`build_scheduler` (or any diffusers scheduler); its state is reset.
         num_steps: number of denoising steps.
         generator: seeds the noise that stochastic schedulers (DDPM, as GoT samples) add per step.
+        source: a clean latent to edit (needs a scheduler with ``add_noise``: DDPM, DDIM). With
+            ``strength < 1`` the loop starts from ``source`` noised to the step ``strength`` of the
+            way in and runs only the remaining steps (diffusers' img2img: ``int(num_steps *
+            strength)`` of them).
+        strength: in (0, 1]; 1 starts from pure noise.
+        keep: ``[B, 1, h, w]`` in [0, 1], 1 where ``source`` is kept: after every step those
+            elements are replaced by ``source`` noised to the next step (the source itself after
+            the last), diffusers' inpainting with a plain 4-channel UNet
+            (``StableDiffusionInpaintPipeline`` when ``num_channels_unet == 4``).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if (strength < 1.0 or keep is not None) and source is None:
+        raise ValueError("strength < 1 and keep need the source latent to start from or keep")
+    if source is not None and not hasattr(scheduler, "add_noise"):
+        raise ValueError(f"{type(scheduler).__name__} cannot noise a source latent (no add_noise); use DDPM or DDIM")
     scheduler.set_timesteps(num_steps, device=noise.device)
     if len(scheduler.timesteps) != num_steps:
         raise ValueError(f"{type(scheduler).__name__} made {len(scheduler.timesteps)} steps for num_steps={num_steps}")
-    inputs = model_timesteps(scheduler)
+    first = num_steps - max(1, int(num_steps * strength))
+    timesteps, inputs = scheduler.timesteps[first:], model_timesteps(scheduler)[first:]
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
-    for t, model_t in zip(scheduler.timesteps, inputs):
+    if strength < 1.0:
+        x = scheduler.add_noise(source, noise, timesteps[:1].expand(noise.shape[0]))
+    else:
+        x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    for i, (t, model_t) in enumerate(zip(timesteps, inputs)):
         model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         output = predict(model_input, model_t.expand(x.shape[0]))
         if output.shape != x.shape:
             raise ValueError(f"predict returned {tuple(output.shape)} for x_t of shape {tuple(x.shape)}")
         x = scheduler.step(output, t, x, return_dict=False, **step_kwargs)[0]
+        if keep is not None:
+            known = source if i + 1 == len(timesteps) else scheduler.add_noise(source, noise, timesteps[i + 1].expand(x.shape[0]))
+            x = keep * known + (1 - keep) * x
     return x
