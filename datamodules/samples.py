@@ -245,22 +245,31 @@ class EditBatch:
         *,
         blueprints: Sequence[str | None] | None = None,
         chains: Sequence[str | None] | None = None,
+        masks: Sequence[Image.Image | None] | None = None,
     ) -> EditBatch:
         """A batch for new inputs: per sample a source image to edit, or None for text-to-image.
 
         Goes through :func:`collate`, so an image is seen exactly as training sees it (shorter side
         resized to ``resolution`` and centre-cropped; the full image squashed to ``mllm_resolution``
-        for the MLLM).
+        for the MLLM); a ``masks`` entry (an "L" image of the source's size, white inside the edit
+        region) is cropped with its source.
         """
         if len(images) != len(texts):
             raise ValueError(f"got {len(images)} images for {len(texts)} texts; give one image (or None) per text")
         blueprints = blueprints or [None] * len(texts)
         chains = chains or [None] * len(texts)
+        masks = masks or [None] * len(texts)
+        for image, mask in zip(images, masks):
+            if mask is not None and (image is None or mask.size != image.size):
+                raise ValueError(
+                    f"a mask must have its source image's size; got a {mask.size} mask for "
+                    f"{'no image' if image is None else f'a {image.size} image'}"
+                )
         samples: list[EditSample | T2ISample] = [
-            EditSample(key=str(i), source=image, instruction=text, blueprint=blueprint, chain=chain)
+            EditSample(key=str(i), source=image, instruction=text, blueprint=blueprint, chain=chain, mask=mask)
             if image is not None
             else T2ISample(key=str(i), image=None, prompt=text, blueprint=blueprint, chain=chain)
-            for i, (image, text, blueprint, chain) in enumerate(zip(images, texts, blueprints, chains))
+            for i, (image, text, blueprint, chain, mask) in enumerate(zip(images, texts, blueprints, chains, masks))
         ]
         return collate(samples, resolution, mllm_resolution)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.blocks.connectors import MLPConnector
+from zoo.blocks.connectors import MLPConnector, VisionHead, cosine_embedding_loss
 
 
 def test_dim_paper_size_has_the_official_parameter_count() -> None:
@@ -44,3 +44,31 @@ def test_hidden_defaults_to_output_width() -> None:
 def test_unknown_activation_is_rejected() -> None:
     with pytest.raises(ValueError, match="activation must be one of"):
         MLPConnector(4, 4, activation="relu")
+
+
+def test_vision_head_outputs_the_embedding_size_from_the_masked_mean() -> None:
+    torch.manual_seed(0)
+    head = VisionHead(in_features=16, out_features=1024, hidden_features=32)
+    states = torch.randn(2, 5, 16)
+    mask = torch.tensor([[True, True, False, False, False], [True] * 5])
+    out = head(states, mask)
+    assert out.shape == (2, 1024)
+    # Padding is ignored: changing the masked-out tokens changes nothing, the mean feeds the MLP.
+    changed = states.clone()
+    changed[0, 2:] = 100.0
+    torch.testing.assert_close(head(changed, mask), out)
+    torch.testing.assert_close(out[0], head.mlp(states[0, :2].mean(dim=0)))
+    with pytest.raises(ValueError, match="empty mask"):
+        head(states, torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="must match"):
+        head(states, mask[:, :3])
+
+
+def test_cosine_embedding_loss_is_one_minus_cos_on_known_vectors() -> None:
+    target = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [3.0, 4.0]])
+    predicted = torch.tensor([[2.0, 0.0], [0.0, 5.0], [-1.0, 0.0], [4.0, 3.0]])
+    # 1 - cos per row: 0 (same direction, other norm), 1 (orthogonal), 2 (opposite), 1 - 24/25.
+    expected = torch.tensor([0.0, 1.0, 2.0, 1 - 24 / 25]).mean()
+    torch.testing.assert_close(cosine_embedding_loss(predicted, target), expected)
+    with pytest.raises(ValueError, match=r"must both be \[B, D\]"):
+        cosine_embedding_loss(predicted, target[:2])

@@ -408,3 +408,42 @@ def test_bad_inputs_are_rejected() -> None:
     encoder.processor.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'][-1]['text'] }}{% endfor %}"
     with pytest.raises(ValueError, match="user header"):
         encoder.build_inputs(None, ["x"])
+
+
+REPLIES = ['optimized_prompt: "no red circle" negative_prompt: "red circle"', 'optimized_prompt: "blue square left of the star"']
+
+
+@pytest.mark.parametrize("hidden_layer", [1, -1])
+def test_reply_forward_states_are_the_condition_and_its_ce_is_the_lm_heads(family: str, hidden_layer: int) -> None:
+    """Teacher forcing: the user-span states of hidden_layer are condition()'s (causal mask), and the
+    CE is the LM head's next-token CE on the reply and its closing <|im_end|>."""
+    tiny = TinyVLMConfig(family=family, hidden_size=64, num_layers=3)
+    encoder = _encoder(tiny, hidden_layer=hidden_layer, freeze=False)
+    images = [None, _images(2)[1]]
+    ce, states, mask = encoder.reply_loss_and_states(images, TEXTS, REPLIES)
+    with torch.no_grad():
+        expected_states, expected_mask = encoder.condition(images, TEXTS)
+    assert torch.equal(mask, expected_mask)
+    torch.testing.assert_close(states, expected_states, rtol=1e-5, atol=1e-5)
+    # Reference CE: the whole model's logits at the reply tokens.
+    tokenizer = encoder.processor.tokenizer
+    inputs = encoder.build_inputs(images, TEXTS, REPLIES)
+    inputs.pop("user_span")
+    with torch.no_grad():
+        logits = encoder.model(**inputs, use_cache=False).logits
+    losses = []
+    for b, reply in enumerate(REPLIES):
+        target = tokenizer(reply + "<|im_end|>", add_special_tokens=False).input_ids
+        ids = inputs["input_ids"][b].tolist()
+        end = max(i for i in range(len(ids) - len(target) + 1) if ids[i : i + len(target)] == target)
+        losses.append(torch.nn.functional.cross_entropy(logits[b, end - 1 : end + len(target) - 1], torch.tensor(target), reduction="sum"))
+        count = len(target) if b == 0 else count + len(target)
+    torch.testing.assert_close(ce, torch.stack(losses).sum() / count, rtol=1e-5, atol=1e-5)
+    ce.backward()
+    assert all(p.grad is not None for p in encoder.model.get_output_embeddings().parameters())
+
+
+def test_reply_forward_checks_its_inputs() -> None:
+    encoder = _encoder()
+    with pytest.raises(ValueError, match="got 1 replies for 2 texts"):
+        encoder.reply_loss_and_states(None, TEXTS, REPLIES[:1])

@@ -46,6 +46,16 @@ The editing instruction is: {instruction}"""
 """The annotator's prompt (appendix C's structure, in our own words); ``{instruction}`` is the raw instruction."""
 
 
+REWRITE_REQUEST = "Optimize this image-editing instruction for the diffusion model: {instruction}"
+"""What MIND-Edit's MLLM reads beside the source image, in training and inference alike (the paper
+gives its inputs, I_src and T_raw, not a template); its reply is the optimized instruction."""
+
+
+def rewrite_request(instruction: str) -> str:
+    """The MLLM's user text for one raw ``instruction``."""
+    return REWRITE_REQUEST.format(instruction=instruction.strip())
+
+
 class OptimizedInstructionError(ValueError):
     """A reply that is not in the ``optimized_prompt: ... negative_prompt: ...`` format."""
 

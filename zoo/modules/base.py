@@ -352,12 +352,15 @@ class EditingModule(L.LightningModule):
         blueprints: list[str | None] | None = None,
         chains: list[str | None] | None = None,
         turns: list[list[str]] | None = None,
+        masks: list[Image.Image | None] | None = None,
     ) -> EditBatch:
         """An :class:`EditBatch` of new inputs, preprocessed exactly as training preprocesses its data."""
         side = size or self.resolution
         if side < 1 or side % self.size_multiple:
             raise ValueError(f"image side {side} must be a positive multiple of {self.size_multiple} for this model")
-        batch = EditBatch.for_inference(images, texts, side, self.mllm_resolution, blueprints=blueprints, chains=chains)
+        batch = EditBatch.for_inference(
+            images, texts, side, self.mllm_resolution, blueprints=blueprints, chains=chains, masks=masks
+        )
         if turns is not None:
             batch.turns = turns
         return batch.to(self.device)
