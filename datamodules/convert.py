@@ -1,10 +1,16 @@
-"""Convert a DIM "tos" release (jsonl + images [+ CoT jsonl]) or a GoT dataset into tar shards with ``index.json``.
+"""Convert a DIM "tos" release (jsonl + images [+ CoT jsonl]), a GoT dataset or HumanEdit into tar shards with ``index.json``.
 
 ``python -m zoo data convert --jsonl X --image-root Y [--cot-jsonl Z] --out DIR --samples-per-shard N``
 ``python -m zoo data convert --format got --got-kind t2i|edit|multi_turn|mixed --jsonl X [--fields '{"chain": "got_text"}'] --out DIR``
+``python -m zoo data convert --format humanedit --parquet data/ --out DIR [--test-size 500]`` writes
+``DIR/train`` and ``DIR/test`` (the split of :mod:`datamodules.formats.humanedit`), with masks.
 Images keep the bytes they were read from (a JPEG stays the same JPEG under the schema's
 ``source.png``/``target.png`` names; nothing is resized), a target that repeats the source file is
 stored once, and the row's extra fields go into the sample json.
+
+``--annotations FILE`` (any format) joins the ``{"key", "optimized_instruction"}`` lines that
+``zoo data annotate`` writes into the edit samples' ``optimized_instruction``, by shard key; how many
+edit samples found none is printed.
 """
 
 from __future__ import annotations
@@ -16,55 +22,114 @@ from typing import Iterable, Iterator
 
 from datamodules.formats.dim import TosJsonl
 from datamodules.formats.got import KINDS, GoTReader
+from datamodules.formats.humanedit import TEST_SIZE, HumanEditParquet
 from datamodules.samples import EditSample, T2ISample
 from datamodules.shard_format import write_split
 
+Pairs = Iterable[tuple[EditSample | T2ISample, dict]]
 
 
-def _shard_key(key: str) -> str:
+def shard_key(key: str) -> str:
+    """The shard key of a release's sample id (also the key annotations are joined by)."""
     # webdataset splits member names at the first dot, so ids like "a.b" would break grouping.
     return re.sub(r"[./\\\s]", "_", key)
 
 
-def _records(pairs: Iterable[tuple[EditSample | T2ISample, dict]]) -> Iterator[tuple[EditSample | T2ISample, dict]]:
-    for sample, extra in pairs:
-        extra = dict(extra)
-        shard_key = _shard_key(sample.key)
-        if shard_key != sample.key:
-            extra["id"] = sample.key
-            sample.key = shard_key
-        yield sample, extra
+def read_annotations(path: str) -> tuple[dict[str, str], list[int]]:
+    """``key -> optimized_instruction`` of an annotations JSONL, and the numbers of its malformed lines
+    (an interrupted ``zoo data annotate`` can leave its last line cut short)."""
+    annotations: dict[str, str] = {}
+    broken: list[int] = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("key"), str) and isinstance(row.get("optimized_instruction"), str):
+                annotations[row["key"]] = row["optimized_instruction"]
+            else:
+                broken.append(number)
+    return annotations, broken
+
+
+class _Records:
+    """The pairs with shard keys (the release's id kept as ``id`` where it differs) and annotations
+    joined; ``unannotated`` counts the edit samples the annotations lack."""
+
+    def __init__(self, pairs: Pairs, annotations: dict[str, str] | None) -> None:
+        self.pairs, self.annotations, self.unannotated = pairs, annotations, 0
+
+    def __iter__(self) -> Iterator[tuple[EditSample | T2ISample, dict]]:
+        for sample, extra in self.pairs:
+            extra = dict(extra)
+            key = shard_key(sample.key)
+            if key != sample.key:
+                extra["id"] = sample.key
+                sample.key = key
+            if self.annotations is not None and isinstance(sample, EditSample):
+                sample.optimized_instruction = self.annotations.get(key)
+                self.unannotated += sample.optimized_instruction is None
+            yield sample, extra
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns a process exit code (0 ok, 1 when nothing could be converted)."""
     parser = argparse.ArgumentParser(prog="zoo data convert", allow_abbrev=False, description=__doc__.splitlines()[0])
-    parser.add_argument("--format", choices=("dim", "got"), default="dim", help="release format (default: dim)")
-    parser.add_argument("--jsonl", required=True, help="DIM tos jsonl (id, image_path, prompt[, image_path_target]); GoT: .jsonl or .json")
+    parser.add_argument("--format", choices=("dim", "got", "humanedit"), default="dim", help="release format (default: dim)")
+    parser.add_argument("--jsonl", default=None, help="DIM tos jsonl (id, image_path, prompt[, image_path_target]); GoT: .jsonl or .json")
+    parser.add_argument("--parquet", nargs="+", default=None, help="HumanEdit: parquet files or folders of them")
+    parser.add_argument("--test-size", type=int, default=TEST_SIZE, help=f"HumanEdit: ids in the test split (default: {TEST_SIZE})")
+    parser.add_argument("--annotations", default=None, help="zoo data annotate's JSONL, joined into optimized_instruction by key")
     parser.add_argument("--image-root", default=None, help="folder the image paths are relative to (default: the jsonl's)")
     parser.add_argument("--cot-jsonl", default=None, help="DIM *_cot.jsonl whose prompts become the blueprint field")
     parser.add_argument("--got-kind", choices=KINDS, default=None, help="GoT rows: t2i, edit, multi_turn or mixed (each row by its fields; required with --format got)")
     parser.add_argument("--fields", default=None, help='GoT field-name overrides as JSON, e.g. \'{"chain": "got_text"}\'')
-    parser.add_argument("--out", required=True, help="output split folder (tars + index.json)")
+    parser.add_argument("--out", required=True, help="output split folder (tars + index.json); HumanEdit: the folder of train/ and test/")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--strict", action="store_true", help="fail on the first missing or undecodable image")
     args = parser.parse_args(argv)
-    if args.format == "got":
+    if (args.format == "humanedit") != (args.parquet is not None) or (args.format != "humanedit") == (args.jsonl is None):
+        parser.error("--format humanedit reads --parquet; dim and got read --jsonl")
+    annotations = None
+    if args.annotations:
+        try:
+            annotations, broken = read_annotations(args.annotations)
+        except OSError as error:
+            parser.error(f"--annotations: {error}")
+        if broken:
+            parser.error(f'--annotations: {args.annotations} line(s) {broken[:5]} are not {{"key": str, "optimized_instruction": str}}')
+    if args.format == "humanedit":
+        try:
+            humanedit = HumanEditParquet(args.parquet, test_size=args.test_size, strict=args.strict)
+        except (OSError, ValueError) as error:
+            parser.error(f"--parquet: {error}")
+        splits = {split: humanedit.pairs(split) for split in ("train", "test")}
+        reader: TosJsonl | GoTReader | HumanEditParquet = humanedit
+    elif args.format == "got":
         if args.got_kind is None:
             parser.error("--format got needs --got-kind (t2i, edit, multi_turn or mixed)")
         try:
             fields = json.loads(args.fields) if args.fields else None
-            reader: TosJsonl | GoTReader = GoTReader(args.jsonl, args.got_kind, args.image_root, fields, args.strict)
+            reader = GoTReader(args.jsonl, args.got_kind, args.image_root, fields, args.strict)
         except ValueError as error:
             parser.error(f"--fields: {error}")
-        pairs: Iterable[tuple[EditSample | T2ISample, dict]] = reader.pairs()
+        splits = {"": reader.pairs()}
     else:
-        reader = TosJsonl(args.jsonl, image_root=args.image_root, cot_jsonl=args.cot_jsonl, strict=args.strict)
-        pairs = ((sample, row.extra) for row, sample in reader.pairs())
-    index = write_split(args.out, _records(pairs), args.samples_per_shard, progress="converting")
-    print(f"wrote {index['total']} samples in {len(index['shards'])} shard(s) to {args.out}; skipped {reader.skipped}")
-    return 0 if index["total"] > 0 else 1
-
+        tos = TosJsonl(args.jsonl, image_root=args.image_root, cot_jsonl=args.cot_jsonl, strict=args.strict)
+        splits, reader = {"": ((sample, row.extra) for row, sample in tos.pairs())}, tos
+    total, unannotated = 0, 0
+    for split, pairs in splits.items():
+        out = f"{args.out}/{split}" if split else args.out
+        records = _Records(pairs, annotations)
+        index = write_split(out, records, args.samples_per_shard, progress=f"converting {split}".strip())
+        total, unannotated = total + index["total"], unannotated + records.unannotated
+        print(f"wrote {index['total']} samples in {len(index['shards'])} shard(s) to {out}")
+    joined = f"; {unannotated} edit sample(s) without an annotation" if annotations is not None else ""
+    print(f"skipped {reader.skipped}{joined}")
+    return 0 if total > 0 else 1
 
 if __name__ == "__main__":
     raise SystemExit(main())
