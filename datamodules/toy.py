@@ -12,7 +12,9 @@ of (source, instruction): a tiny model can learn it on a CPU in minutes. Each sa
   background pixels for a background change);
 * GoT-style boxes of the TARGET objects in [0, 1000) with colour name and shape label;
 * a GoT reasoning chain naming each target object with exactly those boxes and colours
-  (:func:`chain`); the colour names are PIL colour names, as GoT's mask renderer fills with them.
+  (:func:`chain`); the colour names are PIL colour names, as GoT's mask renderer fills with them;
+* MIND-Edit's optimized instruction (:func:`optimized_instruction`): what changes and where, then
+  the unchanged context, and as negative prompt what the edit removes plus generic artefacts.
 
 ``toy --out DIR --train N --val N --test N --seed S --resolution R --samples-per-shard N [--task edit|t2i|mixed]``
 writes DIR/train, DIR/val and DIR/test, each with its ``index.json``. ``mixed`` alternates edit and
@@ -33,6 +35,7 @@ from PIL import Image
 from datamodules.formats.got import object_chain
 from datamodules.samples import BOX_RANGE, EditSample, T2ISample
 from datamodules.shard_format import write_split
+from zoo.blocks.optimized_instruction import OptimizedInstruction
 
 OBJECT_COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -180,6 +183,35 @@ def chain(scene: Scene, resolution: int, instruction: str | None = None) -> str:
     return f"{lead} a {scene.background} background with {objects}."
 
 
+ARTEFACTS = ("blurred edges", "extra objects", "colour bleeding")
+"""The generic artefacts every toy negative prompt ends with."""
+
+
+def optimized_instruction(source: Scene, target: Scene) -> str:
+    """MIND-Edit's optimized instruction of the edit ``source -> target`` (appendix-C reply format).
+
+    The prompt names each new object (or emptied cell, or new background) with its position, then
+    keeps every untouched object and the background; the negative prompt names what the edit takes
+    away (with its position when the same object stays elsewhere: a move) and :data:`ARTEFACTS`.
+    Derived from the scenes alone, so the generator's random draws are untouched.
+    """
+    added = sorted(set(target.objects) - set(source.objects), key=lambda o: o.cell)
+    removed = sorted(set(source.objects) - set(target.objects), key=lambda o: o.cell)
+    kept = sorted(set(source.objects) & set(target.objects), key=lambda o: o.cell)
+    refilled = {o.cell for o in added}
+    changes = [f"{_name(o)} at the {POSITIONS[o.cell]}" for o in added]
+    changes += [f"empty cell at the {POSITIONS[o.cell]}" for o in removed if o.cell not in refilled]
+    context = [f"keep the {_name(o)} at the {POSITIONS[o.cell]}" for o in kept]
+    moved = {(o.shape, o.colour) for o in added}
+    negative = [f"{_name(o)} at the {POSITIONS[o.cell]}" if (o.shape, o.colour) in moved else _name(o) for o in removed]
+    if target.background != source.background:
+        changes.append(f"{target.background} background")
+        negative.append(f"{source.background} background")
+    else:
+        context.append(f"{target.background} background")
+    return OptimizedInstruction(", ".join(changes + context), ", ".join(negative + list(ARTEFACTS))).render()
+
+
 # --- sampling ----------------------------------------------------------------------------------
 
 
@@ -264,6 +296,7 @@ def edit_sample(seed: int, split: str, index: int, resolution: int = 32) -> tupl
         mask=Image.fromarray(mask.astype(np.uint8) * 255),
         boxes=boxes(target, resolution),
         chain=chain(target, resolution, instruction),
+        optimized_instruction=optimized_instruction(source, target),
     )
     return sample, {"source_scene": _scene_json(source), "target_scene": _scene_json(target)}
 

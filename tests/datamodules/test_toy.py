@@ -11,6 +11,7 @@ from datamodules.samples import collate
 from datamodules.shard_format import decode_sample, read_tar
 from datamodules.toy import EDIT_TYPES, PALETTE, POSITIONS, edit_sample, generate, t2i_sample
 from datamodules.toy import main as toy_main
+from zoo.blocks.optimized_instruction import OptimizedInstruction, parse
 
 
 @pytest.mark.parametrize("resolution", [32, 64])
@@ -135,3 +136,33 @@ def test_writing_shows_progress_with_counts_and_a_summary(tmp_path: Path, capsys
     for split, count in (("train", 7), ("val", 2), ("test", 3)):
         assert re.search(rf"toy {split} .* {count}/{count} +\d+(\.\d)?/s", printed), printed
         assert f"{split}: {count} samples in 1 shard(s)" in printed
+
+
+def test_optimized_instruction_names_the_change_the_context_and_what_goes() -> None:
+    seen = set()
+    for index in range(24):
+        sample, extra = edit_sample(seed=7, split="train", index=index)
+        reply = parse(sample.optimized_instruction)
+        assert OptimizedInstruction(reply.optimized_prompt, reply.negative_prompt).render() == sample.optimized_instruction
+        source, target = (
+            {(o["colour"], o["shape"], o["cell"]) for o in extra[f"{side}_scene"]["objects"]} for side in ("source", "target")
+        )
+        named = lambda o: f"{o[0]} {o[1]} at the {POSITIONS[o[2]]}"  # noqa: E731
+        phrases = reply.optimized_prompt.split(", ")
+        assert [p for p in phrases if p.startswith("keep the ")] == [f"keep the {named(o)}" for o in sorted(source & target, key=lambda o: o[2])]
+        assert {named(o) for o in target - source} <= set(phrases)
+        negative = reply.negative_prompt.split(", ")
+        assert negative[-3:] == ["blurred edges", "extra objects", "colour bleeding"]
+        assert len(negative) - 3 == len(source - target) + (sample.edit_type == "background")
+        backgrounds = extra["source_scene"]["background"], extra["target_scene"]["background"]
+        assert f"{backgrounds[1]} background" in phrases
+        if sample.edit_type == "background":
+            assert negative[0] == f"{backgrounds[0]} background"
+        if sample.edit_type == "remove":
+            [gone] = source - target
+            assert f"empty cell at the {POSITIONS[gone[2]]}" in phrases and negative[0] == f"{gone[0]} {gone[1]}"
+        if sample.edit_type == "move":
+            [old] = source - target
+            assert negative[0] == named(old), "the moved object is unwanted only where it was"
+        seen.add(sample.edit_type)
+    assert seen == set(EDIT_TYPES)
