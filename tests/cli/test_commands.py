@@ -34,7 +34,8 @@ def test_help_lists_every_command_faster_than_importing_torch() -> None:
 def test_data_help_and_unknown_commands() -> None:
     shown = run_zoo("data", "--help")
     assert shown.returncode == 0 and "zoo data convert:" in shown.stdout and "zoo data toy:" in shown.stdout
-    for words, expected in ((["data"], "zoo data needs one of: data convert, data toy"), (["train"], "unknown command 'train'")):
+    assert "zoo data annotate:" in shown.stdout
+    for words, expected in ((["data"], "zoo data needs one of: data convert, data annotate, data toy"), (["train"], "unknown command 'train'")):
         result = run_zoo(*words)
         assert result.returncode == 2 and error_lines(result.stderr) == [error_lines(result.stderr)[0]]
         assert expected in result.stderr
