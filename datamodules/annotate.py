@@ -154,14 +154,9 @@ def _setup(args: argparse.Namespace) -> tuple[ChatClient, Iterator[EditSample | 
         raise ArgumentError(f"--workers must be at least 1, got {args.workers}")
     api_key_env = args.api_key_env or None
     try:
-        config = ChatConfig(
-            base_url=args.base_url,
-            model=args.model,
-            api_key_env=api_key_env,
-            timeout=args.timeout,
-            max_retries=args.max_retries,
-            max_tokens=args.max_tokens,
-        )
+        # The options are named as ChatConfig's fields, which check them.
+        options = {name: getattr(args, name) for name in ("base_url", "model", "timeout", "max_retries", "max_tokens")}
+        config = ChatConfig(api_key_env=api_key_env, **options)
     except ConfigError as error:
         raise ArgumentError(str(error)) from error
     if api_key_env is not None and not os.environ.get(api_key_env, "").strip():
@@ -180,10 +175,10 @@ def _open_cache(path: Path) -> tuple[IO[str], set[str]]:
     """The annotations file opened for appending and the keys it already holds."""
     done: set[str] = set()
     if path.is_file():
-        annotations, broken = read_annotations(str(path))
+        annotations, broken = read_annotations(str(path), strict=False)
         done = set(annotations)
         if broken:
-            log.warning("%s: ignored %d malformed line(s) %s (an interrupted write); their samples are asked again", path, len(broken), broken[:5])
+            log.warning("%s: ignored %d malformed line(s) (an interrupted write?); their samples are asked again", path, broken)
         # An interrupted write can leave the last line unterminated: the next one must not join it.
         data = path.read_bytes()
         if data and not data.endswith(b"\n"):

@@ -20,7 +20,7 @@ import json
 import re
 from typing import Iterable, Iterator
 
-from datamodules.formats.dim import TosJsonl
+from datamodules.formats.dim import TosJsonl, read_jsonl
 from datamodules.formats.got import KINDS, GoTReader
 from datamodules.formats.humanedit import TEST_SIZE, HumanEditParquet
 from datamodules.samples import EditSample, T2ISample
@@ -35,24 +35,16 @@ def shard_key(key: str) -> str:
     return re.sub(r"[./\\\s]", "_", key)
 
 
-def read_annotations(path: str) -> tuple[dict[str, str], list[int]]:
-    """``key -> optimized_instruction`` of an annotations JSONL, and the numbers of its malformed lines
-    (an interrupted ``zoo data annotate`` can leave its last line cut short)."""
-    annotations: dict[str, str] = {}
-    broken: list[int] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                row = None
-            if isinstance(row, dict) and isinstance(row.get("key"), str) and isinstance(row.get("optimized_instruction"), str):
-                annotations[row["key"]] = row["optimized_instruction"]
-            else:
-                broken.append(number)
-    return annotations, broken
+ANNOTATION_FIELDS = ("key", "optimized_instruction")
+"""The string fields of every line ``zoo data annotate`` writes."""
+
+
+def read_annotations(path: str, strict: bool) -> tuple[dict[str, str], int]:
+    """``key -> optimized_instruction`` of an annotations JSONL, and how many malformed lines were
+    skipped (an interrupted ``zoo data annotate`` can leave its last line cut short); ``strict``
+    raises on the first one instead."""
+    rows, bad = read_jsonl(path, strict=strict, required=ANNOTATION_FIELDS)
+    return {row["key"]: row["optimized_instruction"] for row in rows}, bad
 
 
 class _Records:
@@ -96,11 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     annotations = None
     if args.annotations:
         try:
-            annotations, broken = read_annotations(args.annotations)
-        except OSError as error:
+            annotations, _ = read_annotations(args.annotations, strict=True)
+        except (OSError, ValueError) as error:
             parser.error(f"--annotations: {error}")
-        if broken:
-            parser.error(f'--annotations: {args.annotations} line(s) {broken[:5]} are not {{"key": str, "optimized_instruction": str}}')
     if args.format == "humanedit":
         try:
             humanedit = HumanEditParquet(args.parquet, test_size=args.test_size, strict=args.strict)

@@ -56,8 +56,10 @@ class TosRow:
         return self.source_path is not None
 
 
-def read_jsonl(path: str | os.PathLike[str], strict: bool = False) -> tuple[list[dict[str, Any]], int]:
-    """Rows of a tos jsonl with the required string fields, and the number of bad lines skipped."""
+def read_jsonl(
+    path: str | os.PathLike[str], strict: bool = False, required: tuple[str, ...] = REQUIRED_FIELDS
+) -> tuple[list[dict[str, Any]], int]:
+    """Rows of a jsonl (by default DIM's tos) with the ``required`` string fields, and the number of bad lines skipped."""
     rows, bad = [], 0
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -65,7 +67,7 @@ def read_jsonl(path: str | os.PathLike[str], strict: bool = False) -> tuple[list
                 continue
             try:
                 row = json.loads(line)
-                missing = [f for f in REQUIRED_FIELDS if not isinstance(row.get(f), str)] if isinstance(row, dict) else ["object"]
+                missing = [f for f in required if not isinstance(row.get(f), str)] if isinstance(row, dict) else ["object"]
                 if missing:
                     raise ValueError(f"missing or non-string field(s) {missing}")
             except ValueError as error:

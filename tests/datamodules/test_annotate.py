@@ -70,7 +70,7 @@ def test_replies_are_parsed_failures_counted_and_a_rerun_asks_only_for_what_is_m
     assert capsys.readouterr().out.splitlines()[-1] == f"annotated 2, already in {out} 2, failed 0"
     with OpenAIServer(respond=answer_all) as server:
         assert annotate_main(args(split, out, server)) == 0
-    assert server.requests == [] and len(read_annotations(str(out))[0]) == 4
+    assert server.requests == [] and len(read_annotations(str(out), strict=True)[0]) == 4
 
 
 def test_resumes_after_an_interruption_that_cut_a_line_short(split: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -80,8 +80,8 @@ def test_resumes_after_an_interruption_that_cut_a_line_short(split: Path, tmp_pa
     with OpenAIServer(respond=answer_all) as server:
         assert annotate_main(args(split, out, server)) == 0
     assert sorted(index_of(r) for r in server.requests) == [0, 1, 3]
-    annotations, broken = read_annotations(str(out))
-    assert broken == [2] and sorted(annotations) == [f"train_{i:06d}" for i in range(4)]
+    annotations, broken = read_annotations(str(out), strict=False)
+    assert broken == 1 and sorted(annotations) == [f"train_{i:06d}" for i in range(4)]
     assert annotations["train_000001"] == 'optimized_prompt: "a 1" negative_prompt: "no 1, blur"'
     assert "already in" in capsys.readouterr().out
 
@@ -127,7 +127,7 @@ def test_humanedit_annotations_join_into_the_converted_shards(tmp_path: Path, ca
     with OpenAIServer(respond=reply) as server:
         base = ["--parquet", str(tmp_path / "h.parquet"), "--split", "all", "--test-size", "1", "--out", str(out), "--base-url", server.base_url]
         assert annotate_main([*base, "--model", "m", "--api-key-env", ""]) == 0
-    assert sorted(read_annotations(str(out))[0]) == ["p_1", "q", "r"], "keyed as the converter writes them"
+    assert sorted(read_annotations(str(out), strict=True)[0]) == ["p_1", "q", "r"], "keyed as the converter writes them"
     shards = tmp_path / "shards"
     assert convert_main(["--format", "humanedit", "--parquet", str(tmp_path), "--test-size", "1", "--out", str(shards), "--annotations", str(out)]) == 0
     assert "0 edit sample(s) without an annotation" in capsys.readouterr().out

@@ -140,6 +140,6 @@ def test_convert_writes_train_and_test_with_masks_and_joined_annotations(tmp_pat
     annotations.write_text('{"key": "a_1", "optimized_instruction": "x"}\n{"key": "b", "optim')
     with pytest.raises(SystemExit):
         convert_main([*args, "--annotations", str(annotations)])
-    assert "line(s) [2] are not" in capsys.readouterr().err
+    assert "annotations.jsonl:2: " in capsys.readouterr().err
     with pytest.raises(SystemExit):
         convert_main(["--format", "humanedit", "--jsonl", "x.jsonl", "--out", str(out)])
