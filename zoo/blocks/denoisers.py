@@ -279,6 +279,9 @@ class UNetDenoiser(Denoiser):
     widened UNet start exactly as the pretrained one (InstructPix2Pix's widening). SDXL's
     ``addition_embed_type="text_time"`` needs ``added_conditions={"text_embeds": [B, P],
     "time_ids": [B, 6]}``; GoT's pooled embedding is the mean of its 1280-d projected tokens.
+    An SD1.5 UNet carrying an IP-Adapter (MIND-Edit, :mod:`zoo.blocks.ip_adapter`) needs
+    ``added_conditions={"image_embeds": [B, D_img]}`` instead: the CLIP image embedding its
+    ``ImageProjModel`` turns into 4 image tokens; zeros are the adapter's unconditional input.
 
     Built from a :class:`UNetConfig`; ``condition_channels`` (GoT: 8) widens ``conv_in``.
     """
@@ -310,7 +313,35 @@ class UNetDenoiser(Denoiser):
         """Whether the UNet takes SDXL's ``text_embeds`` + ``time_ids`` (``addition_embed_type="text_time"``)."""
         return self.model.config.addition_embed_type == "text_time"
 
+    @property
+    def has_ip_adapter(self) -> bool:
+        """Whether an IP-Adapter is installed (:func:`zoo.blocks.ip_adapter.install_ip_adapter`): the UNet
+        then takes ``added_conditions={"image_embeds": [B, D_img]}``."""
+        return self.model.config.encoder_hid_dim_type == "ip_image_proj"
+
+    @property
+    def image_embed_dim(self) -> int:
+        """Width of the IP-Adapter's image embedding (ViT-H/14's 1024 for ip-adapter_sd15)."""
+        if not self.has_ip_adapter:
+            raise ValueError("this UNet carries no IP-Adapter, so it takes no image embedding")
+        return self.model.encoder_hid_proj.image_projection_layers[0].image_embeds.in_features
+
+    def _ip_adapter_kwargs(self, added_conditions: dict[str, Tensor] | None, batch: int, dtype: torch.dtype) -> dict:
+        if added_conditions is None or set(added_conditions) != {"image_embeds"}:
+            got = None if added_conditions is None else sorted(added_conditions)
+            raise ValueError(
+                "a UNet with an IP-Adapter needs added_conditions with exactly 'image_embeds' [B, "
+                f"{self.image_embed_dim}] (zeros = IP-Adapter's unconditional), got {got}"
+            )
+        embeds = added_conditions["image_embeds"]
+        if embeds.ndim != 2 or embeds.shape[0] not in (1, batch) or embeds.shape[1] != self.image_embed_dim:
+            raise ValueError(f"image_embeds must be [{batch} or 1, {self.image_embed_dim}], got {tuple(embeds.shape)}")
+        # MultiIPAdapterImageProjection takes one [B, num_images, D] tensor per adapter; one image each.
+        return {"added_cond_kwargs": {"image_embeds": [embeds.to(dtype).expand(batch, -1)[:, None]]}}
+
     def _added_cond_kwargs(self, added_conditions: dict[str, Tensor] | None, batch: int, dtype: torch.dtype) -> dict:
+        if self.has_ip_adapter:
+            return self._ip_adapter_kwargs(added_conditions, batch, dtype)
         if not self.needs_added_conditions:
             if added_conditions:
                 raise ValueError(
@@ -351,8 +382,8 @@ class UNetDenoiser(Denoiser):
     ) -> Tensor:
         """Noise (or v) prediction ``[B, in_channels, H, W]``; ``timestep`` is the integer DDPM step.
 
-        ``text_embeds`` / ``time_ids`` of batch 1 are shared by the whole batch, as in GoT's CFG
-        batch (one pooled embedding and one ``[1, 6]`` time id for all four branches).
+        ``text_embeds`` / ``time_ids`` (and ``image_embeds``) of batch 1 are shared by the whole batch,
+        as in GoT's CFG batch (one pooled embedding and one ``[1, 6]`` time id for all four branches).
         """
         self._check_inputs(latents, context, context_mask, condition, self.condition_channels)
         batch = latents.shape[0]
