@@ -28,7 +28,11 @@ from transformers import (
     CLIPImageProcessor,
     CLIPModel,
     CLIPProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
     CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionImageProcessor,
@@ -522,6 +526,23 @@ TINY_SDXL_UNET: dict[str, object] = {
     "projection_class_embeddings_input_dim": 64,
 }
 
+# Tiny SD1.5-shaped UNet in pixel space (3 channels, 32 px toy images): SD1.5's blocks at three levels
+# (16, 32, 64) instead of four, context width 32, no added embedding (IP-Adapter adds its image tokens to
+# the context). Cross-attention sits at the 8 px level and the mid block only (SD1.5: the three finer
+# levels), because attention over 32/16 px token grids dominates a CPU step.
+TINY_SD15_UNET: dict[str, object] = {
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": [16, 32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+    "cross_attention_dim": 32,
+    "attention_head_dim": 2,
+    "norm_num_groups": 8,
+}
+
 # Tiny SDXL-style AutoencoderKL: factor 2 (two blocks), 4 latent channels, SDXL's scaling factor.
 TINY_KL: dict[str, object] = {
     "in_channels": 3,
@@ -563,6 +584,15 @@ def tiny_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     )
 
 
+def _clip_tower(hidden_size: int, num_layers: int, num_heads: int) -> dict[str, int]:
+    return {
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+    }
+
+
 def tiny_clip(
     seed: int = 0,
     image_size: int = 32,
@@ -578,12 +608,7 @@ def tiny_clip(
     preprocessing does at 224 px. Weights are drawn from ``seed`` in a forked RNG.
     """
     tokenizer = tiny_clip_tokenizer()
-    tower = {
-        "hidden_size": hidden_size,
-        "intermediate_size": 2 * hidden_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-    }
+    tower = _clip_tower(hidden_size, num_layers, num_heads)
     config = CLIPConfig(
         text_config={
             **tower,
@@ -600,6 +625,47 @@ def tiny_clip(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     return _seeded(CLIPModel, config, seed), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def tiny_clip_text_encoder(
+    seed: int = 0, max_length: int = 77, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2
+) -> tuple[CLIPTextModel, CLIPTokenizer]:
+    """A randomly initialised ``CLIPTextModel`` (SD1.5's text encoder at toy size) and its tokenizer.
+
+    ``max_length`` is the padded context (SD1.5: 77); the character-level tokenizer spends one token
+    per character, so toy captions of three objects need about 128.
+    """
+    tokenizer = tiny_clip_tokenizer(max_length)
+    config = CLIPTextConfig(
+        **_clip_tower(hidden_size, num_layers, num_heads),
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return _seeded(CLIPTextModel, config, seed), tokenizer
+
+
+def tiny_clip_image_encoder(
+    seed: int = 0,
+    image_size: int = 32,
+    patch_size: int = 4,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    projection_dim: int = 32,
+) -> tuple[CLIPVisionModelWithProjection, CLIPImageProcessor]:
+    """A randomly initialised ``CLIPVisionModelWithProjection`` (IP-Adapter's image encoder, ViT-H/14 at
+    toy size: ``image_embeds`` of width ``projection_dim``) and a ``CLIPImageProcessor`` at ``image_size``."""
+    config = CLIPVisionConfig(
+        **_clip_tower(hidden_size, num_layers, num_heads),
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=projection_dim,
+    )
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    return _seeded(CLIPVisionModelWithProjection, config, seed), processor
 
 
 def tiny_dino(

@@ -9,7 +9,12 @@ torch-hub weight files that torchvision / torch-fidelity feature networks (LPIPS
   final norm, the output of DINO's own ``forward``. Preprocessing is MagicBrush's: shorter side to
   256/224 of the model's input size (bicubic), centre crop, ImageNet mean/std.
 
-Both are built from a published id / local folder (``pretrained``) or a tiny random config
+- :class:`CLIPImageEmbedder`: IP-Adapter's image encoder, transformers ``CLIPVisionModelWithProjection``
+  + ``CLIPImageProcessor``; the unnormalised projected ``image_embeds`` IP-Adapter's ``ImageProjModel``
+  consumes (ip-adapter_sd15: OpenCLIP ViT-H/14, 1024-d; ``IPAdapter.get_image_embeds``,
+  ``tencent-ailab/IP-Adapter@62e4af9:ip_adapter/ip_adapter.py:140-150``).
+
+All are built from a published id / local folder (``pretrained``) or a tiny random config
 (``tiny``, see :mod:`zoo.blocks.tiny`) through the same constructor, frozen and in eval mode; inputs
 are batches of images ``[3, H, W]`` in [0, 1] (sizes may differ), moved to the encoder's device.
 """
@@ -24,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
-from transformers import AutoModel, CLIPModel, CLIPProcessor
+from transformers import AutoModel, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionModelWithProjection
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from zoo.blocks.frozen import FrozenModule
 from zoo.blocks.pretrained import MissingPretrainedError, build_tiny, require_one_source, resolve_pretrained
-from zoo.blocks.tiny import tiny_clip, tiny_dino
+from zoo.blocks.tiny import tiny_clip, tiny_clip_image_encoder, tiny_dino
 
 # MagicBrush's DINO transform: Resize(256) then CenterCrop(224), i.e. the shorter side at 8/7 of the crop.
 _DINO_RESIZE_RATIO = 256 / 224
@@ -136,3 +141,44 @@ class DINOEncoder(_FrozenEncoder):
     def save_pretrained(self, path: str) -> None:
         """Write the model so that ``DINOEncoder(pretrained=path)`` reloads it."""
         self.model.save_pretrained(path)
+
+
+class CLIPImageEmbedder(_FrozenEncoder):
+    """IP-Adapter's frozen image encoder: images -> unnormalised ``image_embeds`` ``[B, projection_dim]``.
+
+    Args:
+        pretrained: local folder or cached hub id of a ``CLIPVisionModelWithProjection``, e.g.
+            ``h94/IP-Adapter`` with ``subfolder="models/image_encoder"`` (ViT-H/14). A folder without
+            ``preprocessor_config.json`` (h94's has none) gets ``CLIPImageProcessor()``'s defaults,
+            which is what the official ``IPAdapter`` builds (224 px, CLIP mean/std). Exclusive with ``tiny``.
+        tiny: options of :func:`zoo.blocks.tiny.tiny_clip_image_encoder`, e.g. ``{"seed": 0}``.
+        subfolder: folder of the encoder inside ``pretrained``.
+    """
+
+    def __init__(self, pretrained: str | None = None, tiny: dict | None = None, subfolder: str | None = None) -> None:
+        super().__init__()
+        require_one_source(type(self).__name__, pretrained, tiny)
+        if pretrained is not None:
+            folder = Path(resolve_pretrained(pretrained, subfolder)) / (subfolder or "")
+            self.model = CLIPVisionModelWithProjection.from_pretrained(folder)
+            has_processor = (folder / "preprocessor_config.json").is_file()
+            self.processor = CLIPImageProcessor.from_pretrained(folder) if has_processor else CLIPImageProcessor()
+        else:
+            self.model, self.processor = build_tiny(tiny_clip_image_encoder, type(self).__name__, tiny)
+        self.freeze()
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.config.projection_dim
+
+    @torch.no_grad()
+    def image_embeds(self, images: Sequence[Tensor]) -> Tensor:
+        """``image_embeds [B, D]`` (float32, not normalised) of images ``[3, H, W]`` in [0, 1]: the
+        processor's resize, crop and CLIP normalisation, without its 1/255 rescale."""
+        pixels = self.processor(images=list(images), do_rescale=False, return_tensors="pt")["pixel_values"]
+        return self.model(pixel_values=pixels.to(self.device)).image_embeds.float()
+
+    def save_pretrained(self, path: str) -> None:
+        """Write model and processor so that ``CLIPImageEmbedder(pretrained=path)`` reloads them."""
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
