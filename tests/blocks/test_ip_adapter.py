@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 
+from tests.blocks.test_denoisers import unet_inputs
 from zoo.blocks.denoisers import UNetConfig, UNetDenoiser
 from zoo.blocks.ip_adapter import (
     IPAdapterWeightsError,
@@ -26,7 +27,7 @@ from zoo.blocks.tiny import TINY_SD15_UNET
 
 EMBED_DIM = 12
 # Cross-attention at one level and in the mid block: 4 attn2 (down 1, up 2 = layers_per_block + 1, mid 1).
-UNET = {**TINY_SD15_UNET, "sample_size": 8, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+UNET = {**TINY_SD15_UNET, "sample_size": 8, "in_channels": 4, "out_channels": 4, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
         "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "block_out_channels": [16, 32]}
 
 
@@ -50,14 +51,8 @@ def make_denoiser(scale: float = 1.0, seed: int = 0) -> tuple[UNetDenoiser, dict
     return denoiser, weights
 
 
-def inputs(batch: int = 2, seed: int = 1) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "latents": torch.randn(batch, 3, 8, 8, generator=g),
-        "timestep": torch.tensor([700, 250][:batch]),
-        "context": torch.randn(batch, 6, 32, generator=g),
-        "context_mask": torch.ones(batch, 6, dtype=torch.bool),
-    }
+def inputs() -> dict:
+    return {k: v for k, v in unet_inputs().items() if k not in ("condition", "added_conditions")}
 
 
 # --- the official formulas, by hand (tencent-ailab/IP-Adapter ip_adapter.py ImageProjModel, IPAttnProcessor2_0) ---
