@@ -1,0 +1,81 @@
+"""The tiny pretrained SD1.5 + IP-Adapter side: deterministic, cached, loaded by the paper-size code, and it learned
+to use the image embedding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from benchmarks.tiny_ip_adapter import agreement
+from zoo.blocks.config import ConfigError
+from zoo.blocks.sampling import sample
+from zoo.blocks.sd15_ip_adapter import IPAdapterSD15, IPAdapterSD15Config
+from zoo.blocks.tiny_ip_adapter import (
+    IP_ADAPTER_FOLDER,
+    IP_ADAPTER_WEIGHTS,
+    SD15_FOLDER,
+    TinyIPAdapterOptions,
+    cache_folder,
+    generate,
+    tiny_ip_adapter_sd15,
+    toy_images,
+)
+from zoo.blocks.objectives import EpsilonDiffusion
+
+QUICK = TinyIPAdapterOptions(steps=2, batch_size=4, images=8)
+
+
+def weights_of(folder: Path) -> dict[str, torch.Tensor]:
+    return {
+        **load_file(str(folder / SD15_FOLDER / "unet" / "diffusion_pytorch_model.safetensors")),
+        **load_file(str(folder / IP_ADAPTER_FOLDER / IP_ADAPTER_WEIGHTS)),
+    }
+
+
+def test_same_options_build_identical_weights_and_are_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "a"))
+    first = tiny_ip_adapter_sd15(QUICK)
+    assert first == cache_folder(QUICK) and first.parent == tmp_path / "a" / "tiny"
+    stamp = (first / "options.json").stat().st_mtime_ns
+    assert tiny_ip_adapter_sd15(QUICK) == first and (first / "options.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no scratch folder left behind
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "b"))
+    second = tiny_ip_adapter_sd15(QUICK)
+    a, b = weights_of(first), weights_of(second)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert cache_folder(TinyIPAdapterOptions(steps=3, batch_size=4, images=8)) != cache_folder(QUICK)
+
+
+def test_config_checks_and_paper_defaults() -> None:
+    cfg = IPAdapterSD15Config()
+    assert (cfg.pretrained, cfg.ip_adapter, cfg.ip_adapter_weights, cfg.image_encoder, cfg.scale) == (
+        "stable-diffusion-v1-5/stable-diffusion-v1-5", "h94/IP-Adapter", "models/ip-adapter_sd15.bin", "models/image_encoder", 1.0
+    )
+    with pytest.raises(ConfigError, match="scale must be in"):
+        IPAdapterSD15Config(scale=-0.5)
+    with pytest.raises(ConfigError, match=r"unknown tiny IP-Adapter option\(s\) \['stepz'\]"):
+        IPAdapterSD15Config(tiny={"stepz": 3})
+    with pytest.raises(ConfigError, match="tiny.drop_rate"):
+        IPAdapterSD15Config(tiny={"drop_rate": 0.5})
+
+
+def test_inpainting_keeps_the_known_pixels_exactly() -> None:
+    known, mask = torch.rand(2, 3, 8, 8) * 2 - 1, torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:5, 2:5] = 1
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = sample(lambda x_t, t: torch.zeros_like(x_t), noise, EpsilonDiffusion().sampling_scheduler(), 5, inpaint=(known, mask))
+    torch.testing.assert_close(x * (1 - mask), known * (1 - mask), rtol=0, atol=0)
+    assert (x - known).abs()[mask.expand_as(x).bool()].mean() > 0.1
+
+
+def test_pretrained_side_loads_like_the_paper_and_uses_the_image_embedding() -> None:
+    side = IPAdapterSD15(IPAdapterSD15Config(tiny={}))
+    assert side.denoiser.has_ip_adapter and not any(p.requires_grad for p in side.denoiser.parameters())
+    images, captions = toy_images("test", 8)
+    embeds = side.image_encoder.image_embeds(list(images))
+    own = agreement(generate(side.denoiser, side.condition(captions, embeds), side.scheduler, steps=20), images).mean()
+    zero = agreement(generate(side.denoiser, side.condition(captions, torch.zeros_like(embeds)), side.scheduler, steps=20), images).mean()
+    assert own > zero + 0.1, (own, zero)

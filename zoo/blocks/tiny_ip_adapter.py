@@ -1,0 +1,258 @@
+"""A tiny SD1.5 + IP-Adapter that means something at toy size: built from a seed, pretrained on toy images, cached.
+
+MIND-Edit drives a frozen IP-Adapter on a frozen SD1.5 with a predicted CLIP image embedding. A
+random tiny UNet would make that embedding meaningless, so :func:`tiny_ip_adapter_sd15` builds the
+tiny real components (:mod:`zoo.blocks.tiny`: SD1.5-shaped UNet in pixel space, CLIP text encoder,
+``CLIPVisionModelWithProjection``, IP-Adapter weights in the published layout) and trains the UNet
+and the adapter (``image_proj``, ``to_k_ip``/``to_v_ip``) briefly on toy scenes as IP-Adapter's
+``tutorial_train.py`` trains (ε-prediction MSE; image embedding, caption, or both dropped with
+probability 0.05 each; ``tencent-ailab/IP-Adapter@62e4af9:tutorial_train.py:61-70, 360-385``), with
+caption = the scene's toy description and image embedding = the frozen CLIP embedding of the same
+image. Unlike the tutorial the UNet trains too (there is no pretrained SD1.5 at toy size), under
+DDPM's pixel-space β schedule (linear 1e-4 -> 0.02, :data:`TINY_SCHEDULE`) instead of SD1.5's latent
+one, whose last step keeps 7% of the signal: in pixel space that leaks the mean colour, and a UNet
+trained on it paints every image grey. It predicts v rather than ε: an ε target hardly depends on
+the image at high noise, so in a few hundred steps an ε model learns to ignore its condition. The
+schedule is saved as the pipeline's ``scheduler/`` (as
+SD1.5's is), where :class:`~zoo.blocks.sd15_ip_adapter.IPAdapterSD15` reads it.
+
+The result is written once, atomically, as the published folders are laid out, and reused:
+``<cache>/sd15/{unet,text_encoder,tokenizer,scheduler}``, ``<cache>/ip_adapter/models/ip-adapter_sd15.safetensors``
+and ``<cache>/ip_adapter/models/image_encoder``, under ``$ZOO_CACHE/tiny`` (default
+``~/.cache/zoo/tiny``) in a folder named by a hash of the options. The same options give an
+identical ``state_dict`` (one thread, fixed seeds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import SchedulerMixin, UNet2DConditionModel
+
+from datamodules.toy import Scene, ToyObject, describe, edit_sample, t2i_sample
+from zoo.blocks.condition import Condition
+from zoo.blocks.denoisers import Denoiser
+from zoo.blocks.config import ConfigError, check_positive, check_range
+from zoo.blocks.ip_adapter import init_ip_adapter_weights, install_ip_adapter, ip_adapter_weights, save_ip_adapter_weights
+from zoo.blocks.objectives import EpsilonDiffusion
+from zoo.blocks.sampling import sample
+from zoo.blocks.sd_text import SDTextEncoder
+from zoo.blocks.tiny import TINY_SD15_UNET
+from zoo.blocks.vision import CLIPImageEmbedder
+
+FACTORY_VERSION = 1
+"""Part of the cache key (with the options, :data:`TINY_SD15_UNET` and :data:`TINY_SCHEDULE`): bump when
+the code below changes what a given set of options builds."""
+
+SD15_FOLDER = "sd15"
+IP_ADAPTER_FOLDER = "ip_adapter"
+IP_ADAPTER_WEIGHTS = "models/ip-adapter_sd15.safetensors"
+IMAGE_ENCODER = "models/image_encoder"
+TINY_SCHEDULE: dict[str, object] = {
+    "beta_schedule": "linear",
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "prediction_type": "v_prediction",
+}
+"""The tiny side's schedule (DDPM's β for pixel space, v-prediction), keyword arguments of :class:`EpsilonDiffusion`."""
+TOY_SEED = 0
+"""Seed of the toy dataset the side is trained on (its ``train`` split; evaluation uses ``test``)."""
+
+
+@dataclass(frozen=True)
+class TinyIPAdapterOptions:
+    """How the tiny SD1.5 + IP-Adapter is built and pretrained (all of it is in the cache key)."""
+
+    seed: int = 0
+    """Seeds the weights, the batches, the drops and the noise."""
+    steps: int = 800
+    """Optimiser steps of the pretraining."""
+    batch_size: int = 16
+    """Toy images per step."""
+    learning_rate: float = 2e-3
+    """AdamW learning rate (weight decay 0.01, as ``tutorial_train.py``), cosine-decayed to 0."""
+    images: int = 1024
+    """Distinct toy training images (half T2I scenes, half edit targets)."""
+    drop_rate: float = 0.05
+    """Probability of each of: image embedding zeroed, caption emptied, both."""
+    max_length: int = 128
+    """Caption tokens (the tiny tokenizer is character-level; SD1.5's is 77 BPE tokens)."""
+    resolution: int = 32
+    """Toy image side; the UNet works in pixel space."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "learning_rate", "images", "max_length"):
+            check_positive(f"tiny.{name}", getattr(self, name))
+        check_range("tiny.drop_rate", self.drop_rate, 0.0, 1 / 3)
+        check_range("tiny.resolution", self.resolution, 12)
+
+
+def options_from_dict(options: dict) -> TinyIPAdapterOptions:
+    """:class:`TinyIPAdapterOptions` from a recipe's dict; unknown keys are a :class:`ConfigError`."""
+    known = {field.name for field in dataclasses.fields(TinyIPAdapterOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown tiny IP-Adapter option(s) {unknown}; known: {sorted(known)}")
+    return TinyIPAdapterOptions(**options)
+
+
+def cache_root() -> Path:
+    """``$ZOO_CACHE/tiny``, else ``~/.cache/zoo/tiny``."""
+    return Path(os.environ.get("ZOO_CACHE", Path.home() / ".cache" / "zoo")).expanduser() / "tiny"
+
+
+def cache_folder(options: TinyIPAdapterOptions) -> Path:
+    """Where the side built from ``options`` lives (a hash of everything that decides its weights)."""
+    recipe = {"version": FACTORY_VERSION, "unet": TINY_SD15_UNET, "schedule": TINY_SCHEDULE}
+    key = json.dumps({**recipe, **dataclasses.asdict(options)}, sort_keys=True)
+    return cache_root() / f"ip_adapter_sd15-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def scene_caption(scene: Scene) -> str:
+    """The caption a toy image is trained with: its description as a T2I prompt ("A red circle ... background.")."""
+    text = describe(scene)
+    return text[0].upper() + text[1:] + "."
+
+
+def _scene(record: dict) -> Scene:
+    return Scene(record["background"], tuple(ToyObject(**obj) for obj in record["objects"]))
+
+
+def toy_images(split: str, count: int, resolution: int = 32) -> tuple[torch.Tensor, list[str]]:
+    """``count`` toy images ``[N, 3, R, R]`` in [0, 1] with their captions: T2I scenes and edit targets alternating."""
+    images, captions = [], []
+    for i in range(count):
+        if i % 2:
+            sample, extra = edit_sample(TOY_SEED, split, i // 2, resolution)
+            image, caption = sample.target, scene_caption(_scene(extra["target_scene"]))
+        else:
+            sample, _ = t2i_sample(TOY_SEED, split, i // 2, resolution)
+            image, caption = sample.image, sample.prompt
+        images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255)
+        captions.append(caption)
+    return torch.stack(images), captions
+
+
+def _pretrain(
+    unet: UNet2DConditionModel, images: torch.Tensor, context: torch.Tensor, null_context: torch.Tensor,
+    embeds: torch.Tensor, options: TinyIPAdapterOptions,
+) -> None:
+    """IP-Adapter's training step over the whole UNet (see the module docstring)."""
+    objective = EpsilonDiffusion(**TINY_SCHEDULE)
+    generator = torch.Generator().manual_seed(options.seed)
+    rng = random.Random(options.seed)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=options.learning_rate, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, options.steps)
+    x0_all = images * 2 - 1
+    unet.train()
+    for _ in range(options.steps):
+        index = torch.randint(0, len(images), (options.batch_size,), generator=generator)
+        x0, ctx, emb = x0_all[index], context[index].clone(), embeds[index].clone()
+        for row in range(options.batch_size):
+            draw = rng.random()
+            if draw < options.drop_rate or 2 * options.drop_rate <= draw < 3 * options.drop_rate:
+                emb[row] = 0
+            if options.drop_rate <= draw < 3 * options.drop_rate:
+                ctx[row] = null_context
+        noise = objective.sample_noise(x0, generator)
+        t = objective.sample_timesteps(options.batch_size, generator)
+        x_t, _, model_t = objective.add_noise(x0, noise, t)
+        pred = unet(x_t, model_t, encoder_hidden_states=ctx, added_cond_kwargs={"image_embeds": [emb[:, None]]}).sample
+        loss = objective.loss(pred, objective.target(x0, noise, t))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    unet.eval().requires_grad_(False)
+
+
+def _build(options: TinyIPAdapterOptions, folder: Path) -> None:
+    text_encoder = SDTextEncoder(tiny={"seed": options.seed, "max_length": options.max_length})
+    image_encoder = CLIPImageEmbedder(tiny={"seed": options.seed + 1, "image_size": options.resolution})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed + 2)
+        unet = UNet2DConditionModel(**{**TINY_SD15_UNET, "sample_size": options.resolution})
+    plain_config = dict(unet.config)
+    install_ip_adapter(unet, init_ip_adapter_weights(unet, image_encoder.embed_dim, options.seed + 3))
+    images, captions = toy_images("train", options.images, options.resolution)
+    context = text_encoder.encode(captions).context
+    null_context = text_encoder.encode([""]).context[0]
+    embeds = image_encoder.image_embeds(list(images))
+    with torch.random.fork_rng(devices=[]):
+        _pretrain(unet, images, context, null_context, embeds, options)
+    weights = ip_adapter_weights(unet)
+    # The SD1.5 folder holds the plain UNet (as the published one): drop the adapter, keep the trained weights.
+    plain = UNet2DConditionModel.from_config(plain_config)
+    missing, _ = plain.load_state_dict(unet.state_dict(), strict=False)
+    if missing:
+        raise RuntimeError(f"the trained UNet lacks {missing[:4]}")
+    plain.save_pretrained(folder / SD15_FOLDER / "unet")
+    EpsilonDiffusion(**TINY_SCHEDULE).sampling_scheduler().save_pretrained(folder / SD15_FOLDER / "scheduler")
+    text_encoder.save_pretrained(str(folder / SD15_FOLDER))
+    save_ip_adapter_weights(weights, folder / IP_ADAPTER_FOLDER / IP_ADAPTER_WEIGHTS)
+    image_encoder.save_pretrained(str(folder / IP_ADAPTER_FOLDER / IMAGE_ENCODER))
+
+
+def tiny_ip_adapter_sd15(options: TinyIPAdapterOptions | None = None) -> Path:
+    """The cached folder of the tiny pretrained side, built (well under two minutes on one core) if absent.
+
+    Returns the folder holding ``sd15/`` (an SD1.5 pipeline folder) and ``ip_adapter/`` (an h94/IP-Adapter
+    folder: :data:`IP_ADAPTER_WEIGHTS`, :data:`IMAGE_ENCODER`).
+    """
+    options = options or TinyIPAdapterOptions()
+    folder = cache_folder(options)
+    if (folder / "options.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one thread: identical floating-point sums on every machine
+        try:
+            _build(options, scratch)
+        finally:
+            torch.set_num_threads(threads)
+        (scratch / "options.json").write_text(json.dumps(dataclasses.asdict(options), sort_keys=True))
+        try:
+            scratch.rename(folder)
+        except OSError:
+            if not (folder / "options.json").is_file():  # lost a race only if the winner finished
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return folder
+
+
+@torch.no_grad()
+def generate(
+    denoiser: Denoiser,
+    condition: Condition,
+    scheduler: SchedulerMixin,
+    seed: int = 0,
+    steps: int = 30,
+    inpaint: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Images ``[B, 3, R, R]`` in [0, 1] from a pixel-space ``denoiser`` without guidance;
+    ``inpaint = (source in [0, 1], mask [B, 1, R, R], 1 = generate)``."""
+    size = denoiser.sample_size
+    noise = torch.randn(len(condition), denoiser.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
+    known = None if inpaint is None else (inpaint[0] * 2 - 1, inpaint[1])
+    x = sample(
+        lambda x_t, t: denoiser.predict(x_t, t, condition),
+        noise,
+        scheduler,
+        steps,
+        generator=torch.Generator().manual_seed(seed + 1),
+        inpaint=known,
+    )
+    return ((x + 1) / 2).clamp(0, 1)
