@@ -247,13 +247,13 @@ def generate(
     ``inpaint = (source in [0, 1], mask [B, 1, R, R], 1 = generate)``."""
     size = denoiser.sample_size
     noise = torch.randn(len(condition), denoiser.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
-    known = None if inpaint is None else (inpaint[0] * 2 - 1, inpaint[1])
+    known = {} if inpaint is None else {"source": inpaint[0] * 2 - 1, "keep": 1 - inpaint[1]}
     x = sample(
         lambda x_t, t: denoiser.predict(x_t, t, condition),
         noise,
         scheduler,
         steps,
         generator=torch.Generator().manual_seed(seed + 1),
-        inpaint=known,
+        **known,
     )
     return ((x + 1) / 2).clamp(0, 1)
