@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # CPU machines here install torch from local wheels; on a cluster set TORCH to your CUDA build.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
-# Which tiny model `make demo` trains: dim or got.
+# Which tiny model `make demo` trains: dim, got or mind_edit.
 MODEL ?= dim
 PYTEST_ARGS ?=
 
@@ -23,6 +23,6 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Toy shards -> untrained score -> train -> trained score and ablations -> runs/demo/metrics.json
-# (zoo/demo.py; MODEL=got for the tiny GoT, under runs/demo_got). Fails if the trained model misses its bar.
+# (zoo/demo.py; MODEL=got for the tiny GoT, under runs/demo_got; MODEL=mind_edit under runs/demo_mind_edit). Fails if the trained model misses its bar.
 demo: $(STAMP)
 	$(PY) -m zoo demo $(MODEL)

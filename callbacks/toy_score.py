@@ -172,6 +172,7 @@ def report(
     margin: float = 0.05,
     every_type: bool = True,
     beside: tuple[str, ...] = (),
+    above_copy: tuple[str, ...] = (),
 ) -> bool:
     """Merge evaluator outputs into one ``metrics.json``, print a per-type table, and say if the model learned.
 
@@ -180,8 +181,9 @@ def report(
     model that is not an ablation and the baseline, every edit type beats the baseline (when
     ``every_type``), it reaches ``bar`` (when given), and each of ``ablations`` (e.g. the trained
     model given other samples' instructions) scores at least ``margin`` below it; models in
-    ``beside`` are only reported (GoT with the chains it writes itself). Every check is printed and
-    stored under ``"checks"``; returns whether all hold.
+    ``beside`` are only reported (GoT with the chains it writes itself), except that each of
+    ``above_copy`` must beat the baseline overall (MIND-Edit without masks). Every check is printed
+    and stored under ``"checks"``; returns whether all hold.
     """
     merged: dict[str, dict[str, dict[str, float]]] = {}
     for path in metrics_files:
@@ -204,6 +206,10 @@ def report(
         print(f"  (not checked) edit types at or below copy_source: {', '.join(below)}")
     if bar is not None:
         checks[f"{trained} {score[trained]:.4f} >= bar {bar:.2f}"] = score[trained] >= bar
+    for label in above_copy:
+        if label not in merged:
+            raise ValueError(f"no model labelled {label!r} in {metrics_files} (labels: {sorted(merged)})")
+        checks[f"{label} {score[label]:.4f} > copy_source {score['copy_source']:.4f}"] = score[label] > score["copy_source"]
     for ablation in ablations:
         if ablation not in merged:
             raise ValueError(f"no ablation labelled {ablation!r} in {metrics_files} (labels: {sorted(merged)})")

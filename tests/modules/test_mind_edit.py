@@ -143,3 +143,10 @@ def test_t2i_samples_are_refused(model: MINDEditModule) -> None:
     batch = EditBatch.for_inference([None], ["a red circle"], 32, 32)
     with pytest.raises(ValueError, match="text-to-image"):
         model.prepare_batch(batch)
+
+
+def test_insight_cosine_is_the_held_out_embed_term(model: MINDEditModule) -> None:
+    batch = toy_batch(2)
+    with torch.no_grad():
+        terms = model.training_loss(batch)
+    torch.testing.assert_close(model.insight_cosine(batch), terms["embed_cos"], rtol=1e-5, atol=1e-5)

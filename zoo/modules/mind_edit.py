@@ -43,7 +43,7 @@ from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
 
-from datamodules.samples import EditBatch, signed_to_pil
+from datamodules.samples import EditBatch, EditOutputs, signed_to_pil
 from zoo.blocks.autoencoders import CodecConfig, build_codec
 from zoo.blocks.condition import Condition
 from zoo.blocks.config import ConfigError, check_choice, check_range
@@ -231,6 +231,21 @@ class MINDEditModule(EditingModule):
         text = self.text_encoder.encode(prompts)
         embeds = torch.zeros_like(condition.added["image_embeds"])
         return condition.replace(context=text.context.to(condition.context), mask=text.mask, added={"image_embeds": embeds}, losses={})
+
+    @torch.no_grad()
+    def insight_cosine(self, batch: EditBatch) -> Tensor:
+        """Eq. 5 on a batch with targets: ``1 - cos(v_insight, CLIP(target))``, averaged (the vision
+        head's held-out error; 0 is a perfect prediction, 1 an unrelated one)."""
+        self.check_edits(batch)
+        states, mask = self.mllm.condition(batch.mllm_images, self.requests(batch))
+        target = self.image_encoder.image_embeds(list((batch.target.float() + 1) / 2))
+        return cosine_embedding_loss(self.vision_head(states.to(self.dtype), mask), target)
+
+    def test_step(self, batch: EditBatch, batch_idx: int) -> EditOutputs:
+        """The edits, and ``test/embed_cos`` (:meth:`insight_cosine`) when the batch has targets."""
+        if batch.target is not None:
+            self.log("test/embed_cos", self.insight_cosine(batch), batch_size=len(batch), sync_dist=True)
+        return super().test_step(batch, batch_idx)
 
     # -- the optimized instruction -----------------------------------------------------------------
 
