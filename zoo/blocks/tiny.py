@@ -18,6 +18,7 @@ character-level ``CLIPTokenizer`` (no merges to learn) and a DINO-shaped ViT.
 from __future__ import annotations
 
 import dataclasses
+import json
 from functools import lru_cache
 from typing import TypeVar
 
@@ -564,18 +565,41 @@ CLIP_SPECIAL_TOKENS: tuple[str, str] = ("<|startoftext|>", "<|endoftext|>")
 """CLIP's begin/end-of-text strings (end also pads, as in OpenAI's CLIP)."""
 
 
-def tiny_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
-    """A character-level ``CLIPTokenizer``: every byte-level symbol, alone and word-final (``</w>``).
+@lru_cache(maxsize=1)
+def _word_merges() -> tuple[tuple[str, str], ...]:
+    """CLIP-BPE merges (``</w>`` word ends) that make every word of the toy vocabulary one token.
 
-    No merges, so nothing is learned or random; CLIP's lower-casing, word split and
-    ``<|startoftext|> … <|endoftext|>`` framing are the real tokenizer's.
+    Trained by the ``tokenizers`` BPE trainer on the words themselves, with room for all of their
+    merges: replaying a trained BPE on its own training words gives back its segmentation, here
+    whole words (hand-made prefix merges cut one another: "e n" of "enlarge" inside "centre").
+    """
+    words = " ".join((_SHAPES, _COLOURS, _POSITIONS, _VERBS, _GLUE, "centre cell empty")).lower().split()
+    tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=100_000, min_frequency=1, end_of_word_suffix="</w>", show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator([" ".join(sorted(set(words)))], trainer=trainer)
+    return tuple(tuple(merge) for merge in json.loads(tokenizer.to_str())["model"]["merges"])
+
+
+def tiny_clip_tokenizer(model_max_length: int = 77, whole_words: bool = False) -> CLIPTokenizer:
+    """A ``CLIPTokenizer`` over every byte-level symbol, alone and word-final (``</w>``).
+
+    Character-level by default: no merges, so nothing is learned or random. ``whole_words`` adds
+    merges that make each word of the toy vocabulary one token, as CLIP's 49k-merge BPE makes
+    common words one token (a toy caption then takes about 30 tokens instead of 130). CLIP's
+    lower-casing, word split and ``<|startoftext|> … <|endoftext|>`` framing are the real tokenizer's.
     """
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    symbols = [*CLIP_SPECIAL_TOKENS, *alphabet, *(symbol + "</w>" for symbol in alphabet)]
+    merges = list(_word_merges()) if whole_words else []
+    merged = [left + right for left, right in merges]
+    symbols = list(dict.fromkeys([*CLIP_SPECIAL_TOKENS, *alphabet, *(symbol + "</w>" for symbol in alphabet), *merged]))
     start, end = CLIP_SPECIAL_TOKENS
     return CLIPTokenizer(
         vocab={symbol: i for i, symbol in enumerate(symbols)},
-        merges=[],
+        merges=merges,
         bos_token=start,
         eos_token=end,
         pad_token=end,
@@ -628,14 +652,20 @@ def tiny_clip(
 
 
 def tiny_clip_text_encoder(
-    seed: int = 0, max_length: int = 77, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2
+    seed: int = 0,
+    max_length: int = 77,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    whole_words: bool = False,
 ) -> tuple[CLIPTextModel, CLIPTokenizer]:
     """A randomly initialised ``CLIPTextModel`` (SD1.5's text encoder at toy size) and its tokenizer.
 
     ``max_length`` is the padded context (SD1.5: 77); the character-level tokenizer spends one token
-    per character, so toy captions of three objects need about 128.
+    per character, so toy captions of three objects need about 128; with ``whole_words``
+    (:func:`tiny_clip_tokenizer`) about 30.
     """
-    tokenizer = tiny_clip_tokenizer(max_length)
+    tokenizer = tiny_clip_tokenizer(max_length, whole_words)
     config = CLIPTextConfig(
         **_clip_tower(hidden_size, num_layers, num_heads),
         vocab_size=len(tokenizer),

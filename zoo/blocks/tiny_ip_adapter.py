@@ -50,7 +50,7 @@ from zoo.blocks.sd_text import SDTextEncoder
 from zoo.blocks.tiny import TINY_SD15_UNET
 from zoo.blocks.vision import CLIPImageEmbedder
 
-FACTORY_VERSION = 1
+FACTORY_VERSION = 2
 """Part of the cache key (with the options, :data:`TINY_SD15_UNET` and :data:`TINY_SCHEDULE`): bump when
 the code below changes what a given set of options builds."""
 
@@ -85,8 +85,11 @@ class TinyIPAdapterOptions:
     """Distinct toy training images (half T2I scenes, half edit targets)."""
     drop_rate: float = 0.05
     """Probability of each of: image embedding zeroed, caption emptied, both."""
-    max_length: int = 128
-    """Caption tokens (the tiny tokenizer is character-level; SD1.5's is 77 BPE tokens)."""
+    max_length: int = 64
+    """Caption tokens (SD1.5: 77 BPE tokens)."""
+    whole_words: bool = True
+    """Tokenize captions word by word, as CLIP's BPE keeps common words whole (else one token per
+    character, which a tiny text encoder and UNet cannot read in a few hundred steps)."""
     resolution: int = 32
     """Toy image side; the UNet works in pixel space."""
 
@@ -177,7 +180,7 @@ def _pretrain(
 
 
 def _build(options: TinyIPAdapterOptions, folder: Path) -> None:
-    text_encoder = SDTextEncoder(tiny={"seed": options.seed, "max_length": options.max_length})
+    text_encoder = SDTextEncoder(tiny={"seed": options.seed, "max_length": options.max_length, "whole_words": options.whole_words})
     image_encoder = CLIPImageEmbedder(tiny={"seed": options.seed + 1, "image_size": options.resolution})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed + 2)
