@@ -206,3 +206,17 @@ def test_llava_config_validates() -> None:
         tiny_llava_onevision_config(tokenizer, tile_size=18)
     with pytest.raises(ValueError, match="lacks the special tokens"):
         tiny_llava_onevision_config(tiny_qwen_tokenizer())
+
+
+def test_whole_word_clip_tokenizer_keeps_every_toy_word_whole_and_is_deterministic() -> None:
+    from datamodules.toy import BACKGROUND_COLOURS, OBJECT_COLOURS, POSITIONS, SHAPES
+    from zoo.blocks.tiny import tiny_clip_tokenizer
+
+    words = tiny_clip_tokenizer(77, whole_words=True)
+    caption = f"{' '.join(OBJECT_COLOURS)} {' '.join(BACKGROUND_COLOURS)} {' '.join(SHAPES)} {' '.join(POSITIONS)} background keep empty cell"
+    tokens = words.convert_ids_to_tokens(words(caption).input_ids)[1:-1]
+    assert tokens == [word + "</w>" for word in caption.split()]
+    assert tiny_clip_tokenizer(77, whole_words=True).get_vocab() == words.get_vocab()
+    # The default stays character-level; an unknown word still tokenizes (by pieces), nothing is lost.
+    assert len(tiny_clip_tokenizer(77)("red").input_ids) == 2 + 3
+    assert words.decode(words("optimized red").input_ids, skip_special_tokens=True) == "optimized red"

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from datamodules import toy
+from datamodules.samples import collate
 from tests.helpers.recipes import ParseOnly, configs, error_lines, run_zoo, tiny_run_overlay
 from zoo.cli import main
+from zoo.modules.mind_edit import MINDEditModule
 
 PAPER = "recipes/mind_edit.yaml"
 TINY = "recipes/tiny/mind_edit.yaml"
@@ -72,3 +74,19 @@ def test_tiny_recipe_fits_resumes_and_tests(toy_data: Path, tmp_path: Path) -> N
     overall = metrics["trained"]["overall"]
     # Masks keep everything outside the edit region: preservation is exact.
     assert overall["preserve"] == 1.0 and 0 <= overall["edit"] <= 1
+
+
+def test_instruction_writer_takes_the_optimized_instructions_from_another_checkpoint(toy_data: Path, tmp_path: Path) -> None:
+    """Ablations #3-#5: the text head of one run, the vision head of another."""
+    text_run, vision_run = tmp_path / "text", tmp_path / "vision"
+    assert main(["fit", *_tiny_args(toy_data, text_run), "--model.init_args.embed_weight=0", "--trainer.max_steps=2"]) == 0
+    assert main(["fit", *_tiny_args(toy_data, vision_run), "--model.init_args.text_weight=0", "--trainer.max_steps=2"]) == 0
+    writer = text_run / "train" / "checkpoints" / "last.ckpt"
+    model = MINDEditModule.load_from_checkpoint(vision_run / "train" / "checkpoints" / "last.ckpt", map_location="cpu", instruction_writer=str(writer))
+    own = MINDEditModule.load_from_checkpoint(writer, map_location="cpu")
+    batch = toy.edit_sample(0, "test", 0, 32)[0]
+    prepared = model.prepare_batch(collate([batch], 32, 32))
+    assert prepared.optimized_instruction == own.prepare_batch(collate([batch], 32, 32)).optimized_instruction
+    assert "writer" in model.frozen_parts and not any(k.startswith("writer") for k in model.state_dict())
+    result = run_zoo("test", *_tiny_args(toy_data, tmp_path / "bad"), "--model.init_args.instruction_writer=/nowhere.ckpt")
+    assert result.returncode == 2 and "instruction_writer checkpoint '/nowhere.ckpt' does not exist" in error_lines(result.stderr)[0]
