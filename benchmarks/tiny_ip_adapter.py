@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from callbacks.toy_score import palette_index, toy_edit_scores
-from datamodules.toy import PALETTE, edit_sample
-from zoo.blocks.sd15_ip_adapter import IPAdapterSD15, IPAdapterSD15Config
-from zoo.blocks.tiny_ip_adapter import TOY_SEED, _scene, generate, scene_caption, toy_images
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from callbacks.toy_score import palette_index, toy_edit_scores  # noqa: E402
+from datamodules.toy import PALETTE, edit_sample  # noqa: E402
+from zoo.blocks.sd15_ip_adapter import IPAdapterSD15, IPAdapterSD15Config  # noqa: E402
+from zoo.blocks.tiny_ip_adapter import TOY_SEED, _scene, generate, scene_caption, toy_images  # noqa: E402
 
 
 def agreement(generated: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:

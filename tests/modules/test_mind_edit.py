@@ -149,4 +149,8 @@ def test_insight_cosine_is_the_held_out_embed_term(model: MINDEditModule) -> Non
     batch = toy_batch(2)
     with torch.no_grad():
         terms = model.training_loss(batch)
-    torch.testing.assert_close(model.insight_cosine(batch), terms["embed_cos"], rtol=1e-5, atol=1e-5)
+    cosines = model.insight_cosine(batch)
+    torch.testing.assert_close(cosines["embed_cos"], terms["embed_cos"], rtol=1e-5, atol=1e-5)
+    source = model.image_encoder.image_embeds(list((batch.source + 1) / 2))
+    target = model.image_encoder.image_embeds(list((batch.target + 1) / 2))
+    torch.testing.assert_close(cosines["embed_cos_copy"], cosine_embedding_loss(source, target))

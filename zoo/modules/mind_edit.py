@@ -233,18 +233,22 @@ class MINDEditModule(EditingModule):
         return condition.replace(context=text.context.to(condition.context), mask=text.mask, added={"image_embeds": embeds}, losses={})
 
     @torch.no_grad()
-    def insight_cosine(self, batch: EditBatch) -> Tensor:
-        """Eq. 5 on a batch with targets: ``1 - cos(v_insight, CLIP(target))``, averaged (the vision
-        head's held-out error; 0 is a perfect prediction, 1 an unrelated one)."""
+    def insight_cosine(self, batch: EditBatch) -> dict[str, Tensor]:
+        """Eq. 5 on a batch with targets: ``embed_cos = 1 - cos(v_insight, CLIP(target))`` (the vision
+        head's held-out error; 0 is perfect) and ``embed_cos_copy``, the same for the source's own
+        CLIP embedding, the copy-the-source baseline: a head below it predicts the edit, not the source."""
         self.check_edits(batch)
         states, mask = self.mllm.condition(batch.mllm_images, self.requests(batch))
         target = self.image_encoder.image_embeds(list((batch.target.float() + 1) / 2))
-        return cosine_embedding_loss(self.vision_head(states.to(self.dtype), mask), target)
+        source = self.image_encoder.image_embeds(list((batch.source.float() + 1) / 2))
+        insight = self.vision_head(states.to(self.dtype), mask)
+        return {"embed_cos": cosine_embedding_loss(insight, target), "embed_cos_copy": cosine_embedding_loss(source, target)}
 
     def test_step(self, batch: EditBatch, batch_idx: int) -> EditOutputs:
-        """The edits, and ``test/embed_cos`` (:meth:`insight_cosine`) when the batch has targets."""
+        """The edits, and :meth:`insight_cosine`'s terms as ``test/...`` when the batch has targets."""
         if batch.target is not None:
-            self.log("test/embed_cos", self.insight_cosine(batch), batch_size=len(batch), sync_dist=True)
+            for name, value in self.insight_cosine(batch).items():
+                self.log(f"test/{name}", value, batch_size=len(batch), sync_dist=True)
         return super().test_step(batch, batch_idx)
 
     # -- the optimized instruction -----------------------------------------------------------------
