@@ -67,6 +67,17 @@ class _NoAdvert(logging.Filter):
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvert())
 
 
+class _NoEmptyFloat32List(logging.Filter):
+    """Drops diffusers' warning that a model has modules to keep in float32 when that list is empty
+    (it warns at every ``.to(dtype)`` of a UNet that has none: nothing is cast wrongly)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []." not in str(record.msg)
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_NoEmptyFloat32List())
+
+
 STAGE_FOLDERS = {"fit": "train", "validate": "validate", "test": "test", "predict": "predict"}
 """The logger version (folder under ``default_root_dir``) of each stage unless a recipe or the
 command line names one: a test never writes into the training run's folder, config or TensorBoard
