@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -49,6 +50,8 @@ from zoo.blocks.sampling import sample
 from zoo.blocks.sd_text import SDTextEncoder
 from zoo.blocks.tiny import TINY_SD15_UNET
 from zoo.blocks.vision import CLIPImageEmbedder
+
+log = logging.getLogger(__name__)
 
 FACTORY_VERSION = 2
 """Part of the cache key (with the options, :data:`TINY_SD15_UNET` and :data:`TINY_SCHEDULE`): bump when
@@ -208,7 +211,7 @@ def _build(options: TinyIPAdapterOptions, folder: Path) -> None:
 
 def tiny_ip_adapter_sd15(options: TinyIPAdapterOptions | None = None) -> Path:
     """The cached folder of the tiny pretrained side, built if absent (default options: 800 steps of 16
-    images, 203 s on one thread of a shared, loaded 2-core machine; see ``benchmarks/tiny_ip_adapter.json``).
+    images, 190-200 s on one thread of a 2-core machine; see ``benchmarks/tiny_ip_adapter.json``).
 
     Returns the folder holding ``sd15/`` (an SD1.5 pipeline folder) and ``ip_adapter/`` (an h94/IP-Adapter
     folder: :data:`IP_ADAPTER_WEIGHTS`, :data:`IMAGE_ENCODER`).
@@ -218,6 +221,8 @@ def tiny_ip_adapter_sd15(options: TinyIPAdapterOptions | None = None) -> Path:
     if (folder / "options.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
+    log.warning("building the tiny pretrained SD1.5 + IP-Adapter side once (%d steps, a few minutes on one CPU "
+                "thread) into %s; later runs load it from there", options.steps, folder)
     scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         threads = torch.get_num_threads()
