@@ -245,16 +245,25 @@ class BenchmarkDataModule(L.LightningDataModule):
             if done:
                 log.info("%d of %d cases already edited in %s: not generated again", len(done), len(cases), self.results_dir)
             cases = [c for c in cases if c not in done]
-        kept = []
+        kept, missing = [], []
         for case in cases:
             if self._image(case) is None:
-                message = f"{self.benchmark} case {self.case_id(case)!r}: source image not found under {self._image_root()}"
                 if self.strict:
-                    raise FileNotFoundError(message + " (strict=True; set strict=False to skip and count such cases)")
-                self.skipped += 1
-                log.warning("skipped %s", message)
+                    raise FileNotFoundError(
+                        f"{self.benchmark} case {self.case_id(case)!r}: source image not found under {self._image_root()} "
+                        "(strict=True; set strict=False to skip and count such cases)"
+                    )
+                missing.append(self.case_id(case))
                 continue
             kept.append(case)
+        if missing:
+            # One line for the whole class of skip, not one per case (a wrong images_dir misses them all).
+            self.skipped += len(missing)
+            shown = ", ".join(repr(key) for key in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            log.warning(
+                "skipped %d of %d %s cases whose source image is not under %s: %s",
+                len(missing), len(cases), self.benchmark, self._image_root(), shown,
+            )
         return kept
 
     def _finished_image(self, results_dir: str, case: ImgEditCase | GEditCase) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import shutil
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -105,7 +106,9 @@ def test_fetch_downloads_once_into_the_cache(imgedit_files: Path, tmp_path: Path
         server.server_close()
 
 
-def test_datamodule_serves_cases_skips_finished_and_missing(imgedit_files: Path, tmp_path: Path) -> None:
+def test_datamodule_serves_cases_skips_finished_and_missing(
+    imgedit_files: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cases = read_cases(imgedit_files / "UGE_edit.json", "uge")[:3]
     (tmp_path / "UGE").mkdir()
     for i, case in enumerate(cases[:2]):  # the third case's image is missing
@@ -119,9 +122,12 @@ def test_datamodule_serves_cases_skips_finished_and_missing(imgedit_files: Path,
         dm.setup("test")
         next(iter(dm.test_dataloader()))
     dm.strict = False
-    [batch] = list(dm.test_dataloader())
+    with caplog.at_level(logging.WARNING, logger="datamodules.benchmarks"):
+        [batch] = list(dm.test_dataloader())
     assert batch.key == [cases[1].key] and batch.instruction == [cases[1].turns[0]] and batch.turns == [[]]
     assert batch.source.shape == (1, 3, 16, 16) and batch.target is None and dm.skipped == 1
+    [skip] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]  # one line per class of skip
+    assert f"skipped 1 of 2 imgedit_uge cases whose source image is not under {tmp_path}: {cases[2].key!r}" == skip
 
 
 def test_gedit_export_from_dims_jsonl(tmp_path: Path) -> None:
