@@ -135,10 +135,13 @@ class TosJsonl:
             if unmatched:
                 log.warning("%d of %d rows of %s have no blueprint in %s", unmatched, len(raw_rows), self.path, self.cot_jsonl)
         rows = []
+        t2i_with_image = 0
         for raw in raw_rows:
             extra = {k: v for k, v in raw.items() if k not in REQUIRED_FIELDS and k != "image_path_target"}
             source = target = None
-            if isinstance(raw.get("image_path_target"), str):
+            if not isinstance(raw.get("image_path_target"), str):
+                t2i_with_image += resolve_image(self.image_root, raw["image_path"]) is not None
+            else:
                 source = resolve_image(self.image_root, raw["image_path"])
                 target = resolve_image(self.image_root, raw["image_path_target"])
                 if source is None or target is None:
@@ -146,6 +149,14 @@ class TosJsonl:
                     self._skip(f"row id={raw['id']!r} of {self.path}: image {lost!r} not found under {self.image_root}")
                     continue
             rows.append(TosRow(raw["id"], raw["prompt"], source, target, blueprints.get(raw["id"]), extra))
+        if t2i_with_image:
+            # An existing image under a row without a target is most likely an edit the user meant.
+            log.warning(
+                "%d rows of %s have an existing image_path but no image_path_target: they are read as "
+                "text-to-image prompts (DIM's format) and their image is not used; to edit an image, give "
+                "image_path_target too (repeat image_path when there is no target)",
+                t2i_with_image, self.path,
+            )
         return rows
 
     def load(self, row: TosRow) -> EditSample | T2ISample:

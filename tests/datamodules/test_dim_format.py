@@ -72,3 +72,15 @@ def test_bad_lines_and_undecodable_images(tmp_path: Path) -> None:
     assert resolve_image(tmp_path, "./cache/x/ok.png") == tmp_path / "ok.png"
     with pytest.raises(ValueError, match=r"t\.jsonl:2"):
         TosJsonl(str(path), strict=True).rows()
+
+
+def test_a_row_with_an_existing_image_but_no_target_is_t2i_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat.png")
+    rows = [{"id": "a", "image_path": "cat.png", "prompt": "remove the hat"}, {"id": "b", "image_path": "placeholder", "prompt": "a cat"}]
+    path = tmp_path / "edits.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with caplog.at_level("WARNING", logger="datamodules.formats.dim"):
+        samples = [sample for _, sample in TosJsonl(str(path)).pairs()]
+    assert all(isinstance(sample, T2ISample) and sample.image is None for sample in samples)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"1 rows of {path} have an existing image_path but no image_path_target") and "repeat image_path" in warning
