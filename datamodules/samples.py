@@ -217,9 +217,10 @@ class EditBatch:
         return EditBatch(**{f.name: self.size if f.name == "size" else take(getattr(self, f.name)) for f in fields(self)})
 
     def with_texts_of(self, shift: int) -> EditBatch:
-        """Ablation: every sample takes the instruction, blueprint, chain, boxes, optimized instruction and later turns of
-        the sample ``shift`` places later in the batch (cyclically); images, masks and edit types
-        stay. A model that uses its instruction scores lower on the batch this returns."""
+        """Ablation: every sample takes the instruction, blueprint, chain, boxes, optimized
+        instruction and later turns of the sample ``shift`` places later in the batch (cyclically);
+        images, masks and edit types stay. A model that uses its instruction scores lower on the
+        batch this returns."""
         if len(self) < 2 or shift % len(self) == 0:
             raise ValueError(f"shifting the texts of a batch of {len(self)} by {shift} gives every sample its own again")
         order = [(i + shift) % len(self) for i in range(len(self))]
