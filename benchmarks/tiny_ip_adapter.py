@@ -20,16 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from callbacks.toy_score import palette_index, toy_edit_scores  # noqa: E402
-from datamodules.toy import PALETTE, edit_sample  # noqa: E402
+from callbacks.toy_score import palette_agreement, toy_edit_scores  # noqa: E402
+from datamodules.toy import edit_sample  # noqa: E402
 from zoo.blocks.sd15_ip_adapter import IPAdapterSD15, IPAdapterSD15Config  # noqa: E402
 from zoo.blocks.tiny_ip_adapter import TOY_SEED, _scene, generate, scene_caption, toy_images  # noqa: E402
-
-
-def agreement(generated: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """Per-image share of pixels whose nearest toy palette colour is the truth's."""
-    palette = torch.tensor(list(PALETTE.values()), dtype=torch.float32) / 255
-    return palette_index(generated, palette).eq(palette_index(truth, palette)).float().mean(dim=(1, 2))
 
 
 def generation_scores(side: IPAdapterSD15, count: int, steps: int = 30) -> dict[str, float]:
@@ -41,7 +35,7 @@ def generation_scores(side: IPAdapterSD15, count: int, steps: int = 30) -> dict[
         "caption+zero_embedding": side.condition(captions, torch.zeros_like(embeds)),
         "empty_caption+embedding": side.condition([""] * count, embeds),
     }
-    return {name: agreement(generate(side.denoiser, cond, side.scheduler, steps=steps), images).mean().item() for name, cond in runs.items()}
+    return {name: palette_agreement(generate(side.denoiser, cond, side.scheduler, steps=steps), images).mean().item() for name, cond in runs.items()}
 
 
 def pil(image: object) -> torch.Tensor:

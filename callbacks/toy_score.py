@@ -42,18 +42,28 @@ def palette_index(images: Tensor, palette: Tensor) -> Tensor:
     return distances.argmin(dim=1)
 
 
+def _toy_palette(device: torch.device) -> Tensor:
+    return torch.tensor(list(PALETTE.values()), dtype=torch.float32, device=device) / 255
+
+
+def palette_agreement(images: Tensor, target: Tensor) -> Tensor:
+    """Per image ``[B]``, the share of pixels whose nearest palette colour is the target's (images in [0, 1])."""
+    palette = _toy_palette(images.device)
+    return palette_index(images.float(), palette).eq(palette_index(target.float(), palette)).float().mean(dim=(1, 2))
+
+
 def toy_edit_scores(edited: Tensor, target: Tensor, mask: Tensor) -> dict[str, Tensor]:
     """Per-sample ``edit``, ``preserve``, ``score`` and ``kept`` for images in [0,1] and a {0,1} mask [B,1,H,W]."""
     if mask.sum(dim=(1, 2, 3)).eq(0).any():
         raise ValueError("a toy sample has an empty edit region: the toy edit score is undefined for it")
-    palette = torch.tensor(list(PALETTE.values()), dtype=torch.float32, device=edited.device) / 255
-    agree = palette_index(edited.float(), palette).eq(palette_index(target.float(), palette)).float()
+    palette = _toy_palette(edited.device)
+    truth = palette_index(target.float(), palette)
+    agree = palette_index(edited.float(), palette).eq(truth).float()
     region = mask[:, 0].float()
     outside = 1 - region
     edit = (agree * region).sum(dim=(1, 2)) / region.sum(dim=(1, 2))
     preserve = (agree * outside).sum(dim=(1, 2)) / outside.sum(dim=(1, 2)).clamp_min(1)
     preserve = torch.where(outside.sum(dim=(1, 2)) > 0, preserve, torch.ones_like(preserve))
-    truth = palette_index(target.float(), palette)
     background = torch.stack([colours.flatten().bincount(minlength=len(palette)).argmax() for colours in truth])
     objects = outside * truth.ne(background.view(-1, 1, 1)).float()
     kept = (agree * objects).sum(dim=(1, 2)) / objects.sum(dim=(1, 2)).clamp_min(1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.tiny_ip_adapter import agreement
+from callbacks.toy_score import palette_agreement
 from zoo.blocks.config import ConfigError
 from zoo.blocks.sd15_ip_adapter import IPAdapterSD15, IPAdapterSD15Config
 from zoo.blocks.tiny_ip_adapter import (
@@ -65,6 +65,6 @@ def test_pretrained_side_loads_like_the_paper_and_uses_the_image_embedding() -> 
     assert side.denoiser.has_ip_adapter and not any(p.requires_grad for p in side.denoiser.parameters())
     images, captions = toy_images("test", 8)
     embeds = side.image_encoder.image_embeds(list(images))
-    own = agreement(generate(side.denoiser, side.condition(captions, embeds), side.scheduler, steps=20), images).mean()
-    zero = agreement(generate(side.denoiser, side.condition(captions, torch.zeros_like(embeds)), side.scheduler, steps=20), images).mean()
+    own = palette_agreement(generate(side.denoiser, side.condition(captions, embeds), side.scheduler, steps=20), images).mean()
+    zero = palette_agreement(generate(side.denoiser, side.condition(captions, torch.zeros_like(embeds)), side.scheduler, steps=20), images).mean()
     assert own > zero + 0.1, (own, zero)

@@ -279,7 +279,11 @@ class EditingModule(L.LightningModule):
                 f"objective.edit_region_share={self.objective.edit_region_share} needs the edit-region mask of "
                 f"every training sample (EditBatch.mask); samples {batch.key[:3]} come without one (set it to null)"
             )
-        return F.adaptive_max_pool2d(batch.mask.to(self.device, torch.float32), tuple(size))
+        return self.mask_at(batch.mask, size)
+
+    def mask_at(self, mask: Tensor, size: tuple[int, int]) -> Tensor:
+        """An image-size ``{0, 1}`` mask ``[B, 1, H, W]`` at latent ``size``: a latent cell touching the region counts."""
+        return F.adaptive_max_pool2d(mask.to(self.device, torch.float32), tuple(size))
 
     # -- generation ------------------------------------------------------------------------------
 

@@ -41,7 +41,6 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from PIL import Image
 from torch import Tensor
-from torch.nn import functional as F
 
 from datamodules.samples import EditBatch, EditOutputs, signed_to_pil
 from zoo.blocks.autoencoders import CodecConfig, build_codec
@@ -214,7 +213,7 @@ class MINDEditModule(EditingModule):
         if losses:
             if batch.target is None:
                 raise ValueError(f"training needs target images; samples {batch.key[:3]} have none (a prediction set?)")
-            target = self.image_encoder.image_embeds(list((batch.target.float() + 1) / 2))
+            target = self.clip_embeds(batch.target)
             condition_losses["embed_cos"] = cosine_embedding_loss(insight, target)
         if not self.use_insight:
             insight = torch.zeros_like(insight)
@@ -232,6 +231,10 @@ class MINDEditModule(EditingModule):
         embeds = torch.zeros_like(condition.added["image_embeds"])
         return condition.replace(context=text.context.to(condition.context), mask=text.mask, added={"image_embeds": embeds}, losses={})
 
+    def clip_embeds(self, images: Tensor) -> Tensor:
+        """IP-Adapter's CLIP image embeddings ``[B, D]`` of images ``[B, 3, H, W]`` in [-1, 1]."""
+        return self.image_encoder.image_embeds(list((images.float() + 1) / 2))
+
     @torch.no_grad()
     def insight_cosine(self, batch: EditBatch) -> dict[str, Tensor]:
         """Eq. 5 on a batch with targets: ``embed_cos = 1 - cos(v_insight, CLIP(target))`` (the vision
@@ -239,8 +242,7 @@ class MINDEditModule(EditingModule):
         CLIP embedding, the copy-the-source baseline: a head below it predicts the edit, not the source."""
         self.check_edits(batch)
         states, mask = self.mllm.condition(batch.mllm_images, self.requests(batch))
-        target = self.image_encoder.image_embeds(list((batch.target.float() + 1) / 2))
-        source = self.image_encoder.image_embeds(list((batch.source.float() + 1) / 2))
+        target, source = self.clip_embeds(batch.target), self.clip_embeds(batch.source)
         insight = self.vision_head(states.to(self.dtype), mask)
         return {"embed_cos": cosine_embedding_loss(insight, target), "embed_cos_copy": cosine_embedding_loss(source, target)}
 
@@ -266,13 +268,22 @@ class MINDEditModule(EditingModule):
         self.count_unparsed(batch)
         return batch
 
+    @staticmethod
+    def _parsed(batch: EditBatch) -> list[OptimizedInstruction | OptimizedInstructionError]:
+        """Each sample's optimized instruction parsed, or why it does not parse."""
+        parsed: list[OptimizedInstruction | OptimizedInstructionError] = []
+        for reply in batch.optimized_instruction:
+            try:
+                parsed.append(parse(reply))
+            except OptimizedInstructionError as err:
+                parsed.append(err)
+        return parsed
+
     def count_unparsed(self, batch: EditBatch) -> None:
         """Add the batch's optimized instructions that do not parse to :attr:`unparsed_instructions`;
         the first one is warned about, once per module."""
-        for key, reply in zip(batch.key, batch.optimized_instruction):
-            try:
-                parse(reply)
-            except OptimizedInstructionError as err:
+        for key, err in zip(batch.key, self._parsed(batch)):
+            if isinstance(err, OptimizedInstructionError):
                 if not self.unparsed_instructions:
                     log.warning("sample %s: the optimized instruction does not parse (%s); editing with the raw "
                                 "instruction instead (counted in unparsed_instructions)", key, err)
@@ -284,13 +295,10 @@ class MINDEditModule(EditingModule):
         does not parse, which :meth:`prepare_batch` counted)."""
         if not self.use_optimized_instruction:
             return [OptimizedInstruction(instruction, "") for instruction in batch.instruction]
-        parsed = []
-        for instruction, reply in zip(batch.instruction, batch.optimized_instruction):
-            try:
-                parsed.append(parse(reply))
-            except OptimizedInstructionError:
-                parsed.append(OptimizedInstruction(instruction, ""))
-        return parsed
+        return [
+            OptimizedInstruction(instruction, "") if isinstance(parsed, OptimizedInstructionError) else parsed
+            for instruction, parsed in zip(batch.instruction, self._parsed(batch))
+        ]
 
     def condition_text(self, batch: EditBatch) -> list[str]:
         """The optimized instruction when it conditions the edit, else the raw instruction."""
@@ -304,8 +312,7 @@ class MINDEditModule(EditingModule):
         """Where the source is kept at latent ``size`` (1 outside the edit region), or None (mask-free)."""
         if not self.use_masks or batch.mask is None:
             return None
-        region = F.adaptive_max_pool2d(batch.mask.to(self.device, torch.float32), tuple(size))
-        return (1 - region).to(self.dtype)
+        return (1 - self.mask_at(batch.mask, size)).to(self.dtype)
 
     def sampling_scheduler(self) -> DDIMScheduler | DDPMScheduler:
         """A fresh ``sampler`` on the frozen pipeline's noise schedule (DDIM as SD1.5's: ``set_alpha_to_one=False``)."""
