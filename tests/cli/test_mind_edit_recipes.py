@@ -4,6 +4,7 @@ weights; the tiny overlay fits, resumes, tests with the toy evaluator and edits 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from datamodules import toy
 from datamodules.samples import collate
+from datamodules.shard_format import write_split
 from tests.helpers.recipes import ParseOnly, configs, error_lines, run_zoo, tiny_run_overlay
 from zoo.cli import main
 from zoo.modules.mind_edit import MINDEditModule
@@ -90,3 +92,13 @@ def test_instruction_writer_takes_the_optimized_instructions_from_another_checkp
     assert "writer" in model.frozen_parts and not any(k.startswith("writer") for k in model.state_dict())
     result = run_zoo("test", *_tiny_args(toy_data, tmp_path / "bad"), "--model.init_args.instruction_writer=/nowhere.ckpt")
     assert result.returncode == 2 and "instruction_writer checkpoint '/nowhere.ckpt' does not exist" in error_lines(result.stderr)[0]
+
+
+def test_training_on_data_without_optimized_instructions_is_one_error_line(tmp_path: Path) -> None:
+    for split in ("train", "val", "test"):
+        samples = [replace(toy.edit_sample(0, split, i, 32)[0], optimized_instruction=None) for i in range(4)]
+        write_split(tmp_path / "data" / split, samples, samples_per_shard=4)
+    result = run_zoo("fit", *_tiny_args(tmp_path / "data", tmp_path / "run"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = error_lines(result.stderr)
+    assert "needs every sample's optimized instruction" in line and "zoo data annotate" in line

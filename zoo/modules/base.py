@@ -42,7 +42,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from datamodules.samples import EditBatch, EditOutputs, EditSample, TurnOutputs, collate, signed_to_pil
+from datamodules.samples import DataConfigError, EditBatch, EditOutputs, EditSample, TurnOutputs, collate, signed_to_pil
 from zoo.blocks.condition import Condition
 from zoo.blocks.config import ConfigError, check_range
 from zoo.blocks.frozen import FrozenParts
@@ -275,7 +275,7 @@ class EditingModule(L.LightningModule):
         if self.objective.edit_region_share is None:
             return None
         if batch.mask is None:
-            raise ValueError(
+            raise DataConfigError(
                 f"objective.edit_region_share={self.objective.edit_region_share} needs the edit-region mask of "
                 f"every training sample (EditBatch.mask); samples {batch.key[:3]} come without one (set it to null)"
             )

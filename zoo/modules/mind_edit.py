@@ -42,7 +42,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from PIL import Image
 from torch import Tensor
 
-from datamodules.samples import EditBatch, EditOutputs, signed_to_pil
+from datamodules.samples import DataConfigError, EditBatch, EditOutputs, signed_to_pil
 from zoo.blocks.autoencoders import CodecConfig, build_codec
 from zoo.blocks.condition import Condition
 from zoo.blocks.config import ConfigError, check_choice, check_range
@@ -200,7 +200,7 @@ class MINDEditModule(EditingModule):
         if losses and self.text_weight > 0:
             missing = [key for key, text in zip(batch.key, batch.optimized_instruction) if not text]
             if missing:
-                raise ValueError(
+                raise DataConfigError(
                     f"training MIND-Edit's text head needs every sample's optimized instruction (EditBatch."
                     f"optimized_instruction); samples {missing[:3]} have none: annotate the data with `zoo data annotate`"
                 )
