@@ -66,6 +66,9 @@ class EditSample:
     ``mask`` is a PIL "L" image, 255 inside the edit region; ``boxes`` describe the target image;
     ``chain`` is GoT's reasoning chain (text with ``<|box_start|>(x1,y1),(x2,y2)<|box_end|> (colour)``);
     ``turns`` are the instructions of a multi-turn case's later turns (ImgEdit-Bench multi-turn);
+    ``history`` are the instructions of the dialogue's earlier turns, oldest first, when this sample
+    is a later turn of a multi-turn dialogue (ImgEdit's multi-turn training data; ``source`` is then
+    the version that turn edits, which a backtracking turn names);
     ``optimized_instruction`` is MIND-Edit's rewrite of the instruction, the MLLM's reply target in
     the appendix-C format (:mod:`zoo.blocks.optimized_instruction`).
     """
@@ -81,8 +84,11 @@ class EditSample:
     chain: str | None = None
     turns: list[str] = field(default_factory=list)
     optimized_instruction: str | None = None
+    history: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not all(isinstance(text, str) for text in self.history):
+            raise ValueError(f"sample {self.key}: history must be a list of instruction strings, got {self.history!r}")
         if self.source.mode != "RGB":
             self.source = self.source.convert("RGB")
         if self.target is not None and self.target.mode != "RGB":
@@ -169,6 +175,9 @@ class EditBatch:
     """Instructions of the later turns of a multi-turn case (each edits the previous result); [] otherwise."""
     optimized_instruction: list[str]
     """MIND-Edit's optimized instruction (``optimized_prompt: ... negative_prompt: ...``)."""
+    history: list[list[str]]
+    """Instructions of the dialogue's earlier turns, oldest first, for a later turn of a multi-turn
+    dialogue; [] for a first turn or a single edit."""
     target: Tensor | None = None
     """``[B, 3, H, W]`` in [-1, 1]; None for prediction sets."""
     source: Tensor | None = None
@@ -218,13 +227,13 @@ class EditBatch:
 
     def with_texts_of(self, shift: int) -> EditBatch:
         """Ablation: every sample takes the instruction, blueprint, chain, boxes, optimized
-        instruction and later turns of the sample ``shift`` places later in the batch (cyclically);
+        instruction, later turns and dialogue history of the sample ``shift`` places later in the batch (cyclically);
         images, masks and edit types stay. A model that uses its instruction scores lower on the
         batch this returns."""
         if len(self) < 2 or shift % len(self) == 0:
             raise ValueError(f"shifting the texts of a batch of {len(self)} by {shift} gives every sample its own again")
         order = [(i + shift) % len(self) for i in range(len(self))]
-        texts = ("instruction", "blueprint", "chain", "boxes", "turns", "optimized_instruction")
+        texts = ("instruction", "blueprint", "chain", "boxes", "turns", "optimized_instruction", "history")
         return replace(self, **{name: [getattr(self, name)[i] for i in order] for name in texts})
 
     def replace(self, **changes: Any) -> EditBatch:
@@ -321,6 +330,7 @@ def collate(samples: Sequence[EditSample | T2ISample], resolution: int, mllm_res
         boxes=[s.boxes for s in samples],
         turns=[list(s.turns) if isinstance(s, EditSample) else [] for s in samples],
         optimized_instruction=[(s.optimized_instruction or "") if isinstance(s, EditSample) else "" for s in samples],
+        history=[list(s.history) if isinstance(s, EditSample) else [] for s in samples],
     )
     if any(edits):
         batch.source, batch.mllm_image, batch.mask = _sources(samples, resolution, mllm_resolution)

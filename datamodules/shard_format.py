@@ -9,6 +9,7 @@ because webdataset splits a member name at its first dot):
 * ``<key>.json``   utf-8 JSON object: ``task`` ("edit" | "t2i"), ``instruction`` (T2I: the prompt),
   ``blueprint`` (DIM 5-section CoT or null), ``chain`` (GoT reasoning chain, absent or null),
   ``optimized_instruction`` (edit only: MIND-Edit's appendix-C rewrite, absent or null),
+  ``history`` (edit only: a later dialogue turn's earlier instructions, oldest first; absent or []),
   ``edit_type`` (or null), ``boxes`` (list of
   ``{"box": [x1, y1, x2, y2] ints in [0,1000), "color": str, "label": str}``), plus free extra fields
   (kept out of the batch, e.g. the toy generator's scene description).
@@ -88,6 +89,8 @@ def encode_sample(sample: EditSample | T2ISample, extra: dict[str, Any] | None =
             record["mask.png"] = _png(sample.mask)
         if sample.optimized_instruction is not None:
             meta["optimized_instruction"] = sample.optimized_instruction
+        if sample.history:
+            meta["history"] = list(sample.history)
     else:
         meta.update(task="t2i", instruction=sample.prompt, edit_type=None)
         target = sample.image
@@ -217,6 +220,9 @@ def decode_sample(raw: dict[str, Any]) -> EditSample | T2ISample:
         raise ValueError("json has no string 'instruction'")
     if not isinstance(meta.get("optimized_instruction", ""), (str, type(None))):
         raise ValueError("json 'optimized_instruction' must be a string or null")
+    history = meta.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(text, str) for text in history):
+        raise ValueError("json 'history' must be a list of instruction strings")
     target = _open_image(raw["target.png"], "RGB") if "target.png" in raw else None
     boxes = meta.get("boxes") or []
     if meta["task"] == "t2i":
@@ -239,4 +245,5 @@ def decode_sample(raw: dict[str, Any]) -> EditSample | T2ISample:
         boxes=boxes,
         chain=meta.get("chain"),
         optimized_instruction=meta.get("optimized_instruction"),
+        history=history,
     )

@@ -135,3 +135,23 @@ def test_wrong_instructions_ablation_applies_to_test_batches_only(toy_root: Path
         ShardDataModule(test_shards=str(toy_root / "test"), val_batch_size=6, wrong_instructions=True).setup("test")
     with pytest.raises(ValueError, match="val_batch_size >= 2"):
         ShardDataModule(test_shards=str(toy_root / "test"), batch_size=1, wrong_instructions=True)
+
+
+def test_dialogue_history_round_trips_and_bad_history_is_refused(tmp_path: Path) -> None:
+    from datamodules.samples import EditSample
+    from datamodules.shard_format import decode_sample, encode_sample
+    from PIL import Image
+
+    image = Image.new("RGB", (8, 8), (10, 20, 30))
+    later = EditSample(key="d_1", source=image, instruction="make it blue", target=image, history=["add a red circle"])
+    first = EditSample(key="d_0", source=image, instruction="add a red circle", target=image)
+    write_split(tmp_path / "train", [first, later], samples_per_shard=4)
+    dm = ShardDataModule(val_shards=str(tmp_path / "train"), val_batch_size=2, resolution=8, mllm_resolution=8)
+    dm.setup("validate")
+    (batch,) = list(dm.val_dataloader())
+    assert dict(zip(batch.key, batch.history)) == {"d_0": [], "d_1": ["add a red circle"]}
+    assert batch.with_texts_of(1).history == [batch.history[1], batch.history[0]]
+    raw = encode_sample(later)
+    raw["json"] = json.dumps({**json.loads(raw["json"]), "history": "add a red circle"}).encode()
+    with pytest.raises(ValueError, match="history"):
+        decode_sample(raw)
