@@ -26,6 +26,7 @@ from zoo.blocks.got_chain import GoTLoRAConfig, GoTVLMConfig
 from zoo.blocks.mllm import TinyVLMConfig
 from zoo.blocks.spatial import box_mask_latents, box_pixels, parse_boxes, render_box_canvases, replace_box
 from zoo.blocks.tiny import TINY_KL, TINY_SDXL_UNET
+from zoo.blocks.dialogue import backtrack
 from zoo.modules.got import GoTModule
 
 TINY_MLLM = GoTVLMConfig(
@@ -304,6 +305,12 @@ def test_generate_edit_and_turns_return_chains_and_images_of_the_requested_size(
     assert len(turns) == 2 and turns[0].text == edited.text and turns[0].image.tobytes() == edited.image.tobytes()
     second = model.edit(turns[0].image, "add a star")
     assert turns[1].text == second.text and turns[1].image.tobytes() == second.image.tobytes(), "turn 2 edits turn 1's result"
+    for version, start in ((0, source), (1, turns[0].image)):
+        back = model.edit_turns(source, ["make it blue", "add a star", backtrack(version, "add a moon")])[2]
+        alone = model.edit(start, backtrack(version, "add a moon"))
+        assert back.image.tobytes() == alone.image.tobytes(), f"turn 3 goes back to version {version}"
+    with pytest.raises(ValueError, match="only versions 0"):
+        model.edit_turns(source, ["make it blue", "go back to the result of turn 2 and add a moon"])
     with pytest.raises(ValueError, match="multiple of 4"):
         model.generate("x", size=18)
 

@@ -45,6 +45,7 @@ from torch.nn import functional as F
 from datamodules.samples import DataConfigError, EditBatch, EditOutputs, EditSample, TurnOutputs, collate, signed_to_pil
 from zoo.blocks.condition import Condition
 from zoo.blocks.config import ConfigError, check_range
+from zoo.blocks.dialogue import source_version
 from zoo.blocks.frozen import FrozenParts
 from zoo.blocks.guidance import text_cfg
 from zoo.blocks.pretrained import MissingPretrainedError
@@ -322,25 +323,41 @@ class EditingModule(L.LightningModule):
     def edit_outputs(self, batch: EditBatch, batch_idx: int = 0, keep_given: bool = False) -> EditOutputs:
         """What evaluators consume: every sample's edit, and each later turn of its multi-turn case.
 
-        Noise is seeded with ``eval_seed + batch_idx`` for every turn. Turn k edits turn k-1's result
-        as a saved PNG holds it (uint8), through the training preprocessing.
+        Noise is seeded with ``eval_seed + batch_idx`` for every turn. Turn k edits the version
+        :meth:`source_version` picks (the latest unless the instruction goes back to an earlier
+        one), as a saved PNG holds it (uint8), through the training preprocessing; its ``history``
+        holds the dialogue's earlier instructions (:mod:`zoo.blocks.dialogue`).
         """
         edited, texts = self.edit_batch(batch, self._eval_generator(batch_idx), keep_given)
         outputs = EditOutputs(key=list(batch.key), edited=edited, text=texts)
-        latest = dict(enumerate(edited))
-        for turn in range(1, max((len(t) for t in batch.turns), default=0) + 1):
-            rows = [i for i, later in enumerate(batch.turns) if len(later) >= turn]
-            samples = [
-                EditSample(
-                    key=batch.key[i], source=signed_to_pil(latest[i]), instruction=batch.turns[i][turn - 1], edit_type=batch.edit_type[i] or None
+        # versions[i][v]: version v of case i (0 = its source, k = the result of turn k).
+        versions = {i: [batch.source[i] if batch.source is not None else None, image] for i, image in enumerate(edited)}
+        for turn in range(2, max((len(t) for t in batch.turns), default=0) + 2):
+            rows = [i for i, later in enumerate(batch.turns) if len(later) >= turn - 1]
+            samples = []
+            for i in rows:
+                instruction = batch.turns[i][turn - 2]
+                source = versions[i][self.source_version(instruction, turn)]
+                if source is None:
+                    raise ValueError(f"case {batch.key[i]} goes back to its original image, but it has none (a T2I case)")
+                history = [*batch.history[i], batch.instruction[i], *batch.turns[i][: turn - 2]]
+                samples.append(
+                    EditSample(
+                        key=batch.key[i], source=signed_to_pil(source), instruction=instruction,
+                        edit_type=batch.edit_type[i] or None, history=history,
+                    )
                 )
-                for i in rows
-            ]
             step = collate(samples, self.resolution, self.mllm_resolution).to(self.device)
             images, step_texts = self.edit_batch(step, self._eval_generator(batch_idx))
-            latest.update(zip(rows, images))
+            for i, image in zip(rows, images):
+                versions[i].append(image)
             outputs.turns.append(TurnOutputs(rows=rows, edited=images, text=step_texts))
         return outputs
+
+    def source_version(self, instruction: str, turn: int) -> int:
+        """Which version turn ``turn`` (1-based) of a dialogue edits: 0 = the original, k = the
+        result of turn k; the latest unless the instruction names another (:func:`zoo.blocks.dialogue.source_version`)."""
+        return source_version(instruction, turn)
 
     def _eval_generator(self, batch_idx: int) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(self.eval_seed + batch_idx)
@@ -394,7 +411,9 @@ class EditingModule(L.LightningModule):
         chain: str | None = None,
         size: int | None = None,
     ) -> list[Edit]:
-        """Multi-turn editing: each instruction edits the previous turn's result; one :class:`Edit` per turn.
+        """Multi-turn editing: each instruction edits the previous turn's result, or the earlier version
+        it names ("go back to the result of turn 1 and ...", :meth:`source_version`), with the earlier
+        instructions as its ``history``; one :class:`Edit` per turn.
 
         The same implementation as the multi-turn benchmark's (:meth:`edit_outputs`); ``blueprint``
         / ``chain`` apply to the first turn.
