@@ -447,3 +447,20 @@ def test_reply_forward_checks_its_inputs() -> None:
     encoder = _encoder()
     with pytest.raises(ValueError, match="got 1 replies for 2 texts"):
         encoder.reply_loss_and_states(None, TEXTS, REPLIES[:1])
+
+
+def test_condition_ids_are_the_span_tokens_with_vision_end_after_the_image() -> None:
+    encoder = _encoder(max_condition_length=64)
+    images = [_images(2)[0], None]
+    states, mask, ids = encoder.condition_and_ids(images, TEXTS)
+    assert torch.equal(states, encoder.condition(images, TEXTS)[0])
+    inputs = encoder.build_inputs(images, TEXTS)
+    for b in range(2):
+        assert ids[b, mask[b]].tolist() == inputs["input_ids"][b, inputs["user_span"][b]].tolist()
+        assert int(ids[b, ~mask[b]].abs().sum()) == 0
+    vision_end = encoder.token_id("<|vision_end|>")
+    image_tokens = int((inputs["input_ids"][0] == encoder.model.config.image_token_id).sum())
+    assert ids[0].tolist().index(vision_end) == 1 + image_tokens, "<|vision_start|>, the image tokens, then <|vision_end|>"
+    assert vision_end not in ids[1].tolist()
+    with pytest.raises(KeyError, match="no token"):
+        encoder.token_id("<|no_such_token|>")

@@ -519,10 +519,29 @@ class VLMEncoder(FrozenModule):
     def condition(self, images: Images, texts: list[str]) -> tuple[Tensor, Tensor]:
         """Condition: user-span states of ``hidden_layer``, ``(states [B, L, D] float32, mask [B, L] bool)``
         (:meth:`_span_states`)."""
+        states, mask, _ = self.condition_and_ids(images, texts)
+        return states, mask
+
+    def condition_and_ids(self, images: Images, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`condition` plus the token id at each condition position ``[B, L]`` (0 at padding),
+        for conditions that splice other tokens in at a special token (ImgEdit-E1's ``<|vision_end|>``)."""
         inputs = self.build_inputs(images, texts).to(self.model.device)
         span = inputs.pop("user_span")
         _, hidden = self._forward_states(inputs)
-        return self._span_states(hidden, span)
+        states, mask = self._span_states(hidden, span)
+        ids = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
+        for b in range(len(span)):
+            selected = inputs["input_ids"][b, span[b]][-self.max_condition_length :]
+            ids[b, : len(selected)] = selected
+        return states, mask, ids
+
+    def token_id(self, token: str) -> int:
+        """The id of a special token of this model's tokenizer (e.g. ``<|vision_end|>``); KeyError if absent."""
+        tokenizer = self.processor.tokenizer
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise KeyError(f"the {self.family} tokenizer has no token {token!r}")
+        return int(token_id)
 
     def reply_cross_entropy(self, input_ids: Tensor, final: Tensor, stop_id: int) -> Tensor:
         """Next-token CE over every sample's reply: the tokens after the last assistant header
