@@ -24,6 +24,19 @@ def test_text_condition_is_padded_unmasked_and_reloads(tmp_path: Path) -> None:
     torch.testing.assert_close(again.context, condition.context, rtol=0, atol=0)
 
 
+def test_pooled_text_is_clips_pooler_output_at_the_end_of_text_token() -> None:
+    encoder = SDTextEncoder(tiny={"seed": 0})
+    texts = ["a red circle at the top left", "remove it"]
+    pooled = encoder.pooled(texts)
+    tokens = encoder.tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        states = encoder.model(tokens.input_ids).last_hidden_state  # after the final layer norm
+    eos = tokens.input_ids.eq(encoder.tokenizer.eos_token_id).int().argmax(-1)
+    assert pooled.shape == (2, 32)
+    torch.testing.assert_close(pooled, states[torch.arange(2), eos], rtol=1e-5, atol=1e-5)
+    assert (pooled[0] - pooled[1]).abs().amax() > 1e-3
+
+
 def test_image_embeds_are_unnormalised_and_reload(tmp_path: Path) -> None:
     encoder = CLIPImageEmbedder(tiny={"seed": 0, "projection_dim": 24})
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.5's frozen CLIP text encoder as a condition.
+"""Stable Diffusion 1.5's frozen CLIP text encoder as a condition (and FLUX's pooled text projection).
 
 SD pipelines tokenize to the tokenizer's ``model_max_length`` (77) with ``padding="max_length"``,
 truncate, and cross-attend to all 77 ``last_hidden_state`` tokens with no attention mask
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from zoo.blocks.condition import Condition
@@ -58,6 +59,17 @@ class SDTextEncoder(FrozenModule):
         device = next(self.model.parameters()).device
         context = self.model(tokens.input_ids.to(device)).last_hidden_state
         return Condition(context=context, mask=torch.ones(context.shape[:2], dtype=torch.bool, device=device))
+
+    @torch.no_grad()
+    def pooled(self, texts: Sequence[str]) -> Tensor:
+        """CLIP's pooled output ``[B, D]`` (the end-of-text token after the final norm) of the
+        captions, tokenized as :meth:`encode` does: FLUX's ``pooled_projections``
+        (``FluxPipeline._get_clip_prompt_embeds``) when built from a FLUX pipeline folder."""
+        tokens = self.tokenizer(
+            list(texts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
+        device = next(self.model.parameters()).device
+        return self.model(tokens.input_ids.to(device)).pooler_output
 
     def save_pretrained(self, path: str) -> None:
         """Write ``text_encoder/`` and ``tokenizer/`` so that ``SDTextEncoder(pretrained=path)`` reloads them."""
