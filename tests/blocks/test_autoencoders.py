@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
 
 from zoo.blocks.autoencoders import CodecConfig, DCAutoencoder, IdentityCodec, KLAutoencoder, build_codec
 from zoo.blocks.pretrained import MissingPretrainedError
@@ -192,3 +193,20 @@ def test_kl_bad_inputs_are_explained() -> None:
         KLAutoencoder(CodecConfig("kl", config=TINY_KL, scaling_factor=-1.0))
     with pytest.raises(MissingPretrainedError, match="stabilityai/stable-diffusion-xl-base-1.0"):
         KLAutoencoder(CodecConfig("kl", pretrained="stabilityai/stable-diffusion-xl-base-1.0"))
+
+
+def test_flux_vae_shift_and_scale_come_from_its_folder(tmp_path: Path) -> None:
+    # FLUX.1's VAE: 16 latent channels, scaling_factor 0.3611, shift_factor 0.1159 in its config.
+    torch.manual_seed(0)
+    flux_vae = {**TINY_KL, "latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+    AutoencoderKL(**flux_vae).save_pretrained(tmp_path / "vae")
+    codec = build_codec(CodecConfig("kl", pretrained=str(tmp_path)))
+    assert (codec.latent_channels, codec.scaling_factor, codec.shift_factor) == (16, 0.3611, 0.1159)
+    x = images()
+    posterior = codec.model.encode(x).latent_dist
+    z = codec.encode(x)
+    torch.testing.assert_close(z, (posterior.mean - 0.1159) * 0.3611, rtol=0, atol=0)
+    latents = torch.randn(2, 16, 8, 8)
+    torch.testing.assert_close(codec.decode(latents), codec.model.decode(latents / 0.3611 + 0.1159).sample)
+    # decode inverts the normalisation: decoding z is decoding the raw posterior mean.
+    torch.testing.assert_close(codec.decode(z), codec.model.decode(posterior.mean).sample, rtol=1e-5, atol=1e-5)
