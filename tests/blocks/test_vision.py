@@ -1,4 +1,4 @@
-"""Metric encoders: one constructor for tiny and published CLIP / DINO, frozen, offline errors in one line."""
+"""Image encoders: one constructor for tiny and published CLIP / DINO / SigLIP, frozen, offline errors in one line."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import Siglip2VisionConfig, SiglipConfig, SiglipModel
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from zoo.blocks.pretrained import MissingPretrainedError
-from zoo.blocks.tiny import tiny_clip, tiny_dino
-from zoo.blocks.vision import CLIPEncoder, DINOEncoder, torch_hub_file
+from zoo.blocks.tiny import tiny_clip, tiny_dino, tiny_siglip
+from zoo.blocks.vision import CLIPEncoder, DINOEncoder, SigLIPEncoder, torch_hub_file
 
 IMAGES = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
 TEXTS = ["a red circle", "Remove the blue square on the left!"]
@@ -48,7 +49,7 @@ def test_clip_text_features_depend_on_the_text() -> None:
 
 
 def test_tiny_factories_are_deterministic() -> None:
-    for factory in (lambda seed: tiny_clip(seed=seed)[0], lambda seed: tiny_dino(seed=seed)):
+    for factory in (lambda seed: tiny_clip(seed=seed)[0], lambda seed: tiny_dino(seed=seed), lambda seed: tiny_siglip(seed=seed)[0]):
         a, b, c = factory(0).state_dict(), factory(0).state_dict(), factory(1).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert not all(torch.equal(a[k], c[k]) for k in a)
@@ -86,3 +87,41 @@ def test_torch_hub_file_names_url_and_folder(tmp_path: Path, monkeypatch: pytest
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     (tmp_path / "hub" / "checkpoints" / "weights-abc123.pth").write_bytes(b"x")
     assert torch_hub_file(url, "A metric") == tmp_path / "hub" / "checkpoints" / "weights-abc123.pth"
+
+
+# --- SigLIP (ImgEdit-E1's image tokens) -------------------------------------------------------
+
+
+def test_siglip_features_are_patch_tokens_of_the_normalised_image(tmp_path: Path) -> None:
+    encoder = SigLIPEncoder(tiny={"seed": 0, "image_size": 32, "patch_size": 8})
+    assert (encoder.num_tokens, encoder.feature_dim) == (16, 32)
+    features = encoder.image_features(IMAGES)
+    assert features.shape == (3, 16, 32) and features.dtype == torch.float32
+    # Images already at the processor's size: only SigLIP's mean/std 0.5 normalisation, no 1/255 rescale.
+    expected = encoder.model(pixel_values=torch.stack(IMAGES) * 2 - 1).last_hidden_state
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-4)
+    assert encoder.image_features([torch.rand(3, 20, 44)]).shape == (1, 16, 32)
+    encoder.train()
+    assert not encoder.model.training and not any(p.requires_grad for p in encoder.parameters())
+    encoder.save_pretrained(str(tmp_path))
+    torch.testing.assert_close(SigLIPEncoder(pretrained=str(tmp_path)).image_features(IMAGES), features)
+
+
+def test_siglip_loads_the_vision_tower_of_a_full_checkpoint(tmp_path: Path) -> None:
+    # google/siglip2-so400m-patch16-512 is a full image-text SiglipModel (model_type "siglip").
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    full = SiglipModel(SiglipConfig(text_config={**tower, "vocab_size": 40}, vision_config={**tower, "image_size": 32, "patch_size": 8}))
+    full.save_pretrained(tmp_path)
+    tiny_siglip(image_size=32)[1].save_pretrained(tmp_path)
+    encoder = SigLIPEncoder(pretrained=str(tmp_path))
+    expected = full.eval().vision_model(pixel_values=torch.stack(IMAGES) * 2 - 1).last_hidden_state
+    torch.testing.assert_close(encoder.image_features(IMAGES), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_siglip_refuses_naflex_and_missing_checkpoints(tmp_path: Path) -> None:
+    Siglip2VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="NaFlex is not supported"):
+        SigLIPEncoder(pretrained=str(tmp_path))
+    with pytest.raises(MissingPretrainedError, match="not available offline"):
+        SigLIPEncoder(pretrained=str(tmp_path / "google-siglip2"))

@@ -11,8 +11,8 @@ never shift an existing id), a ``Qwen2VLImageProcessor``/``Qwen2VLVideoProcessor
 small patch, and a chat template that renders Qwen's format, default system prompt included.
 Token ids are always looked up by string, never hard-coded.
 
-The similarity metrics' encoders (:mod:`zoo.blocks.vision`) come from here too: CLIP with a
-character-level ``CLIPTokenizer`` (no merges to learn) and a DINO-shaped ViT.
+The image encoders of :mod:`zoo.blocks.vision` come from here too: CLIP with a character-level
+``CLIPTokenizer`` (no merges to learn), a DINO-shaped ViT and a SigLIP vision tower.
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ from transformers import (
     Qwen2Config,
     Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
+    SiglipImageProcessor,
     SiglipVisionConfig,
+    SiglipVisionModel,
     ViTConfig,
     ViTModel,
 )
@@ -715,3 +717,20 @@ def tiny_dino(
         num_attention_heads=num_heads,
     )
     return _seeded(ViTModel, config, seed)
+
+
+def tiny_siglip(
+    seed: int = 0, image_size: int = 32, patch_size: int = 8, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2
+) -> tuple[SiglipVisionModel, SiglipImageProcessor]:
+    """A randomly initialised ``SiglipVisionModel`` (ImgEdit-E1's SigLIP2-so400m-patch16-512 at toy size:
+    ``(image_size / patch_size)^2`` patch tokens) and a ``SiglipImageProcessor`` at ``image_size``."""
+    config = SiglipVisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+    )
+    processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    return _seeded(SiglipVisionModel, config, seed), processor

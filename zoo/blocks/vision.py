@@ -14,6 +14,10 @@ torch-hub weight files that torchvision / torch-fidelity feature networks (LPIPS
   consumes (ip-adapter_sd15: OpenCLIP ViT-H/14, 1024-d; ``IPAdapter.get_image_embeds``,
   ``tencent-ailab/IP-Adapter@62e4af9:ip_adapter/ip_adapter.py:140-150``).
 
+- :class:`SigLIPEncoder`: ImgEdit-E1's frozen SigLIP (paper App. A.4: SigLIP v2-SO/16@512, i.e.
+  ``google/siglip2-so400m-patch16-512``), transformers ``SiglipVisionModel`` + ``SiglipImageProcessor``;
+  the patch tokens ``last_hidden_state`` ``[B, 1024, 1152]`` UniWorld-V1's ``siglip_projector`` reads.
+
 All are built from a published id / local folder (``pretrained``) or a tiny random config
 (``tiny``, see :mod:`zoo.blocks.tiny`) through the same constructor, frozen and in eval mode; inputs
 are batches of images ``[3, H, W]`` in [0, 1] (sizes may differ), moved to the encoder's device.
@@ -29,12 +33,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
-from transformers import AutoModel, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionModelWithProjection
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPVisionModelWithProjection,
+    SiglipImageProcessor,
+    SiglipVisionModel,
+)
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from zoo.blocks.frozen import FrozenModule
 from zoo.blocks.pretrained import MissingPretrainedError, build_tiny, require_one_source, resolve_pretrained
-from zoo.blocks.tiny import tiny_clip, tiny_clip_image_encoder, tiny_dino
+from zoo.blocks.tiny import tiny_clip, tiny_clip_image_encoder, tiny_dino, tiny_siglip
 
 # MagicBrush's DINO transform: Resize(256) then CenterCrop(224), i.e. the shorter side at 8/7 of the crop.
 _DINO_RESIZE_RATIO = 256 / 224
@@ -180,5 +193,62 @@ class CLIPImageEmbedder(_FrozenEncoder):
 
     def save_pretrained(self, path: str) -> None:
         """Write model and processor so that ``CLIPImageEmbedder(pretrained=path)`` reloads them."""
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+
+
+class SigLIPEncoder(_FrozenEncoder):
+    """ImgEdit-E1's frozen SigLIP: images -> patch features ``[B, N, D]`` for the SigLIP projector.
+
+    SigLIP2's fixed-resolution checkpoints (the paper's ``google/siglip2-so400m-patch16-512``: 1024
+    tokens of 1152-d at 512²) are SigLIP v1 architecture (``model_type: siglip``), so one class
+    serves SigLIP and SigLIP2-FixRes; a full image-text checkpoint loads its vision tower only.
+    transformers' ``Siglip2VisionModel`` is SigLIP2's NaFlex variant (a variable number of
+    patches per image, with a padding mask); ImgEdit-E1 and UniWorld use FixRes, so NaFlex
+    checkpoints are refused in one line.
+
+    Args:
+        pretrained: local folder or cached hub id of a SigLIP / SigLIP2-FixRes checkpoint (full or
+            vision-only) with its ``preprocessor_config.json``. Exclusive with ``tiny``.
+        tiny: options of :func:`zoo.blocks.tiny.tiny_siglip`, e.g. ``{"seed": 0, "image_size": 32}``.
+    """
+
+    def __init__(self, pretrained: str | None = None, tiny: dict | None = None) -> None:
+        super().__init__()
+        require_one_source(type(self).__name__, pretrained, tiny)
+        if pretrained is not None:
+            folder = resolve_pretrained(pretrained)
+            model_type = AutoConfig.from_pretrained(folder).model_type
+            if model_type not in ("siglip", "siglip_vision_model"):
+                raise ValueError(
+                    f"SigLIPEncoder needs a SigLIP or SigLIP2 fixed-resolution checkpoint (model_type 'siglip'), "
+                    f"got model_type '{model_type}' in {pretrained} (SigLIP2 NaFlex is not supported)"
+                )
+            self.model = SiglipVisionModel.from_pretrained(folder)
+            self.processor = SiglipImageProcessor.from_pretrained(folder)
+        else:
+            self.model, self.processor = build_tiny(tiny_siglip, type(self).__name__, tiny)
+        self.freeze()
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the patch features (so400m: 1152)."""
+        return self.model.config.hidden_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Patch tokens per image (``(image_size / patch_size)^2``: 1024 at 512² with patch 16)."""
+        return (self.model.config.image_size // self.model.config.patch_size) ** 2
+
+    @torch.no_grad()
+    def image_features(self, images: Sequence[Tensor]) -> Tensor:
+        """``last_hidden_state [B, num_tokens, feature_dim]`` (float32) of images ``[3, H, W]`` in [0, 1]:
+        the processor's resize to its square size and mean/std 0.5 normalisation, without its 1/255 rescale."""
+        pixels = self.processor(images=list(images), do_rescale=False, return_tensors="pt")["pixel_values"]
+        pixels = pixels.to(device=self.device, dtype=next(self.model.parameters()).dtype)
+        return self.model(pixel_values=pixels).last_hidden_state.float()
+
+    def save_pretrained(self, path: str) -> None:
+        """Write model and processor so that ``SigLIPEncoder(pretrained=path)`` reloads them."""
         self.model.save_pretrained(path)
         self.processor.save_pretrained(path)
