@@ -2,14 +2,21 @@
 
 ``MLPConnector`` is DIM's ``mlp2x_gelu`` projector (official ``build_projector(2048, 2304,
 'mlp2x_gelu')`` = ``Sequential(Linear, GELU, Linear)``, exact GELU, no norm, PyTorch default init;
-10,031,616 parameters at paper size). With ``activation="silu"`` it is the shape of ImgEdit-E1's
-(UniWorld) denoise / SigLIP projectors. ``VisionHead`` is MIND-Edit's F_v.
+10,031,616 parameters at paper size). With ``activation="silu"`` it is ImgEdit-E1's two projectors
+into FLUX's text branch (:func:`flux_projector`), the SigLIP one initialisable from FLUX-Redux
+(:func:`load_redux_projector`). ``VisionHead`` is MIND-Edit's F_v.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from diffusers import ReduxImageEncoder
+from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from zoo.blocks.pretrained import MissingPretrainedError, resolve_pretrained
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -44,6 +51,71 @@ class MLPConnector(nn.Module):
     def forward(self, hidden_states: Tensor) -> Tensor:
         """Project ``[..., in_features]`` to ``[..., out_features]``."""
         return self.net(hidden_states)
+
+
+FLUX_REDUX = "black-forest-labs/FLUX.1-Redux-dev"
+"""The FLUX-Redux release whose ``image_embedder`` initialises ImgEdit-E1's SigLIP projector."""
+
+
+def flux_projector(in_features: int, out_features: int = 4096) -> MLPConnector:
+    """ImgEdit-E1's projector into FLUX's text branch: ``Linear(in, 3 * out) -> SiLU -> Linear(3 * out, out)``.
+
+    UniWorld-V1's ``denoise_projector`` (Qwen2.5-VL-7B: ``in_features=3584``, 94,388,224 parameters)
+    and ``siglip_projector`` (SigLIP2-so400m: ``in_features=1152``, 64,503,808 parameters; the shape
+    of FLUX-Redux's ``ReduxImageEncoder``), ``out_features`` = FLUX's ``joint_attention_dim`` (4096).
+    """
+    return MLPConnector(in_features, out_features, hidden_features=3 * out_features, activation="silu")
+
+
+def load_redux_projector(projector: MLPConnector, source: str = FLUX_REDUX) -> None:
+    """Copy FLUX-Redux's ``redux_up`` / ``redux_down`` into ``projector`` (ImgEdit-E1 App. A.4: the
+    SigLIP MLP "is initialized from the pretrained Flux-Redux model").
+
+    ``source``: a ``.safetensors`` file of the ``image_embedder``, a folder of diffusers'
+    ``ReduxImageEncoder`` (``config.json`` + weights), or a FLUX-Redux pipeline folder / cached hub
+    id holding one in ``image_embedder/``.
+
+    Raises:
+        MissingPretrainedError: the weights are not there (one line naming what to download).
+        ValueError: the projector is not a SiLU MLP of Redux's shapes.
+    """
+    if not isinstance(projector.net[1], nn.SiLU):
+        raise ValueError("FLUX-Redux's image embedder is a SiLU MLP: build the projector with activation='silu'")
+    state = _redux_state(source)
+    up, down = projector.net[0], projector.net[2]
+    for name, layer in (("redux_up", up), ("redux_down", down)):
+        if tuple(state[f"{name}.weight"].shape) != tuple(layer.weight.shape):
+            raise ValueError(
+                f"FLUX-Redux's {name} is {tuple(state[f'{name}.weight'].shape)} but the projector's layer is "
+                f"{tuple(layer.weight.shape)} (out, in): build it as flux_projector(1152, 4096)"
+            )
+    with torch.no_grad():
+        for name, layer in (("redux_up", up), ("redux_down", down)):
+            layer.weight.copy_(state[f"{name}.weight"])
+            layer.bias.copy_(state[f"{name}.bias"])
+
+
+def _redux_state(source: str) -> dict[str, Tensor]:
+    path = Path(source).expanduser()
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise MissingPretrainedError(
+                f"FLUX-Redux weights {path} not found: download {FLUX_REDUX}'s image_embedder once "
+                f"(`hf download {FLUX_REDUX} --include 'image_embedder/*'`) and point to it"
+            )
+        state = load_file(str(path))
+        missing = sorted({"redux_up.weight", "redux_up.bias", "redux_down.weight", "redux_down.bias"} - set(state))
+        if missing:
+            raise ValueError(f"{path} is not a FLUX-Redux image embedder: it lacks {missing}")
+        return state
+    folder = Path(resolve_pretrained(source))
+    subfolder = "image_embedder" if (folder / "image_embedder").is_dir() else None
+    if subfolder is None and not (folder / "config.json").is_file():
+        raise MissingPretrainedError(
+            f"{source} holds no FLUX-Redux image embedder (no image_embedder/ or config.json in {folder}): "
+            f"download it once with `hf download {FLUX_REDUX} --include 'image_embedder/*'`"
+        )
+    return ReduxImageEncoder.from_pretrained(folder, subfolder=subfolder).state_dict()
 
 
 class VisionHead(nn.Module):
