@@ -1,4 +1,4 @@
-"""EditingModule's schedule and warm-start widening, against hand-computed numbers."""
+"""EditingModule's optimiser choice, schedule and warm-start widening, against hand-computed numbers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from zoo.modules.base import Optimization, _widen_into, lr_factor
+from zoo.blocks.config import ConfigError
+from zoo.modules.base import Optimization, _widen_into, build_optimizer, lr_factor
 
 
 def test_warmup_is_linear_then_constant() -> None:
@@ -35,3 +36,57 @@ def test_widen_into_copies_leading_channels_and_keeps_new_ones() -> None:
 def test_widen_into_rejects_other_mismatches() -> None:
     with pytest.raises(ValueError, match="shape"):
         _widen_into(torch.zeros(8, 6), torch.zeros(4, 3), "w")
+
+
+# --- optimiser choice (ImgEdit-E1 trains with Prodigy at lr 1.0) ------------------------------
+
+
+def toy_regression_losses(optim: Optimization, steps: int) -> list[float]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    y = x @ torch.tensor([1.5, -2.0, 0.5, 3.0]) + 1.0
+    model = torch.nn.Linear(4, 1)
+    torch.nn.init.zeros_(model.weight)
+    torch.nn.init.zeros_(model.bias)
+    optimizer = build_optimizer(list(model.parameters()), optim)
+    losses = []
+    for _ in range(steps):
+        loss = (model(x).squeeze(-1) - y).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_prodigy_at_lr_one_fits_a_toy_regression() -> None:
+    optim = Optimization(optimizer="prodigyopt.Prodigy", lr=1.0, optimizer_args={"d_coef": 1.0, "safeguard_warmup": True})
+    losses = toy_regression_losses(optim, 60)
+    print(f"Prodigy toy regression loss: {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] < 0.1 * losses[0]
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(2))], optim)
+    assert type(optimizer).__name__ == "Prodigy"
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["d_coef"], group["safeguard_warmup"], group["use_bias_correction"]) == (1.0, 1.0, True, False)
+
+
+def test_adamw_stays_the_default_with_the_configured_hyperparameters() -> None:
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(2))], Optimization(lr=3e-4, betas=(0.9, 0.99), weight_decay=0.01))
+    assert type(optimizer) is torch.optim.AdamW
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (3e-4, (0.9, 0.99), 1e-8, 0.01)
+    # An optimiser without betas/eps gets only what it takes.
+    sgd = build_optimizer([torch.nn.Parameter(torch.zeros(2))], Optimization(optimizer="SGD", lr=0.1, optimizer_args={"momentum": 0.9}))
+    assert (type(sgd), sgd.param_groups[0]["lr"], sgd.param_groups[0]["momentum"]) == (torch.optim.SGD, 0.1, 0.9)
+
+
+@pytest.mark.parametrize("name", ["Prodigy", "AdamWW", "prodigyopt.Nope", "no_such_package.Opt", "os.path"])
+def test_unknown_optimizer_is_a_one_line_config_error(name: str) -> None:
+    with pytest.raises(ConfigError, match="optim.optimizer must be a torch.optim class") as error:
+        Optimization(optimizer=name)
+    assert "AdamW" in str(error.value) and "prodigyopt.Prodigy" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unknown_optimizer_args_are_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"\['dcoef'\] are not arguments of prodigyopt.Prodigy .*d_coef"):
+        Optimization(optimizer="prodigyopt.Prodigy", optimizer_args={"dcoef": 2.0})

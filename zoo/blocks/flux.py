@@ -228,7 +228,8 @@ def check_selector(selector: FluxSelector) -> tuple[str, ...]:
     """The regexes of ``selector``; :class:`ConfigError` for an unknown name or a bad regex."""
     if isinstance(selector, str):
         if selector not in FLUX_BRANCHES:
-            raise ConfigError(f"FLUX branch must be one of {', '.join(get_args(FluxBranch))} or a list of regexes; got {selector!r}")
+            names = ", ".join(get_args(FluxBranch))
+            raise ConfigError(f"FLUX branch must be one of {names} or a list of regexes; got {selector!r}")
         return FLUX_BRANCHES[selector]
     if not selector:
         raise ConfigError("an empty list of FLUX parameter regexes selects nothing")

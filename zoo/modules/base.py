@@ -29,9 +29,11 @@ DDP, DeepSpeed, EMA and checkpoints see only what trains; frozen parts are rebui
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,16 +56,22 @@ from zoo.blocks.sampling import sample
 
 @dataclass
 class Optimization:
-    """Optimiser and learning-rate schedule (AdamW over trainable parameters only)."""
+    """Optimiser and learning-rate schedule, over trainable parameters only."""
 
+    optimizer: str = "AdamW"
+    """A ``torch.optim`` class name (``AdamW``, ``Adam``, ``SGD``, ...) or the dotted path of another
+    optimiser class, e.g. ``prodigyopt.Prodigy`` (ImgEdit-E1, paper App. A.4: Prodigy at lr 1.0)."""
+    optimizer_args: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the optimiser, e.g. Prodigy's ``d_coef``, ``safeguard_warmup``,
+    ``use_bias_correction``; they override ``lr``/``betas``/``eps``/``weight_decay``."""
     lr: float = 1e-4
     """Peak learning rate."""
     betas: tuple[float, float] = (0.9, 0.999)
-    """Adam betas."""
+    """Adam betas (passed when the optimiser takes ``betas``, as every field below)."""
     eps: float = 1e-8
     """Adam epsilon."""
     weight_decay: float = 0.0
-    """Decoupled weight decay."""
+    """Weight decay (decoupled for AdamW and Prodigy)."""
     warmup_steps: int = 0
     """Linear warm-up from 0 to ``lr`` over this many optimiser steps."""
     schedule: Literal["constant", "cosine"] = "constant"
@@ -79,6 +87,47 @@ class Optimization:
         check_range("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         for beta in self.betas:
             check_range("optim.betas", beta, 0.0, 1.0)
+        accepted = _keyword_parameters(optimizer_class(self.optimizer))
+        unknown = sorted(set(self.optimizer_args) - accepted) if accepted is not None else []
+        if unknown:
+            takes = ", ".join(sorted(accepted))
+            raise ConfigError(f"optim.optimizer_args {unknown} are not arguments of {self.optimizer} (it takes {takes})")
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The optimiser class ``name`` names: a ``torch.optim`` class or a dotted ``module.Class`` path."""
+    module_name, _, class_name = name.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name or "torch.optim"), class_name)
+    except (ImportError, AttributeError, ValueError):
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        choices = sorted(
+            n for n, c in vars(torch.optim).items()
+            if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer
+        )
+        raise ConfigError(
+            f"optim.optimizer must be a torch.optim class ({', '.join(choices)}) or the dotted path of an "
+            f"installed optimiser class such as prodigyopt.Prodigy; got {name!r}"
+        )
+    return cls
+
+
+def _keyword_parameters(cls: type[torch.optim.Optimizer]) -> set[str] | None:
+    """Keyword arguments of ``cls`` besides ``params`` (None when it takes ``**kwargs``)."""
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters if p.name != "params"}
+
+
+def build_optimizer(params: list[nn.Parameter], optim: Optimization) -> torch.optim.Optimizer:
+    """``optim.optimizer`` over ``params`` with the lr/betas/eps/weight_decay it takes, then ``optimizer_args``."""
+    cls = optimizer_class(optim.optimizer)
+    common = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
+    accepted = _keyword_parameters(cls)
+    kwargs = {k: v for k, v in common.items() if accepted is None or k in accepted}
+    return cls(params, **{**kwargs, **optim.optimizer_args})
 
 
 def lr_factor(step: int, optim: Optimization, max_steps: int) -> float:
@@ -463,13 +512,7 @@ class EditingModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ConfigError(f"{type(self).__name__} has no trainable parameters: check the freeze flags")
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=self.optim.lr,
-            betas=tuple(self.optim.betas),
-            eps=self.optim.eps,
-            weight_decay=self.optim.weight_decay,
-        )
+        optimizer = build_optimizer(params, self.optim)
         # Streaming loaders have no length (Lightning cannot estimate the number of steps of an
         # iterable loader), so the schedule is defined by trainer.max_steps.
         max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else 0
