@@ -130,6 +130,20 @@ def test_padded_context_tokens_change_nothing() -> None:
     assert (attended - short).abs().max() > 1e-3
 
 
+def test_gradient_checkpointing_keeps_the_mask_output_and_gradients() -> None:
+    x = make_inputs(length=4)
+    x["context_mask"] = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    results = []
+    for checkpointing in (False, True):
+        denoiser = make_denoiser(gradient_checkpointing=checkpointing).train()
+        out = denoiser(**x)
+        out.square().mean().backward()
+        results.append((out.detach(), denoiser.model.x_embedder.weight.grad.clone()))
+    assert denoiser.model.gradient_checkpointing
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
+
+
 def test_bad_inputs_are_clear_errors() -> None:
     denoiser = make_denoiser()
     x = make_inputs()

@@ -6,7 +6,8 @@ returns the prediction with the latent's channel count, in the objective's conve
 velocity for SANA, noise for SDXL/SD1.5 UNets). ``timestep`` is what the model's time embedding
 eats: ``sigma * 1000`` for flow matching (see :mod:`zoo.blocks.objectives`), the integer DDPM step
 for UNets. ``added_conditions`` carries model-specific extra inputs: SDXL's micro-conditioning
-``{"text_embeds": pooled [B, P], "time_ids": [B, 6]}`` (see :func:`sdxl_time_ids`).
+``{"text_embeds": pooled [B, P], "time_ids": [B, 6]}`` (see :func:`sdxl_time_ids`). The FLUX
+transformer (ImgEdit-E1) is :class:`zoo.blocks.flux.FluxDenoiser`, on this same signature.
 
 Edit conditioning by channel concatenation (DIM's ``expand_channels``, GoT's 12-channel ``conv_in``)
 is :func:`widen_input_conv` plus :func:`widen_model_input`, which also records the new
