@@ -255,7 +255,10 @@ def select_parameters(model: nn.Module, selector: FluxSelector) -> list[str]:
 
 
 def set_trainable(model: nn.Module, selector: FluxSelector) -> list[str]:
-    """Train exactly the parameters ``selector`` picks (``requires_grad``), freeze the rest; their names."""
+    """Train exactly the parameters of ``model`` that ``selector`` picks and freeze all its others; their names.
+
+    Call it on the denoiser (or its ``model``), not on a module whose projectors also train.
+    """
     names = set(select_parameters(model, selector))
     for name, param in model.named_parameters():
         param.requires_grad_(name in names)
