@@ -49,9 +49,9 @@ from datamodules.samples import EditBatch
 from zoo.blocks.autoencoders import CodecConfig, build_codec
 from zoo.blocks.condition import Condition
 from zoo.blocks.config import ConfigError
-from zoo.blocks.connectors import MLPConnector
+from zoo.blocks.connectors import MLPConnector, flux_projector, load_redux_projector
 from zoo.blocks.dialogue import render_dialogue
-from zoo.blocks.flux import FluxConfig, FluxDenoiser, ImageBranch, load_redux_projector, set_trainable
+from zoo.blocks.flux import FluxConfig, FluxDenoiser, FluxSelector, check_selector, set_trainable
 from zoo.blocks.mllm import VLMConfig, VLMEncoder
 from zoo.blocks.objectives import FlowMatching
 from zoo.blocks.sd_text import SDTextEncoder
@@ -66,7 +66,8 @@ class ImgEditE1Module(EditingModule):
 
     Args:
         mllm: the VLM (Qwen2.5-VL-7B), frozen.
-        denoiser: FLUX.1-dev's transformer.
+        denoiser: FLUX.1-dev's transformer; its ``guidance`` (3.5) is the distilled guidance value
+            fed in training and sampling.
         autoencoder: the codec (``kl`` with FLUX's scale 0.3611 and shift 0.1159; ``identity`` for toy runs).
         stage: 1 trains the VLM projector only; 2 adds SigLIP and trains both projectors and ``image_branch``.
         siglip: SigLIP encoder source for stage 2, ``{"pretrained": ...}`` or ``{"tiny": {...}}``.
@@ -75,10 +76,8 @@ class ImgEditE1Module(EditingModule):
             projector when stage 2 starts (null: PyTorch's init).
         image_branch: the FLUX parameters stage 2 trains (see :func:`~zoo.blocks.flux.select_parameters`).
         token_order: ``vlm_first`` (VLM tokens, then SigLIP tokens) or ``vision_end`` (UniWorld's splice).
-        projector_hidden: inner width of both projectors (UniWorld: 3 × 4096).
         pooled_text: FLUX pipeline folder whose CLIP ``text_encoder``/``tokenizer`` give the pooled
             projection, ``{"pretrained": ...}`` or ``{"tiny": {...}}``; null: zeros.
-        guidance: FLUX's distilled guidance value, in training and sampling.
         num_inference_steps: flow-Euler steps (UniWorld eval: 28).
         objective: flow matching settings (paper recipe: shift 1.88 for 512², flow_euler).
         cfg_dropout: probability of training a sample on the null condition (UniWorld default 0).
@@ -96,11 +95,9 @@ class ImgEditE1Module(EditingModule):
         stage: Literal[1, 2] = 1,
         siglip: dict | None = None,
         redux: str | None = None,
-        image_branch: ImageBranch = "double_image",
+        image_branch: FluxSelector = "double_image",
         token_order: Literal["vlm_first", "vision_end"] = "vlm_first",
-        projector_hidden: int | None = None,
         pooled_text: dict | None = None,
-        guidance: float = 3.5,
         num_inference_steps: int = 28,
         objective: FlowMatching | None = None,
         cfg_dropout: float = 0.0,
@@ -115,6 +112,7 @@ class ImgEditE1Module(EditingModule):
             raise ConfigError("stage 2 adds the SigLIP encoder: give model.init_args.siglip ({pretrained: ...} or {tiny: {...}})")
         if stage == 1 and (siglip is not None or redux is not None):
             raise ConfigError("stage 1 trains the VLM projector alone: set siglip and redux to null (they join in stage 2)")
+        check_selector(image_branch)
         if token_order not in ("vlm_first", "vision_end"):
             raise ConfigError(f"token_order must be 'vlm_first' or 'vision_end', got '{token_order}'")
         super().__init__(
@@ -123,7 +121,6 @@ class ImgEditE1Module(EditingModule):
         self.save_hyperparameters()
         self.stage = stage
         self.token_order = token_order
-        self.guidance = guidance
 
         self.add_encoder("mllm", VLMEncoder(mllm))
         if token_order == "vision_end":
@@ -132,15 +129,14 @@ class ImgEditE1Module(EditingModule):
         flux = FluxDenoiser(denoiser)
         flux.requires_grad_(False)
         context_dim = flux.context_dim
-        hidden = projector_hidden or 3 * context_dim
-        self.vlm_projector = MLPConnector(self.mllm.hidden_size, context_dim, hidden, activation="silu")
+        self.vlm_projector = flux_projector(self.mllm.hidden_size, context_dim)
         self.siglip_projector: MLPConnector | None = None
         if stage == 2:
             self.keep_frozen("siglip", SigLIPEncoder(**siglip))
-            self.siglip_projector = MLPConnector(self.siglip.hidden_size, context_dim, hidden, activation="silu")
+            self.siglip_projector = flux_projector(self.siglip.feature_dim, context_dim)
             if redux is not None:
                 load_redux_projector(self.siglip_projector, redux)
-            set_trainable(flux.model, image_branch)
+            set_trainable(flux, image_branch)
             self.denoiser = flux
         else:
             self.keep_frozen("denoiser", flux)
@@ -172,11 +168,11 @@ class ImgEditE1Module(EditingModule):
         states, mask, ids = self.mllm.condition_and_ids(batch.mllm_images, texts)
         parts = [(self.vlm_projector(states.to(self.dtype)), mask)]
         if self.siglip_projector is not None:
-            features = self.siglip.features((batch.source.to(self.device) + 1) / 2)
+            features = self.siglip.image_features((batch.source.to(self.device) + 1) / 2)
             tokens = self.siglip_projector(features.to(self.dtype))
             parts.append((tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)))
         context, context_mask = self._join(parts, ids)
-        return Condition(context=context, mask=context_mask, added=self._added(texts, len(batch)))
+        return Condition(context=context, mask=context_mask, added=self._added(texts))
 
     def _join(self, parts: list[tuple[Tensor, Tensor]], ids: Tensor) -> tuple[Tensor, Tensor]:
         """Each sample's real tokens of every part in ``token_order``, then zero padding ``[B, L, D]``."""
@@ -202,19 +198,17 @@ class ImgEditE1Module(EditingModule):
             context[b, : len(row)], mask[b, : len(row)] = row, True
         return context, mask
 
-    def _added(self, texts: list[str], batch: int) -> dict[str, Tensor]:
-        """FLUX's extra inputs: the distilled guidance value and the pooled CLIP text projection."""
-        guidance = torch.full((batch,), self.guidance, device=self.device, dtype=self.dtype)
-        if "pooled_text" in self.frozen_parts:
-            pooled = self.pooled_text.pooled(texts).to(self.device, self.dtype)
-        else:
-            pooled = torch.zeros(batch, self.denoiser.pooled_dim, device=self.device, dtype=self.dtype)
-        return {"guidance": guidance, "pooled": pooled}
+    def _added(self, texts: list[str]) -> dict[str, Tensor]:
+        """FLUX's pooled projection: CLIP-L's pooled instruction with ``pooled_text``, else none
+        (the denoiser then feeds zeros); the guidance value is the denoiser's constant."""
+        if "pooled_text" not in self.frozen_parts:
+            return {}
+        return {"pooled": self.pooled_text.pooled(texts).to(self.device, self.dtype)}
 
     def null_condition(self, condition: Condition) -> Condition:
         """Zero tokens under the same mask and a zero pooled projection (training dropout only:
         guidance-distilled FLUX samples without a negative branch)."""
-        added = {**condition.added, "pooled": torch.zeros_like(condition.added["pooled"])}
+        added = {name: torch.zeros_like(value) for name, value in condition.added.items()}
         return condition.replace(context=torch.zeros_like(condition.context), added=added, losses={})
 
     def guidance_branches(self, condition: Condition, null: Condition) -> Condition:
