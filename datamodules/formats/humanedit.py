@@ -26,7 +26,6 @@ raises instead); a file without the columns is an error either way.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -37,7 +36,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from datamodules.samples import ORIGINAL_BYTES, EditSample
+from datamodules.formats.images import as_rgb, decode_image
+from datamodules.samples import EditSample
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +103,7 @@ def _image(cell: Any, column: str) -> Image.Image:
     data = cell.get("bytes") if isinstance(cell, dict) else None
     if not isinstance(data, bytes) or not data:
         raise ValueError(f"{column} has no image bytes")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            decoded = image.copy()
-    except OSError as error:
-        raise ValueError(f"{column} does not decode: {error}") from error
-    decoded.info[ORIGINAL_BYTES] = data
-    return decoded
+    return decode_image(data, column)
 
 
 def row_sample(row: dict[str, Any]) -> tuple[EditSample, dict[str, Any]]:
@@ -121,15 +114,10 @@ def row_sample(row: dict[str, Any]) -> tuple[EditSample, dict[str, Any]]:
     source, mask, target = (_image(row[name], name) for name in IMAGE_COLUMNS)
     if mask.size != source.size:
         raise ValueError(f"MASK_IMG is {mask.size[0]}x{mask.size[1]}, INPUT_IMG {source.size[0]}x{source.size[1]}")
-    rgb_source, rgb_target = source.convert("RGB"), target.convert("RGB")
-    # The original bytes survive the RGB conversion only where it is a no-op (a JPEG stays itself).
-    for original, rgb in ((source, rgb_source), (target, rgb_target)):
-        if original.mode == "RGB":
-            rgb.info[ORIGINAL_BYTES] = original.info[ORIGINAL_BYTES]
     sample = EditSample(
         key=row["IMAGE_ID"],
-        source=rgb_source,
-        target=rgb_target,
+        source=as_rgb(source),
+        target=as_rgb(target),
         instruction=row["EDITING_INSTRUCTION"].strip(),
         edit_type=row["EDITING_TYPE"],
         mask=edit_mask(mask),

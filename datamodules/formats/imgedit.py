@@ -1,4 +1,5 @@
-"""Readers of the ImgEdit-Bench definition files (PKU-YuanGroup/ImgEdit ``Benchmark/``, ImgEdit paper §5).
+"""Readers of the ImgEdit-Bench definition files (PKU-YuanGroup/ImgEdit ``Benchmark/``, ImgEdit paper §5);
+the training release (parquet, pre-processing JSON, image tars) is read by :mod:`datamodules.formats.imgedit_release`.
 
 Three suites, each a JSON file plus the benchmark images (``Benchmark.tar`` on the HF dataset
 ``sysuyy/ImgEdit``, unpacked by the user):
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,11 +52,12 @@ class ImgEditCase:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-def normalise_edit_type(label: str) -> str:
-    """``alter`` -> ``adjust``; any other label must be one of :data:`BASIC_TYPES`."""
-    label = LEGACY_LABELS.get(label, label)
-    if label not in BASIC_TYPES:
-        raise ValueError(f"unknown ImgEdit edit_type {label!r}; expected one of {BASIC_TYPES} (or legacy 'alter')")
+def normalise_edit_type(label: str, renames: Mapping[str, str] = LEGACY_LABELS, known: Sequence[str] | None = BASIC_TYPES) -> str:
+    """``label`` with ``renames`` applied (default: the benchmark's ``alter`` -> ``adjust``); with
+    ``known`` (default :data:`BASIC_TYPES`) the result must be one of them."""
+    label = renames.get(label, label)
+    if known is not None and label not in known:
+        raise ValueError(f"unknown ImgEdit edit_type {label!r}; expected one of {tuple(known)} (or legacy 'alter')")
     return label
 
 
