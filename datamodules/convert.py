@@ -1,9 +1,14 @@
-"""Convert a DIM "tos" release (jsonl + images [+ CoT jsonl]), a GoT dataset or HumanEdit into tar shards with ``index.json``.
+"""Convert a DIM "tos" release (jsonl + images [+ CoT jsonl]), a GoT dataset, HumanEdit or ImgEdit into tar shards with ``index.json``.
 
 ``python -m zoo data convert --jsonl X --image-root Y [--cot-jsonl Z] --out DIR --samples-per-shard N``
 ``python -m zoo data convert --format got --got-kind t2i|edit|multi_turn|mixed --jsonl X [--fields '{"chain": "got_text"}'] --out DIR``
 ``python -m zoo data convert --format humanedit --parquet data/ --out DIR [--test-size 500]`` writes
 ``DIR/train`` and ``DIR/test`` (the split of :mod:`datamodules.formats.humanedit`), with masks.
+``python -m zoo data convert --format imgedit --parquet Parquet/remove_part5.parquet --images Singleturn/remove_part5.tar.split.* [--json jsons/part0.tar] --out DIR``
+reads single-turn and multi-turn parquet files alike (each by its columns: a ``data`` column is
+multi-turn) with their images from folders, tars or split-tar parts
+(:mod:`datamodules.formats.imgedit_release`), and prints what rows, archives and JSON lack of each
+other. Its bad arguments or inputs are one ``zoo: error:`` line and exit status 2.
 Images keep the bytes they were read from (a JPEG stays the same JPEG under the schema's
 ``source.png``/``target.png`` names; nothing is resized), a target that repeats the source file is
 stored once, and the row's extra fields go into the sample json.
@@ -18,12 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from typing import Iterable, Iterator
 
 from datamodules.formats.dim import TosJsonl, read_jsonl
 from datamodules.formats.got import KINDS, GoTReader
 from datamodules.formats.humanedit import TEST_SIZE, HumanEditParquet
-from datamodules.samples import EditSample, T2ISample
+from datamodules.formats.imgedit_release import ImgEditRelease
+from datamodules.samples import DataConfigError, EditSample, T2ISample
 from datamodules.shard_format import write_split
 
 Pairs = Iterable[tuple[EditSample | T2ISample, dict]]
@@ -70,9 +77,11 @@ class _Records:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns a process exit code (0 ok, 1 when nothing could be converted)."""
     parser = argparse.ArgumentParser(prog="zoo data convert", allow_abbrev=False, description=__doc__.splitlines()[0])
-    parser.add_argument("--format", choices=("dim", "got", "humanedit"), default="dim", help="release format (default: dim)")
+    parser.add_argument("--format", choices=("dim", "got", "humanedit", "imgedit"), default="dim", help="release format (default: dim)")
     parser.add_argument("--jsonl", default=None, help="DIM tos jsonl (id, image_path, prompt[, image_path_target]); GoT: .jsonl or .json")
-    parser.add_argument("--parquet", nargs="+", default=None, help="HumanEdit: parquet files or folders of them")
+    parser.add_argument("--parquet", nargs="+", default=None, help="HumanEdit, ImgEdit: parquet files or folders of them")
+    parser.add_argument("--images", nargs="+", default=None, help="ImgEdit: folders, .tar files and .tar.split.NNN parts holding the rows' images")
+    parser.add_argument("--json", nargs="+", default=None, help="ImgEdit: pre-processing JSON files, folders or tars of them (boxes, edit masks)")
     parser.add_argument("--test-size", type=int, default=TEST_SIZE, help=f"HumanEdit: ids in the test split (default: {TEST_SIZE})")
     parser.add_argument("--annotations", default=None, help="zoo data annotate's JSONL, joined into optimized_instruction by key")
     parser.add_argument("--image-root", default=None, help="folder the image paths are relative to (default: the jsonl's)")
@@ -83,21 +92,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--strict", action="store_true", help="fail on the first missing or undecodable image")
     args = parser.parse_args(argv)
-    if (args.format == "humanedit") != (args.parquet is not None) or (args.format != "humanedit") == (args.jsonl is None):
-        parser.error("--format humanedit reads --parquet; dim and got read --jsonl")
+    parquet_format = args.format in ("humanedit", "imgedit")
+    if parquet_format != (args.parquet is not None) or parquet_format == (args.jsonl is not None):
+        parser.error("--format humanedit and imgedit read --parquet; dim and got read --jsonl")
+    if (args.format == "imgedit") != (args.images is not None) or (args.json is not None and args.format != "imgedit"):
+        parser.error("--images (and the optional --json) go with --format imgedit, which needs --images")
+    try:
+        return _convert(parser, args)
+    except DataConfigError as error:
+        print(f"zoo: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The conversion ``main`` checked the arguments of; raises DataConfigError for bad input."""
     annotations = None
     if args.annotations:
         try:
             annotations, _ = read_annotations(args.annotations, strict=True)
         except (OSError, ValueError) as error:
             parser.error(f"--annotations: {error}")
-    if args.format == "humanedit":
+    reader: TosJsonl | GoTReader | HumanEditParquet | ImgEditRelease
+    if args.format == "imgedit":
+        imgedit = ImgEditRelease(args.parquet, args.images, args.json or (), strict=args.strict)
+        splits, reader = {"": imgedit.pairs()}, imgedit
+    elif args.format == "humanedit":
         try:
             humanedit = HumanEditParquet(args.parquet, test_size=args.test_size, strict=args.strict)
         except (OSError, ValueError) as error:
             parser.error(f"--parquet: {error}")
         splits = {split: humanedit.pairs(split) for split in ("train", "test")}
-        reader: TosJsonl | GoTReader | HumanEditParquet = humanedit
+        reader = humanedit
     elif args.format == "got":
         if args.got_kind is None:
             parser.error("--format got needs --got-kind (t2i, edit, multi_turn or mixed)")
@@ -118,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         total, unannotated = total + index["total"], unannotated + records.unannotated
         print(f"wrote {index['total']} samples in {len(index['shards'])} shard(s) to {out}")
     joined = f"; {unannotated} edit sample(s) without an annotation" if annotations is not None else ""
-    print(f"skipped {reader.skipped}{joined}")
+    if isinstance(reader, ImgEditRelease):
+        print("\n".join(reader.report()) + joined)
+    else:
+        print(f"skipped {reader.skipped}{joined}")
     return 0 if total > 0 else 1
 
 if __name__ == "__main__":

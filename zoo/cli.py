@@ -21,7 +21,7 @@ TRAINER_COMMANDS = {
 """LightningCLI's commands -> their one-line purpose."""
 
 TOOLS = {
-    "data convert": ("datamodules.convert", "write shards from a DIM, GoT or HumanEdit release (JSONL/JSON/parquet + images)"),
+    "data convert": ("datamodules.convert", "write shards from a DIM, GoT, HumanEdit or ImgEdit release (JSONL/JSON/parquet + images)"),
     "data annotate": ("datamodules.annotate", "write MIND-Edit optimized instructions of edit samples with a chat model (resumable JSONL)"),
     "data toy": ("datamodules.toy", "write the procedural toy edit (and T2I) shards"),
     "toy-report": ("callbacks.toy_score", "merge toy evaluations (metrics.json) into one table with checks"),
