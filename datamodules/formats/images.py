@@ -10,9 +10,10 @@ each archive's member list once and resolves such a path with :meth:`ImageIndex.
    holds one more top folder, e.g. the user extracted ``Singleturn/`` into the folder passed);
 3. else the path with its own first folder stripped (the archive lacks the row's top folder).
 
-A name that steps 2 or 3 would give to more than one member resolves to none (reported as
-missing), so a path never silently picks one of two images. The members no resolved path used are
-:meth:`ImageIndex.unreferenced`.
+A path that step 2 would give to more than one member resolves to none (reported as missing), so
+a path never silently picks one of two images; a name two sources both hold is the first source's.
+Only files with an image extension that PIL knows are indexed (a release folder also holds parquet,
+JSON and checkpoints). The members no resolved path used are :meth:`ImageIndex.unreferenced`.
 
 Split archives are read as the concatenation of their parts in part-number order (what upstream's
 ``cat a.tar.split.* > a.tar`` writes), through :class:`ChainedParts`, without writing it to disk.
@@ -107,10 +108,14 @@ class ChainedParts(io.RawIOBase):
 
 @dataclass(frozen=True)
 class Member:
-    """Where one image lives: a plain file (``member`` None) or a member of the tar at ``archive``."""
+    """Where one image lives: the plain file ``source`` (``member`` None) or a member of the tar ``source``."""
 
-    archive: str
+    source: str
     member: str | None = None
+
+
+def _is_image(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in Image.registered_extensions()
 
 
 def _strip_top(name: str) -> str | None:
@@ -166,7 +171,7 @@ class ImageIndex:
             if path.is_dir():
                 files = sorted(p for p in path.rglob("*") if p.is_file())
                 archives.extend(p for p in files if _is_archive(p))
-                for file in (p for p in files if not _is_archive(p)):
+                for file in (p for p in files if _is_image(p.name)):
                     self.members.setdefault(file.relative_to(path).as_posix(), Member(str(file)))
             elif path.is_file() and _is_archive(path):
                 archives.append(path)
@@ -189,7 +194,7 @@ class ImageIndex:
     def _add_tar(self, label: str, stream: io.IOBase) -> None:
         try:
             tar = tarfile.open(fileobj=stream, mode="r:")  # type: ignore[arg-type]
-            members = [m for m in tar.getmembers() if m.isfile()]
+            members = [m for m in tar.getmembers() if m.isfile() and _is_image(m.name)]
         except tarfile.TarError as error:
             raise DataConfigError(f"--images {label}: not a readable tar archive ({error})") from error
         self.tars[label] = tar
@@ -210,22 +215,15 @@ class ImageIndex:
         """The bytes of the member ``name`` (a name :meth:`resolve` returned)."""
         where = self.members[name]
         if where.member is None:
-            return Path(where.archive).read_bytes()
-        handle = self.tars[where.archive].extractfile(where.member)
+            return Path(where.source).read_bytes()
+        handle = self.tars[where.source].extractfile(where.member)
         assert handle is not None, "only regular files are indexed"
         return handle.read()
 
     def where(self, name: str) -> str:
         """The archive or file holding member ``name``."""
-        return self.members[name].archive
+        return self.members[name].source
 
     def unreferenced(self) -> list[str]:
         """Members no resolved path used, in index order."""
         return [name for name in self.members if name not in self.used]
-
-    def close(self) -> None:
-        for tar in self.tars.values():
-            fileobj = tar.fileobj
-            tar.close()
-            if fileobj is not None:
-                fileobj.close()

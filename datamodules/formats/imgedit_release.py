@@ -5,7 +5,8 @@
 - **single-turn** ``{input_images: [path], output_images: [path], prompt}`` (README:
   ``results_remove_laion_part5/<id>/original.png`` -> ``result.png``). The edit type is the file
   name's ``<task>``, with upstream's renames applied (:data:`RELEASE_RENAMES`: the ``compose``
-  parquet is now ``hybrid``, ImgEdit#9; ``alter`` is ``adjust``). One row -> one sample keyed by its
+  parquet is now ``hybrid``, ImgEdit#9; ``alter`` is ``adjust``; other names are kept, since the
+  release documents no closed list of tasks). One row -> one sample keyed by its
   image folder (``results_remove_laion_part5/<id>``). With ``--json``, the pre-processing JSON of
   the row's image (:mod:`datamodules.formats.imgedit_segmentation`) gives the sample its ``boxes``
   (of every detected item of the *original* image, which is the single-turn source) and, where the
@@ -42,9 +43,14 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from datamodules.formats.humanedit import parquet_files
-from datamodules.formats.imgedit import normalise_edit_type
-from datamodules.formats.imgedit_segmentation import SegmentedImage, edit_region, read_segmentations, row_image_id
 from datamodules.formats.images import ImageIndex, as_rgb, decode_image
+from datamodules.formats.imgedit import normalise_edit_type
+from datamodules.formats.imgedit_segmentation import (
+    SegmentedImage,
+    edit_region,
+    read_segmentations,
+    row_image_id,
+)
 from datamodules.samples import DataConfigError, EditSample
 
 log = logging.getLogger(__name__)

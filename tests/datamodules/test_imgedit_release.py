@@ -4,6 +4,7 @@ pre-processing JSON with COCO RLE masks): samples, dialogue versions, masks, the
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
 from pathlib import Path
@@ -57,7 +58,7 @@ def split_tar(path: Path, members: dict[str, bytes], parts: int) -> list[Path]:
     # An odd offset puts a part boundary inside a tar header block.
     cuts = [0, *(min(len(data), i * step + 7) for i in range(1, parts)), len(data)]
     files = []
-    for number, (start, end) in enumerate(zip(cuts, cuts[1:])):
+    for number, (start, end) in enumerate(itertools.pairwise(cuts)):
         files.append(path.with_name(f"{path.name}.split.{number:03d}"))
         files[-1].write_bytes(data[start:end])
     path.unlink()
