@@ -188,7 +188,10 @@ def test_the_json_gives_matching_rows_boxes_and_masks_and_the_report_names_every
 ) -> None:
     root = release["root"]
     objects = [("object", "dog", [3.0, 2.0, 11.0, 7.0], region(2, 3, 7, 11))]
-    documents = [segmentation_json("00094/00030/000304740.jpg", objects), segmentation_json("00094/00030/000304742.jpg", objects * 2)]
+    twice = [("object", "dog", [6.0, 4.0, 22.0, 14.0], np.kron(region(2, 3, 7, 11), np.ones((2, 2), dtype=np.uint8)))]
+    documents = [segmentation_json("00094/00030/000304740.jpg", twice, height=24, width=32)]  # the LAION image at twice the size
+    documents.append(segmentation_json("00094/00030/000304742.jpg", objects * 2))
+    documents.append(segmentation_json("c1.jpg", objects, height=30, width=10))  # another aspect ratio than the row's image
     documents.append(segmentation_json("00011/00022/000333444.jpg", objects))  # no row has this image
     json_file = tmp_path / "part0.json"
     json_file.write_text(json.dumps(documents))
@@ -202,6 +205,7 @@ def test_the_json_gives_matching_rows_boxes_and_masks_and_the_report_names_every
     ambiguous, extra = samples["results_remove_laion_part5/00094_00030_000304742"]
     assert ambiguous.mask is None and len(ambiguous.boxes) == 2 and extra == {"boxes_of": "00094/00030/000304742.jpg"}
     assert samples["results_remove_laion_part5/00094_00030_000304741"][0].boxes == [], "no JSON object for this image"
+    assert samples["results_compose_part0/c1"][0].boxes == [] and samples["results_compose_part0/c1"][1] == {}
 
     report = "\n".join(reader.report(limit=5))
     assert "skipped 1 row(s); missing image: 1" in report
@@ -211,7 +215,8 @@ def test_the_json_gives_matching_rows_boxes_and_masks_and_the_report_names_every
     assert "1 image(s) in --images are named by no parquet row" in report
     assert f"  results_remove_laion_part5/stray/original.png  (in {root / 'Singleturn' / 'remove_part5.tar'}.split.*)" in report
     assert "1 --json object(s) describe an image no single-turn row uses" in report and f"  00011/00022/000333444.jpg  (in {json_file})" in report
-    assert "edit-region masks: 1" in report and "rows without a --json object: 2" in report
+    assert "edit-region masks: 1" in report and "rows without a --json object: 1" in report
+    assert "rows whose --json resolution has another aspect ratio (no boxes): 1" in report
 
 
 def test_split_parts_read_as_one_tar_and_a_missing_part_is_an_error(release: dict[str, Any]) -> None:
