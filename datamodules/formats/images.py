@@ -139,7 +139,7 @@ def split_archives(paths: Iterable[Path]) -> tuple[list[Path], dict[str, list[Pa
             others.append(path)
     archives: dict[str, list[Path]] = {}
     for archive, parts in numbered.items():
-        parts.sort()
+        parts = sorted(set(parts))  # a part named twice (a folder and a glob) counts once
         numbers = [number for number, _ in parts]
         if numbers != list(range(len(numbers))):
             raise DataConfigError(f"split archive {archive}: parts {numbers} given; parts 0..{numbers[-1]} must all be there")
