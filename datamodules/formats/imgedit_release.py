@@ -8,9 +8,10 @@
   parquet is now ``hybrid``, ImgEdit#9; ``alter`` is ``adjust``; other names are kept, since the
   release documents no closed list of tasks). One row -> one sample keyed by its
   image folder (``results_remove_laion_part5/<id>``). With ``--json``, the pre-processing JSON of
-  the row's image (:mod:`datamodules.formats.imgedit_segmentation`) gives the sample its ``boxes``
-  (of every detected item of the *original* image, which is the single-turn source) and, where the
-  edited item is well defined, its ``mask``.
+  the row's image (:mod:`datamodules.formats.imgedit_segmentation`) gives the sample, where the
+  edited item is well defined, its ``mask``, and the boxes of every detected item of the
+  *original* image (the single-turn source) go into the json as ``source_boxes`` (with
+  ``boxes_of``, the JSON path), not into ``boxes``, which describe the *target* image (GoT's).
 - **multi-turn** ``{data: [{input_images, output_images, prompt}, ...]}``, one dict per turn
   (``origin_k.png`` -> ``result_k.png``); the file name gives the kind (:data:`MULTI_TURN_KINDS`:
   content understanding, content memory, version backtracking), stored as ``edit_type``. A dialogue
@@ -199,13 +200,13 @@ class ImgEditRelease:
         if not _same_aspect(sample.source, segmented):
             self.counts["rows whose --json resolution has another aspect ratio (no boxes)"] += 1
             return {}
-        sample.boxes = segmented.boxes()
+        extra: dict[str, Any] = {"boxes_of": segmented.path, "source_boxes": segmented.boxes()}
         region = edit_region(segmented, task, prompt)
         if region is None:
-            return {"boxes_of": segmented.path}
+            return extra
         self.counts["edit-region masks"] += 1
         sample.mask = region[1].resize(sample.source.size, Image.NEAREST)
-        return {"boxes_of": segmented.path, "mask_class": region[0]}
+        return extra | {"mask_class": region[0]}
 
     def _dialogue(self, row: dict[str, Any], kind: str | None, where: str) -> list[tuple[EditSample, dict[str, Any]]]:
         turns = row.get(MULTI_TURN_COLUMN)

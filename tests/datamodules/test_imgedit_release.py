@@ -199,12 +199,13 @@ def test_the_json_gives_matching_rows_boxes_and_masks_and_the_report_names_every
     reader = ImgEditRelease(parquet, [*release["parts"], root / "Singleturn" / "compose_part0.tar"], [json_file])
     samples = {sample.key: (sample, extra) for sample, extra in reader.pairs()}
     first, extra = samples["results_remove_laion_part5/00094_00030_000304740"]
-    assert extra == {"boxes_of": "00094/00030/000304740.jpg", "mask_class": "dog"}
-    assert first.boxes == [{"box": [187, 166, 687, 583], "color": "", "label": "dog"}]
+    dog = {"box": [187, 166, 687, 583], "color": "", "label": "dog"}
+    assert extra == {"boxes_of": "00094/00030/000304740.jpg", "source_boxes": [dog], "mask_class": "dog"}
+    assert first.boxes == [], "boxes describe the target; the JSON's describe the source"
     assert np.array_equal(np.asarray(first.mask), region(2, 3, 7, 11) * 255)
     ambiguous, extra = samples["results_remove_laion_part5/00094_00030_000304742"]
-    assert ambiguous.mask is None and len(ambiguous.boxes) == 2 and extra == {"boxes_of": "00094/00030/000304742.jpg"}
-    assert samples["results_remove_laion_part5/00094_00030_000304741"][0].boxes == [], "no JSON object for this image"
+    assert ambiguous.mask is None and len(extra["source_boxes"]) == 2 and extra["boxes_of"] == "00094/00030/000304742.jpg"
+    assert samples["results_remove_laion_part5/00094_00030_000304741"][1] == {}, "no JSON object for this image"
     assert samples["results_compose_part0/c1"][0].boxes == [] and samples["results_compose_part0/c1"][1] == {}
 
     report = "\n".join(reader.report(limit=5))
