@@ -98,3 +98,48 @@ def test_paper_size_got_trains_lora_projectors_and_unet() -> None:
     assert trainable == lora + _count(got.denoiser) + _count(got.context_projector) + _count(got.pooled_projector)
     assert 0 < lora < 0.05 * _count(got.mllm), "LoRA trains adapters, norms and (toy) embeddings, not the base"
     assert frozen == _count(got.mllm, False) + _count(got.codec)
+
+
+QWEN_7B = TinyVLMConfig(  # Qwen2.5-VL-7B-Instruct config.json (toy vocabulary, as QWEN_3B)
+    hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4, intermediate_size=18944,
+    vision_hidden_size=1280, vision_depth=32, vision_heads=16, patch_size=14, min_pixels=784 * 4, max_pixels=784 * 64,
+)
+FLUX_DEV = {  # FLUX.1-dev transformer/config.json
+    "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24,
+    "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": [16, 56, 56],
+}
+FLUX_VAE = {
+    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "latent_channels": 16, "layers_per_block": 2, "sample_size": 1024,
+    "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False,
+}
+# SigLIP2-so400m-patch16-512 widths and depth; the tiny factory makes the MLP 4 x 1152 wide (published 4304).
+SIGLIP_SO400M_512 = {"image_size": 512, "patch_size": 16, "hidden_size": 1152, "num_layers": 27, "num_heads": 16}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_paper_size_imgedit_e1_trains_the_projectors_then_the_image_branch(stage: int) -> None:
+    from zoo.blocks.flux import FluxConfig, select_parameters
+    from zoo.modules.imgedit_e1 import ImgEditE1Module
+
+    with torch.device("meta"):
+        model = ImgEditE1Module(
+            mllm=VLMConfig(tiny=QWEN_7B, image_size=448),
+            denoiser=FluxConfig(config=FLUX_DEV),
+            autoencoder=CodecConfig("kl", config=FLUX_VAE),
+            stage=stage,
+            siglip={"tiny": SIGLIP_SO400M_512} if stage == 2 else None,
+        )
+    trainable, frozen = _report(f"ImgEdit-E1 stage {stage}", model)
+    assert _count(model.vlm_projector) == 94_388_224  # UniWorld's denoise_projector 3584 -> 12288 -> 4096
+    if stage == 1:
+        _only_trainable_in_the_tree(model, {"mllm", "codec", "denoiser"})
+        assert trainable == _count(model.vlm_projector)
+        assert 11.8e9 < _count(model.denoiser) < 12.0e9  # FLUX.1-dev's 12B transformer, frozen outside the tree
+        return
+    _only_trainable_in_the_tree(model, {"mllm", "codec", "siglip"})
+    assert _count(model.siglip_projector) == 64_503_808  # FLUX-Redux's redux_up / redux_down: 1152 -> 12288 -> 4096
+    assert model.siglip.num_tokens == 1024 and model.siglip.feature_dim == 1152
+    image_branch = sum(p.numel() for name, p in model.denoiser.named_parameters() if name in set(select_parameters(model.denoiser, "double_image")))
+    assert trainable == _count(model.vlm_projector) + _count(model.siglip_projector) + image_branch
+    assert 3.0e9 < image_branch < 4.0e9, "the image stream of the 19 double-stream blocks"
