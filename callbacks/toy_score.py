@@ -32,7 +32,7 @@ from torch import Tensor
 
 from callbacks.gather import gather_records, run_folder
 from datamodules.samples import EditBatch, EditOutputs
-from datamodules.toy import PALETTE
+from datamodules.toy_scenes import PALETTE
 from zoo.blocks.spatial import parse_boxes
 
 

@@ -70,7 +70,10 @@ class EditSample:
     is a later turn of a multi-turn dialogue (ImgEdit's multi-turn training data; ``source`` is then
     the version that turn edits, which a backtracking turn names);
     ``optimized_instruction`` is MIND-Edit's rewrite of the instruction, the MLLM's reply target in
-    the appendix-C format (:mod:`zoo.blocks.optimized_instruction`).
+    the appendix-C format (:mod:`zoo.blocks.optimized_instruction`);
+    ``turn_targets`` and ``turn_masks`` are the exact targets and "L" edit masks of the later
+    ``turns``, one per turn or none (the toy dialogues' evaluation cases); a later turn's mask covers
+    the pixels where its target differs from the version that turn edits.
     """
 
     key: str
@@ -85,10 +88,17 @@ class EditSample:
     turns: list[str] = field(default_factory=list)
     optimized_instruction: str | None = None
     history: list[str] = field(default_factory=list)
+    turn_targets: list[Image.Image] = field(default_factory=list)
+    turn_masks: list[Image.Image] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not all(isinstance(text, str) for text in self.history):
             raise ValueError(f"sample {self.key}: history must be a list of instruction strings, got {self.history!r}")
+        for name in ("turn_targets", "turn_masks"):
+            if len(getattr(self, name)) not in (0, len(self.turns)):
+                raise ValueError(f"sample {self.key}: {len(getattr(self, name))} {name} for {len(self.turns)} later turns; give one per turn or none")
+        self.turn_targets = [image.convert("RGB") for image in self.turn_targets]
+        self.turn_masks = [mask.convert("L") for mask in self.turn_masks]
         if self.source.mode != "RGB":
             self.source = self.source.convert("RGB")
         if self.target is not None and self.target.mode != "RGB":
@@ -146,6 +156,11 @@ def _signed(image: Image.Image, resolution: int) -> torch.Tensor:
     return _to_tensor(resize_center_crop(image, resolution)).mul_(2.0).sub_(1.0)
 
 
+def _mask_tensor(mask: Image.Image, resolution: int) -> torch.Tensor:
+    """``[1, R, R]`` in {0, 1}: an "L" mask resized (nearest) and centre-cropped as its image is."""
+    return (_to_tensor(resize_center_crop(mask, resolution, Image.NEAREST)) > 0.5).float()
+
+
 @dataclass
 class EditBatch:
     """A collated batch: what every zoo module consumes in training, evaluation and inference.
@@ -178,6 +193,12 @@ class EditBatch:
     history: list[list[str]]
     """Instructions of the dialogue's earlier turns, oldest first, for a later turn of a multi-turn
     dialogue; [] for a first turn or a single edit."""
+    turn_target: list[list[Tensor]]
+    """Per sample, the exact targets of its later ``turns``, each ``[3, H, W]`` in [-1, 1] resized +
+    centre-cropped as ``target``; [] when the sample has none."""
+    turn_mask: list[list[Tensor]]
+    """Per sample, the edit masks of its later ``turns``, each ``[1, H, W]`` in {0, 1} cropped as
+    ``mask``; [] when the sample has none."""
     target: Tensor | None = None
     """``[B, 3, H, W]`` in [-1, 1]; None for prediction sets."""
     source: Tensor | None = None
@@ -241,9 +262,11 @@ class EditBatch:
         return replace(self, **changes)
 
     def to(self, device: torch.device | str) -> EditBatch:
-        """The batch with its tensors on ``device``."""
+        """The batch with its tensors (the later turns' ones too) on ``device``."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return replace(self, **{k: v.to(device) for k, v in moved.items() if isinstance(v, Tensor)})
+        tensors = {k: v.to(device) for k, v in moved.items() if isinstance(v, Tensor)}
+        later = {k: [[t.to(device) for t in row] for row in moved[k]] for k in ("turn_target", "turn_mask")}
+        return replace(self, **tensors, **later)
 
     @classmethod
     def for_inference(
@@ -331,6 +354,8 @@ def collate(samples: Sequence[EditSample | T2ISample], resolution: int, mllm_res
         turns=[list(s.turns) if isinstance(s, EditSample) else [] for s in samples],
         optimized_instruction=[(s.optimized_instruction or "") if isinstance(s, EditSample) else "" for s in samples],
         history=[list(s.history) if isinstance(s, EditSample) else [] for s in samples],
+        turn_target=[[_signed(t, resolution) for t in s.turn_targets] if isinstance(s, EditSample) else [] for s in samples],
+        turn_mask=[[_mask_tensor(m, resolution) for m in s.turn_masks] if isinstance(s, EditSample) else [] for s in samples],
     )
     if any(edits):
         batch.source, batch.mllm_image, batch.mask = _sources(samples, resolution, mllm_resolution)
@@ -358,5 +383,5 @@ def _sources(
     masks = [s.mask if isinstance(s, EditSample) else None for s in samples]
     mask = None
     if all(m is not None for m in masks):
-        mask = torch.stack([(_to_tensor(resize_center_crop(m, resolution, Image.NEAREST)) > 0.5).float() for m in masks])
+        mask = torch.stack([_mask_tensor(m, resolution) for m in masks])
     return source, mllm_image, mask

@@ -209,7 +209,7 @@ def test_llava_config_validates() -> None:
 
 
 def test_whole_word_clip_tokenizer_keeps_every_toy_word_whole_and_is_deterministic() -> None:
-    from datamodules.toy import BACKGROUND_COLOURS, OBJECT_COLOURS, POSITIONS, SHAPES
+    from datamodules.toy_scenes import BACKGROUND_COLOURS, OBJECT_COLOURS, POSITIONS, SHAPES
     from zoo.blocks.tiny import tiny_clip_tokenizer
 
     words = tiny_clip_tokenizer(77, whole_words=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from callbacks.toy_score import chain_record, report, summarize, toy_edit_scores
-from datamodules.toy import PALETTE, Scene, ToyObject, render
+from datamodules.toy_scenes import PALETTE, Scene, ToyObject, render
 
 
 def _solid(name: str, size: int = 8) -> torch.Tensor:

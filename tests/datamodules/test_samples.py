@@ -59,7 +59,8 @@ def _hand_built(task: list[str], **tensors: torch.Tensor) -> EditBatch:
     n = len(task)
     return EditBatch(key=[str(i) for i in range(n)], task=task, instruction=["x"] * n, size=(4, 4), blueprint=[""] * n,
                      chain=[""] * n, edit_type=[""] * n, boxes=[[] for _ in range(n)], turns=[[] for _ in range(n)],
-                     optimized_instruction=[""] * n, history=[[] for _ in range(n)], **tensors)
+                     optimized_instruction=[""] * n, history=[[] for _ in range(n)],
+                     turn_target=[[] for _ in range(n)], turn_mask=[[] for _ in range(n)], **tensors)
 
 
 def test_edits_of_hand_built_batches() -> None:

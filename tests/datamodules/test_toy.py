@@ -9,8 +9,9 @@ from PIL import ImageColor
 
 from datamodules.samples import collate
 from datamodules.shard_format import decode_sample, read_tar
-from datamodules.toy import EDIT_TYPES, PALETTE, POSITIONS, edit_sample, generate, t2i_sample
+from datamodules.toy import edit_sample, generate, t2i_sample
 from datamodules.toy import main as toy_main
+from datamodules.toy_scenes import EDIT_TYPES, PALETTE, POSITIONS
 from zoo.blocks.optimized_instruction import OptimizedInstruction, parse
 
 

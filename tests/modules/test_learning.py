@@ -16,7 +16,7 @@ from PIL import Image
 
 from callbacks.toy_score import toy_edit_scores
 from datamodules.samples import EditBatch, EditSample, collate
-from datamodules.toy import Scene, ToyObject, render
+from datamodules.toy_scenes import Scene, ToyObject, render
 from tests.modules.conftest import TINY_MLLM, TINY_SANA
 from zoo.blocks.autoencoders import CodecConfig
 from zoo.blocks.denoisers import SanaConfig

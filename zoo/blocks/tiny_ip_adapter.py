@@ -40,7 +40,8 @@ import numpy as np
 import torch
 from diffusers import SchedulerMixin, UNet2DConditionModel
 
-from datamodules.toy import Scene, ToyObject, describe, edit_sample, t2i_sample
+from datamodules.toy import edit_sample, t2i_sample
+from datamodules.toy_scenes import Scene, ToyObject, describe
 from zoo.blocks.condition import Condition
 from zoo.blocks.denoisers import Denoiser
 from zoo.blocks.config import ConfigError, check_positive, check_range
