@@ -16,6 +16,13 @@ from the generator:
 The copy-the-source baseline scores ``preserve = 1`` and ``edit`` = the fraction of the region that
 needs no change, so beating it requires actually performing edits. The evaluator scores the model
 and this baseline with the same code in the same run.
+
+Multi-turn cases (the toy dialogues' test split: ``EditBatch.turns`` with ``turn_target`` and
+``turn_mask``) are scored turn by turn: turn ``k`` of a case against its exact target and mask, and
+its copy baseline copies the ground-truth version that turn edits
+(:func:`~zoo.blocks.dialogue.source_version`: the original, or the exact result of an earlier turn).
+Beside the per-kind groups (all turns of a kind) the summary then has ``<kind>/turn<k>`` and
+``<kind>/final`` (each case's last turn) groups.
 """
 
 from __future__ import annotations
@@ -81,12 +88,67 @@ def chain_record(chain: str, boxes: list[dict[str, Any]]) -> dict[str, float]:
     return {"chain_parses": float(parses), "chain_exact": float(parses and given == truth)}
 
 
+def _unit(images: Tensor) -> Tensor:
+    """[-1, 1] -> [0, 1]."""
+    return (images.float() + 1) / 2
+
+
+def _records(keys: list[str], edit_types: list[str], model: dict[str, Tensor], copy: dict[str, Tensor]) -> list[dict[str, Any]]:
+    """One record per edit: its key, edit type, the model's scores and the copy baseline's (``copy_<name>``)."""
+    return [
+        {"key": key, "edit_type": edit_type}
+        | {name: float(value[i]) for name, value in model.items()}
+        | {f"copy_{name}": float(value[i]) for name, value in copy.items()}
+        for i, (key, edit_type) in enumerate(zip(keys, edit_types))
+    ]
+
+
+def _version(source: Tensor, target: Tensor, later: list[Tensor], version: int) -> Tensor:
+    """The ground truth of version ``version`` of a multi-turn case: 0 the source, ``k`` turn ``k``'s target."""
+    return source if version == 0 else target if version == 1 else later[version - 2]
+
+
+def _turn_records(outputs: EditOutputs, batch: EditBatch, source: Tensor, target: Tensor) -> list[dict[str, Any]]:
+    """Records (as turn 1's, plus ``turn`` and ``final``) of the later turns of the batch's multi-turn
+    cases, each scored against its exact target and mask, the copy baseline copying the ground-truth
+    version the turn edits (``source`` and ``target`` are the batch's, of turn 1)."""
+    records = []
+    for number, turn in enumerate(outputs.turns, start=2):
+        missing = [batch.key[r] for r in turn.rows if not len(batch.turn_target[r]) == len(batch.turn_mask[r]) == len(batch.turns[r])]
+        if missing:
+            raise ValueError(
+                f"multi-turn cases {missing[:3]} lack the exact targets and masks of their later turns (EditBatch.turn_target, turn_mask)"
+            )
+        later = torch.stack([batch.turn_target[r][number - 2] for r in turn.rows])
+        mask = torch.stack([batch.turn_mask[r][number - 2] for r in turn.rows])
+        versions = [source_version(batch.turns[r][number - 2], number) for r in turn.rows]
+        copied = torch.stack([_version(source[r], target[r], batch.turn_target[r], v) for r, v in zip(turn.rows, versions)])
+        model = toy_edit_scores(_unit(turn.edited), _unit(later), mask)
+        copy = toy_edit_scores(_unit(copied), _unit(later), mask)
+        rows = _records([batch.key[r] for r in turn.rows], [batch.edit_type[r] for r in turn.rows], model, copy)
+        records += [record | {"turn": number, "final": number == len(batch.turns[r]) + 1} for record, r in zip(rows, turn.rows)]
+    return records
+
+
+def _groups(record: dict[str, Any]) -> list[str]:
+    """The summary groups a record counts in: its edit type and ``overall``, and for a turn of a
+    multi-turn case ``<type>/turn<k>`` and, for its last turn, ``<type>/final``."""
+    kind = record["edit_type"] or "unknown"
+    groups = [kind, "overall"]
+    if "turn" in record:
+        groups.append(f"{kind}/turn{record['turn']}")
+        if record["final"]:
+            groups.append(f"{kind}/final")
+    return groups
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean of each score (and of the chain shares, when recorded) per edit type and over all samples (``"overall"``)."""
+    """Mean of each score (and of the chain shares, when recorded) per edit type and over all samples
+    (``"overall"``), and per turn of multi-turn cases (:func:`_groups`)."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
-        groups[record["edit_type"] or "unknown"].append(record)
-        groups["overall"].append(record)
+        for group in _groups(record):
+            groups[group].append(record)
     names = [n for n in ("score", "edit", "preserve", "kept", "chain_parses", "chain_exact") if records and n in records[0]]
     return {
         group: {name: sum(r[name] for r in rows) / len(rows) for name in names} | {"count": float(len(rows))}
@@ -128,16 +190,16 @@ class ToyEditEvaluator(L.Callback):
     ) -> None:
         if batch.mask is None or batch.target is None or batch.source is None:
             raise ValueError("ToyEditEvaluator needs toy shards of edits with targets and edit-region masks (EditBatch.mask)")
-        target = (batch.target.float() + 1) / 2
-        model = toy_edit_scores((outputs.edited.float() + 1) / 2, target, batch.mask)
-        copy = toy_edit_scores((batch.source.float() + 1) / 2, target, batch.mask)
-        for i, key in enumerate(batch.key):
-            record = {"key": key, "edit_type": batch.edit_type[i]}
-            record |= {name: float(value[i]) for name, value in model.items()}
-            record |= {f"copy_{name}": float(value[i]) for name, value in copy.items()}
+        target = _unit(batch.target)
+        model = toy_edit_scores(_unit(outputs.edited), target, batch.mask)
+        copy = toy_edit_scores(_unit(batch.source), target, batch.mask)
+        for i, record in enumerate(_records(batch.key, batch.edit_type, model, copy)):
+            if batch.turns[i]:
+                record |= {"turn": 1, "final": False}
             if self.chains:
                 record |= chain_record(outputs.text[i], batch.boxes[i])
             self.records.append(record)
+        self.records += _turn_records(outputs, batch, batch.source, batch.target)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         records = gather_records(trainer, self.records)
@@ -145,7 +207,8 @@ class ToyEditEvaluator(L.Callback):
         if not trainer.is_global_zero:
             return
         baseline = [
-            {n: r[n] for n in ("key", "edit_type")} | {n: r[f"copy_{n}"] for n in ("score", "edit", "preserve", "kept")} for r in records
+            {n: r[n] for n in ("key", "edit_type", "turn", "final") if n in r} | {n: r[f"copy_{n}"] for n in ("score", "edit", "preserve", "kept")}
+            for r in records
         ]
         metrics = {self.label: summarize(records), "copy_source": summarize(baseline)}
         if trainer.logger is not None:
@@ -166,10 +229,11 @@ class ToyEditEvaluator(L.Callback):
 def score_rows(metrics: dict[str, dict[str, dict[str, float]]], labels: list[str], name: str = "score") -> list[str]:
     """A text table of ``name`` (the score, or ``kept``) per edit type (rows) of each label (columns)."""
     groups = sorted({g for label in labels for g in metrics[label]} - {"overall"}) + ["overall"]
-    rows = [f"{'edit type':<12}" + "".join(f"{label:>19}" for label in labels)]
+    width = max(12, *(len(g) + 2 for g in groups))
+    rows = [f"{'edit type':<{width}}" + "".join(f"{label:>19}" for label in labels)]
     for group in groups:
         cells = "".join(f"{metrics[label].get(group, {}).get(name, float('nan')):>19.4f}" for label in labels)
-        rows.append(f"{group:<12}{cells}")
+        rows.append(f"{group:<{width}}{cells}")
     return rows
 
 

@@ -10,6 +10,7 @@ because webdataset splits a member name at its first dot):
   ``blueprint`` (DIM 5-section CoT or null), ``chain`` (GoT reasoning chain, absent or null),
   ``optimized_instruction`` (edit only: MIND-Edit's appendix-C rewrite, absent or null),
   ``history`` (edit only: a later dialogue turn's earlier instructions, oldest first; absent or []),
+  ``turns`` (edit only: the instructions of a multi-turn case's later turns; absent or []),
   ``edit_type`` (or null), ``boxes`` (list of
   ``{"box": [x1, y1, x2, y2] ints in [0,1000), "color": str, "label": str}``), plus free extra fields
   (kept out of the batch, e.g. the toy generator's scene description).
@@ -18,6 +19,9 @@ because webdataset splits a member name at its first dot):
 * ``<key>.target.png``  the edited image (T2I: the image); absent in predict sets, and absent with
   ``"target_is_source": true`` in the json when the target is the source itself (stored once).
 * ``<key>.mask.png``    optional "L" image, 255 inside the edit region.
+* ``<key>.turn<k>_target.png``, ``<key>.turn<k>_mask.png``  a multi-turn case's exact target and
+  "L" edit mask of turn ``k`` = 2, 3, ... (``EditSample.turn_targets`` / ``turn_masks``), for every
+  later turn or none.
 
 ``<split>/index.json`` = ``{"shards": [{"url": "shard-000000.tar", "samples": n}, ...], "total": N}``
 (urls relative to the folder) is written by :func:`write_split`, so sample counts are known without
@@ -91,6 +95,12 @@ def encode_sample(sample: EditSample | T2ISample, extra: dict[str, Any] | None =
             meta["optimized_instruction"] = sample.optimized_instruction
         if sample.history:
             meta["history"] = list(sample.history)
+        if sample.turns:
+            meta["turns"] = list(sample.turns)
+        for turn, image in enumerate(sample.turn_targets, start=2):
+            record[f"turn{turn}_target.png"] = _png(image)
+        for turn, mask in enumerate(sample.turn_masks, start=2):
+            record[f"turn{turn}_mask.png"] = _png(mask)
     else:
         meta.update(task="t2i", instruction=sample.prompt, edit_type=None)
         target = sample.image
@@ -220,9 +230,10 @@ def decode_sample(raw: dict[str, Any]) -> EditSample | T2ISample:
         raise ValueError("json has no string 'instruction'")
     if not isinstance(meta.get("optimized_instruction", ""), (str, type(None))):
         raise ValueError("json 'optimized_instruction' must be a string or null")
-    history = meta.get("history") or []
-    if not isinstance(history, list) or not all(isinstance(text, str) for text in history):
-        raise ValueError("json 'history' must be a list of instruction strings")
+    history, turns = meta.get("history") or [], meta.get("turns") or []
+    for name, texts in (("history", history), ("turns", turns)):
+        if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+            raise ValueError(f"json {name!r} must be a list of instruction strings")
     target = _open_image(raw["target.png"], "RGB") if "target.png" in raw else None
     boxes = meta.get("boxes") or []
     if meta["task"] == "t2i":
@@ -246,4 +257,15 @@ def decode_sample(raw: dict[str, Any]) -> EditSample | T2ISample:
         chain=meta.get("chain"),
         optimized_instruction=meta.get("optimized_instruction"),
         history=history,
+        turns=turns,
+        turn_targets=_turn_images(raw, "target", "RGB"),
+        turn_masks=_turn_images(raw, "mask", "L"),
     )
+
+
+def _turn_images(raw: dict[str, Any], name: str, mode: str) -> list[Image.Image]:
+    """The ``turn<k>_<name>.png`` members of a sample for k = 2, 3, ... until one is missing."""
+    images = []
+    while (member := f"turn{len(images) + 2}_{name}.png") in raw:
+        images.append(_open_image(raw[member], mode))
+    return images

@@ -202,3 +202,63 @@ def _digest(task: str, index: int) -> str:
 @pytest.mark.parametrize("task", sorted(_GOLDEN))
 def test_existing_tasks_stay_bit_identical(task: str) -> None:
     assert [_digest(task, i) for i in range(12)] == _GOLDEN[task]
+
+
+def _named(instruction: str, scene: dict) -> list[dict]:
+    """The objects of a scene (json) an instruction names as "the <colour> <shape>", in the order named."""
+    named = {f"the {o['colour']} {o['shape']}": o for o in scene["objects"]}
+    found = sorted((instruction.lower().find(name), name) for name in named if name in instruction.lower())
+    return [named[name] for _, name in found]
+
+
+def _rendered(scene: dict) -> np.ndarray:
+    from datamodules.toy_scenes import Scene, ToyObject, render
+
+    return render(Scene(scene["background"], tuple(ToyObject(**o) for o in scene["objects"])), 32)
+
+
+def test_imgedit_task_cycles_through_extract_and_hybrid_with_exact_masks() -> None:
+    from datamodules.toy import imgedit_sample
+    from datamodules.toy_scenes import IMGEDIT_EDIT_TYPES
+
+    seen = []
+    for index in range(16):
+        sample, extra = imgedit_sample(seed=4, split="train", index=index)
+        seen.append(sample.edit_type)
+        changed = (np.asarray(sample.source) != np.asarray(sample.target)).any(axis=2)
+        assert changed.any() and np.array_equal(changed, np.asarray(sample.mask) == 255), sample.instruction
+        assert np.array_equal(np.asarray(sample.target), _rendered(extra["target_scene"]))
+        assert sample.blueprint.startswith(f"1. Edit Instruction: {sample.instruction}\n")
+        assert len(sample.boxes) == len(extra["target_scene"]["objects"]) and parse(sample.optimized_instruction).optimized_prompt
+    assert seen == list(IMGEDIT_EDIT_TYPES) * 2
+
+
+def test_extract_leaves_only_the_named_object_on_white() -> None:
+    from datamodules.toy import imgedit_sample
+
+    for index in (6, 14, 22, 30):
+        sample, extra = imgedit_sample(seed=0, split="val", index=index)
+        assert sample.edit_type == "extract" and len(extra["source_scene"]["objects"]) >= 2
+        (named,) = _named(sample.instruction, extra["source_scene"])
+        assert extra["target_scene"] == {"background": "white", "objects": [named]}
+        target = np.asarray(sample.target)
+        inside = np.all(target == PALETTE[named["colour"]], axis=2)
+        assert (target[~inside] == PALETTE["white"]).all() and inside.any()
+
+
+def test_hybrid_is_its_two_edits_one_after_the_other() -> None:
+    from datamodules.toy import imgedit_sample
+
+    for index in (7, 15, 23, 31, 39):
+        sample, extra = imgedit_sample(seed=0, split="train", index=index)
+        source, middle, target = (extra[f"{name}_scene"] for name in ("source", "middle", "target"))
+        first, second = sample.instruction[:-1].split(" and ")
+        (one,), (two,) = _named(first, source), _named(second, middle)
+        assert one != two and two in source["objects"]
+        # Each edit changes exactly the object its clause names; the second acts on the first's result.
+        assert [o for o in source["objects"] if o not in middle["objects"]] == [one]
+        assert [o for o in middle["objects"] if o not in target["objects"]] == [two]
+        steps = [(_rendered(a) != _rendered(b)).any(axis=2) for a, b in ((source, middle), (middle, target))]
+        assert not (steps[0] & steps[1]).any()  # disjoint regions: the mask is their union
+        assert np.array_equal(steps[0] | steps[1], np.asarray(sample.mask) == 255)
+        assert np.array_equal(np.asarray(sample.target), _rendered(target))
