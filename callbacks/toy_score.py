@@ -40,6 +40,7 @@ from torch import Tensor
 from callbacks.gather import gather_records, run_folder
 from datamodules.samples import EditBatch, EditOutputs
 from datamodules.toy_scenes import PALETTE
+from zoo.blocks.dialogue import source_version
 from zoo.blocks.spatial import parse_boxes
 
 

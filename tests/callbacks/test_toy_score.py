@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
-from callbacks.toy_score import chain_record, report, summarize, toy_edit_scores
+from callbacks.toy_score import ToyEditEvaluator, chain_record, report, summarize, toy_edit_scores
+from datamodules.samples import EditBatch, EditOutputs, TurnOutputs, collate
+from datamodules.toy_dialogue import dialogue_case_sample
 from datamodules.toy_scenes import PALETTE, Scene, ToyObject, render
+from zoo.blocks.dialogue import source_version
 
 
 def _solid(name: str, size: int = 8) -> torch.Tensor:
@@ -129,3 +134,62 @@ def test_kept_counts_the_objects_outside_the_region_that_preservation_hides() ->
     region = torch.from_numpy((source != white).any(axis=2)).float()[None, None]
     assert float(toy_edit_scores(as_tensor(render(Scene("white", ()), 32)), as_tensor(white), region)["kept"]) == 0.0
     assert float(toy_edit_scores(as_tensor(white), as_tensor(white), region)["kept"]) == 1.0
+
+
+def _dialogue_batch() -> EditBatch:
+    """Six toy dialogues (two of each kind) as multi-turn evaluation cases."""
+    return collate([dialogue_case_sample(0, "test", i)[0] for i in range(6)], 32, 16)
+
+
+def _evaluate(tmp_path: Path, batch: EditBatch, pick: Callable[[int, int], torch.Tensor]) -> dict:
+    """metrics.json of the evaluator on ``batch``, each turn ``k`` of row ``r`` edited into ``pick(r, k)``."""
+    turns = []
+    for number in (2, 3):
+        rows = [r for r, later in enumerate(batch.turns) if len(later) >= number - 1]
+        turns.append(TurnOutputs(rows=rows, edited=torch.stack([pick(r, number) for r in rows]), text=[""] * len(rows)))
+    outputs = EditOutputs(key=batch.key, edited=torch.stack([pick(r, 1) for r in range(len(batch))]), text=[""] * len(batch), turns=turns)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    evaluator = ToyEditEvaluator(output_dir=str(tmp_path), label="model")
+    evaluator.on_test_epoch_start(trainer, None)
+    evaluator.on_test_batch_end(trainer, None, outputs, batch, 0)
+    evaluator.on_test_epoch_end(trainer, None)
+    return json.loads((tmp_path / "metrics.json").read_text())
+
+
+def _truth(batch: EditBatch, row: int, number: int) -> torch.Tensor:
+    return batch.target[row] if number == 1 else batch.turn_target[row][number - 2]
+
+
+def _version(batch: EditBatch, row: int, version: int) -> torch.Tensor:
+    return batch.source[row] if version == 0 else _truth(batch, row, version)
+
+
+def test_multi_turn_scores_per_kind_and_turn(tmp_path: Path) -> None:
+    batch = _dialogue_batch()
+    kinds = ("memory", "understanding", "backtracking")
+    groups = [f"{kind}/{part}" for kind in kinds for part in ("turn1", "turn2", "turn3", "final")]
+    perfect = _evaluate(tmp_path, batch, lambda r, k: _truth(batch, r, k))
+    assert all(perfect["model"][group]["score"] == 1.0 and perfect["model"][group]["count"] == 2 for group in groups)
+    assert perfect["model"]["overall"]["count"] == 18 and perfect["copy_source"]["backtracking/final"]["score"] < 1.0
+
+    def copied(row: int, number: int) -> torch.Tensor:  # each turn copies the exact version it edits
+        instruction = batch.instruction[row] if number == 1 else batch.turns[row][number - 2]
+        return _version(batch, row, source_version(instruction, number))
+
+    copying = _evaluate(tmp_path, batch, copied)
+    for group in groups + ["overall"]:
+        assert copying["model"][group]["score"] == pytest.approx(copying["copy_source"][group]["score"])
+        assert copying["copy_source"][group] == perfect["copy_source"][group]
+        assert copying["model"][group]["score"] < 1.0
+
+
+def test_editing_the_wrong_version_on_a_backtracking_turn_scores_below_perfect(tmp_path: Path) -> None:
+    batch = _dialogue_batch()
+    backtracking = {r for r, kind in enumerate(batch.edit_type) if kind == "backtracking"}
+
+    def latest(row: int, number: int) -> torch.Tensor:  # turn 3 left as turn 2's result: the backtrack ignored
+        return _truth(batch, row, 2) if number == 3 and row in backtracking else _truth(batch, row, number)
+
+    metrics = _evaluate(tmp_path, batch, latest)["model"]
+    assert metrics["backtracking/turn3"]["score"] < 1.0 and metrics["backtracking/final"]["score"] < 1.0
+    assert metrics["backtracking/turn2"]["score"] == 1.0 and metrics["memory/final"]["score"] == 1.0
