@@ -249,7 +249,7 @@ class EditBatch:
     def with_texts_of(self, shift: int) -> EditBatch:
         """Ablation: every sample takes the instruction, blueprint, chain, boxes, optimized
         instruction, later turns and dialogue history of the sample ``shift`` places later in the batch (cyclically);
-        images, masks and edit types stay. A model that uses its instruction scores lower on the
+        images, masks (the later turns' targets and masks too) and edit types stay. A model that uses its instruction scores lower on the
         batch this returns."""
         if len(self) < 2 or shift % len(self) == 0:
             raise ValueError(f"shifting the texts of a batch of {len(self)} by {shift} gives every sample its own again")

@@ -44,7 +44,6 @@ from datamodules.toy_scenes import (
     edit_record,
     edit_scene,
     free_cells,
-    instruction_for,
     random_edit,
     random_scene,
     render,
