@@ -186,11 +186,15 @@ def _count_tar(url: str) -> int:
 
 
 def resolve_shards(spec: str) -> list[tuple[str, int]]:
-    """``(url, n_samples)`` per shard from a split folder with ``index.json`` or a brace pattern.
+    """``(url, n_samples)`` per shard from a split folder with ``index.json`` or a brace pattern;
+    several of them joined by ``::`` (webdataset's separator) mix their splits, e.g. single- and
+    multi-turn ImgEdit shards: ``data/imgedit/train::data/imgedit_multiturn/train``.
 
     A brace pattern (``data/train/shard-{000000..000009}.tar``) has no index, so its tars are read
     once here to count samples; write splits with :func:`write_split` to avoid that.
     """
+    if "::" in spec:
+        return [shard for part in spec.split("::") for shard in resolve_shards(part)]
     path = Path(spec)
     if path.is_dir():
         index_file = path / INDEX_NAME

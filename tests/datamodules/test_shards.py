@@ -31,6 +31,15 @@ def test_index_and_brace_pattern_agree(toy_root: Path) -> None:
     assert [n for _, n in braces] == [4, 4, 4, 4, 4, 2]
 
 
+def test_splits_joined_by_double_colons_mix_into_one(toy_root: Path) -> None:
+    mixed = resolve_shards(f"{toy_root / 'train'}::{toy_root / 'val' / 'shard-{000000..000000}.tar'}")
+    assert mixed == resolve_shards(str(toy_root / "train")) + resolve_shards(str(toy_root / "val" / "shard-000000.tar"))
+    dm = ShardDataModule(train_shards=f"{toy_root / 'train'}::{toy_root / 'val'}", batch_size=4, seed=0)
+    dm.setup("fit")
+    keys = [k for b in dm.train_dataloader() for k in b.key]
+    assert sum(k.startswith("train_") for k in keys) == 22 and sum(k.startswith("val_") for k in keys) > 0
+
+
 def test_round_trip_pixels_and_text(toy_root: Path) -> None:
     dm = ShardDataModule(val_shards=str(toy_root / "val"), val_batch_size=10, resolution=32, mllm_resolution=32)
     dm.setup("validate")
