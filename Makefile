@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # CPU machines here install torch from local wheels; on a cluster set TORCH to your CUDA build.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
-# Which tiny model `make demo` trains: dim, got or mind_edit.
+# Which tiny model `make demo` trains: dim, got, mind_edit or imgedit_e1.
 MODEL ?= dim
 PYTEST_ARGS ?=
 
