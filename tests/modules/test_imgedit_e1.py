@@ -25,6 +25,7 @@ TINY_FLUX = FluxConfig(
         "joint_attention_dim": 16, "pooled_projection_dim": 8, "guidance_embeds": True, "axes_dims_rope": [2, 2, 4],
     },
     subfolder=None,
+    seed=0,
 )
 TINY_SIGLIP = {"tiny": {"seed": 0, "image_size": 16, "patch_size": 4, "hidden_size": 16}}
 
@@ -181,12 +182,24 @@ def test_stage_2_starts_from_stage_1_and_checkpoints_hold_only_what_trains(tmp_p
         ({"siglip": TINY_SIGLIP}, "stage 1 trains the VLM projector alone"),
         ({"token_order": "siglip_last"}, "token_order"),
         ({"image_branch": "decoder"}, "decoder"),
+        ({"denoiser": FluxConfig(config=TINY_FLUX.config, subfolder=None)}, "needs denoiser.seed"),
     ],
 )
 def test_bad_configurations_are_config_errors(overrides: dict[str, Any], needle: str) -> None:
     kwargs = {"mllm": TINY_MLLM, "denoiser": TINY_FLUX, "autoencoder": PIXELS} | overrides
     with pytest.raises(ConfigError, match=needle):
         ImgEditE1Module(**kwargs)
+
+
+def test_a_reloaded_checkpoint_rebuilds_the_same_frozen_flux_whatever_the_global_rng(tmp_path: Any) -> None:
+    model = make(stage=2)
+    checkpoint: dict[str, Any] = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    torch.manual_seed(123)
+    again = ImgEditE1Module(mllm=TINY_MLLM, denoiser=TINY_FLUX, autoencoder=PIXELS, stage=2, siglip=TINY_SIGLIP, output_size=16)
+    again.load_state_dict(checkpoint["state_dict"], strict=False)
+    for (name, p), q in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), name
 
 
 def test_text_to_image_samples_are_refused_with_their_keys() -> None:

@@ -46,6 +46,10 @@ class DenoiserConfig:
     """Copy the original input conv's bias into the widened conv (GoT's official widening: no)."""
     gradient_checkpointing: bool = False
     """Recompute blocks in backward to save memory."""
+    seed: int | None = None
+    """Seed of the initial weights of a model built from ``config``: the same weights in every
+    process. Needed when part of it stays frozen (ImgEdit-E1's FLUX): frozen weights are not in
+    checkpoints and are rebuilt from the config when one is loaded. Null: the global RNG."""
 
 
 @dataclass
@@ -162,7 +166,7 @@ class Denoiser(nn.Module, ABC):
         """Build ``self.model`` (published weights or a config) with its input conv widened for the condition."""
         if condition_channels < 0:
             raise ValueError(f"condition_channels must be >= 0, got {condition_channels}")
-        self.model = load_diffusers_model(model_cls, cfg.pretrained, cfg.config, cfg.subfolder)
+        self.model = load_diffusers_model(model_cls, cfg.pretrained, cfg.config, cfg.subfolder, cfg.seed)
         self.condition_channels = condition_channels
         widen_model_input(
             self.model, input_conv, condition_channels, zero_init=cfg.zero_init_condition, copy_bias=cfg.copy_bias

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import torch
 from diffusers import ModelMixin
 
 from huggingface_hub import snapshot_download
@@ -51,12 +52,14 @@ T = TypeVar("T")
 
 
 def load_diffusers_model(
-    model_cls: type[ModelT], pretrained: str | None, config: dict | None, subfolder: str | None
+    model_cls: type[ModelT], pretrained: str | None, config: dict | None, subfolder: str | None, seed: int | None = None
 ) -> ModelT:
     """Build ``model_cls`` from a published id / local folder, or from constructor kwargs (a tiny config).
 
     One code path for a published model and a tiny one: exactly one of ``pretrained`` and ``config``.
     ``pretrained`` goes through :func:`resolve_pretrained` first, so a missing model is one clear line.
+    ``seed``: a model built from ``config`` draws its initial weights from its own generator seeded
+    so (the global RNG is left as it was), the same in every process; None draws from the global RNG.
     """
     if (pretrained is None) == (config is None):
         raise ValueError(
@@ -67,7 +70,11 @@ def load_diffusers_model(
         folder = resolve_pretrained(pretrained, subfolder)
         return model_cls.from_pretrained(folder, subfolder=subfolder)
     try:
-        return model_cls(**config)
+        if seed is None:
+            return model_cls(**config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return model_cls(**config)
     except TypeError as err:
         raise TypeError(f"config is not valid for {model_cls.__name__}: {err}") from err
 

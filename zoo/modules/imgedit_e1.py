@@ -113,6 +113,11 @@ class ImgEditE1Module(EditingModule):
         if stage == 1 and (siglip is not None or redux is not None):
             raise ConfigError("stage 1 trains the VLM projector alone: set siglip and redux to null (they join in stage 2)")
         check_selector(image_branch)
+        if denoiser.config is not None and denoiser.seed is None:
+            raise ConfigError(
+                "a FLUX built from denoiser.config needs denoiser.seed: its frozen weights are not in checkpoints "
+                "and must be rebuilt the same when one is loaded"
+            )
         if token_order not in ("vlm_first", "vision_end"):
             raise ConfigError(f"token_order must be 'vlm_first' or 'vision_end', got '{token_order}'")
         super().__init__(
