@@ -17,6 +17,11 @@ Resume: the DataModule's ``state_dict`` stores the epoch and the number of batch
 every rank processes the same number, and the derived per-worker positions are stored keyed by rank.
 On restore the workers skip exactly that many batches without decoding them.
 
+Loaders never draw from the global torch RNG: a ``DataLoader`` takes its workers' base seed from it at
+every ``iter()``, so a resumed run (which iterates at a different moment than the uninterrupted one)
+would shift every later random draw of training. The train loader's generator is seeded from
+``(seed, epoch, rank)`` at each epoch instead, which also makes worker seeds a function of the epoch.
+
 Val/test/predict: index order (no shuffle), contiguous uneven split over ranks, every sample kept,
 ``limit_val_samples`` keeps the first n samples of val and test.
 """
@@ -26,10 +31,12 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import random
+import warnings
 from functools import partial
 from typing import Any, Iterator
 
 import lightning as L
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
@@ -208,7 +215,14 @@ class _TrainLoader(DataLoader):
 
     def __iter__(self) -> Any:
         self._begin_epoch(self.dataset)
+        stream = self.dataset
+        self.generator = _seeded(f"loader/{stream.seed}/{stream.epoch}/{stream.rank}")
         return super().__iter__()
+
+
+def _seeded(key: str) -> torch.Generator:
+    """A CPU generator seeded from ``key`` (the source of a loader's worker base seed)."""
+    return torch.Generator().manual_seed(random.Random(key).getrandbits(63))
 
 
 class ListDataset(Dataset):
@@ -428,6 +442,9 @@ class ShardDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Remember the position; applied at the next ``iter(train_dataloader)`` calls."""
         if state_dict:
+            # Lightning warns on a mid-epoch resume unless the *loader* has state_dict/load_state_dict;
+            # here the DataModule holds that state (restored by this method, per rank), so the warning is false.
+            warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
             self._resume = {
                 "epoch": int(state_dict["epoch"]),
                 "batches_consumed": int(state_dict["batches_consumed"]),
@@ -445,7 +462,8 @@ class ShardDataModule(L.LightningDataModule):
     # -- loaders --
 
     def _loader(self, stream: ShardStream) -> DataLoader:
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+        # Read in index order, so worker seeds do not matter; the generator keeps iter() off the global RNG.
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=_seeded(f"eval/{self.seed}"))
 
     def train_dataloader(self) -> DataLoader:
         return _TrainLoader(self._stream("train"), self._begin_train_epoch, num_workers=self.num_workers)

@@ -7,8 +7,14 @@ and the resolved config saved with overwrite allowed — a requeued job writes i
 directory, where Lightning's ``SaveConfigCallback`` would otherwise refuse to replace ``config.yaml``.
 
 Configuration mistakes (an unknown key at any depth, with the closest valid one; a value out of
-range, :class:`~zoo.blocks.config.ConfigError`) and missing pretrained weights end in one
+range, :class:`~zoo.blocks.config.ConfigError`), missing pretrained weights, a ``--ckpt_path`` of
+another module class or configuration, and a DeepSpeed strategy on a machine without CUDA end in one
 ``zoo: error: ...`` line and exit status 2, not a stack trace.
+
+Every fit is resumable and preemption-safe: :class:`~callbacks.rng_state.RNGState` checkpoints the
+RNG streams, :class:`~callbacks.preemption.Preemption` turns SIGTERM/SIGUSR1 into a checkpoint at the
+next step (exit status 0), and :class:`~zoo.checkpoint_io.AtomicCheckpointIO` writes checkpoint files
+atomically.
 """
 
 from __future__ import annotations
@@ -24,20 +30,26 @@ import sys
 import types
 import typing
 import warnings
+from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import ArgumentError, Namespace, set_parsing_settings
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from callbacks.edit_writer import EditWriter
+from callbacks.preemption import Preempted, Preemption
 from callbacks.progress import StepProgressBar
+from callbacks.rng_state import RNGState
 from callbacks.results import BenchmarkEvaluator
 from callbacks.toy_score import ToyEditEvaluator
 from datamodules.samples import DataConfigError
 from zoo.blocks.config import ConfigError
 from zoo.blocks.pretrained import MissingPretrainedError
+from zoo.checkpoint_io import AtomicCheckpointIO
 from zoo.modules.base import EditingModule
 
 
@@ -95,7 +107,9 @@ class ZooCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step"), EditWriter()]},
+            trainer_defaults={
+                "callbacks": [LearningRateMonitor(logging_interval="step"), EditWriter(), RNGState(), Preemption()]
+            },
             parser_kwargs={
                 "exit_on_error": False,
                 "prog": "zoo",
@@ -111,6 +125,7 @@ class ZooCLI(LightningCLI):
         TensorBoard ``hp_metric = -1`` placeholder (the zoo logs no hyperparameter metric)."""
         if self.subcommand is None:
             return
+        _check_deepspeed_device(self.config[self.subcommand].trainer)
         logger = self.config[self.subcommand].get("trainer.logger")
         init = logger.get("init_args") if isinstance(logger, Namespace) else None
         if isinstance(init, Namespace) and "version" in init and init.version is None:
@@ -148,11 +163,16 @@ class ZooCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """The trainer, with :class:`StepProgressBar` unless the progress bar is disabled or the
-        configuration brings its own (a default bar would clash with ``enable_progress_bar: false``)."""
+        configuration brings its own (a default bar would clash with ``enable_progress_bar: false``),
+        and :class:`AtomicCheckpointIO` unless the configuration names a checkpoint IO plugin."""
         given = config.get("callbacks") or []
         given = given if isinstance(given, list) else [given]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
             callbacks = [*callbacks, StepProgressBar()]
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks)
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
@@ -163,13 +183,27 @@ class ZooCLI(LightningCLI):
         self.config = parser.parse_args(explicit_nulls(list(sys.argv[1:] if args is None else args)))
 
     def _parse_ckpt_path(self) -> None:
-        """Keep the configuration as given: the recipes and command line, never the checkpoint's hparams.
+        """Keep the configuration as given: the recipes and command line, never the checkpoint's hparams;
+        refuse a checkpoint written by another module class before any model is built.
 
         LightningCLI would merge the checkpoint's saved hyperparameters over the parsed config, so
         ``zoo test --ckpt_path last.ckpt --model.init_args.guidance_scale=4.5`` silently ran with the
-        training-time scale. Here the given recipes define the model; the checkpoint gives weights,
-        loaded strictly, so a model that does not match them fails loudly.
+        training-time scale, and a GoT checkpoint given to the DIM recipe built a GoTModule. Here the
+        given recipes define the model (what may change on resume — lr, schedule, ``max_steps``,
+        logging — comes from them: :meth:`EditingModule.on_train_start`); the checkpoint gives the
+        training state, and one that does not fit the model is refused
+        (:meth:`EditingModule.on_load_checkpoint`).
         """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        path, wanted = config.get("ckpt_path"), config.get("model.class_path")
+        if path is None or wanted is None:
+            return
+        written_by = _written_by(path)
+        if written_by is not None and written_by != wanted:
+            raise ConfigError(f"--ckpt_path {path} was written by {written_by}, but this configuration builds {wanted}")
 
 
 _NESTED_NULL = re.compile(r"^--(?P<owner>[\w.]+)\.init_args\.(?P<path>\w+(?:\.\w+)+)=null$")
@@ -280,6 +314,8 @@ def run(argv: list[str] | None) -> int:
     try:
         # args=None lets LightningCLI read sys.argv itself (it warns when given both).
         ZooCLI(args=argv)
+    except Preempted:
+        return 0  # saved at a safe point and logged by the callback; the scheduler restarts the job
     except ArgumentError as error:
         print(f"zoo: error: {_one_line(error)} (see --help)", file=sys.stderr)
         return 2
@@ -290,6 +326,33 @@ def run(argv: list[str] | None) -> int:
         print(f"zoo: error: {_one_line(known)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _written_by(path: str) -> str | None:
+    """The module class path a checkpoint file records (LightningCLI's ``hyper_parameters._class_path``);
+    None for a DeepSpeed checkpoint folder, a keyword such as ``last``, or a checkpoint without it."""
+    if not Path(path).is_file():
+        return None
+    # Memory-mapped: the class path is read without loading the weights into memory.
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+
+
+def _check_deepspeed_device(trainer: Namespace) -> None:
+    """Refuse a DeepSpeed strategy without CUDA before any model is built (Lightning raises a
+    ``RuntimeError`` only after building everything)."""
+    strategy = trainer.get("strategy")
+    name = strategy.get("class_path", "") if isinstance(strategy, Namespace) else str(strategy)
+    if "deepspeed" not in name.lower():
+        return
+    accelerator = str(trainer.get("accelerator"))
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return
+    reason = f"trainer.accelerator is {accelerator}" if accelerator not in ("auto", "gpu", "cuda") else "this machine has no CUDA GPU"
+    raise ConfigError(
+        f"trainer.strategy {name} runs on CUDA GPUs only, but {reason}: drop the DeepSpeed overlay "
+        f"(recipes/strategy/zero*.yaml) or use --trainer.strategy=auto / recipes/strategy/ddp.yaml"
+    )
 
 
 def _user_error(error: BaseException) -> MissingPretrainedError | ConfigError | DataConfigError | None:

@@ -568,15 +568,50 @@ class EditingModule(L.LightningModule):
         self.load_state_dict(state, strict=False)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = sorted(self.trainable_state_keys() - set(checkpoint["state_dict"]))
-        if missing:
-            raise KeyError(
-                f"checkpoint lacks {len(missing)} trainable tensors of {type(self).__name__} "
-                f"(first: {missing[0]}); was it written by a different model configuration?"
-            )
+        """Refuse a checkpoint whose trainable tensors do not fit this model (:class:`ConfigError`,
+        before anything is loaded), then adopt its training view."""
+        mismatch = self._checkpoint_mismatch(checkpoint["state_dict"])
+        if mismatch is not None:
+            raise ConfigError(f"the checkpoint does not fit this {type(self).__name__} configuration: {mismatch}")
         view = checkpoint.get("zoo_view")
         if view is not None:
             self.resolution, self.mllm_resolution = view["resolution"], view["mllm_resolution"]
+
+    def _checkpoint_mismatch(self, state: dict[str, Tensor]) -> str | None:
+        """The first difference between a checkpoint's tensors and this model's trainable state, or None."""
+        own = self.state_dict()
+        missing = sorted(self.trainable_state_keys() - set(state))
+        unexpected = sorted(set(state) - set(own))
+        reshaped = [k for k in sorted(set(state) & set(own)) if state[k].shape != own[k].shape]
+        if reshaped:
+            key = reshaped[0]
+            return (
+                f"{key} has shape {tuple(state[key].shape)} there, {tuple(own[key].shape)} here "
+                f"({len(reshaped)} tensors differ in shape)"
+            )
+        if missing:
+            return f"it lacks {len(missing)} trainable tensors (first: {missing[0]}): were they frozen when it was written?"
+        if unexpected:
+            return f"it holds {len(unexpected)} tensors this model lacks (first: {unexpected[0]})"
+        return None
+
+    def on_train_start(self) -> None:
+        """The configuration wins over a resumed checkpoint's optimiser hyperparameters.
+
+        Restoring a fit restores the optimiser's param groups (lr, betas, eps, weight decay) and the
+        schedule's ``base_lrs`` as they were saved, so ``--model.init_args.optim.lr`` would be
+        ignored on resume; here they are set from :attr:`optim`, and the current lr from the
+        configured schedule at the restored step (warm-up, shape and ``trainer.max_steps`` are the
+        schedule's closure, never saved). Without a checkpoint this sets the values they already have.
+        """
+        [optimizer] = self.trainer.optimizers
+        [config] = self.trainer.lr_scheduler_configs
+        scheduler = config.scheduler
+        lr = self.optim.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+        hyper = {"betas": tuple(self.optim.betas), "eps": self.optim.eps, "weight_decay": self.optim.weight_decay}
+        for group in optimizer.param_groups:
+            group.update(initial_lr=self.optim.lr, lr=lr, **hyper)
+        scheduler.base_lrs = [self.optim.lr] * len(optimizer.param_groups)
 
 
 def _widen_into(target: Tensor, value: Tensor, key: str) -> Tensor:

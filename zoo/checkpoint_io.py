@@ -1,0 +1,68 @@
+"""AtomicCheckpointIO: checkpoint files replaced atomically, on the checkpoint's own filesystem.
+
+Lightning's ``TorchCheckpointIO`` (2.6) serialises into memory and writes through an fsspec
+transaction, whose local implementation stages the bytes in ``tempfile.mkstemp()`` — the system
+temp folder — and then ``shutil.move``\\ s them. When the checkpoint folder is on another filesystem
+(a cluster's shared scratch, as multi-node runs need), that move is a copy into the final path, so a
+``kill -9`` mid-copy leaves a truncated ``last.ckpt``; a kill before the move leaves a checkpoint-sized
+file in ``/tmp`` that nothing removes. Here the file is written next to its destination, flushed
+and fsynced, then ``os.replace``\\ d over it (atomic within one filesystem): a reader sees the old
+checkpoint or the new one, never part of one. Temp files left by a killed write are removed after
+the next successful save into that folder (only global rank 0 writes checkpoints).
+Remote paths (``s3://`` ...) keep Lightning's fsspec behaviour.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from typing_extensions import override
+
+TEMP_MARK = ".tmp-"
+"""Infix of the temp files: ``.<name>.tmp-<pid>`` beside ``<name>``."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local saves are atomic replacements (see the module docstring)."""
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options for local checkpoints")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = target.with_name(f".{target.name}{TEMP_MARK}{os.getpid()}")
+        try:
+            with open(temp, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, target)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        _fsync_folder(target.parent)
+        for stray in target.parent.glob(f".*{TEMP_MARK}*"):
+            stray.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable (the folder entry), where the OS allows opening folders."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
