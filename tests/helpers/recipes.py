@@ -36,9 +36,15 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def tiny_run_overlay(
-    run_dir: Path, data: Path, max_steps: int, data_args: dict[str, Any] | None = None, model_args: dict[str, Any] | None = None
+    run_dir: Path,
+    data: Path,
+    max_steps: int,
+    data_args: dict[str, Any] | None = None,
+    model_args: dict[str, Any] | None = None,
+    checkpoint_args: dict[str, Any] | None = None,
 ) -> list[str]:
-    """A ``--config`` overlay for a short CPU run: toy shards, a tmp run folder, checkpoints every 2 steps."""
+    """A ``--config`` overlay for a short CPU run: toy shards, a tmp run folder, checkpoints every 2
+    steps (``checkpoint_args`` changes ``ModelCheckpoint``'s arguments)."""
     overlay = {
         "trainer": {
             "default_root_dir": str(run_dir),
@@ -49,7 +55,8 @@ def tiny_run_overlay(
             "callbacks": [
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"every_n_train_steps": 2, "save_top_k": -1, "save_last": True, "enable_version_counter": False},
+                    "init_args": {"every_n_train_steps": 2, "save_top_k": -1, "save_last": True, "enable_version_counter": False}
+                    | (checkpoint_args or {}),
                 },
                 {"class_path": "callbacks.image_logger.ImageLogger", "init_args": {"num_samples": 2}},
             ],
