@@ -346,9 +346,12 @@ def _check_deepspeed_device(trainer: Namespace) -> None:
     if "deepspeed" not in name.lower():
         return
     accelerator = str(trainer.get("accelerator"))
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+    if accelerator not in ("auto", "gpu", "cuda"):
+        reason = f"trainer.accelerator is {accelerator}"
+    elif not torch.cuda.is_available():
+        reason = "this machine has no CUDA GPU"
+    else:
         return
-    reason = f"trainer.accelerator is {accelerator}" if accelerator not in ("auto", "gpu", "cuda") else "this machine has no CUDA GPU"
     raise ConfigError(
         f"trainer.strategy {name} runs on CUDA GPUs only, but {reason}: drop the DeepSpeed overlay "
         f"(recipes/strategy/zero*.yaml) or use --trainer.strategy=auto / recipes/strategy/ddp.yaml"

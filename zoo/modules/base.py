@@ -603,6 +603,7 @@ class EditingModule(L.LightningModule):
         ignored on resume; here they are set from :attr:`optim`, and the current lr from the
         configured schedule at the restored step (warm-up, shape and ``trainer.max_steps`` are the
         schedule's closure, never saved). Without a checkpoint this sets the values they already have.
+        A subclass that overrides :meth:`configure_optimizers` overrides this hook with it.
         """
         [optimizer] = self.trainer.optimizers
         [config] = self.trainer.lr_scheduler_configs
