@@ -17,6 +17,7 @@ from zoo.blocks.flux import (
     FluxDenoiser,
     check_selector,
     latent_image_ids,
+    grid_text_ids,
     pack_latents,
     select_parameters,
     set_trainable,
@@ -144,13 +145,33 @@ def test_gradient_checkpointing_keeps_the_mask_output_and_gradients() -> None:
     torch.testing.assert_close(results[1][1], results[0][1])
 
 
+def test_text_ids_reach_flux_and_grid_ids_cover_the_packed_patches() -> None:
+    denoiser = make_denoiser()
+    x = make_inputs()
+    length = x["context"].shape[1]
+    ids = torch.zeros(length, 3)
+    ids[-1] = torch.tensor([1.0, 2.0, 3.0])
+    seen: list[torch.Tensor] = []
+    hook = denoiser.model.register_forward_pre_hook(lambda _m, _a, kwargs: seen.append(kwargs["txt_ids"]), with_kwargs=True)
+    moved = denoiser(**x, added_conditions={"text_ids": ids.expand(2, -1, -1)})
+    plain = denoiser(**x)
+    hook.remove()
+    assert torch.equal(seen[0], ids) and torch.count_nonzero(seen[1]) == 0
+    assert not torch.allclose(moved, plain), "a text token's rotary position changes the prediction"
+    grid = grid_text_ids(2, 8, 8)  # 2 x 2 patches over a 4 x 4 packed grid
+    assert grid.tolist() == [[1, 0.5, 0.5], [1, 0.5, 2.5], [1, 2.5, 0.5], [1, 2.5, 2.5]]
+
+
 def test_bad_inputs_are_clear_errors() -> None:
     denoiser = make_denoiser()
     x = make_inputs()
     with pytest.raises(ValueError, match="must be even"):
         denoiser(**make_inputs(height=5))
-    with pytest.raises(ValueError, match="'pooled' and 'guidance' only"):
+    with pytest.raises(ValueError, match="'pooled', 'guidance' and 'text_ids' only"):
         denoiser(**x, added_conditions={"text_embeds": torch.zeros(2, 6)})
+    length = x["context"].shape[1]
+    with pytest.raises(ValueError, match="the same for every sample"):
+        denoiser(**x, added_conditions={"text_ids": torch.arange(2.0).view(2, 1, 1).expand(2, length, 3)})
     with pytest.raises(ValueError, match=r"pooled must be \[2 or 1, 6\]"):
         denoiser(**x, added_conditions={"pooled": torch.zeros(2, 5)})
     with pytest.raises(ValueError, match="condition_channels=0"):

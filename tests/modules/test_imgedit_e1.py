@@ -92,22 +92,43 @@ def test_the_optimizer_holds_exactly_what_trains_with_prodigy(tmp_path: Any) -> 
     assert not torch.equal(before, model.vlm_projector.net[0].weight)
 
 
-def test_vlm_first_puts_the_vlm_tokens_then_the_siglip_tokens_then_padding() -> None:
+def test_vlm_first_puts_the_vlm_tokens_then_the_siglip_tokens_at_the_same_positions_in_every_row() -> None:
     model = make(stage=2).eval()
     batch = toy_batch()
     condition = model.encode_condition(batch)
     states, mask = model.mllm.condition(batch.mllm_images, list(batch.instruction))
     vlm = model.vlm_projector(states)
     siglip = model.siglip_projector(model.siglip.image_features((batch.source + 1) / 2))
-    tokens = siglip.shape[1]
+    tokens, longest = siglip.shape[1], int(mask.sum(1).max())
     assert tokens == 16, "a 16 px image in 4 px patches"
+    assert condition.context.shape[1] == longest + tokens
+    assert mask.sum(1).tolist() != [longest] * len(batch), "instructions differ in length"
     for b in range(len(batch)):
         n = int(mask[b].sum())
-        assert condition.mask[b].tolist() == [True] * (n + tokens) + [False] * (condition.mask.shape[1] - n - tokens)
+        assert condition.mask[b].tolist() == [True] * n + [False] * (longest - n) + [True] * tokens
         torch.testing.assert_close(condition.context[b, :n], vlm[b, :n])
-        torch.testing.assert_close(condition.context[b, n : n + tokens], siglip[b])
-        assert torch.count_nonzero(condition.context[b, n + tokens :]) == 0
-    assert condition.mask.sum(1).tolist() != [condition.mask.shape[1]] * len(batch), "instructions differ in length"
+        torch.testing.assert_close(condition.context[b, longest:], siglip[b])
+    assert "text_ids" not in condition.added, "zero text ids, as FLUX-Redux gives its SigLIP tokens"
+
+
+def test_grid_positions_put_each_siglip_patch_where_it_lies_on_the_packed_latent() -> None:
+    model = make(stage=2, siglip_positions="grid").eval()
+    condition = model.encode_condition(toy_batch(2))
+    ids = condition.added["text_ids"]
+    tokens = model.siglip.num_tokens
+    assert ids.shape == (2, condition.context.shape[1], 3) and torch.equal(ids[0], ids[1])
+    assert torch.count_nonzero(ids[0, :-tokens]) == 0
+    # 16 px, 4 x 4 SigLIP patches of 4 px over the 8 x 8 packed 2-px patches: centres at 0.5, 2.5, 4.5, 6.5.
+    assert ids[0, -tokens:, 0].eq(1).all()
+    assert ids[0, -tokens:, 1].unique().tolist() == [0.5, 2.5, 4.5, 6.5]
+    assert ids[0, -tokens + 1].tolist() == [1.0, 0.5, 2.5], "row-major like the packed patches"
+    calls: list[dict[str, Any]] = []
+    hook = model.denoiser.model.register_forward_pre_hook(lambda _m, _a, kwargs: calls.append(kwargs), with_kwargs=True)
+    model.synthesize(toy_batch(2), torch.Generator().manual_seed(0))
+    hook.remove()
+    assert torch.equal(calls[0]["txt_ids"][-tokens:], ids[0, -tokens:])
+    with pytest.raises(ConfigError, match="needs token_order 'vlm_first'"):
+        make(stage=2, siglip_positions="grid", token_order="vision_end")
 
 
 def test_vision_end_splices_the_siglip_tokens_before_the_vlms_vision_end() -> None:

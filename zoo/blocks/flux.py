@@ -17,6 +17,8 @@ does around it (diffusers 0.42 ``pipelines/flux/pipeline_flux.py``):
   pipeline's ``guidance_scale`` and UniWorld's eval value). diffusers' FLUX training scripts
   (``examples/dreambooth/train_dreambooth_flux.py``, ``--guidance_scale``, default 3.5) feed every
   training sample one constant guidance value; so does this default;
+- ``added_conditions["text_ids"]`` (``[B, L, 3]``, one set for the whole batch) replaces the zero
+  text ids, e.g. :func:`grid_text_ids` for image tokens in the text stream;
 - ``added_conditions["pooled"]`` (``[B, pooled_projection_dim]``) is CLIP's pooled text embedding
   (UniWorld eval: CLIP-L of the prompt). Without one the denoiser uses zeros: a documented choice
   for a module that loads no CLIP text encoder (ImgEdit-E1 names none); the time embedding then
@@ -84,6 +86,16 @@ def unpack_latents(packed: Tensor, height: int, width: int) -> Tensor:
     return patches.reshape(b, c4 // 4, height, width)
 
 
+def grid_text_ids(grid: int, height: int, width: int) -> Tensor:
+    """Rotary ids ``[grid * grid, 3]`` that place a ``grid x grid`` patch grid covering the same image
+    as a ``height x width`` latent onto that latent's packed patch grid: ``(1, row, col)`` at each
+    patch's centre in packed-patch units (the first axis 1 marks a second image, as FLUX Kontext
+    marks its reference image), so rotary attention relates each patch to the packed patches it covers."""
+    centres = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
+    rows, cols = torch.meshgrid(centres * (height // 2) - 0.5, centres * (width // 2) - 0.5, indexing="ij")
+    return torch.stack([torch.ones_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+
+
 def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Rotary position ids ``[H/2 * W/2, 3]`` = ``(0, row, col)`` of each packed patch."""
     rows, cols = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
@@ -131,9 +143,9 @@ class FluxDenoiser(Denoiser):
 
     def _added(self, added: dict[str, Tensor] | None, batch: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
         added = dict(added or {})
-        unknown = set(added) - {"pooled", "guidance"}
+        unknown = set(added) - {"pooled", "guidance", "text_ids"}
         if unknown:
-            raise ValueError(f"FluxDenoiser takes added_conditions 'pooled' and 'guidance' only, got {sorted(unknown)}")
+            raise ValueError(f"FluxDenoiser takes added_conditions 'pooled', 'guidance' and 'text_ids' only, got {sorted(unknown)}")
         pooled = added.get("pooled")
         if pooled is None:
             pooled = torch.zeros(batch, self.pooled_dim, device=device)
@@ -150,6 +162,17 @@ class FluxDenoiser(Denoiser):
         if guidance.ndim > 1 or guidance.numel() not in (1, batch):
             raise ValueError(f"guidance must be [{batch}] or a scalar, got {tuple(guidance.shape)}")
         return pooled.expand(batch, -1), guidance.reshape(-1).expand(batch)
+
+    @staticmethod
+    def _text_ids(text_ids: Tensor | None, context: Tensor, dtype: torch.dtype) -> Tensor:
+        """FLUX's ``txt_ids [L, 3]``: zeros (the pipeline's), or ``added_conditions["text_ids"]``
+        ``[B, L, 3]``, which must be the same for every sample (FLUX takes one set per call)."""
+        batch, length = context.shape[:2]
+        if text_ids is None:
+            return torch.zeros(length, 3, device=context.device, dtype=dtype)
+        if tuple(text_ids.shape) != (batch, length, 3) or not bool((text_ids == text_ids[:1]).all()):
+            raise ValueError(f"text_ids must be [{batch}, {length}, 3] and the same for every sample, got {tuple(text_ids.shape)}")
+        return text_ids[0].to(device=context.device, dtype=dtype)
 
     def forward(
         self,
@@ -170,6 +193,7 @@ class FluxDenoiser(Denoiser):
             raise ValueError(f"FLUX packs 2x2 latent patches: H and W must be even, got {height}x{width}")
         dtype, device = latents.dtype, latents.device
         pooled, guidance = self._added(added_conditions, batch, device)
+        text_ids = self._text_ids((added_conditions or {}).get("text_ids"), context, dtype)
         keep = context_mask.to(device=device, dtype=torch.bool)
         context = context.to(dtype) * keep[..., None].to(dtype)
         sigma = torch.as_tensor(timestep, device=device).to(dtype).expand(batch) / 1000
@@ -185,7 +209,7 @@ class FluxDenoiser(Denoiser):
             pooled_projections=pooled.to(dtype),
             timestep=sigma,
             img_ids=image_ids,
-            txt_ids=torch.zeros(context.shape[1], 3, device=device, dtype=dtype),
+            txt_ids=text_ids,
             guidance=guidance,
             joint_attention_kwargs=joint_kwargs,
             return_dict=False,

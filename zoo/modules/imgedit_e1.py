@@ -17,10 +17,11 @@ and UniWorld-V1 (same group; its denoise tower is the closest public code) are t
   ``image_embedder`` when ``redux`` names it (appendix A).
 - Concatenation (``token_order``): ``"vlm_first"`` — the VLM tokens, then the SigLIP tokens, the
   paper's "concatenated, forming the text-branch input"; ``"vision_end"`` — UniWorld's splice, the
-  SigLIP tokens inserted just before the VLM's ``<|vision_end|>``. Either way each sample's real
-  tokens come first and the padding last, with the mask.
+  SigLIP tokens inserted just before the VLM's ``<|vision_end|>``. Padding is masked out of FLUX's
+  attention either way.
 - Denoiser: FLUX.1-dev (:class:`~zoo.blocks.flux.FluxDenoiser`) reading that sequence as its
-  ``encoder_hidden_states`` (text ids all zero, as the FLUX pipeline gives its T5 tokens); the
+  ``encoder_hidden_states`` (text ids all zero, as the FLUX pipeline gives its T5 tokens, unless
+  ``siglip_positions: grid`` places the SigLIP tokens on the image's patch grid); the
   pooled projection is CLIP-L's pooled output of the instruction from the FLUX pipeline's own
   ``text_encoder`` when ``pooled_text`` names it (what the frozen FLUX was trained with), else zeros.
 - Objective: flow matching with target ``noise − x0`` and logit-normal timesteps (UniWorld), shifted
@@ -51,7 +52,7 @@ from zoo.blocks.condition import Condition
 from zoo.blocks.config import ConfigError
 from zoo.blocks.connectors import MLPConnector, flux_projector, load_redux_projector
 from zoo.blocks.dialogue import render_dialogue
-from zoo.blocks.flux import FluxConfig, FluxDenoiser, FluxSelector, check_selector, set_trainable
+from zoo.blocks.flux import FluxConfig, FluxDenoiser, FluxSelector, check_selector, grid_text_ids, set_trainable
 from zoo.blocks.mllm import VLMConfig, VLMEncoder
 from zoo.blocks.objectives import FlowMatching
 from zoo.blocks.sd_text import SDTextEncoder
@@ -76,6 +77,10 @@ class ImgEditE1Module(EditingModule):
             projector when stage 2 starts (null: PyTorch's init).
         image_branch: the FLUX parameters stage 2 trains (see :func:`~zoo.blocks.flux.select_parameters`).
         token_order: ``vlm_first`` (VLM tokens, then SigLIP tokens) or ``vision_end`` (UniWorld's splice).
+        siglip_positions: rotary text ids of the SigLIP tokens: ``none`` (zeros, as FLUX-Redux and
+            UniWorld give them) or ``grid`` (each patch at the packed latent patches it covers,
+            :func:`~zoo.blocks.flux.grid_text_ids`, as FLUX Kontext places reference-image tokens;
+            ``vlm_first`` only). Not from the paper: the toy recipes use it (benchmarks/toy_learning.md).
         pooled_text: FLUX pipeline folder whose CLIP ``text_encoder``/``tokenizer`` give the pooled
             projection, ``{"pretrained": ...}`` or ``{"tiny": {...}}``; null: zeros.
         num_inference_steps: flow-Euler steps (UniWorld eval: 28).
@@ -97,6 +102,7 @@ class ImgEditE1Module(EditingModule):
         redux: str | None = None,
         image_branch: FluxSelector = "double_image",
         token_order: Literal["vlm_first", "vision_end"] = "vlm_first",
+        siglip_positions: Literal["none", "grid"] = "none",
         pooled_text: dict | None = None,
         num_inference_steps: int = 28,
         objective: FlowMatching | None = None,
@@ -120,12 +126,17 @@ class ImgEditE1Module(EditingModule):
             )
         if token_order not in ("vlm_first", "vision_end"):
             raise ConfigError(f"token_order must be 'vlm_first' or 'vision_end', got '{token_order}'")
+        if siglip_positions not in ("none", "grid"):
+            raise ConfigError(f"siglip_positions must be 'none' or 'grid', got '{siglip_positions}'")
+        if siglip_positions == "grid" and token_order != "vlm_first":
+            raise ConfigError("siglip_positions 'grid' needs token_order 'vlm_first' (FLUX takes one set of text ids per batch)")
         super().__init__(
             optim=optim, eval_seed=eval_seed, guidance_scale=1.0, cfg_dropout=cfg_dropout, num_inference_steps=num_inference_steps
         )
         self.save_hyperparameters()
         self.stage = stage
         self.token_order = token_order
+        self.siglip_positions = siglip_positions
 
         self.add_encoder("mllm", VLMEncoder(mllm))
         if token_order == "vision_end":
@@ -177,31 +188,46 @@ class ImgEditE1Module(EditingModule):
             tokens = self.siglip_projector(features.to(self.dtype))
             parts.append((tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)))
         context, context_mask = self._join(parts, ids)
-        return Condition(context=context, mask=context_mask, added=self._added(texts))
+        added = self._added(texts)
+        if self.siglip_positions == "grid" and self.siglip_projector is not None:
+            added["text_ids"] = self._grid_ids(context.shape[1], len(batch), batch.size)
+        return Condition(context=context, mask=context_mask, added=added)
 
     def _join(self, parts: list[tuple[Tensor, Tensor]], ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Each sample's real tokens of every part in ``token_order``, then zero padding ``[B, L, D]``."""
+        """The joined condition ``[B, L, D]`` and its mask: ``vlm_first`` puts every sample's VLM
+        tokens (padded to the batch's longest) before the SigLIP tokens, so those sit at the same
+        positions in every row; ``vision_end`` splices them in before ``<|vision_end|>`` and pads
+        at the end. Padding is masked (and zeroed by the denoiser) either way."""
+        vlm, vlm_mask = parts[0]
+        if len(parts) == 1:
+            return vlm, vlm_mask
+        siglip, siglip_mask = parts[1]
+        if self.token_order == "vlm_first":
+            longest = int(vlm_mask.sum(1).max())
+            return torch.cat([vlm[:, :longest], siglip], dim=1), torch.cat([vlm_mask[:, :longest], siglip_mask], dim=1)
         rows = []
         for b in range(len(ids)):
-            vlm, vlm_mask = parts[0]
             real = vlm[b, vlm_mask[b]]
-            if len(parts) == 1:
-                rows.append(real)
-                continue
-            siglip = parts[1][0][b]
-            split = len(real)
-            if self.token_order == "vision_end":
-                at = (ids[b, vlm_mask[b]] == self.vision_end_id).nonzero()
-                if len(at) == 0:
-                    raise ValueError("token_order 'vision_end' needs the VLM's <|vision_end|> in the condition (is the image there?)")
-                split = int(at[0])
-            rows.append(torch.cat([real[:split], siglip, real[split:]]))
+            at = (ids[b, vlm_mask[b]] == self.vision_end_id).nonzero()
+            if len(at) == 0:
+                raise ValueError("token_order 'vision_end' needs the VLM's <|vision_end|> in the condition (is the image there?)")
+            split = int(at[0])
+            rows.append(torch.cat([real[:split], siglip[b], real[split:]]))
         length = max(len(row) for row in rows)
         context = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
         mask = torch.zeros(len(rows), length, dtype=torch.bool, device=context.device)
         for b, row in enumerate(rows):
             context[b, : len(row)], mask[b, : len(row)] = row, True
         return context, mask
+
+    def _grid_ids(self, length: int, batch: int, size: tuple[int, int]) -> Tensor:
+        """Text ids ``[B, L, 3]``: zeros for the VLM tokens, :func:`grid_text_ids` for the trailing SigLIP tokens."""
+        tokens = self.siglip.num_tokens
+        factor = self.codec.downsample_factor
+        grid = grid_text_ids(int(round(tokens**0.5)), size[0] // factor, size[1] // factor).to(self.device)
+        ids = torch.zeros(length, 3, device=self.device)
+        ids[length - tokens :] = grid
+        return ids.expand(batch, -1, -1)
 
     def _added(self, texts: list[str]) -> dict[str, Tensor]:
         """FLUX's pooled projection: CLIP-L's pooled instruction with ``pooled_text``, else none
