@@ -29,6 +29,7 @@ from datamodules.benchmarks import BenchmarkDataModule
 from datamodules.samples import EditBatch, EditOutputs
 from tests.helpers.openai_server import OpenAIServer, Reply, Request, completion, error
 from tests.modules.conftest import tiny_dim_kwargs
+from zoo.modules.base import EditingModule
 from zoo.modules.dim import DIMModule
 
 RESOLUTION = 16
@@ -96,7 +97,7 @@ def _sent_images(request: Request) -> list[np.ndarray]:
     return [_pixels(Image.open(io.BytesIO(base64.b64decode(url.partition(",")[2])))) for url in urls]
 
 
-def _record_edits(module: DIMModule) -> list[dict[str, Any]]:
+def _record_edits(module: EditingModule) -> list[dict[str, Any]]:
     """Keep (key, instruction, source pixels in [0, 255], whether inside the module's test step) of
     every sample the module edits: every ``edit_batch`` call, whoever makes it."""
     seen: list[dict[str, Any]] = []
@@ -106,7 +107,8 @@ def _record_edits(module: DIMModule) -> list[dict[str, Any]]:
     def recording(batch: EditBatch, generator: torch.Generator | None = None, keep_given: bool = False) -> tuple[torch.Tensor, list[str]]:
         sources = ((batch.source.float().cpu() + 1) / 2 * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         seen.extend(
-            {"key": k, "instruction": t, "source": s, "in_test_step": stepping} for k, t, s in zip(batch.key, batch.instruction, sources)
+            {"key": k, "instruction": t, "source": s, "in_test_step": stepping, "history": h}
+            for k, t, s, h in zip(batch.key, batch.instruction, sources, batch.history)
         )
         return edit_batch(batch, generator, keep_given)
 
@@ -135,10 +137,12 @@ def benchmark(tmp_path: Path) -> tuple[Path, Path]:
     return definition, tmp_path / "Benchmark"
 
 
-def _run(out: Path, benchmark: tuple[Path, Path], server: OpenAIServer, logs: Path) -> list[dict[str, Any]]:
-    """``Trainer.test`` of a tiny DIM over the multi-turn suite; returns what the module edited."""
+def _run(
+    out: Path, benchmark: tuple[Path, Path], server: OpenAIServer, logs: Path, module: EditingModule | None = None
+) -> list[dict[str, Any]]:
+    """``Trainer.test`` of a tiny DIM (or ``module``) over the multi-turn suite; returns what the module edited."""
     L.seed_everything(0)
-    module = DIMModule(**tiny_dim_kwargs(num_inference_steps=1))
+    module = module or DIMModule(**tiny_dim_kwargs(num_inference_steps=1))
     seen = _record_edits(module)
     definition, images = benchmark
     data = BenchmarkDataModule("imgedit_multiturn", images_dir=str(images), definition=str(definition), results_dir=str(out),
@@ -230,3 +234,17 @@ def test_human_ratings_replace_the_judge_and_late_ratings_are_imported(benchmark
     run()
     assert _table(out) == [["turn 1", 2 / 3, 2 / 3, 3, 0], ["turn 2", 2 / 3, 1 / 3, 3, 0], ["turn 3", 0.0, 0.0, 1, 0]]
     assert len(list((out / "images").glob("*_turn*.png"))) == 7 and not (out / "judge_cache").exists()
+
+
+def test_imgedit_e1_runs_the_multiturn_suite_reading_each_turns_dialogue(benchmark: tuple[Path, Path], tmp_path: Path) -> None:
+    from tests.modules.test_imgedit_e1 import make
+
+    out = tmp_path / "results"
+    with _judge_server(set()) as server:
+        seen = _run(out, benchmark, server, tmp_path / "logs", module=make(stage=2, output_size=RESOLUTION))
+    assert sorted((s["key"], s["instruction"]) for s in seen) == sorted((key, text) for text, (key, _) in TURNS.items())
+    for sample in seen:
+        key, k = TURNS[sample["instruction"]]
+        assert sample["history"] == [CASES[key][f"turn{j}"] for j in range(1, k)], "earlier instructions, oldest first"
+    assert [row[0] for row in _table(out)] == ["turn 1", "turn 2", "turn 3"]
+    assert all((out / "images" / f"{key}_turn{k}.png").is_file() for key, k in TURNS.values())
