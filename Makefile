@@ -9,7 +9,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 MODEL ?= dim
 PYTEST_ARGS ?=
 
-.PHONY: demo test install
+.PHONY: demo test faults install
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The fault-injection tests (marker faults) and their table: fault kind, injected, survived, data lost.
+faults: $(STAMP)
+	$(PY) -m pytest -q -m faults $(PYTEST_ARGS)
 
 # Toy shards -> untrained score -> train -> trained score and ablations -> runs/demo/metrics.json
 # (zoo/demo.py; MODEL=got for the tiny GoT, under runs/demo_got; MODEL=mind_edit under runs/demo_mind_edit). Fails if the trained model misses its bar.

@@ -11,7 +11,9 @@ range, :class:`~zoo.blocks.config.ConfigError`), missing pretrained weights, a `
 another module class or configuration, and a DeepSpeed strategy on a machine without CUDA end in one
 ``zoo: error: ...`` line and exit status 2, not a stack trace.
 
-Every fit is resumable and preemption-safe: :class:`~callbacks.rng_state.RNGState` checkpoints the
+Every fit is guarded against non-finite training (:class:`~callbacks.nan_guard.NaNGuard`: stop at
+the step, exit status 1, no non-finite checkpoint; ``--trainer.callbacks+=callbacks.nan_guard.NaNGuard
+--trainer.callbacks.init_args.policy=skip`` replaces the default). Every fit is resumable and preemption-safe: :class:`~callbacks.rng_state.RNGState` checkpoints the
 RNG streams, :class:`~callbacks.preemption.Preemption` turns SIGTERM/SIGUSR1 into a checkpoint at the
 next step (exit status 0), and :class:`~zoo.checkpoint_io.AtomicCheckpointIO` writes checkpoint files
 atomically.
@@ -41,6 +43,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from callbacks.edit_writer import EditWriter
+from callbacks.nan_guard import NaNGuard, NonFinite
 from callbacks.preemption import Preempted, Preemption
 from callbacks.progress import StepProgressBar
 from callbacks.rng_state import RNGState
@@ -164,11 +167,14 @@ class ZooCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """The trainer, with :class:`StepProgressBar` unless the progress bar is disabled or the
         configuration brings its own (a default bar would clash with ``enable_progress_bar: false``),
-        and :class:`AtomicCheckpointIO` unless the configuration names a checkpoint IO plugin."""
+        :class:`NaNGuard` (policy ``stop``) unless the configuration brings one, and
+        :class:`AtomicCheckpointIO` unless the configuration names a checkpoint IO plugin."""
         given = config.get("callbacks") or []
         given = given if isinstance(given, list) else [given]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
             callbacks = [*callbacks, StepProgressBar()]
+        if not any(isinstance(c, NaNGuard) for c in given):
+            callbacks = [*callbacks, NaNGuard()]
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -316,6 +322,9 @@ def run(argv: list[str] | None) -> int:
         ZooCLI(args=argv)
     except Preempted:
         return 0  # saved at a safe point and logged by the callback; the scheduler restarts the job
+    except NonFinite as error:
+        print(f"zoo: error: {error}", file=sys.stderr)
+        return 1
     except ArgumentError as error:
         print(f"zoo: error: {_one_line(error)} (see --help)", file=sys.stderr)
         return 2
