@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import webdataset as wds
 from PIL import Image
 from rich.progress import (
@@ -53,7 +54,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from datamodules.samples import ORIGINAL_BYTES, EditSample, T2ISample
+from datamodules.samples import ORIGINAL_BYTES, DataConfigError, EditSample, T2ISample
 
 log = logging.getLogger(__name__)
 
@@ -195,19 +196,40 @@ def resolve_shards(spec: str) -> list[tuple[str, int]]:
     """
     if "::" in spec:
         return [shard for part in spec.split("::") for shard in resolve_shards(part)]
+    listed = _listing(spec)
+    if any(n is None for _, n in listed):
+        log.info("counting samples of %d shards (no %s for %s)", len(listed), INDEX_NAME, spec)
+    return [(url, _count_tar(url) if n is None else n) for url, n in listed]
+
+
+def check_shards(spec: str) -> None:
+    """Raise :class:`DataConfigError` naming the spec and the problem unless every shard it names
+    exists and a split folder's index lists samples; reads no tar (a DataModule checks its splits
+    before any model is built)."""
+    for part in spec.split("::"):
+        _listing(part)
+
+
+def _listing(spec: str) -> list[tuple[str, int | None]]:
+    """``(url, n_samples)`` of one split folder's index, or ``(url, None)`` per tar of a brace pattern."""
     path = Path(spec)
     if path.is_dir():
         index_file = path / INDEX_NAME
         if not index_file.is_file():
-            raise FileNotFoundError(f"{path} is a folder without {INDEX_NAME}; write it with write_split()")
+            raise DataConfigError(f"shard folder {spec} has no {INDEX_NAME} (write it with `python -m zoo data ...` or write_split())")
         index = json.loads(index_file.read_text())
-        return [(str(path / s["url"]), int(s["samples"])) for s in index["shards"]]
+        shards: list[tuple[str, int | None]] = [(str(path / s["url"]), int(s["samples"])) for s in index["shards"]]
+        missing = [url for url, _ in shards if not Path(url).is_file()]
+        if missing:
+            raise DataConfigError(f"shard folder {spec}: {INDEX_NAME} lists {len(missing)} missing shard(s), e.g. {missing[0]}")
+        if not any(n for _, n in shards):
+            raise DataConfigError(f"shard folder {spec} holds no samples ({INDEX_NAME} lists none)")
+        return shards
     urls = wds.shardlists.expand_urls(spec)
-    missing = [u for u in urls if not Path(u).is_file()]
+    missing = [url for url in urls if not Path(url).is_file()]
     if missing:
-        raise FileNotFoundError(f"shard spec {spec!r}: no such file(s) {missing[:3]}")
-    log.info("counting samples of %d shards (no %s for %s)", len(urls), INDEX_NAME, spec)
-    return [(u, _count_tar(u)) for u in urls]
+        raise DataConfigError(f"shard spec {spec}: no such folder or file(s), e.g. {missing[0]}")
+    return [(url, None) for url in urls]
 
 
 def read_tar(url: str) -> Iterator[dict[str, Any]]:
@@ -216,14 +238,44 @@ def read_tar(url: str) -> Iterator[dict[str, Any]]:
     yield from wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(streams))
 
 
-def _open_image(data: bytes, mode: str) -> Image.Image:
+MAX_PIXELS = 64_000_000
+"""Default cap on the pixels of one image of a sample (``ShardDataModule(max_pixels=...)``): a
+100-megapixel image decodes to 1.2 GB before any resize."""
+
+
+def _open_image(data: bytes, mode: str, max_pixels: int | None) -> Image.Image:
+    """Decode ``data`` as ``mode`` ("RGB" or "L"); images over ``max_pixels`` are refused from their
+    header, before decoding. 16-bit greyscale (``I;16*``, and ``I`` as PIL opens some 16-bit files)
+    is scaled to 8 bits: PIL's own conversion clips it to 255, a white image."""
     image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ValueError(f"{width}x{height} image ({width * height / 1e6:.1f} MP) is over the {max_pixels / 1e6:g} MP cap (max_pixels)")
     image.load()
+    if image.mode.startswith("I;16") or image.mode == "I":
+        levels = np.asarray(image, dtype=np.float64)
+        if levels.min() < 0 or levels.max() > 65535:
+            raise ValueError(f"{image.mode} image with values outside 16 bits ({levels.min():g}..{levels.max():g})")
+        image = Image.fromarray(np.round(levels / 257).astype(np.uint8), mode="L")
     return image.convert(mode)
 
 
-def decode_sample(raw: dict[str, Any]) -> EditSample | T2ISample:
-    """Raw webdataset sample (member suffix -> bytes) -> typed record; raises on any defect."""
+def _optional_text(meta: dict[str, Any], name: str) -> str | None:
+    """``meta[name]``: a string or null/absent; a GoT chain must also be non-empty."""
+    value = meta.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"json {name!r} must be a string or null, got {type(value).__name__}")
+    if name == "chain" and value is not None and not value.strip():
+        raise ValueError("json 'chain' is empty (a GoT sample needs its reasoning chain, or null)")
+    return value
+
+
+def decode_sample(raw: dict[str, Any], need_target: bool = False, max_pixels: int | None = MAX_PIXELS) -> EditSample | T2ISample:
+    """Raw webdataset sample (member suffix -> bytes) -> typed record; raises on any defect.
+
+    ``need_target``: a sample without a target image is a defect (training and validation compute a
+    loss on it; a batch cannot mix samples with and without one). ``max_pixels``: cap of each image.
+    """
     key = raw["__key__"]
     if "json" not in raw:
         raise ValueError("no .json member")
@@ -232,44 +284,44 @@ def decode_sample(raw: dict[str, Any]) -> EditSample | T2ISample:
         raise ValueError(f"json must be an object with task 'edit' or 't2i', got {str(meta)[:80]!r}")
     if not isinstance(meta.get("instruction"), str):
         raise ValueError("json has no string 'instruction'")
-    if not isinstance(meta.get("optimized_instruction", ""), (str, type(None))):
-        raise ValueError("json 'optimized_instruction' must be a string or null")
+    texts = {name: _optional_text(meta, name) for name in ("optimized_instruction", "blueprint", "chain", "edit_type")}
     history, turns = meta.get("history") or [], meta.get("turns") or []
-    for name, texts in (("history", history), ("turns", turns)):
-        if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+    for name, given in (("history", history), ("turns", turns)):
+        if not isinstance(given, list) or not all(isinstance(text, str) for text in given):
             raise ValueError(f"json {name!r} must be a list of instruction strings")
-    target = _open_image(raw["target.png"], "RGB") if "target.png" in raw else None
+    target_is_source = meta.get("target_is_source") is True and meta["task"] == "edit"
+    if need_target and "target.png" not in raw and not target_is_source:
+        raise ValueError("no target.png (training and validation need a target image)")
+    target = _open_image(raw["target.png"], "RGB", max_pixels) if "target.png" in raw else None
     boxes = meta.get("boxes") or []
     if meta["task"] == "t2i":
-        return T2ISample(
-            key=key, image=target, prompt=meta["instruction"], blueprint=meta.get("blueprint"), boxes=boxes, chain=meta.get("chain")
-        )
+        return T2ISample(key=key, image=target, prompt=meta["instruction"], blueprint=texts["blueprint"], boxes=boxes, chain=texts["chain"])
     if "source.png" not in raw:
         raise ValueError("edit sample without source.png")
-    source = _open_image(raw["source.png"], "RGB")
-    if meta.get("target_is_source") is True:
+    source = _open_image(raw["source.png"], "RGB", max_pixels)
+    if target_is_source:
         target = source.copy()
     return EditSample(
         key=key,
         source=source,
         instruction=meta["instruction"],
         target=target,
-        blueprint=meta.get("blueprint"),
-        edit_type=meta.get("edit_type"),
-        mask=_open_image(raw["mask.png"], "L") if "mask.png" in raw else None,
+        blueprint=texts["blueprint"],
+        edit_type=texts["edit_type"],
+        mask=_open_image(raw["mask.png"], "L", max_pixels) if "mask.png" in raw else None,
         boxes=boxes,
-        chain=meta.get("chain"),
-        optimized_instruction=meta.get("optimized_instruction"),
+        chain=texts["chain"],
+        optimized_instruction=texts["optimized_instruction"],
         history=history,
         turns=turns,
-        turn_targets=_turn_images(raw, "target", "RGB"),
-        turn_masks=_turn_images(raw, "mask", "L"),
+        turn_targets=_turn_images(raw, "target", "RGB", max_pixels),
+        turn_masks=_turn_images(raw, "mask", "L", max_pixels),
     )
 
 
-def _turn_images(raw: dict[str, Any], name: str, mode: str) -> list[Image.Image]:
+def _turn_images(raw: dict[str, Any], name: str, mode: str, max_pixels: int | None) -> list[Image.Image]:
     """The ``turn<k>_<name>.png`` members of a sample for k = 2, 3, ... until one is missing."""
     images = []
     while (member := f"turn{len(images) + 2}_{name}.png") in raw:
-        images.append(_open_image(raw[member], mode))
+        images.append(_open_image(raw[member], mode, max_pixels))
     return images

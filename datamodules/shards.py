@@ -41,7 +41,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from datamodules.samples import DataConfigError, EditBatch, EditSample, T2ISample, collate
-from datamodules.shard_format import decode_sample, read_tar, resolve_shards
+from datamodules.shard_format import MAX_PIXELS, check_shards, decode_sample, read_tar, resolve_shards
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,11 @@ class ShardStream(IterableDataset):
         strict: bool,
         limit_samples: int | None,
         skipped: Any,
+        need_target: bool,
+        max_pixels: int | None,
     ) -> None:
         self.shards, self.rank, self.world_size = shards, rank, world_size
+        self.need_target, self.max_pixels = need_target, max_pixels
         self.batch_size, self.resolution, self.mllm_resolution = batch_size, resolution, mllm_resolution
         self.train, self.seed, self.shuffle_buffer, self.strict = train, seed, shuffle_buffer, strict
         self.skipped = skipped
@@ -182,7 +185,7 @@ class ShardStream(IterableDataset):
             samples = []
             for url, raw in raws:
                 try:
-                    samples.append(decode_sample(raw))
+                    samples.append(decode_sample(raw, self.need_target, self.max_pixels))
                 except Exception as error:
                     self._count_skip(url, raw.get("__key__", "?"), error)
             if not samples:
@@ -258,6 +261,8 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: Samples held by each worker's shuffle buffer (1 = shard order only).
         strict: Raise on the first undecodable sample (naming shard and key) instead of
             skipping and counting it.
+        max_pixels: Skip (and count) a sample with an image of more pixels than this, read from
+            the image header before decoding. None: no cap.
         limit_val_samples: Keep only the first n samples of the val and test splits.
         wrong_instructions: Ablation for ``zoo test``: each test sample gets the instruction (and
             blueprint, chain, boxes) of the next sample in its batch (:meth:`EditBatch.with_texts_of`),
@@ -279,6 +284,7 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
         shuffle_buffer: int = 256,
         strict: bool = False,
+        max_pixels: int | None = MAX_PIXELS,
         limit_val_samples: int | None = None,
         wrong_instructions: bool = False,
     ) -> None:
@@ -287,13 +293,18 @@ class ShardDataModule(L.LightningDataModule):
             raise DataConfigError(f"batch_size and val_batch_size must be >= 1, got {batch_size} and {val_batch_size}")
         if num_workers < 0:
             raise DataConfigError(f"num_workers must be >= 0, got {num_workers}")
+        if max_pixels is not None and max_pixels < 1:
+            raise DataConfigError(f"max_pixels must be >= 1 or null, got {max_pixels}")
+        for spec in (train_shards, val_shards, test_shards, predict_shards):
+            if spec is not None:
+                check_shards(spec)
         self.save_hyperparameters()
         self.train_shards, self.val_shards, self.test_shards = train_shards, val_shards, test_shards
         self.predict_shards, self.predict_jsonl = predict_shards, predict_jsonl
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.resolution, self.mllm_resolution = num_workers, resolution, mllm_resolution
-        self.seed, self.shuffle_buffer, self.strict = seed, shuffle_buffer, strict
+        self.seed, self.shuffle_buffer, self.strict, self.max_pixels = seed, shuffle_buffer, strict, max_pixels
         self.limit_val_samples = limit_val_samples
         if wrong_instructions and self.val_batch_size < 2:
             raise DataConfigError(
@@ -338,6 +349,8 @@ class ShardDataModule(L.LightningDataModule):
                 strict=self.strict,
                 limit_samples=self.limit_val_samples if split in ("val", "test") else None,
                 skipped=self._counters[split],
+                need_target=split in ("train", "val"),
+                max_pixels=self.max_pixels,
             )
         test = self.streams.get("test")
         if self.wrong_instructions and test is not None and 1 in test.rank_batch_sizes:

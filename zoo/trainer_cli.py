@@ -42,6 +42,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ProgressB
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
+from callbacks.data_skips import DataSkips
 from callbacks.edit_writer import EditWriter
 from callbacks.nan_guard import NaNGuard, NonFinite
 from callbacks.preemption import Preempted, Preemption
@@ -111,7 +112,7 @@ class ZooCLI(LightningCLI):
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
-                "callbacks": [LearningRateMonitor(logging_interval="step"), EditWriter(), RNGState(), Preemption()]
+                "callbacks": [LearningRateMonitor(logging_interval="step"), EditWriter(), RNGState(), DataSkips(), Preemption()]
             },
             parser_kwargs={
                 "exit_on_error": False,
@@ -149,10 +150,14 @@ class ZooCLI(LightningCLI):
         self._report()
 
     def _report(self) -> None:
-        """Print the stage's logged metrics (validate/test) and the folder its outputs went to."""
+        """Print the stage's logged metrics (validate/test), the samples its data skipped, and the
+        folder its outputs went to."""
         trainer = self.trainer
         if not trainer.is_global_zero:
             return
+        for line in (c.summary() for c in trainer.callbacks if isinstance(c, DataSkips)):
+            if line is not None:
+                print(line)
         if self.subcommand in ("validate", "test"):
             metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if value.numel() == 1}
             if metrics:
