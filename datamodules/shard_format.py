@@ -204,7 +204,7 @@ def resolve_shards(spec: str) -> list[tuple[str, int]]:
 
 def check_shards(spec: str) -> None:
     """Raise :class:`DataConfigError` naming the spec and the problem unless every shard it names
-    exists and a split folder's index lists samples; reads no tar (a DataModule checks its splits
+    exists and a split folder's index lists samples; reads no tar (``zoo`` checks a stage's splits
     before any model is built)."""
     for part in spec.split("::"):
         _listing(part)

@@ -241,6 +241,19 @@ class ListDataset(Dataset):
         return self.reader.load(self.rows[index])
 
 
+STAGE_SPLITS = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
+"""The splits each stage reads."""
+
+
+def check_stage_shards(init_args: dict[str, Any], stage: str) -> None:
+    """Raise :class:`DataConfigError` unless the shards of every split ``stage`` reads exist, from
+    ``ShardDataModule``'s arguments (``zoo`` checks them before any model is built)."""
+    for split in STAGE_SPLITS.get(stage, []):
+        spec = init_args.get(f"{split}_shards")
+        if spec is not None:
+            check_shards(spec)
+
+
 class ShardDataModule(L.LightningDataModule):
     """Streams WebDataset shards (schema in this module's docstring) into :class:`~datamodules.samples.EditBatch` batches.
 
@@ -295,9 +308,6 @@ class ShardDataModule(L.LightningDataModule):
             raise DataConfigError(f"num_workers must be >= 0, got {num_workers}")
         if max_pixels is not None and max_pixels < 1:
             raise DataConfigError(f"max_pixels must be >= 1 or null, got {max_pixels}")
-        for spec in (train_shards, val_shards, test_shards, predict_shards):
-            if spec is not None:
-                check_shards(spec)
         self.save_hyperparameters()
         self.train_shards, self.val_shards, self.test_shards = train_shards, val_shards, test_shards
         self.predict_shards, self.predict_jsonl = predict_shards, predict_jsonl
@@ -324,12 +334,7 @@ class ShardDataModule(L.LightningDataModule):
         """Capture rank/world size from the trainer (workers must not guess them from the env)."""
         if self.trainer is not None:
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
-        wanted = {
-            "fit": ["train", "val"],
-            "validate": ["val"],
-            "test": ["test"],
-            "predict": ["predict"],
-        }.get(stage or "", ["train", "val", "test", "predict"])
+        wanted = STAGE_SPLITS.get(stage or "", ["train", "val", "test", "predict"])
         specs = {"train": self.train_shards, "val": self.val_shards, "test": self.test_shards, "predict": self.predict_shards}
         for split in wanted:
             if specs[split] is None or split in self.streams:

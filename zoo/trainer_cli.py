@@ -51,10 +51,11 @@ from callbacks.rng_state import RNGState
 from callbacks.results import BenchmarkEvaluator
 from callbacks.toy_score import ToyEditEvaluator
 from datamodules.samples import DataConfigError
+from datamodules.shards import ShardDataModule, check_stage_shards
 from zoo.blocks.config import ConfigError
 from zoo.blocks.pretrained import MissingPretrainedError
 from zoo.checkpoint_io import AtomicCheckpointIO
-from zoo.modules.base import EditingModule
+from zoo.modules.base import EditingModule, check_schedule
 
 
 # Typed configs document each field with a string literal after it: those become --help.
@@ -124,12 +125,27 @@ class ZooCLI(LightningCLI):
             run=run,
         )
 
+    def add_core_arguments_to_parser(self, parser: Any) -> None:
+        """Trainer, data, then model: jsonargparse instantiates in this order, so a DataModule's
+        argument errors (a batch size, a missing shard folder) come before any model is built."""
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data)
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
+
     def before_instantiate_classes(self) -> None:
         """Give the stage's logger its own version (:data:`STAGE_FOLDERS`) when none is set, and no
         TensorBoard ``hp_metric = -1`` placeholder (the zoo logs no hyperparameter metric)."""
         if self.subcommand is None:
             return
-        _check_deepspeed_device(self.config[self.subcommand].trainer)
+        config = self.config[self.subcommand]
+        _check_accelerator(config.trainer)
+        _check_deepspeed_device(config.trainer)
+        data = config.get("data")
+        if isinstance(data, Namespace) and _is_subclass(data.get("class_path"), ShardDataModule):
+            check_stage_shards(dict(data.get("init_args") or {}), self.subcommand)
+        if self.subcommand == "fit":
+            check_schedule(str(config.get("model.init_args.optim.schedule")), int(config.trainer.get("max_steps") or -1))
         logger = self.config[self.subcommand].get("trainer.logger")
         init = logger.get("init_args") if isinstance(logger, Namespace) else None
         if isinstance(init, Namespace) and "version" in init and init.version is None:
@@ -350,6 +366,27 @@ def _written_by(path: str) -> str | None:
     # Memory-mapped: the class path is read without loading the weights into memory.
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+
+
+def _is_subclass(class_path: object, base: type) -> bool:
+    """Whether the dotted ``class_path`` names ``base`` or a subclass of it."""
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, base)
+
+
+def _check_accelerator(trainer: Namespace) -> None:
+    """Refuse a GPU accelerator on a machine without CUDA before any model is built (Lightning
+    raises ``MisconfigurationException: No supported gpu backend found!`` after building everything)."""
+    accelerator = str(trainer.get("accelerator"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator is {accelerator}, but this machine has no CUDA GPU: "
+            "use --trainer.accelerator=cpu (or auto), e.g. with a recipes/tiny/ overlay"
+        )
 
 
 def _check_deepspeed_device(trainer: Namespace) -> None:

@@ -154,11 +154,11 @@ def test_odd_image_modes_decode_to_the_right_rgb(kind: str, image: bytes | None,
         ("index lists no sample", lambda root: (root.mkdir(), (root / INDEX_NAME).write_text('{"shards": [], "total": 0}')), "holds no samples"),
     ],
 )
-def test_unusable_split_is_a_config_error_at_construction(
+def test_unusable_split_is_a_config_error_at_setup(
     kind: str, make: Callable[[Path], Any], message: str, tmp_path: Path, fault: FaultTable
 ) -> None:
     fault.injected(f"data: {kind}")
     make(tmp_path / "train")
     with pytest.raises(DataConfigError, match=f"{tmp_path / 'train'}.*{message}".replace("(", r"\(").replace(")", r"\)")):
-        ShardDataModule(train_shards=str(tmp_path / "train"))
+        ShardDataModule(train_shards=str(tmp_path / "train")).setup("fit")
     fault.survived(f"data: {kind}")

@@ -130,6 +130,12 @@ def build_optimizer(params: list[nn.Parameter], optim: Optimization) -> torch.op
     return cls(params, **{**kwargs, **optim.optimizer_args})
 
 
+def check_schedule(schedule: str, max_steps: int) -> None:
+    """Refuse a cosine schedule without ``trainer.max_steps`` (its length)."""
+    if schedule == "cosine" and max_steps <= 0:
+        raise ConfigError("a cosine schedule needs trainer.max_steps > 0 (streaming data has no epoch length)")
+
+
 def lr_factor(step: int, optim: Optimization, max_steps: int) -> float:
     """Multiplier of the peak learning rate at optimiser step ``step``."""
     if step < optim.warmup_steps:
@@ -516,8 +522,7 @@ class EditingModule(L.LightningModule):
         # Streaming loaders have no length (Lightning cannot estimate the number of steps of an
         # iterable loader), so the schedule is defined by trainer.max_steps.
         max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else 0
-        if self.optim.schedule == "cosine" and max_steps <= 0:
-            raise ConfigError("a cosine schedule needs trainer.max_steps > 0 (streaming data has no epoch length)")
+        check_schedule(self.optim.schedule, max_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, self.optim, max_steps)
         )
