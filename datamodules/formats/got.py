@@ -5,8 +5,9 @@ Three kinds of rows, in a ``.jsonl`` file (one object per line) or a ``.json`` f
 * ``t2i``: caption + reasoning chain + image (Laion-Aesthetics-High-Resolution-GoT, JourneyDB-GoT);
 * ``edit``: instruction + chain + source + target image (OmniEdit-GoT);
 * ``multi_turn``: N instructions, N chains and N + 1 images (source, then each turn's result);
-  turn t becomes one :class:`EditSample` ``images[t] -> images[t + 1]`` keyed ``<id>_turn<t>``,
-  so the one-turn model trains on every turn and predicts a session by feeding results back.
+  turn t becomes one :class:`EditSample` ``images[t] -> images[t + 1]`` keyed ``<id>_turn<t>``
+  with the session's earlier instructions as ``history``, so the one-turn model trains on every
+  turn and predicts a session by feeding results back.
 
 Kind ``mixed`` reads the three in one file, telling them apart per row (:meth:`GoTReader.row_kind`).
 GoT trains on such mixes (pretraining: LAHR-GoT + JourneyDB-GoT + OmniEdit-GoT; finetuning:
@@ -207,8 +208,11 @@ class GoTReader:
         images = [self._image(p) for p in paths]
         return [
             (
-                EditSample(key=f"{key}_turn{t}", source=images[t], target=images[t + 1], instruction=text, chain=chain),
-                {"session": key, "turn": t, "turns": len(instructions)},
+                EditSample(
+                    key=f"{key}_turn{t}", source=images[t], target=images[t + 1], instruction=text, chain=chain,
+                    history=list(instructions[:t]),
+                ),
+                {"session": key, "turn": t, "session_turns": len(instructions)},
             )
             for t, (text, chain) in enumerate(zip(instructions, chains))
         ]

@@ -30,6 +30,7 @@ def test_every_recipe_is_covered() -> None:
     listed = {path for files, _ in STAGES.values() for path in files} | {OFFICIAL}
     listed |= {path for files in GOT_STAGES.values() for path in files}
     listed |= {"recipes/mind_edit.yaml"}  # tests/cli/test_mind_edit_recipes.py
+    listed |= {"recipes/imgedit_e1_stage1.yaml", "recipes/imgedit_e1_stage2.yaml"}  # tests/cli/test_imgedit_e1_recipes.py
     on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "recipes").glob("*.yaml")}
     assert on_disk == listed
 
@@ -38,9 +39,10 @@ def test_every_demo_overlay_belongs_to_a_demo_and_parses() -> None:
     from zoo.demo import DEMOS
 
     overlays = {str(p.relative_to(ROOT)) for p in (ROOT / "recipes" / "demo").glob("*.yaml")}
-    assert overlays == {demo.recipes[-1] for demo in DEMOS.values()}
-    for demo in DEMOS.values():
-        cli = ParseOnly(args=configs(list(demo.recipes)), run=False)
+    stages = [(demo, recipes) for demo in DEMOS.values() for recipes in (demo.recipes, *(r for _, r in demo.earlier_stages))]
+    assert overlays == {recipes[-1] for _, recipes in stages}
+    for demo, recipes in stages:
+        cli = ParseOnly(args=configs(list(recipes)), run=False)
         assert cli.config.trainer.default_root_dir == demo.folder and cli.config.trainer.accelerator == "cpu"
         assert cli.config.data.init_args.test_shards == f"{demo.folder}/data/test"
 

@@ -85,6 +85,7 @@ def test_multi_turn_rows_become_chained_edits(tmp_path: Path, images: dict[str, 
     pairs = list(reader.pairs())
     assert reader.skipped == 1
     assert [(s.key, s.instruction, s.chain, e["turn"]) for s, e in pairs] == [("s_turn0", "one", "c1", 0), ("s_turn1", "two", "c2", 1)]
+    assert [s.history for s, _ in pairs] == [[], ["one"]], "a later turn carries the session's earlier instructions"
     assert [(_pixels(s.source), _pixels(s.target)) for s, _ in pairs] == [
         ((255, 0, 0), (0, 255, 0)),
         ((0, 255, 0), (0, 0, 255)),
