@@ -89,3 +89,20 @@ def test_stage_2_without_a_stage_1_checkpoint_is_one_error_line(toy_data: dict[s
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = error_lines(result.stderr)
     assert "none.ckpt' does not exist" in line and "train the previous stage first" in line
+
+
+def test_tiny_stage_2_predicts_edits_from_a_tos_jsonl(toy_data: dict[str, Path], tmp_path: Path) -> None:
+    image = tmp_path / "images" / "a.png"
+    image.parent.mkdir()
+    toy.edit_sample(0, "test", 0, 32)[0].source.save(image)
+    jsonl = tmp_path / "edits.jsonl"
+    jsonl.write_text(json.dumps({"id": "a", "image_path": "images/a.png", "image_path_target": "images/a.png", "prompt": "remove the circle"}) + "\n")
+    args = _args(2, toy_data, tmp_path, init_from=None)
+    shards_unset = [f"--data.init_args.{split}_shards=null" for split in ("train", "val", "test")]
+    assert main(["predict", *args, *shards_unset, f"--data.init_args.predict_jsonl={jsonl}"]) == 0
+    written = tmp_path / "predict" / "predictions" / "a.png"
+    record = json.loads(written.with_name("predictions.rank0.jsonl").read_text())
+    assert record == {"key": "a", "instruction": "remove the circle", "text": "remove the circle", "image": "a.png"}
+    from PIL import Image
+
+    assert Image.open(written).size == (32, 32)
