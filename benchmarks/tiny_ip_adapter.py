@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from callbacks.toy_score import palette_agreement, toy_edit_scores  # noqa: E402
 from datamodules.toy import edit_sample  # noqa: E402
 from zoo.blocks.sd15_ip_adapter import IPAdapterSD15, IPAdapterSD15Config  # noqa: E402
-from zoo.blocks.tiny_ip_adapter import TOY_SEED, _scene, generate, scene_caption, toy_images  # noqa: E402
+from zoo.blocks.tiny_cache import TOY_SEED, scene_caption, scene_from_json, toy_images  # noqa: E402
+from zoo.blocks.tiny_ip_adapter import generate  # noqa: E402
 
 
 def generation_scores(side: IPAdapterSD15, count: int, steps: int = 30) -> dict[str, float]:
@@ -48,7 +49,7 @@ def inpainting_scores(side: IPAdapterSD15, count: int, steps: int = 30) -> dict[
     source = torch.stack([pil(s.source).permute(2, 0, 1) / 255 for s, _ in samples])
     target = torch.stack([pil(s.target).permute(2, 0, 1) / 255 for s, _ in samples])
     mask = torch.stack([pil(s.mask)[None] / 255 for s, _ in samples])
-    captions = [scene_caption(_scene(extra["target_scene"])) for _, extra in samples]
+    captions = [scene_caption(scene_from_json(extra["target_scene"])) for _, extra in samples]
     cond = side.condition(captions, side.image_encoder.image_embeds(list(target)))
     edited = generate(side.denoiser, cond, side.scheduler, steps=steps, inpaint=(source, mask))
     ours, copy = toy_edit_scores(edited, target, mask), toy_edit_scores(source, target, mask)

@@ -20,8 +20,8 @@ from zoo.blocks.tiny_ip_adapter import (
     cache_folder,
     generate,
     tiny_ip_adapter_sd15,
-    toy_images,
 )
+from zoo.blocks.tiny_cache import toy_images
 
 QUICK = TinyIPAdapterOptions(steps=2, batch_size=4, images=8)
 

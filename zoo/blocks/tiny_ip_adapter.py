@@ -28,20 +28,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import SchedulerMixin, UNet2DConditionModel
 
-from datamodules.toy import edit_sample, t2i_sample
-from datamodules.toy_scenes import Scene, ToyObject, describe
 from zoo.blocks.condition import Condition
 from zoo.blocks.denoisers import Denoiser
 from zoo.blocks.config import ConfigError, check_positive, check_range
@@ -50,9 +43,8 @@ from zoo.blocks.objectives import EpsilonDiffusion
 from zoo.blocks.sampling import sample
 from zoo.blocks.sd_text import SDTextEncoder
 from zoo.blocks.tiny import TINY_SD15_UNET
+from zoo.blocks.tiny_cache import build_once, cache_root, toy_images
 from zoo.blocks.vision import CLIPImageEmbedder
-
-log = logging.getLogger(__name__)
 
 FACTORY_VERSION = 2
 """Part of the cache key (with the options, :data:`TINY_SD15_UNET` and :data:`TINY_SCHEDULE`): bump when
@@ -69,8 +61,6 @@ TINY_SCHEDULE: dict[str, object] = {
     "prediction_type": "v_prediction",
 }
 """The tiny side's schedule (DDPM's β for pixel space, v-prediction), keyword arguments of :class:`EpsilonDiffusion`."""
-TOY_SEED = 0
-"""Seed of the toy dataset the side is trained on (its ``train`` split; evaluation uses ``test``)."""
 
 
 @dataclass(frozen=True)
@@ -113,41 +103,11 @@ def options_from_dict(options: dict) -> TinyIPAdapterOptions:
     return TinyIPAdapterOptions(**options)
 
 
-def cache_root() -> Path:
-    """``$ZOO_CACHE/tiny``, else ``~/.cache/zoo/tiny``."""
-    return Path(os.environ.get("ZOO_CACHE", Path.home() / ".cache" / "zoo")).expanduser() / "tiny"
-
-
 def cache_folder(options: TinyIPAdapterOptions) -> Path:
     """Where the side built from ``options`` lives (a hash of everything that decides its weights)."""
     recipe = {"version": FACTORY_VERSION, "unet": TINY_SD15_UNET, "schedule": TINY_SCHEDULE}
     key = json.dumps({**recipe, **dataclasses.asdict(options)}, sort_keys=True)
     return cache_root() / f"ip_adapter_sd15-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-
-
-def scene_caption(scene: Scene) -> str:
-    """The caption a toy image is trained with: its description as a T2I prompt ("A red circle ... background.")."""
-    text = describe(scene)
-    return text[0].upper() + text[1:] + "."
-
-
-def _scene(record: dict) -> Scene:
-    return Scene(record["background"], tuple(ToyObject(**obj) for obj in record["objects"]))
-
-
-def toy_images(split: str, count: int, resolution: int = 32) -> tuple[torch.Tensor, list[str]]:
-    """``count`` toy images ``[N, 3, R, R]`` in [0, 1] with their captions: T2I scenes and edit targets alternating."""
-    images, captions = [], []
-    for i in range(count):
-        if i % 2:
-            sample, extra = edit_sample(TOY_SEED, split, i // 2, resolution)
-            image, caption = sample.target, scene_caption(_scene(extra["target_scene"]))
-        else:
-            sample, _ = t2i_sample(TOY_SEED, split, i // 2, resolution)
-            image, caption = sample.image, sample.prompt
-        images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255)
-        captions.append(caption)
-    return torch.stack(images), captions
 
 
 def _pretrain(
@@ -219,28 +179,8 @@ def tiny_ip_adapter_sd15(options: TinyIPAdapterOptions | None = None) -> Path:
     """
     options = options or TinyIPAdapterOptions()
     folder = cache_folder(options)
-    if (folder / "options.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    log.warning("building the tiny pretrained SD1.5 + IP-Adapter side once (%d steps, a few minutes on one CPU "
-                "thread) into %s; later runs load it from there", options.steps, folder)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # one thread: identical floating-point sums on every machine
-        try:
-            _build(options, scratch)
-        finally:
-            torch.set_num_threads(threads)
-        (scratch / "options.json").write_text(json.dumps(dataclasses.asdict(options), sort_keys=True))
-        try:
-            scratch.rename(folder)
-        except OSError:
-            if not (folder / "options.json").is_file():  # lost a race only if the winner finished
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return folder
+    what = f"the tiny pretrained SD1.5 + IP-Adapter side ({options.steps} steps)"
+    return build_once(folder, lambda scratch: _build(options, scratch), dataclasses.asdict(options), what)
 
 
 @torch.no_grad()
