@@ -40,9 +40,10 @@ The image branch trained in ImgEdit-E1's stage 2 is :data:`FluxSelector`, applie
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from diffusers import FluxTransformer2DModel
@@ -50,6 +51,7 @@ from torch import Tensor, nn
 
 from zoo.blocks.config import ConfigError, check_range
 from zoo.blocks.denoisers import Denoiser, DenoiserConfig
+from zoo.blocks.tiny_flux import options_from_dict, tiny_flux
 
 FLUX_GUIDANCE = 3.5
 """FLUX.1-dev's distilled guidance at inference (``FluxPipeline``'s ``guidance_scale``; UniWorld eval)."""
@@ -67,9 +69,22 @@ class FluxConfig(DenoiserConfig):
     mask_padding: bool = True
     """Mask padded context tokens out of the joint attention (they are zeroed either way);
     false attends to them, as FLUX does to its T5 padding."""
+    tiny: dict[str, Any] | None = None
+    """Options of the tiny *pretrained* FLUX (:class:`zoo.blocks.tiny_flux.TinyFluxOptions`, ``{}``
+    for the defaults), built once and cached, instead of ``pretrained`` or ``config`` (toy runs)."""
 
     def __post_init__(self) -> None:
         check_range("denoiser.guidance", self.guidance, 0.0)
+        if self.tiny is not None:
+            if self.pretrained is not None or self.config is not None:
+                raise ConfigError("denoiser.tiny builds the tiny pretrained FLUX: set pretrained and config to null")
+            options_from_dict(self.tiny)
+
+    def resolved(self) -> FluxConfig:
+        """This config with ``tiny`` replaced by the cached tiny FLUX's folder (built if absent)."""
+        if self.tiny is None:
+            return self
+        return dataclasses.replace(self, pretrained=str(tiny_flux(options_from_dict(self.tiny))), subfolder="transformer", tiny=None)
 
 
 def pack_latents(latents: Tensor) -> Tensor:
@@ -113,6 +128,7 @@ class FluxDenoiser(Denoiser):
 
     def __init__(self, cfg: FluxConfig) -> None:
         super().__init__()
+        cfg = cfg.resolved()
         self._load(FluxTransformer2DModel, cfg, input_conv="x_embedder", condition_channels=0)
         if self.model.config.patch_size != 1 or self.model.config.in_channels % 4:
             raise ValueError(
