@@ -100,32 +100,62 @@ def _scored_lines(text: str) -> list[tuple[str, float, int | None]]:
 
 @dataclass
 class Parsed:
-    """A parsed reply: ``scores`` in the rubric's order, or ``error`` saying why not."""
+    """A parsed reply: ``scores`` in the rubric's order, or ``error`` saying why not; ``by_position``
+    when the scores were read by their order, the reply naming the dimensions in its own words."""
 
     scores: list[float] | None
     error: str | None = None
+    by_position: bool = False
 
 
-def parse_scores(text: str, fields: tuple[str, ...], low: float = 1.0, high: float = 5.0) -> Parsed:
-    """The scores named ``fields`` (case, markdown and ``&``/``and`` ignored), each in [low, high].
+def _checked(field: str, value: float, denominator: int | None, low: float, high: float) -> str | None:
+    """Why ``value`` (``/denominator``) is not a score of ``field`` on [low, high], or None."""
+    if denominator is not None and denominator != high:
+        return f"{field} is given out of {denominator}, not {high:g}"
+    if not low <= value <= high:
+        return f"{field} = {value:g} is outside [{low:g}, {high:g}]"
+    return None
 
-    A ``/n`` fraction must have ``n == high``. The first line naming a field counts.
-    """
+
+def _by_name(lines: list[tuple[str, float, int | None]], fields: tuple[str, ...], low: float, high: float) -> Parsed:
+    """The scores of the lines naming ``fields``; the first line naming a field counts."""
     wanted = {_norm(f): i for i, f in enumerate(fields)}
     scores: list[float | None] = [None] * len(fields)
-    for name, value, denominator in _scored_lines(text):
+    for name, value, denominator in lines:
         if name not in wanted or scores[wanted[name]] is not None:
             continue
-        field = fields[wanted[name]]
-        if denominator is not None and denominator != high:
-            return Parsed(None, f"{field} is given out of {denominator}, not {high:g}")
-        if not low <= value <= high:
-            return Parsed(None, f"{field} = {value:g} is outside [{low:g}, {high:g}]")
+        problem = _checked(fields[wanted[name]], value, denominator, low, high)
+        if problem is not None:
+            return Parsed(None, problem)
         scores[wanted[name]] = value
     missing = [f for f, s in zip(fields, scores) if s is None]
     if missing:
         return Parsed(None, f"no score for {', '.join(missing)}")
     return Parsed([s for s in scores if s is not None])
+
+
+def _by_position(lines: list[tuple[str, float, int | None]], fields: tuple[str, ...], low: float, high: float) -> Parsed:
+    """The scores of exactly ``len(fields)`` lines, read in the rubric's order whatever they are named."""
+    for field, (_, value, denominator) in zip(fields, lines):
+        problem = _checked(field, value, denominator, low, high)
+        if problem is not None:
+            return Parsed(None, f"{problem} (read by position)")
+    return Parsed([value for _, value, _ in lines], by_position=True)
+
+
+def parse_scores(text: str, fields: tuple[str, ...], low: float = 1.0, high: float = 5.0) -> Parsed:
+    """The scores named ``fields`` (case, markdown and ``&``/``and`` ignored), each in [low, high].
+
+    A ``/n`` fraction must have ``n == high``. The first line naming a field counts. When the names
+    do not all appear but the reply holds exactly ``len(fields)`` ``Name: n`` lines (a judge that
+    paraphrases the dimensions: "Instruction Compliance" for "Prompt Compliance"), they are read by
+    position, as the official step-1 parser counts them; any other count is a failure.
+    """
+    lines = _scored_lines(text)
+    all_named = {_norm(f) for f in fields} <= {name for name, _, _ in lines}
+    if len(lines) == len(fields) and not all_named:
+        return _by_position(lines, fields, low, high)
+    return _by_name(lines, fields, low, high)
 
 
 def official_step1(text: str) -> float | None:
@@ -194,7 +224,7 @@ def rubric_type(edit_type: str) -> str:
 def basic_record(sample_id: str, edit_type: str, reply: str | ChatError, fields: tuple[str, ...]) -> dict[str, Any]:
     """One basic-suite record: scores as judged and capped, their means, the official step-1 score."""
     record: dict[str, Any] = {"id": sample_id, "edit_type": edit_type, "raw": None, "error": None, "scores": None,
-                              "capped": None, "mean": None, "mean_capped": None, "official": None}
+                              "capped": None, "mean": None, "mean_capped": None, "official": None, "by_position": False}
     if isinstance(reply, ChatError):
         return record | {"error": f"judge call failed: {reply}", "retry": True}
     record["raw"] = reply
@@ -205,7 +235,8 @@ def basic_record(sample_id: str, edit_type: str, reply: str | ChatError, fields:
         return record
     first = parsed.scores[0]
     capped = [first] + [min(s, first) for s in parsed.scores[1:]]
-    record |= {"scores": parsed.scores, "capped": capped, "mean": sum(parsed.scores) / 3, "mean_capped": sum(capped) / 3}
+    record |= {"scores": parsed.scores, "capped": capped, "mean": sum(parsed.scores) / 3, "mean_capped": sum(capped) / 3,
+               "by_position": parsed.by_position}
     return record
 
 

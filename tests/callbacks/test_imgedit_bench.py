@@ -25,6 +25,7 @@ from callbacks.imgedit_bench import (
 )
 from callbacks.judges import ToyJudge
 from datamodules.formats.imgedit import BASIC_TYPES
+from tests.helpers.faults import FaultTable
 from zoo.blocks.chat import ChatError
 
 FIELDS = ("Prompt Compliance", "Visual Naturalness", "Physical & Detail Integrity")
@@ -65,6 +66,36 @@ def test_failure_reasons_are_specific() -> None:
     assert "outside" in parse_scores("Prompt Compliance: 7\nVisual Naturalness: 4\nPhysical & Detail Integrity: 4", FIELDS).error
     failed = basic_record("k", "add", ChatError("HTTP 500 after 3 attempts", status=500), FIELDS)
     assert failed["error"].startswith("judge call failed") and failed["raw"] is None and failed["official"] is None
+
+
+ADD_FIELDS = ("Prompt Compliance", "Visual Naturalness", "Physical & Detail Coherence")
+"""The dimensions of the official `add` rubric."""
+PARAPHRASED = "Brief reasoning: the cup is added.\nInstruction Compliance: 4\nVisual Quality: 3\nDetail Preservation: 4"
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    "reply, scores, error",
+    [
+        (PARAPHRASED, [4, 3, 4], None),  # read by position, as the official step-1 parser counts it
+        ("Instruction Compliance: 4\nVisual Quality: 3", None, "no score for"),  # two lines for three dimensions
+        (PARAPHRASED + "\nOverall: 4", None, "no score for"),  # four lines: which three is ambiguous
+        ("Instruction Compliance: 4\nVisual Quality: 6\nDetail Preservation: 4", None, "Visual Naturalness = 6 is outside"),
+        ("Compliance: 4\nVisual Naturalness: 2\nPhysical & Detail Coherence: 5", [4, 2, 5], None),  # one paraphrase
+        ("Visual Naturalness: 2\nPrompt Compliance: 4\nPhysical & Detail Coherence: 5", [4, 2, 5], None),  # names beat order
+    ],
+)
+def test_paraphrased_dimension_names_are_read_by_position_only_when_the_count_matches(
+    reply: str, scores: list[float] | None, error: str | None, fault: FaultTable
+) -> None:
+    fault.injected("judge: paraphrased rubric names")
+    record = basic_record("k", "add", reply, ADD_FIELDS)
+    assert record["scores"] == scores
+    assert record["by_position"] == (scores is not None and "Prompt Compliance" not in reply)
+    assert (record["error"] is None) == (error is None) and (error is None or error in record["error"])
+    if scores is not None:
+        assert record["mean"] == pytest.approx(sum(scores) / 3) and record["official"] == round(sum(scores) / 3, 2)
+    fault.survived("judge: paraphrased rubric names")
 
 
 def test_cap_is_recorded_both_ways() -> None:
