@@ -6,7 +6,9 @@ Basic suite (facts from the official scripts in ``PKU-YuanGroup/ImgEdit@547185d:
 rubric of ``prompts.json`` with ``<edit_prompt>`` replaced, then the original and the edited image
 (always exactly two), and answers three 1-5 scores. A sample's score is the mean of
 the three; a type's score the mean over its samples; **Overall = unweighted mean of the 9 type
-scores** (how the leaderboard's Overall is computed).
+scores** (how the leaderboard's Overall is computed). An Overall over fewer types (some absent
+or all failed) is marked ``partial: k of 9`` in every table and ``summary.json``
+(``overall_types``), and logged with the scalar ``overall/types`` = k.
 
 Where this differs from the official scorer, the official behaviour is available behind flags:
 
@@ -18,6 +20,9 @@ Where this differs from the official scorer, the official behaviour is available
 - the rubric says "the second and third score should no higher than first score", but no code
   enforces it: records keep the scores as judged and capped (``min(s, s1)``); ``apply_cap`` picks
   the capped ones for the headline.
+- a reply naming the dimensions in its own words ("Instruction Compliance" for "Prompt
+  Compliance") is read by position when it holds exactly three ``Name: n`` lines (``by_position``
+  in the record), as the official parser would count it; any other count is a failure.
 - legacy ``alter`` labels (before 2025-06-16) are read as ``adjust``.
 
 UGE suite: one score per sample. The official prompt shows no score line and its parser then drops
@@ -48,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from callbacks.judges import Judge, JudgeRequest
-from callbacks.results import BenchmarkEvaluator, ResultsFolder, Table
+from callbacks.results import BenchmarkEvaluator, ResultsFolder, Table, coverage
 from datamodules.benchmarks import fetch
 from datamodules.formats.imgedit import BASIC_TYPES, LEGACY_LABELS, SUITES
 from zoo.blocks.chat import ChatError
@@ -245,7 +250,8 @@ def _mean(values: list[float]) -> float:
 
 
 def aggregate_basic(records: list[dict[str, Any]], apply_cap: bool = False, official: bool = False) -> dict[str, dict[str, float]]:
-    """Per-type ``score``/``count``/``failed`` and ``overall`` (unweighted mean of the types present).
+    """Per-type ``score``/``count``/``failed`` and ``overall``: the unweighted mean of the types with
+    a score, ``types`` of them out of the suite's ``of`` (9); see :func:`overall_coverage`.
 
     ``official``: per-sample step-1 scores, per-type ``round(mean, 2)`` as ``step2_typescore.py``;
     failures are still counted (the official script drops them without a word).
@@ -268,23 +274,31 @@ def aggregate_basic(records: list[dict[str, Any]], apply_cap: bool = False, offi
         "score": _mean(scores),
         "count": sum(v["count"] for v in table.values()),
         "failed": sum(v["failed"] for v in table.values()),
+        "types": float(len(scores)),
+        "of": float(len(BASIC_TYPES)),
     }
     return table
 
 
+def overall_coverage(aggregate: dict[str, dict[str, float]]) -> str:
+    """``9 of 9``, or ``partial: k of 9`` when the overall of ``aggregate`` misses types."""
+    return coverage(int(aggregate["overall"]["types"]), int(aggregate["overall"]["of"]))
+
+
 def basic_table(records: list[dict[str, Any]], label: str, apply_cap: bool) -> Table:
-    """Paper layout (ImgEdit Table 3): one column per type + Overall; rows: headline, the other cap
-    variant, the official step-1/2 numbers, then samples scored and failures."""
+    """Paper layout (ImgEdit Table 3): one column per type + Overall + the types Overall averages
+    (``partial: k of 9`` when some have no score); rows: headline, the other cap variant, the
+    official step-1/2 numbers, then samples scored and failures."""
     variants = [
         (label, aggregate_basic(records, apply_cap)),
         (f"{label} ({'as judged' if apply_cap else 'capped'})", aggregate_basic(records, not apply_cap)),
         (f"{label} (official step-1/2)", aggregate_basic(records, official=True)),
     ]
     columns = [t for t in BASIC_TYPES if t in variants[0][1]] + ["overall"]
-    rows: list[list[Any]] = [[name, *(agg[c]["score"] for c in columns)] for name, agg in variants]
-    rows.append(["samples", *(int(variants[0][1][c]["count"]) for c in columns)])
-    rows.append(["failed", *(int(variants[0][1][c]["failed"]) for c in columns)])
-    return ["", *(c.capitalize() for c in columns)], rows
+    rows: list[list[Any]] = [[name, *(agg[c]["score"] for c in columns), overall_coverage(agg)] for name, agg in variants]
+    rows.append(["samples", *(int(variants[0][1][c]["count"]) for c in columns), ""])
+    rows.append(["failed", *(int(variants[0][1][c]["failed"]) for c in columns), ""])
+    return ["", *(c.capitalize() for c in columns), "Overall types"], rows
 
 
 def uge_record(sample_id: str, reply: str | ChatError) -> dict[str, Any]:
@@ -537,8 +551,12 @@ class ImgEditEvaluator(BenchmarkEvaluator):
             "capped": aggregate_basic(records, apply_cap=True),
             "official": aggregate_basic(records, official=True),
             "flags": {"apply_cap": self.apply_cap, "official": self.official},
+            "overall_types": overall_coverage(headline),
         })
-        return {f"{group}/score": values["score"] for group, values in headline.items()} | {"failed": headline["overall"]["failed"]}
+        if headline["overall"]["types"] < headline["overall"]["of"]:
+            log.warning("ImgEdit-Bench overall is %s types: the others have no score", overall_coverage(headline))
+        scalars = {f"{group}/score": values["score"] for group, values in headline.items()}
+        return scalars | {"overall/types": headline["overall"]["types"], "failed": headline["overall"]["failed"]}
 
     def _summarize_uge(self, records: list[dict[str, Any]], folder: ResultsFolder) -> dict[str, float]:
         ours, official = aggregate_uge(records), aggregate_uge(records, official=True)

@@ -56,6 +56,13 @@ Table = tuple[list[str], list[list[Any]]]
 """A table: header and rows (numbers are formatted by the writer)."""
 
 
+def coverage(scored: int, total: int) -> str:
+    """How many of a suite's ``total`` groups an overall averages: ``9 of 9``, or ``partial: 4 of 9``
+    when some have no score. Every table, summary and log of an overall carries it, so a headline
+    over fewer groups than the suite has is never read as the full benchmark."""
+    return f"{scored} of {total}" if scored == total else f"partial: {scored} of {total}"
+
+
 def _cell(value: Any, digits: int) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.{digits}f}"

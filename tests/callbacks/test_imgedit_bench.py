@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -24,6 +25,7 @@ from callbacks.imgedit_bench import (
     uge_record,
 )
 from callbacks.judges import ToyJudge
+from callbacks.results import ResultsFolder
 from datamodules.formats.imgedit import BASIC_TYPES
 from tests.helpers.faults import FaultTable
 from zoo.blocks.chat import ChatError
@@ -135,9 +137,30 @@ def test_basic_aggregation_hand_computed() -> None:
 
 def test_basic_table_layout() -> None:
     header, rows = basic_table(_records(), "ours", apply_cap=False)
-    assert header == ["", "Add", "Remove", "Style", "Overall"]
+    assert header == ["", "Add", "Remove", "Style", "Overall", "Overall types"]
     assert [r[0] for r in rows] == ["ours", "ours (capped)", "ours (official step-1/2)", "samples", "failed"]
-    assert rows[3] == ["samples", 2, 1, 1, 4] and rows[4] == ["failed", 0, 1, 0, 1]
+    # The official parser drops the bold 'remove' reply, so its overall covers one type fewer.
+    assert [r[-1] for r in rows] == ["partial: 3 of 9", "partial: 3 of 9", "partial: 2 of 9", "", ""]
+    assert rows[3] == ["samples", 2, 1, 1, 4, ""] and rows[4] == ["failed", 0, 1, 0, 1, ""]
+
+
+def _all_types(failing: str | None = None) -> list[dict]:
+    """One record per basic type scoring 4, 4, 4; ``failing``'s reply is a refusal."""
+    reply = "Prompt Compliance: 4\nVisual Naturalness: 4\nPhysical & Detail Integrity: 4"
+    return [basic_record(t, t, REFUSAL if t == failing else reply, FIELDS) for t in BASIC_TYPES]
+
+
+@pytest.mark.parametrize("failing, expected", [(None, "9 of 9"), ("compose", "partial: 8 of 9")])
+def test_partial_overall_is_marked_in_tables_summary_and_scalars(failing: str | None, expected: str, tmp_path: Path) -> None:
+    records = _all_types(failing)
+    scalars = ImgEditEvaluator(ToyJudge(), label="m").summarize(records, ResultsFolder(tmp_path))
+    assert scalars["overall/score"] == 4.0 and scalars["overall/types"] == (9.0 if failing is None else 8.0)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["overall_types"] == expected and summary["official"]["overall"]["types"] == scalars["overall/types"]
+    with (tmp_path / "basic.csv").open(newline="") as handle:
+        table = list(csv.reader(handle))
+    assert table[0][-2:] == ["Overall", "Overall types"] and [row[-1] for row in table[1:4]] == [expected] * 3
+    assert f"| {expected} |" in (tmp_path / "basic.md").read_text()
 
 
 def test_legacy_alter_and_unknown_types() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from callbacks.imgedit_bench import ImgEditEvaluator
 from callbacks.judges import ChatJudge, JudgeConfig, JudgeUnavailableError, ToyJudge
@@ -72,9 +73,13 @@ def test_toy_imgedit_evaluation_end_to_end_and_resume(toy_test: Path, tmp_path: 
     types = sorted({r["edit_type"] for r in records})
     expected = sum(sum(r["mean"] for r in records if r["edit_type"] == t) / sum(r["edit_type"] == t for r in records) for t in types) / len(types)
     assert summary["headline"]["overall"]["score"] == pytest.approx(expected)
+    partial = f"partial: {len(types)} of 9"  # toy data covers only some of ImgEdit's 9 types
+    assert summary["overall_types"] == partial
     table = (out / "basic.md").read_text()
-    assert "| tiny-dim |" in table and "Overall" in table and (out / "basic.csv").is_file()
-    assert list((tmp_path / "tb").rglob("events.out.tfevents*"))
+    assert "| tiny-dim |" in table and "Overall" in table and f"| {partial} |" in table and (out / "basic.csv").is_file()
+    [events] = list((tmp_path / "tb").rglob("events.out.tfevents*"))
+    logged = EventAccumulator(str(events)).Reload()
+    assert [e.value for e in logged.Scalars("imgedit_basic/overall/types")] == [len(types)]
 
     # Rerun into the same folder: nothing is scored again, the tables are rewritten from all records.
     rerun = ImgEditEvaluator(ToyJudge(), rubrics=str(PROMPTS), output_dir=str(out), label="tiny-dim")
