@@ -14,6 +14,9 @@ The official parser (``viescore/utils.py:154-187``, ``mllm_output_to_dict``) gue
 Here such a sample is recorded as a failure with its raw reply and left out of the means (counted
 in ``failed``; a failed call is marked ``retry`` and asked again by the next run);
 ``official_random_guess=True`` restores the guess (seeded) to reproduce the official behaviour.
+A reply whose JSON is broken is read from a bare ``[a, b]`` only when it holds exactly one number
+list outside its ``reasoning`` (the official parser takes the first one anywhere, which can be a
+pair quoted in the reasoning); otherwise it is a failure.
 
 The SC/PQ prompts below follow VIEScore's structure (task context, rules, JSON answer
 ``{"score": [...], "reasoning": "..."}``) in our own words; they are not the official text.
@@ -48,11 +51,37 @@ Reply with JSON only: {"score": [naturalness, artifacts], "reasoning": "<one sen
 
 _DELIMITER = "||V^=^V||"
 _LIST = re.compile(r"\[\s*(-?\d+(?:\.\d+)?(?:\s*,\s*-?\d+(?:\.\d+)?)*)\s*\]")
+_REASONING_KEY = re.compile(r"""["']?reasoning["']?\s*:""", re.IGNORECASE)
+_SCORE_KEY = re.compile(r"""["']?score["']?\s*:""", re.IGNORECASE)
+
+
+def _outside_reasoning(body: str) -> str:
+    """``body`` without the value of a ``reasoning`` key (up to a ``score`` key after it, else to the
+    end), so a number pair quoted in the reasoning is not taken for the scores."""
+    reasoning = _REASONING_KEY.search(body)
+    if reasoning is None:
+        return body
+    score = _SCORE_KEY.search(body, reasoning.end())
+    return body[: reasoning.start()] + (body[score.start() :] if score is not None else "")
+
+
+def _bare_list(body: str) -> list[float] | str:
+    """The one number list of a reply whose JSON is broken, or why there is not exactly one: with
+    two candidates (say one in the scores, one in the text) which holds the scores is a guess."""
+    candidates = _LIST.findall(_outside_reasoning(body))
+    if not candidates:
+        return "no score list in the reply"
+    if len(candidates) > 1:
+        return f"the reply's JSON is broken and it holds {len(candidates)} number lists; which are the scores is ambiguous"
+    return [float(v) for v in candidates[0].split(",")]
 
 
 def parse_vie(text: str, count: int = 2) -> list[float] | str:
     """The ``score`` list of a VIEScore reply (``||V^=^V||`` delimiters, JSON with single quotes or
-    trailing commas, or a bare ``[a, b]``), each in [0, 10]; or the reason it cannot be read."""
+    trailing commas, or a bare ``[a, b]``), each in [0, 10]; or the reason it cannot be read.
+
+    The bare-list fallback (JSON broken) counts only when the reply holds exactly one number list
+    outside its ``reasoning``; otherwise the reply is a failure rather than a guess."""
     body = text.split(_DELIMITER)[1] if text.count(_DELIMITER) >= 2 else text
     scores: list[Any] | None = None
     start, end = body.find("{"), body.rfind("}")
@@ -67,10 +96,10 @@ def parse_vie(text: str, count: int = 2) -> list[float] | str:
                 scores = data["score"]
                 break
     if scores is None:
-        match = _LIST.search(body)
-        if match is None:
-            return "no score list in the reply"
-        scores = [float(v) for v in match[1].split(",")]
+        bare = _bare_list(body)
+        if isinstance(bare, str):
+            return bare
+        scores = bare
     if len(scores) != count or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
         return f"expected {count} numeric scores, got {scores!r}"
     if not all(0 <= s <= 10 for s in scores):

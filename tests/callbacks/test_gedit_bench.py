@@ -8,6 +8,7 @@ import random
 import pytest
 
 from callbacks.gedit_bench import aggregate_gedit, gedit_record, gedit_table, parse_vie
+from tests.helpers.faults import FaultTable
 from zoo.blocks.chat import ChatError
 
 
@@ -26,6 +27,31 @@ from zoo.blocks.chat import ChatError
 def test_parse_vie(reply: str, expected: list[float] | None) -> None:
     parsed = parse_vie(reply)
     assert parsed == expected if expected is not None else isinstance(parsed, str)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    "reply, expected, error",
+    [
+        ('{"score": [7, 8], "reasoning": "the edit keeps the pair [3, 4] of cups"', [7.0, 8.0], None),  # reasoning unclosed
+        ('{"reasoning": "it moved the boxes [1, 2] to [5, 6]", "score": [9, 7],}}', [9.0, 7.0], None),  # reasoning first
+        ("Scores [7, 8]; at first I thought [3, 4].", None, "2 number lists"),  # no reasoning key to tell them apart
+        ('{"score": [7, 8] "note": [2, 3], "reasoning": "fine"', None, "2 number lists"),
+        ('{"score": "high", "reasoning": "it scored [6, 6] in my head"', None, "no score list"),  # only the reasoning has one
+    ],
+)
+def test_bare_list_fallback_takes_only_an_unambiguous_pair(
+    reply: str, expected: list[float] | None, error: str | None, fault: FaultTable
+) -> None:
+    fault.injected("judge: broken JSON, number pairs in the text")
+    parsed = parse_vie(reply)
+    if expected is not None:
+        assert parsed == expected
+    else:
+        assert isinstance(parsed, str) and error in parsed
+        record = gedit_record(CASE, reply, '{"score": [8, 9]}')
+        assert record["sc"] is None and record["error"].startswith("SC: ") and not record.get("retry")
+    fault.survived("judge: broken JSON, number pairs in the text")
 
 
 CASE = {"id": "ps_human/k1", "task_type": "ps_human", "intersection": True, "language": "en"}
