@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers.faults import FaultTable
 from tests.helpers.openai_server import OpenAIServer, Reply, Request, completion, error
 from zoo.blocks.chat import (
     JPEG_QUALITIES,
@@ -32,6 +33,7 @@ from zoo.blocks.chat import (
     to_pil,
 )
 from zoo.blocks.config import ConfigError
+from zoo.blocks.redact import REDACTED
 
 KEY = "sk-test-4f9a2c81e7d3"
 SOON = {"Retry-After": "0.01"}
@@ -391,3 +393,19 @@ def test_a_successful_reply_never_returns_the_key(api_key: str, debug_logs: pyte
         reply = make_client(server).complete(["echo my key"])
     assert reply == "Your key is [redacted]."
     assert_hidden((KEY,), debug_logs, reply)
+
+
+@pytest.mark.faults
+def test_key_with_a_line_break_inside_is_hidden_in_the_protocol_error_and_its_logs(
+    monkeypatch: pytest.MonkeyPatch, debug_logs: pytest.LogCaptureFixture, fault: FaultTable
+) -> None:
+    fault.injected("chat: API key with a line break inside")
+    broken = f"{KEY[:10]}\n{KEY[10:]}"
+    monkeypatch.setenv("ZOO_TEST_KEY", broken)
+    with OpenAIServer(completion("never sent")) as server:
+        with pytest.raises(ChatError, match="connection failed") as info:
+            make_client(server, max_retries=1).complete(["hi"])
+    assert server.requests == []  # the HTTP stack refuses the header before sending it
+    assert "Illegal header value" in debug_logs.text and REDACTED in debug_logs.text  # its error, logged at DEBUG
+    assert_hidden((broken, f"{KEY[:10]}\\n{KEY[10:]}", KEY[:10], KEY[10:]), debug_logs, *error_texts(info.value))
+    fault.survived("chat: API key with a line break inside")

@@ -11,10 +11,13 @@ from zoo.blocks.redact import MIN_FRAGMENT, REDACTED, hide_in_logs, key_forms, r
 KEY = "sk-proj-9d8c7b6a5f4e3d2c"
 
 
-def test_key_forms_are_the_raw_and_the_stripped_value() -> None:
-    assert key_forms(f" {KEY}\n") == (f" {KEY}\n", KEY)
+def test_key_forms_are_the_raw_stripped_and_escaped_values_and_long_pieces() -> None:
+    assert key_forms(f" {KEY}\n") == (f" {KEY}\n", KEY, f" {KEY}\\n")
     assert key_forms(KEY) == (KEY,)
     assert key_forms("") == ()
+    broken = f"{KEY[:12]}\n{KEY[12:]}"  # a line break inside: two pieces, 12 and 12 characters
+    assert key_forms(broken) == (broken, f"{KEY[:12]}\\n{KEY[12:]}", KEY[:12], KEY[12:])
+    assert key_forms(f"{KEY}\nab") == (f"{KEY}\nab", f"{KEY}\\nab", KEY)  # "ab" is too short to hide
 
 
 def test_redact_replaces_the_longest_form_first() -> None:

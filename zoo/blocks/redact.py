@@ -4,7 +4,8 @@ A key reaches text in three ways: a server echoes the key it rejected (OpenAI's 
 server or proxy echoes it in a reply or a header, and the environment variable holds it with
 stray whitespace (``export KEY="sk-...\\n"``), so the form sent differs from the form stored.
 
-- :func:`key_forms`: the raw and stripped forms of a key, both of which must be hidden.
+- :func:`key_forms`: the raw, stripped and escaped forms of a key (and the pieces of one with a
+  line break inside), all of which must be hidden.
 - :func:`redact` / :func:`shorten`: the text with every form replaced, and a display-length cut
   of it that also hides a key prefix left at the cut (or at the end of a server's own cut echo).
 - :func:`hide_in_logs`: one log-record factory hides registered keys from every logger, the
@@ -28,8 +29,15 @@ MIN_FRAGMENT = 8
 
 
 def key_forms(raw: str) -> tuple[str, ...]:
-    """The distinct non-empty forms of a key read from the environment: as stored and stripped."""
-    return tuple(form for form in dict.fromkeys((raw, raw.strip())) if form)
+    """The distinct non-empty forms of a key read from the environment that must be hidden: as
+    stored and stripped; both escaped as ``repr`` writes them (the HTTP stack rejects a key with a
+    line break inside, and its error, logged at DEBUG, shows ``b'Bearer sk-...\\n...'``); and each
+    whitespace-separated piece of at least :data:`MIN_FRAGMENT` characters (what is left of such a
+    key once a line-based tool splits it)."""
+    stripped = raw.strip()
+    escaped = (form.encode("unicode_escape").decode("ascii") for form in (raw, stripped))
+    pieces = (piece for piece in stripped.split() if len(piece) >= MIN_FRAGMENT)
+    return tuple(form for form in dict.fromkeys((raw, stripped, *escaped, *pieces)) if form)
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
