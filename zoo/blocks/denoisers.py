@@ -166,7 +166,9 @@ class Denoiser(nn.Module, ABC):
         """Build ``self.model`` (published weights or a config) with its input conv widened for the condition."""
         if condition_channels < 0:
             raise ValueError(f"condition_channels must be >= 0, got {condition_channels}")
-        self.model = load_diffusers_model(model_cls, cfg.pretrained, cfg.config, cfg.subfolder, cfg.seed)
+        # from_pretrained returns a model in eval mode, a config-built one is in train mode: the same
+        # mode either way, which the owner's train()/eval() then sets.
+        self.model = load_diffusers_model(model_cls, cfg.pretrained, cfg.config, cfg.subfolder, cfg.seed).train()
         self.condition_channels = condition_channels
         widen_model_input(
             self.model, input_conv, condition_channels, zero_init=cfg.zero_init_condition, copy_bias=cfg.copy_bias
