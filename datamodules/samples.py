@@ -137,12 +137,22 @@ def resize_center_crop(image: Image.Image, resolution: int, resample: int = Imag
     return image.crop((left, top, left + resolution, top + resolution))
 
 
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    """HWC uint8 -> CHW float in [0, 1]."""
+def _levels(image: Image.Image) -> torch.Tensor:
+    """HWC uint8 -> CHW uint8 pixel levels (a view with HWC strides; ``torch.stack`` makes a batch contiguous)."""
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def _unit(levels: Tensor) -> Tensor:
+    """uint8 levels -> float in [0, 1] (the memory layout kept)."""
+    return levels.float().div_(255.0)
+
+
+def _signed_levels(levels: Tensor) -> Tensor:
+    """uint8 levels -> float in [-1, 1]."""
+    return _unit(levels).mul_(2.0).sub_(1.0)
 
 
 def signed_to_pil(image: Tensor) -> Image.Image:
@@ -152,13 +162,14 @@ def signed_to_pil(image: Tensor) -> Image.Image:
     return Image.fromarray(levels.permute(1, 2, 0).numpy())
 
 
-def _signed(image: Image.Image, resolution: int) -> torch.Tensor:
-    return _to_tensor(resize_center_crop(image, resolution)).mul_(2.0).sub_(1.0)
+def _crop_levels(image: Image.Image, resolution: int) -> torch.Tensor:
+    return _levels(resize_center_crop(image, resolution))
 
 
-def _mask_tensor(mask: Image.Image, resolution: int) -> torch.Tensor:
-    """``[1, R, R]`` in {0, 1}: an "L" mask resized (nearest) and centre-cropped as its image is."""
-    return (_to_tensor(resize_center_crop(mask, resolution, Image.NEAREST)) > 0.5).float()
+def _mask_levels(mask: Image.Image, resolution: int) -> torch.Tensor:
+    """``[1, R, R]`` uint8 in {0, 1}: an "L" mask resized (nearest) and centre-cropped as its image is
+    (a level > 127 is exactly a level / 255 > 0.5)."""
+    return (_levels(resize_center_crop(mask, resolution, Image.NEAREST)) > 127).to(torch.uint8)
 
 
 @dataclass
@@ -257,6 +268,31 @@ class EditBatch:
         texts = ("instruction", "blueprint", "chain", "boxes", "turns", "optimized_instruction", "history")
         return replace(self, **{name: [getattr(self, name)[i] for i in order] for name in texts})
 
+    def to_float(self) -> EditBatch:
+        """The batch with uint8 pixel levels (``collate(..., levels=True)``, on any device) turned into
+        the float ranges above by the same operations as ``collate`` (so bit-identical); a batch
+        without uint8 tensors is returned as it is."""
+        images = [self.source, self.target, self.mllm_image, self.mask] + [t for row in self.turn_target + self.turn_mask for t in row]
+        if not any(t is not None and t.dtype == torch.uint8 for t in images):
+            return self
+
+        def signed(levels: Tensor | None) -> Tensor | None:
+            return _signed_levels(levels) if levels is not None and levels.dtype == torch.uint8 else levels
+
+        def mask(levels: Tensor | None) -> Tensor | None:
+            return levels.float() if levels is not None and levels.dtype == torch.uint8 else levels
+
+        mllm = self.mllm_image
+        return replace(
+            self,
+            source=signed(self.source),
+            target=signed(self.target),
+            mllm_image=_unit(mllm) if mllm is not None and mllm.dtype == torch.uint8 else mllm,
+            mask=mask(self.mask),
+            turn_target=[[signed(t) for t in row] for row in self.turn_target],
+            turn_mask=[[mask(t) for t in row] for row in self.turn_mask],
+        )
+
     def replace(self, **changes: Any) -> EditBatch:
         """A copy with some fields replaced (e.g. the designer's blueprints)."""
         return replace(self, **changes)
@@ -332,12 +368,18 @@ class EditOutputs:
     """Turns 2, 3, ... of the batch's multi-turn cases, in order."""
 
 
-def collate(samples: Sequence[EditSample | T2ISample], resolution: int, mllm_resolution: int) -> EditBatch:
+def collate(
+    samples: Sequence[EditSample | T2ISample], resolution: int, mllm_resolution: int, *, levels: bool = False
+) -> EditBatch:
     """Build the :class:`EditBatch` of ``samples`` at ``resolution`` (and ``mllm_resolution`` for the MLLM).
 
     A batch may mix edit and T2I samples (GoT pretrains on both). Its T2I rows then get a black
     ``source`` (-1 everywhere: GoT encodes a black image as the T2I reference) and an all-zero
     ``mllm_image`` that is no image: modules read :attr:`EditBatch.edits` to keep it from the MLLM.
+
+    ``levels=True`` leaves every image tensor as its uint8 pixel levels (masks as uint8 0/1): what
+    a loader worker ships to the main process (a quarter of the bytes); :meth:`EditBatch.to_float`
+    then gives exactly the float batch that ``levels=False`` returns.
     """
     if not samples:
         raise ValueError("collate() got an empty list of samples")
@@ -354,34 +396,35 @@ def collate(samples: Sequence[EditSample | T2ISample], resolution: int, mllm_res
         turns=[list(s.turns) if isinstance(s, EditSample) else [] for s in samples],
         optimized_instruction=[(s.optimized_instruction or "") if isinstance(s, EditSample) else "" for s in samples],
         history=[list(s.history) if isinstance(s, EditSample) else [] for s in samples],
-        turn_target=[[_signed(t, resolution) for t in s.turn_targets] if isinstance(s, EditSample) else [] for s in samples],
-        turn_mask=[[_mask_tensor(m, resolution) for m in s.turn_masks] if isinstance(s, EditSample) else [] for s in samples],
+        turn_target=[[_crop_levels(t, resolution) for t in s.turn_targets] if isinstance(s, EditSample) else [] for s in samples],
+        turn_mask=[[_mask_levels(m, resolution) for m in s.turn_masks] if isinstance(s, EditSample) else [] for s in samples],
     )
     if any(edits):
         batch.source, batch.mllm_image, batch.mask = _sources(samples, resolution, mllm_resolution)
     targets = [s.target if isinstance(s, EditSample) else s.image for s in samples]
     present = [t is not None for t in targets]
     if all(present):
-        batch.target = torch.stack([_signed(t, resolution) for t in targets])
+        batch.target = torch.stack([_crop_levels(t, resolution) for t in targets])
     elif any(present):
         missing = [s.key for s, p in zip(samples, present) if not p]
         raise ValueError(f"some samples of the batch have a target image and some do not (missing: {missing})")
-    return batch
+    return batch if levels else batch.to_float()
 
 
 def _sources(
     samples: Sequence[EditSample | T2ISample], resolution: int, mllm_resolution: int
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(source, mllm_image, mask)`` of a batch holding edits (T2I rows: black / zeros; mask or None)."""
-    black = -torch.ones(3, resolution, resolution)
-    empty = torch.zeros(3, mllm_resolution, mllm_resolution)
+    """uint8 ``(source, mllm_image, mask)`` levels of a batch holding edits (T2I rows: level 0, i.e. a
+    black source and an all-zero MLLM view; mask or None)."""
+    black = torch.zeros(3, resolution, resolution, dtype=torch.uint8)
+    empty = torch.zeros(3, mllm_resolution, mllm_resolution, dtype=torch.uint8)
     sources = [s.source if isinstance(s, EditSample) else None for s in samples]
-    source = torch.stack([black if s is None else _signed(s, resolution) for s in sources])
+    source = torch.stack([black if s is None else _crop_levels(s, resolution) for s in sources])
     mllm_image = torch.stack(
-        [empty if s is None else _to_tensor(s.resize((mllm_resolution, mllm_resolution), Image.BICUBIC)) for s in sources]
+        [empty if s is None else _levels(s.resize((mllm_resolution, mllm_resolution), Image.BICUBIC)) for s in sources]
     )
     masks = [s.mask if isinstance(s, EditSample) else None for s in samples]
     mask = None
     if all(m is not None for m in masks):
-        mask = torch.stack([_mask_tensor(m, resolution) for m in masks])
+        mask = torch.stack([_mask_levels(m, resolution) for m in masks])
     return source, mllm_image, mask

@@ -38,6 +38,7 @@ from typing import Any, Iterator
 import lightning as L
 import torch
 import webdataset as wds
+from lightning.pytorch.trainer.states import TrainerStatus
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from datamodules.samples import DataConfigError, EditBatch, EditSample, T2ISample, collate
@@ -198,13 +199,27 @@ class ShardStream(IterableDataset):
                 log.warning("rank %d worker %d: batch %d fully lost, repeating the previous batch", self.rank, worker, index)
                 samples = previous
             previous = samples
-            yield collate(samples, self.resolution, self.mllm_resolution)
+            yield collate(samples, self.resolution, self.mllm_resolution, levels=True)
 
 
 # --- the DataModule ----------------------------------------------------------------------------
 
 
-class _TrainLoader(DataLoader):
+class _LevelsLoader(DataLoader):
+    """A DataLoader of uint8-level batches (a quarter of the bytes across the worker boundary) that
+    yields float batches, converted on the main process, unless a running trainer drives it: then
+    :meth:`ShardDataModule.on_after_batch_transfer` converts them on the device."""
+
+    def __init__(self, dataset: Any, trainer_running: Any, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self._trainer_running = trainer_running
+
+    def __iter__(self) -> Any:
+        batches = super().__iter__()
+        return batches if self._trainer_running() else map(EditBatch.to_float, batches)
+
+
+class _TrainLoader(_LevelsLoader):
     """A DataLoader that asks the DataModule for the epoch (and resume skip) at every ``iter()``.
 
     Lightning creates the train loader once and calls ``iter()`` at each epoch start with
@@ -212,8 +227,8 @@ class _TrainLoader(DataLoader):
     and receive the updated ``ShardStream`` copy.
     """
 
-    def __init__(self, dataset: ShardStream, begin_epoch: Any, **kwargs: Any) -> None:
-        super().__init__(dataset, batch_size=None, **kwargs)
+    def __init__(self, dataset: ShardStream, begin_epoch: Any, trainer_running: Any, **kwargs: Any) -> None:
+        super().__init__(dataset, trainer_running, batch_size=None, **kwargs)
         self._begin_epoch = begin_epoch
 
     def __iter__(self) -> Any:
@@ -470,8 +485,15 @@ class ShardDataModule(L.LightningDataModule):
                 "layout": dict(state_dict["layout"]),
             }
 
+    def _trainer_running(self) -> bool:
+        """Whether Lightning is iterating the loaders now (and will call the batch hooks)."""
+        return self.trainer is not None and self.trainer.state.status == TrainerStatus.RUNNING
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """The ``wrong_instructions`` ablation, applied to test batches only."""
+        """uint8 pixel levels -> float on the device (bit-identical to converting on the CPU); the
+        ``wrong_instructions`` ablation, applied to test batches only."""
+        if isinstance(batch, EditBatch):
+            batch = batch.to_float()
         testing = self.trainer is not None and self.trainer.testing
         if self.wrong_instructions and testing and isinstance(batch, EditBatch):
             return batch.with_texts_of(1)  # a one-sample batch is refused there (and in setup)
@@ -481,10 +503,12 @@ class ShardDataModule(L.LightningDataModule):
 
     def _loader(self, stream: ShardStream) -> DataLoader:
         # Read in index order, so worker seeds do not matter; the generator keeps iter() off the global RNG.
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=_seeded(f"eval/{self.seed}"))
+        return _LevelsLoader(
+            stream, self._trainer_running, batch_size=None, num_workers=self.num_workers, generator=_seeded(f"eval/{self.seed}")
+        )
 
     def train_dataloader(self) -> DataLoader:
-        return _TrainLoader(self._stream("train"), self._begin_train_epoch, num_workers=self.num_workers)
+        return _TrainLoader(self._stream("train"), self._begin_train_epoch, self._trainer_running, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._stream("val"))

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.trainer.states import TrainerStatus
 from PIL import Image
 
 from datamodules.samples import ORIGINAL_BYTES, EditBatch, EditSample, T2ISample
@@ -105,8 +106,10 @@ def test_train_and_val_batches_hold_the_recorded_values(shards: Path, workers: i
 
 
 def test_batches_through_the_trainer_hook_hold_the_recorded_values(shards: Path) -> None:
-    """Lightning iterates the loader, moves each batch, then calls ``on_after_batch_transfer``."""
+    """Under a running trainer the loader ships uint8 levels; ``on_after_batch_transfer`` (after the
+    move to the device) makes them the recorded floats."""
     dm = _module(shards, 1)
-    dm.trainer = SimpleNamespace(testing=False, current_epoch=0, fit_loop=None)
-    batches = [dm.on_after_batch_transfer(batch.to("cpu"), 0) for batch in dm.train_dataloader()]
-    assert _digest(batches) == TRAIN_HASH
+    dm.trainer = SimpleNamespace(testing=False, current_epoch=0, state=SimpleNamespace(status=TrainerStatus.RUNNING))
+    shipped = list(dm.train_dataloader())
+    assert all(b.source.dtype == b.target.dtype == b.mllm_image.dtype == torch.uint8 for b in shipped)
+    assert _digest([dm.on_after_batch_transfer(batch.to("cpu"), 0) for batch in shipped]) == TRAIN_HASH
