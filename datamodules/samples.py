@@ -137,17 +137,32 @@ def resize_center_crop(image: Image.Image, resolution: int, resample: int = Imag
     return image.crop((left, top, left + resolution, top + resolution))
 
 
-def _levels(image: Image.Image) -> torch.Tensor:
-    """HWC uint8 -> CHW uint8 pixel levels (a view with HWC strides; ``torch.stack`` makes a batch contiguous)."""
+def _hwc(image: Image.Image) -> np.ndarray:
+    """HWC uint8 pixel levels ("L": one channel)."""
     array = np.asarray(image, dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def _levels(array: np.ndarray) -> Tensor:
+    """One image's ``[C, H, W]`` uint8 levels: a view with HWC strides, the layout its float keeps."""
+    return torch.from_numpy(array if array.flags.writeable else array.copy()).permute(2, 0, 1)
+
+
+def _stacked(arrays: Sequence[np.ndarray]) -> Tensor:
+    """A batch's ``[B, C, H, W]`` uint8 levels: one copy into NHWC memory, viewed as NCHW."""
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def _float(levels: Tensor) -> Tensor:
+    """uint8 levels as float: a batch tensor (4-d) contiguous, as collate always made it (the NHWC ->
+    NCHW copy and the conversion in one pass); one image's tensor keeps its layout."""
+    layout = torch.contiguous_format if levels.dim() == 4 else torch.preserve_format
+    return levels.to(torch.float32, memory_format=layout)
 
 
 def _unit(levels: Tensor) -> Tensor:
-    """uint8 levels -> float in [0, 1] (the memory layout kept)."""
-    return levels.float().div_(255.0)
+    """uint8 levels -> float in [0, 1]."""
+    return _float(levels).div_(255.0)
 
 
 def _signed_levels(levels: Tensor) -> Tensor:
@@ -162,14 +177,14 @@ def signed_to_pil(image: Tensor) -> Image.Image:
     return Image.fromarray(levels.permute(1, 2, 0).numpy())
 
 
-def _crop_levels(image: Image.Image, resolution: int) -> torch.Tensor:
-    return _levels(resize_center_crop(image, resolution))
+def _crop(image: Image.Image, resolution: int) -> np.ndarray:
+    return _hwc(resize_center_crop(image, resolution))
 
 
-def _mask_levels(mask: Image.Image, resolution: int) -> torch.Tensor:
-    """``[1, R, R]`` uint8 in {0, 1}: an "L" mask resized (nearest) and centre-cropped as its image is
+def _mask_crop(mask: Image.Image, resolution: int) -> np.ndarray:
+    """``[R, R, 1]`` uint8 in {0, 1}: an "L" mask resized (nearest) and centre-cropped as its image is
     (a level > 127 is exactly a level / 255 > 0.5)."""
-    return (_levels(resize_center_crop(mask, resolution, Image.NEAREST)) > 127).to(torch.uint8)
+    return (_hwc(resize_center_crop(mask, resolution, Image.NEAREST)) > 127).astype(np.uint8)
 
 
 @dataclass
@@ -280,7 +295,7 @@ class EditBatch:
             return _signed_levels(levels) if levels is not None and levels.dtype == torch.uint8 else levels
 
         def mask(levels: Tensor | None) -> Tensor | None:
-            return levels.float() if levels is not None and levels.dtype == torch.uint8 else levels
+            return _float(levels) if levels is not None and levels.dtype == torch.uint8 else levels
 
         mllm = self.mllm_image
         return replace(
@@ -396,15 +411,15 @@ def collate(
         turns=[list(s.turns) if isinstance(s, EditSample) else [] for s in samples],
         optimized_instruction=[(s.optimized_instruction or "") if isinstance(s, EditSample) else "" for s in samples],
         history=[list(s.history) if isinstance(s, EditSample) else [] for s in samples],
-        turn_target=[[_crop_levels(t, resolution) for t in s.turn_targets] if isinstance(s, EditSample) else [] for s in samples],
-        turn_mask=[[_mask_levels(m, resolution) for m in s.turn_masks] if isinstance(s, EditSample) else [] for s in samples],
+        turn_target=[[_levels(_crop(t, resolution)) for t in s.turn_targets] if isinstance(s, EditSample) else [] for s in samples],
+        turn_mask=[[_levels(_mask_crop(m, resolution)) for m in s.turn_masks] if isinstance(s, EditSample) else [] for s in samples],
     )
     if any(edits):
         batch.source, batch.mllm_image, batch.mask = _sources(samples, resolution, mllm_resolution)
     targets = [s.target if isinstance(s, EditSample) else s.image for s in samples]
     present = [t is not None for t in targets]
     if all(present):
-        batch.target = torch.stack([_crop_levels(t, resolution) for t in targets])
+        batch.target = _stacked([_crop(t, resolution) for t in targets])
     elif any(present):
         missing = [s.key for s, p in zip(samples, present) if not p]
         raise ValueError(f"some samples of the batch have a target image and some do not (missing: {missing})")
@@ -416,15 +431,13 @@ def _sources(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """uint8 ``(source, mllm_image, mask)`` levels of a batch holding edits (T2I rows: level 0, i.e. a
     black source and an all-zero MLLM view; mask or None)."""
-    black = torch.zeros(3, resolution, resolution, dtype=torch.uint8)
-    empty = torch.zeros(3, mllm_resolution, mllm_resolution, dtype=torch.uint8)
+    black = np.zeros((resolution, resolution, 3), dtype=np.uint8)
+    empty = np.zeros((mllm_resolution, mllm_resolution, 3), dtype=np.uint8)
     sources = [s.source if isinstance(s, EditSample) else None for s in samples]
-    source = torch.stack([black if s is None else _crop_levels(s, resolution) for s in sources])
-    mllm_image = torch.stack(
-        [empty if s is None else _levels(s.resize((mllm_resolution, mllm_resolution), Image.BICUBIC)) for s in sources]
-    )
+    source = _stacked([black if s is None else _crop(s, resolution) for s in sources])
+    mllm_image = _stacked([empty if s is None else _hwc(s.resize((mllm_resolution, mllm_resolution), Image.BICUBIC)) for s in sources])
     masks = [s.mask if isinstance(s, EditSample) else None for s in samples]
     mask = None
     if all(m is not None for m in masks):
-        mask = torch.stack([_mask_levels(m, resolution) for m in masks])
+        mask = _stacked([_mask_crop(m, resolution) for m in masks])
     return source, mllm_image, mask

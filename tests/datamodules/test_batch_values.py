@@ -26,6 +26,12 @@ from datamodules.shards import ShardDataModule
 
 RESOLUTION, MLLM_RESOLUTION = 24, 20
 TRAIN_HASH = "5e0fd419df93d6001109ff88eceab493b5d9bef8a3f36a3646ded3da41c234f4"
+# Memory layout too (convolutions may round differently on another one): batches contiguous, the
+# later turns' per-image tensors with the HWC strides of a permuted numpy array.
+TRAIN_LAYOUT = [
+    [(1728, 576, 24, 1), (1728, 576, 24, 1), (1200, 400, 20, 1), None, []],
+    [(1728, 576, 24, 1), (1728, 576, 24, 1), (1200, 400, 20, 1), (576, 576, 24, 1), [(1, 72, 3), (1, 72, 3), (1, 24, 1), (1, 24, 1)]],
+]
 VAL_HASH = "c2cebf8ddf5397f8d4f8327f6428ddc1df5986d0669ba051834b1d4b15036725"
 
 
@@ -82,6 +88,14 @@ def _digest(batches: list[EditBatch]) -> str:
     return digest.hexdigest()
 
 
+def _layout(batches: list[EditBatch]) -> list[list]:
+    return [
+        [None if t is None else t.stride() for t in (b.source, b.target, b.mllm_image, b.mask)]
+        + [[t.stride() for row in b.turn_target + b.turn_mask for t in row]]
+        for b in batches
+    ]
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("values")
@@ -101,7 +115,8 @@ def _module(split: Path, workers: int) -> ShardDataModule:
 @pytest.mark.parametrize("workers", [0, 1])
 def test_train_and_val_batches_hold_the_recorded_values(shards: Path, workers: int) -> None:
     dm = _module(shards, workers)
-    assert _digest(list(dm.train_dataloader())) == TRAIN_HASH
+    batches = list(dm.train_dataloader())
+    assert _digest(batches) == TRAIN_HASH and _layout(batches) == TRAIN_LAYOUT
     assert _digest(list(dm.val_dataloader())) == VAL_HASH
 
 
@@ -112,4 +127,5 @@ def test_batches_through_the_trainer_hook_hold_the_recorded_values(shards: Path)
     dm.trainer = SimpleNamespace(testing=False, current_epoch=0, state=SimpleNamespace(status=TrainerStatus.RUNNING))
     shipped = list(dm.train_dataloader())
     assert all(b.source.dtype == b.target.dtype == b.mllm_image.dtype == torch.uint8 for b in shipped)
-    assert _digest([dm.on_after_batch_transfer(batch.to("cpu"), 0) for batch in shipped]) == TRAIN_HASH
+    batches = [dm.on_after_batch_transfer(batch.to("cpu"), 0) for batch in shipped]
+    assert _digest(batches) == TRAIN_HASH and _layout(batches) == TRAIN_LAYOUT
