@@ -1,0 +1,67 @@
+"""The benchmark scripts run on a tiny setting and write their result files; they compare like with like.
+
+No timing is asserted (timings belong to ``benchmarks/``, as ratios): the tests check the files'
+structure, that every case ran, and that the cases of a benchmark do the same work.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from benchmarks import data_streaming, loop_overhead
+from datamodules.toy import main as toy_main
+
+
+def _record(out: Path, name: str) -> dict:
+    record = json.loads((out / f"{name}.json").read_text())
+    assert record["benchmark"] == name and record["machine"]["cpus"] >= 1 and record["machine"]["torch"] == torch.__version__
+    assert (out / f"{name}.md").read_text().startswith(f"# {name}\n")
+    return record["results"]
+
+
+def test_data_streaming_runs_every_case(tmp_path: Path) -> None:
+    args = ["--samples", "4", "--width", "40", "--height", "30", "--resolution", "16", "--mllm-resolution", "12"]
+    assert data_streaming.main(args + ["--batch-size", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    results = _record(tmp_path, "data_streaming")
+    assert set(results["ratio_to_pil_decode"]) == {"pil_decode", "pil_decode_transform", "shards_w0", "shards_w1", "shards_w2",
+                                                  "folder_w0", "folder_w1", "folder_w2"}
+    assert results["ratio_to_pil_decode"]["pil_decode"] == 1.0 and all(r > 0 for r in results["median_samples_per_s"].values())
+
+
+def test_folder_baseline_sees_the_images_the_shards_hold(tmp_path: Path) -> None:
+    """Baseline (b) reads the same bytes as the shards and yields the same source tensors."""
+    from datamodules.shards import ShardDataModule
+
+    shards, jsonl, members = data_streaming.make_data(tmp_path, 2, 40, 30)
+    folder = data_streaming.FolderJsonl(jsonl, 16, 12)
+    assert len(members) == 4 and len(folder) == 2
+    dm = ShardDataModule(val_shards=str(shards), val_batch_size=2, resolution=16, mllm_resolution=12)
+    dm.setup("validate")
+    (batch,) = list(dm.val_dataloader())
+    for row, key in enumerate(batch.key):
+        index = [r["id"] for r in folder.rows].index(key)
+        assert torch.allclose(folder[index]["source"], batch.source[row], atol=1e-6)
+
+
+def test_loop_overhead_loops_do_the_same_work(tmp_path: Path) -> None:
+    toy_main(["--out", str(tmp_path / "toy"), "--train", "12", "--val", "4", "--test", "4"])
+    model, batches, clip = loop_overhead.build(tmp_path / "toy", 4)
+    assert len(batches) == 3 and clip == 1.0
+    by_hand, by_fit = copy.deepcopy(model), copy.deepcopy(model)
+    torch.manual_seed(0)
+    loop_overhead.hand_loop(by_hand, batches, 3, clip)
+    torch.manual_seed(0)
+    loop_overhead.fit(by_fit, batches, 3, clip)
+    trained = [(a, b) for a, b in zip(by_hand.parameters(), by_fit.parameters()) if a.requires_grad]
+    assert trained and all(torch.equal(a, b) for a, b in trained)
+    assert not all(torch.equal(a, b) for a, b in zip(by_hand.parameters(), model.parameters()) if a.requires_grad)
+
+
+def test_loop_overhead_writes_its_table(tmp_path: Path) -> None:
+    assert loop_overhead.main(["--steps", "3", "--batch-size", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    results = _record(tmp_path, "loop_overhead")
+    assert set(results["ratio_steady"]) == {"hand_loop", "fit_bare", "fit_logged"} and results["ratio_steady"]["hand_loop"] == 1.0
