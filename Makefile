@@ -9,7 +9,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 MODEL ?= dim
 PYTEST_ARGS ?=
 
-.PHONY: demo test faults install
+.PHONY: demo test faults install bench
 
 install: $(STAMP)
 
@@ -30,3 +30,8 @@ faults: $(STAMP)
 # (zoo/demo.py; MODEL=got for the tiny GoT, under runs/demo_got; MODEL=mind_edit under runs/demo_mind_edit). Fails if the trained model misses its bar.
 demo: $(STAMP)
 	$(PY) -m zoo demo $(MODEL)
+
+# Every benchmark of benchmarks/README.md (a few minutes each on a CPU) -> benchmarks/results/<name>.{json,md}.
+BENCHMARKS ?= data_streaming loop_overhead paper_size_cost inference
+bench: $(STAMP)
+	for name in $(BENCHMARKS); do $(PY) -m benchmarks.$$name || exit 1; done

@@ -65,3 +65,27 @@ def test_loop_overhead_writes_its_table(tmp_path: Path) -> None:
     assert loop_overhead.main(["--steps", "3", "--batch-size", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
     results = _record(tmp_path, "loop_overhead")
     assert set(results["ratio_steady"]) == {"hand_loop", "fit_bare", "fit_logged"} and results["ratio_steady"]["hand_loop"] == 1.0
+
+
+def test_paper_size_cost_of_dim_matches_its_parts(tmp_path: Path) -> None:
+    from benchmarks import paper_size_cost
+
+    assert paper_size_cost.main(["--only", "DIM-4.6B-Edit", "--out", str(tmp_path)]) == 0
+    dim = _record(tmp_path, "paper_size_cost")["DIM-4.6B-Edit"]
+    parts = {p["name"].split(" (")[0]: p for p in dim["parts"]}
+    assert 1.6e9 < dim["trainable_params"] < 1.7e9 and dim["optimizer_state_bytes"] == 8 * dim["trainable_params"]
+    sana = parts["SANA-1.6B DiT"]
+    # Counted FLOPs of the DiT: at least 2 per weight per token (1,024 latent tokens), attention on top.
+    assert 2 * sana["params"] * 1024 < sana["forward_flops"] < 1.5 * 2 * sana["params"] * 1024
+    assert sana["step_flops"] == 3 * sana["forward_flops"]
+    frozen = sum(p["step_flops"] for p in dim["parts"] if p["cacheable"])
+    assert dim["cache_speedup"] == dim["step_flops_per_sample"] / (dim["step_flops_per_sample"] - frozen) > 1
+
+
+def test_inference_benchmark_measures_every_case(tmp_path: Path) -> None:
+    from benchmarks import inference
+
+    assert inference.main(["--repeats", "1", "--only", "DIM", "--out", str(tmp_path)]) == 0
+    dim = _record(tmp_path, "inference")["DIM"]
+    assert set(dim["ratio_to_base"]) == {"base", "steps x2", "steps x4", "res x2", "one by one"} and dim["ratio_to_base"]["base"] == 1.0
+    assert dim["steps"] == 4 and dim["latency_per_edit_s"] > 0
