@@ -257,7 +257,7 @@ def _open_image(data: bytes, mode: str, max_pixels: int | None) -> Image.Image:
         if levels.min() < 0 or levels.max() > 65535:
             raise ValueError(f"{image.mode} image with values outside 16 bits ({levels.min():g}..{levels.max():g})")
         image = Image.fromarray(np.round(levels / 257).astype(np.uint8), mode="L")
-    return image.convert(mode)
+    return image if image.mode == mode else image.convert(mode)  # convert() to the same mode copies
 
 
 def _optional_text(meta: dict[str, Any], name: str) -> str | None:
