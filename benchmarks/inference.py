@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", nargs="*", default=None, help="module names (default: all)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (on a shared machine a second one waits on a busy core)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     results, rows = {}, []
     for name, build in MODULES.items():
         if args.only is not None and name not in args.only:
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     header = ["module", "side", "steps", "ms / edit (batch of 4)", "edits/s", "steps x2", "steps x4", "res x2", "one by one / batched"]
     markdown = (f"Tiny modules of tests/modules on the CPU, toy edits, batch of {BATCH}; latency ratios against each module's base "
                 f"setting in the same run (median of {args.repeats} interleaved repeats).\n\n" + table(header, rows))
-    write("inference", {"repeats": args.repeats, "batch": BATCH, "only": args.only}, results, markdown, **({"out": args.out} if args.out else {}))
+    write("inference", {"repeats": args.repeats, "batch": BATCH, "only": args.only, "threads": args.threads}, results, markdown, **({"out": args.out} if args.out else {}))
     return 0
 
 
