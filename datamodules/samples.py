@@ -154,20 +154,25 @@ def _stacked(arrays: Sequence[np.ndarray]) -> Tensor:
 
 
 def _float(levels: Tensor) -> Tensor:
-    """uint8 levels as float: a batch tensor (4-d) contiguous, as collate always made it (the NHWC ->
-    NCHW copy and the conversion in one pass); one image's tensor keeps its layout."""
+    """uint8 levels as float (exact on every device): a batch tensor (4-d) contiguous, as collate
+    always made it; one image's tensor keeps its layout."""
     layout = torch.contiguous_format if levels.dim() == 4 else torch.preserve_format
     return levels.to(torch.float32, memory_format=layout)
 
 
-def _unit(levels: Tensor) -> Tensor:
-    """uint8 levels -> float in [0, 1]."""
-    return _float(levels).div_(255.0)
+_UNIT = torch.arange(256, dtype=torch.float32).div_(255.0)
+"""The [0, 1] float of each uint8 level, computed on the CPU as collate always computed it. Converting
+by lookup gives these floats on every device: a GPU divides by a scalar as a multiplication by its
+reciprocal, which differs from the division in the last bit for 126 of the 256 levels."""
+_SIGNED = _UNIT.mul(2.0).sub_(1.0)
+"""The [-1, 1] float of each uint8 level, likewise."""
 
 
-def _signed_levels(levels: Tensor) -> Tensor:
-    """uint8 levels -> float in [-1, 1]."""
-    return _unit(levels).mul_(2.0).sub_(1.0)
+def _lookup(table: Tensor, levels: Tensor) -> Tensor:
+    """The float of every uint8 level from ``table``, laid out as :func:`_float` lays it out."""
+    index = levels.to(torch.int32, memory_format=torch.contiguous_format)
+    values = torch.index_select(table.to(levels.device), 0, index.view(-1)).view(index.shape)
+    return values if levels.dim() == 4 else torch.empty_like(levels, dtype=torch.float32).copy_(values)
 
 
 def signed_to_pil(image: Tensor) -> Image.Image:
@@ -285,14 +290,14 @@ class EditBatch:
 
     def to_float(self) -> EditBatch:
         """The batch with uint8 pixel levels (``collate(..., levels=True)``, on any device) turned into
-        the float ranges above by the same operations as ``collate`` (so bit-identical); a batch
+        the float ranges above, bit-identical to the floats ``collate`` returns on the CPU; a batch
         without uint8 tensors is returned as it is."""
         images = [self.source, self.target, self.mllm_image, self.mask] + [t for row in self.turn_target + self.turn_mask for t in row]
         if not any(t is not None and t.dtype == torch.uint8 for t in images):
             return self
 
         def signed(levels: Tensor | None) -> Tensor | None:
-            return _signed_levels(levels) if levels is not None and levels.dtype == torch.uint8 else levels
+            return _lookup(_SIGNED, levels) if levels is not None and levels.dtype == torch.uint8 else levels
 
         def mask(levels: Tensor | None) -> Tensor | None:
             return _float(levels) if levels is not None and levels.dtype == torch.uint8 else levels
@@ -302,7 +307,7 @@ class EditBatch:
             self,
             source=signed(self.source),
             target=signed(self.target),
-            mllm_image=_unit(mllm) if mllm is not None and mllm.dtype == torch.uint8 else mllm,
+            mllm_image=_lookup(_UNIT, mllm) if mllm is not None and mllm.dtype == torch.uint8 else mllm,
             mask=mask(self.mask),
             turn_target=[[signed(t) for t in row] for row in self.turn_target],
             turn_mask=[[mask(t) for t in row] for row in self.turn_mask],

@@ -32,6 +32,7 @@ import logging
 import multiprocessing
 import random
 import warnings
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Iterator
 
@@ -210,7 +211,7 @@ class _LevelsLoader(DataLoader):
     yields float batches, converted on the main process, unless a running trainer drives it: then
     :meth:`ShardDataModule.on_after_batch_transfer` converts them on the device."""
 
-    def __init__(self, dataset: Any, trainer_running: Any, **kwargs: Any) -> None:
+    def __init__(self, dataset: Any, trainer_running: Callable[[], bool], **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         self._trainer_running = trainer_running
 
@@ -227,7 +228,7 @@ class _TrainLoader(_LevelsLoader):
     and receive the updated ``ShardStream`` copy.
     """
 
-    def __init__(self, dataset: ShardStream, begin_epoch: Any, trainer_running: Any, **kwargs: Any) -> None:
+    def __init__(self, dataset: ShardStream, begin_epoch: Any, trainer_running: Callable[[], bool], **kwargs: Any) -> None:
         super().__init__(dataset, trainer_running, batch_size=None, **kwargs)
         self._begin_epoch = begin_epoch
 
