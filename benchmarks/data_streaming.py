@@ -7,8 +7,8 @@ Cases (the same edit samples, half JPEG and half PNG, written once to a temporar
 * ``pil_decode_transform``: the same plus the zoo's resize + centre-crop and the MLLM's squash
   (PIL images, no tensors): what any loader of these samples must at least do.
 * ``shards_w{0,1,2}``: ``ShardDataModule.train_dataloader()`` with 0, 1, 2 workers (tar reading,
-  shuffle buffer, decode, transforms, collation into ``EditBatch``), batches converted to float on
-  the main process as Lightning's batch hook does.
+  shuffle buffer, decode, transforms, collation into ``EditBatch``); the uint8 batches the workers
+  ship are converted to float on the main process, as the loader does outside a trainer.
 * ``folder_w{0,1,2}`` (baseline b): the official repos' way, a folder of image files and a jsonl
   read by a ``torch.utils.data.Dataset`` (``Image.open(path).convert("RGB")``, torchvision
   ``Resize`` + ``CenterCrop`` + ``ToTensor`` + ``Normalize(0.5, 0.5)``, the squashed MLLM view) and
@@ -134,7 +134,7 @@ def cases(
             train_shards=str(shards), batch_size=batch_size, num_workers=workers, resolution=resolution, mllm_resolution=mllm_resolution
         )
         dm.setup("fit")
-        return lambda: float(sum(len(dm.on_after_batch_transfer(batch, 0)) for batch in dm.train_dataloader()))
+        return lambda: float(sum(len(batch) for batch in dm.train_dataloader()))
 
     def folder_loader(workers: int) -> Callable[[], float]:
         dataset = FolderJsonl(jsonl, resolution, mllm_resolution)
@@ -157,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mllm-resolution", type=int, default=448, help="side of the MLLM's squashed view")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the main process (workers use one)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         shards, jsonl, members = make_data(Path(tmp), args.samples, args.width, args.height)
         runs = cases(shards, jsonl, members, args.batch_size, args.resolution, args.mllm_resolution)
