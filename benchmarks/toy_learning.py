@@ -12,33 +12,19 @@ hand-written notes after the ``NOTES`` marker (the routes measured on the way) a
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import machine  # noqa: E402
 from zoo.demo import DEMOS  # noqa: E402
 
 
 NOTES = "<!-- hand-written notes below are kept when the tables above are rewritten -->"
-
-
-def machine() -> dict[str, str | int]:
-    """What the numbers were measured on."""
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count() or 0,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
 
 
 def collect() -> dict[str, dict]:
