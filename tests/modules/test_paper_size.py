@@ -125,7 +125,7 @@ def test_paper_size_imgedit_e1_trains_the_projectors_then_the_image_branch(stage
     with torch.device("meta"):
         model = ImgEditE1Module(
             mllm=VLMConfig(tiny=QWEN_7B, image_size=448),
-            denoiser=FluxConfig(config=FLUX_DEV),
+            denoiser=FluxConfig(config=FLUX_DEV, seed=0),
             autoencoder=CodecConfig("kl", config=FLUX_VAE),
             stage=stage,
             siglip={"tiny": SIGLIP_SO400M_512} if stage == 2 else None,
