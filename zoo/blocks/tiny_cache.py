@@ -48,7 +48,8 @@ def build_once(folder: Path, build: Callable[[Path], None], options: dict[str, A
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one thread: identical floating-point sums on every machine
         try:
-            build(scratch)
+            with torch.enable_grad():  # pretraining, even when first asked for under no_grad (a test or an edit)
+                build(scratch)
         finally:
             torch.set_num_threads(threads)
         (scratch / "options.json").write_text(json.dumps(options, sort_keys=True))
