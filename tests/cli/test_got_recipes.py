@@ -15,7 +15,7 @@ from callbacks.edit_writer import EditWriter
 from callbacks.toy_score import toy_edit_scores
 from datamodules import toy
 from datamodules.samples import EditBatch, EditOutputs, collate
-from tests.helpers.recipes import ParseOnly, configs, error_lines, run_zoo, tiny_run_overlay
+from tests.helpers.recipes import NO_GPU_NO_DATA, ParseOnly, configs, error_lines, run_zoo, tiny_run_overlay
 from zoo.blocks.autoencoders import CodecConfig, build_codec
 from zoo.cli import main
 
@@ -95,7 +95,7 @@ def test_tiny_codec_round_trips_toy_edits_above_copying_the_source() -> None:
 
 
 def test_paper_recipe_without_weights_fails_in_one_line() -> None:
-    result = run_zoo("fit", "--config", "recipes/got_pretrain.yaml")
+    result = run_zoo("fit", "--config", "recipes/got_pretrain.yaml", *NO_GPU_NO_DATA)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     [line] = error_lines(result.stderr)

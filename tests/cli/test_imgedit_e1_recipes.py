@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from datamodules import toy
-from tests.helpers.recipes import ParseOnly, configs, error_lines, run_zoo, tiny_run_overlay
+from tests.helpers.recipes import NO_GPU_NO_DATA, ParseOnly, configs, error_lines, run_zoo, tiny_run_overlay
 from zoo.cli import main
 
 STAGE1, STAGE2 = "recipes/imgedit_e1_stage1.yaml", "recipes/imgedit_e1_stage2.yaml"
@@ -37,7 +37,7 @@ def test_paper_recipes_parse_with_the_papers_settings(stage: int) -> None:
 
 
 def test_paper_recipe_without_weights_fails_in_one_line() -> None:
-    result = run_zoo("fit", "--config", STAGE1)
+    result = run_zoo("fit", "--config", STAGE1, *NO_GPU_NO_DATA)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = error_lines(result.stderr)
     assert "Qwen/Qwen2.5-VL-7B-Instruct" in line

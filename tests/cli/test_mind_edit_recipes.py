@@ -13,7 +13,7 @@ import torch
 from datamodules import toy
 from datamodules.samples import collate
 from datamodules.shard_format import write_split
-from tests.helpers.recipes import ParseOnly, configs, error_lines, run_zoo, tiny_run_overlay
+from tests.helpers.recipes import NO_GPU_NO_DATA, ParseOnly, configs, error_lines, run_zoo, tiny_run_overlay
 from zoo.cli import main
 from zoo.modules.mind_edit import MINDEditModule
 
@@ -35,7 +35,7 @@ def test_paper_recipe_parses_with_the_papers_settings() -> None:
 
 
 def test_paper_recipe_without_weights_fails_in_one_line() -> None:
-    result = run_zoo("fit", "--config", PAPER)
+    result = run_zoo("fit", "--config", PAPER, *NO_GPU_NO_DATA)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = error_lines(result.stderr)
     assert "llava-hf/llava-onevision-qwen2-7b-ov-hf" in line

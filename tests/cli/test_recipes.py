@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from datamodules import toy
-from tests.helpers.recipes import ROOT, ParseOnly, configs, error_lines, run_zoo, tiny_run_overlay
+from tests.helpers.recipes import NO_GPU_NO_DATA, ROOT, ParseOnly, configs, error_lines, run_zoo, tiny_run_overlay
 from zoo.cli import main
 
 STAGES = {  # paper run -> (recipe + stage overlays, toy task)
@@ -71,9 +71,7 @@ def test_tiny_overlay_parses_over_every_paper_recipe() -> None:
 
 
 def test_paper_recipe_without_weights_fails_in_one_line() -> None:
-    # On a CPU machine without the converted data: the accelerator and shard checks would speak first.
-    no_gpu_no_data = ["--trainer.accelerator=cpu", "--data.init_args.train_shards=null", "--data.init_args.val_shards=null"]
-    result = run_zoo("fit", "--config", "recipes/dim_edit.yaml", *no_gpu_no_data)
+    result = run_zoo("fit", "--config", "recipes/dim_edit.yaml", *NO_GPU_NO_DATA)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     [line] = error_lines(result.stderr)

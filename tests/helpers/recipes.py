@@ -21,6 +21,11 @@ class ParseOnly(ZooCLI):
         return None
 
 
+NO_GPU_NO_DATA = ["--trainer.accelerator=cpu", "--data.init_args.train_shards=null", "--data.init_args.val_shards=null"]
+"""Overrides that let a paper recipe reach its model on a CPU machine without the converted data
+(the accelerator and shard checks would speak first): for tests of what building the model reports."""
+
+
 def configs(files: list[str]) -> list[str]:
     """``--config`` arguments for recipe paths relative to the repository root."""
     return [arg for path in files for arg in ("--config", str(ROOT / path))]
