@@ -14,6 +14,7 @@ from PIL import Image
 from datamodules.samples import EditBatch, EditSample, collate, signed_to_pil
 from datamodules.toy import edit_sample, t2i_sample
 from tests.modules.conftest import TINY_SANA, toy_batch, tiny_dim_kwargs
+from zoo.blocks.config import ConfigError
 from zoo.modules.base import Optimization
 from zoo.modules.dim import DIMModule
 
@@ -91,7 +92,7 @@ def test_frozen_mllm_is_absent_from_optimizer_and_checkpoint(tmp_path, batch: Ed
     for key, value in checkpoint["state_dict"].items():
         assert torch.equal(restored.state_dict()[key], value), key
     checkpoint["state_dict"].pop("connector.net.0.weight")
-    with pytest.raises(KeyError, match="trainable"):
+    with pytest.raises(ConfigError, match=r"lacks 1 trainable tensors \(first: connector.net.0.weight\)"):
         restored.on_load_checkpoint(checkpoint)
 
 
