@@ -9,6 +9,7 @@ and atomically (:func:`build_once`) under ``$ZOO_CACHE/tiny`` (default ``~/.cach
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,15 +17,18 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from datamodules.toy import edit_sample, t2i_sample
 from datamodules.toy_scenes import Scene, ToyObject, describe
+from zoo.blocks.config import ConfigError
 
 log = logging.getLogger(__name__)
+
+OptionsT = TypeVar("OptionsT")
 
 TOY_SEED = 0
 """Seed of the toy dataset the sides are trained on (its ``train`` split; evaluation uses ``test``)."""
@@ -61,6 +65,15 @@ def build_once(folder: Path, build: Callable[[Path], None], options: dict[str, A
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return folder
+
+
+def options_of(options_type: type[OptionsT], options: dict[str, Any], what: str) -> OptionsT:
+    """``options_type(**options)`` from a recipe's dict; unknown keys are a :class:`ConfigError` naming ``what``."""
+    known = {field.name for field in dataclasses.fields(options_type)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown tiny {what} option(s) {unknown}; known: {sorted(known)}")
+    return options_type(**options)
 
 
 def scene_caption(scene: Scene) -> str:

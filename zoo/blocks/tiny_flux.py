@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from zoo.blocks.config import ConfigError, check_positive
+from zoo.blocks.config import check_positive
 from zoo.blocks.objectives import FlowMatching
 from zoo.blocks.sd_text import SDTextEncoder
-from zoo.blocks.tiny_cache import build_once, cache_root, toy_images
+from zoo.blocks.tiny_cache import build_once, cache_root, options_of, toy_images
 
 FACTORY_VERSION = 1
 """Part of the cache key (with the options and :data:`TINY_FLUX`): bump when the code below changes
@@ -74,11 +74,7 @@ class TinyFluxOptions:
 
 def options_from_dict(options: dict) -> TinyFluxOptions:
     """:class:`TinyFluxOptions` from a recipe's dict; unknown keys are a :class:`ConfigError`."""
-    known = {field.name for field in dataclasses.fields(TinyFluxOptions)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigError(f"unknown tiny FLUX option(s) {unknown}; known: {sorted(known)}")
-    return TinyFluxOptions(**options)
+    return options_of(TinyFluxOptions, options, "FLUX")
 
 
 def cache_folder(options: TinyFluxOptions) -> Path:

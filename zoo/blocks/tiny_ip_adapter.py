@@ -37,13 +37,13 @@ from diffusers import SchedulerMixin, UNet2DConditionModel
 
 from zoo.blocks.condition import Condition
 from zoo.blocks.denoisers import Denoiser
-from zoo.blocks.config import ConfigError, check_positive, check_range
+from zoo.blocks.config import check_positive, check_range
 from zoo.blocks.ip_adapter import init_ip_adapter_weights, install_ip_adapter, ip_adapter_weights, save_ip_adapter_weights
 from zoo.blocks.objectives import EpsilonDiffusion
 from zoo.blocks.sampling import sample
 from zoo.blocks.sd_text import SDTextEncoder
 from zoo.blocks.tiny import TINY_SD15_UNET
-from zoo.blocks.tiny_cache import build_once, cache_root, toy_images
+from zoo.blocks.tiny_cache import build_once, cache_root, options_of, toy_images
 from zoo.blocks.vision import CLIPImageEmbedder
 
 FACTORY_VERSION = 2
@@ -96,11 +96,7 @@ class TinyIPAdapterOptions:
 
 def options_from_dict(options: dict) -> TinyIPAdapterOptions:
     """:class:`TinyIPAdapterOptions` from a recipe's dict; unknown keys are a :class:`ConfigError`."""
-    known = {field.name for field in dataclasses.fields(TinyIPAdapterOptions)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigError(f"unknown tiny IP-Adapter option(s) {unknown}; known: {sorted(known)}")
-    return TinyIPAdapterOptions(**options)
+    return options_of(TinyIPAdapterOptions, options, "IP-Adapter")
 
 
 def cache_folder(options: TinyIPAdapterOptions) -> Path:
