@@ -64,7 +64,8 @@ def test_tiny_stages_fit_in_order_resume_and_test_on_dialogues(toy_data: dict[st
     assert {key.split(".")[0] for key in first["state_dict"]} == {"vlm_projector"}
     assert first["optimizer_states"][0]["param_groups"][0]["d"] > 0, "Prodigy's adaptive step size"
 
-    stage2 = _args(2, toy_data, tmp_path / "s2", init_from=str(tmp_path / "s1" / "train" / "checkpoints" / "last.ckpt"))
+    first_ckpt = str(tmp_path / "s1" / "train" / "checkpoints" / "last.ckpt")
+    stage2 = _args(2, toy_data, tmp_path / "s2", init_from=first_ckpt, image_branch="double_image")  # the paper's branch
     assert main(["fit", *stage2]) == 0
     checkpoints = tmp_path / "s2" / "train" / "checkpoints"
     [at_step2] = checkpoints.glob("*-step=2.ckpt")
