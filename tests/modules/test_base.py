@@ -90,3 +90,20 @@ def test_unknown_optimizer_is_a_one_line_config_error(name: str) -> None:
 def test_unknown_optimizer_args_are_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"\['dcoef'\] are not arguments of prodigyopt.Prodigy .*d_coef"):
         Optimization(optimizer="prodigyopt.Prodigy", optimizer_args={"dcoef": 2.0})
+
+
+def test_train_start_keeps_the_optimizer_args_it_was_built_with(tmp_path) -> None:
+    import lightning as L
+
+    from tests.modules.conftest import tiny_dim_kwargs, toy_batch
+    from zoo.modules.dim import DIMModule
+
+    optim = Optimization(lr=1e-3, betas=(0.9, 0.999), optimizer_args={"betas": (0.5, 0.6)})
+    model = DIMModule(**tiny_dim_kwargs(optim=optim))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    batches = torch.utils.data.DataLoader([toy_batch(2)], batch_size=None, collate_fn=lambda batch: batch)
+    trainer.fit(model, train_dataloaders=batches)
+    [group] = trainer.optimizers[0].param_groups
+    assert group["betas"] == (0.5, 0.6), "optimizer_args win over optim.betas after on_train_start too"
+    assert group["initial_lr"] == 1e-3

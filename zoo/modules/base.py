@@ -121,13 +121,18 @@ def _keyword_parameters(cls: type[torch.optim.Optimizer]) -> set[str] | None:
     return {p.name for p in parameters if p.name != "params"}
 
 
-def build_optimizer(params: list[nn.Parameter], optim: Optimization) -> torch.optim.Optimizer:
-    """``optim.optimizer`` over ``params`` with the lr/betas/eps/weight_decay it takes, then ``optimizer_args``."""
-    cls = optimizer_class(optim.optimizer)
+def optimizer_kwargs(optim: Optimization) -> dict[str, Any]:
+    """The keyword arguments ``optim.optimizer`` is built with: the lr/betas/eps/weight_decay it
+    takes, then ``optimizer_args``."""
     common = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
-    accepted = _keyword_parameters(cls)
+    accepted = _keyword_parameters(optimizer_class(optim.optimizer))
     kwargs = {k: v for k, v in common.items() if accepted is None or k in accepted}
-    return cls(params, **{**kwargs, **optim.optimizer_args})
+    return {**kwargs, **optim.optimizer_args}
+
+
+def build_optimizer(params: list[nn.Parameter], optim: Optimization) -> torch.optim.Optimizer:
+    """``optim.optimizer`` over ``params`` with :func:`optimizer_kwargs`."""
+    return optimizer_class(optim.optimizer)(params, **optimizer_kwargs(optim))
 
 
 def check_schedule(schedule: str, max_steps: int) -> None:
@@ -613,11 +618,13 @@ class EditingModule(L.LightningModule):
         [optimizer] = self.trainer.optimizers
         [config] = self.trainer.lr_scheduler_configs
         scheduler = config.scheduler
-        lr = self.optim.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
-        hyper = {"betas": tuple(self.optim.betas), "eps": self.optim.eps, "weight_decay": self.optim.weight_decay}
+        # The values the optimiser was built with (optimizer_args included), not a second copy of them.
+        hyper = optimizer_kwargs(self.optim)
+        peak = hyper.pop("lr", self.optim.lr)
+        lr = peak * scheduler.lr_lambdas[0](scheduler.last_epoch)
         for group in optimizer.param_groups:
-            group.update(initial_lr=self.optim.lr, lr=lr, **hyper)
-        scheduler.base_lrs = [self.optim.lr] * len(optimizer.param_groups)
+            group.update(initial_lr=peak, lr=lr, **{k: v for k, v in hyper.items() if k in group})
+        scheduler.base_lrs = [peak] * len(optimizer.param_groups)
 
 
 def _widen_into(target: Tensor, value: Tensor, key: str) -> Tensor:
