@@ -12,10 +12,11 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image, ImageDraw
 from torchvision.utils import save_image
 
-from callbacks.gather import run_folder
+from callbacks.gather import gather_objects, run_folder
 from datamodules.samples import EditBatch, EditOutputs
 from zoo.blocks.spatial import Box, box_pixels, parse_boxes
 
@@ -33,11 +34,18 @@ class EditWriter(BasePredictionWriter):
     def __init__(self, output_dir: str | None = None) -> None:
         super().__init__(write_interval="batch")
         self.folder = Path(output_dir) if output_dir else None
+        self.written = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Resolved once on every rank (a collective call): ranks may write different numbers of batches.
         if self.folder is None:
             self.folder = run_folder(trainer) / "predictions"
+        self.written = 0
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """One summary line: the edits of every rank and the folder they are in."""
+        total = sum(gather_objects(trainer, self.written))
+        rank_zero_info(f"predict: {total} edits written -> {self.folder} (predictions.rank*.jsonl lists them)")
 
     def write_on_batch_end(
         self,
@@ -65,6 +73,7 @@ class EditWriter(BasePredictionWriter):
             lines.append(json.dumps(record) + "\n")
         with open(folder / f"predictions.rank{trainer.global_rank}.jsonl", "a") as handle:
             handle.writelines(lines)
+        self.written += len(lines)
 
 
 def _draw_boxes(image: Image.Image, boxes: Sequence[Box]) -> Image.Image:

@@ -220,8 +220,17 @@ class GEditEvaluator(BenchmarkEvaluator):
             records.append(gedit_record(meta, replies[2 * i], replies[2 * i + 1], rng))
         return records
 
+    @property
+    def parser(self) -> str:
+        """Which reading of the replies the table holds (its title and ``summary.json`` say so)."""
+        if self.official_random_guess:
+            return "official viescore parser (an unreadable score is a seeded random guess)"
+        return "our parser (an unreadable score is a counted failure)"
+
     def summarize(self, records: list[dict[str, Any]], folder: ResultsFolder) -> dict[str, float]:
-        folder.write_table("gedit", gedit_table(records, self.label), title="GEdit-Bench (0-10, higher is better)")
+        title = f"GEdit-Bench (0-10, higher is better; parser: {self.parser}; judge: {self.judge.name})"
+        folder.write_table("gedit", gedit_table(records, self.label), title=title)
         full, inter = aggregate_gedit(records), aggregate_gedit(records, intersection=True)
-        folder.write_json("summary", {"full": full, "intersection": inter, "flags": {"official_random_guess": self.official_random_guess}})
+        flags = {"official_random_guess": self.official_random_guess}
+        folder.write_json("summary", {"full": full, "intersection": inter, "flags": flags, "parser": self.parser})
         return {f"full/{m}": full["overall"][m] for m in ("sc", "pq", "o")} | {f"intersection/{m}": inter["overall"][m] for m in ("sc", "pq", "o")} | {"failed": full["overall"]["failed"]}

@@ -285,20 +285,36 @@ def overall_coverage(aggregate: dict[str, dict[str, float]]) -> str:
     return coverage(int(aggregate["overall"]["types"]), int(aggregate["overall"]["of"]))
 
 
-def basic_table(records: list[dict[str, Any]], label: str, apply_cap: bool) -> Table:
+PARSERS = {"ours": "our parser, as judged", "capped": "our parser, capped", "official": "official step-1/2 parser"}
+"""The three readings of the basic suite's replies, by the name tables and ``summary.json`` use."""
+
+
+def basic_parser(apply_cap: bool, official: bool) -> str:
+    """The :data:`PARSERS` key the headline uses: ``official`` wins over ``apply_cap``."""
+    return "official" if official else ("capped" if apply_cap else "ours")
+
+
+def basic_table(records: list[dict[str, Any]], label: str, apply_cap: bool, official: bool = False) -> Table:
     """Paper layout (ImgEdit Table 3): one column per type + Overall + the types Overall averages
-    (``partial: k of 9`` when some have no score); rows: headline, the other cap variant, the
-    official step-1/2 numbers, then samples scored and failures."""
-    variants = [
-        (label, aggregate_basic(records, apply_cap)),
-        (f"{label} ({'as judged' if apply_cap else 'capped'})", aggregate_basic(records, not apply_cap)),
-        (f"{label} (official step-1/2)", aggregate_basic(records, official=True)),
+    (``partial: k of 9`` when some have no score) + the parser of the row. Rows: the headline (the
+    parser asked for: ``official`` or ``apply_cap``), the two other readings, then the headline's
+    samples scored and failures (each parser drops different replies, so its counts differ)."""
+    headline = basic_parser(apply_cap, official)
+    readings = {
+        "ours": aggregate_basic(records),
+        "capped": aggregate_basic(records, apply_cap=True),
+        "official": aggregate_basic(records, official=True),
+    }
+    order = [headline, *(name for name in PARSERS if name != headline)]
+    columns = [t for t in BASIC_TYPES if t in readings["ours"]] + ["overall"]
+    names = {name: label if name == headline else f"{label} ({PARSERS[name]})" for name in order}
+    rows: list[list[Any]] = [
+        [names[n], *(readings[n][c]["score"] for c in columns), overall_coverage(readings[n]), PARSERS[n]] for n in order
     ]
-    columns = [t for t in BASIC_TYPES if t in variants[0][1]] + ["overall"]
-    rows: list[list[Any]] = [[name, *(agg[c]["score"] for c in columns), overall_coverage(agg)] for name, agg in variants]
-    rows.append(["samples", *(int(variants[0][1][c]["count"]) for c in columns), ""])
-    rows.append(["failed", *(int(variants[0][1][c]["failed"]) for c in columns), ""])
-    return ["", *(c.capitalize() for c in columns), "Overall types"], rows
+    top = readings[headline]
+    rows.append(["samples", *(int(top[c]["count"]) for c in columns), "", PARSERS[headline]])
+    rows.append(["failed", *(int(top[c]["failed"]) for c in columns), "", PARSERS[headline]])
+    return ["", *(c.capitalize() for c in columns), "Overall types", "parser"], rows
 
 
 def uge_record(sample_id: str, reply: str | ChatError) -> dict[str, Any]:
@@ -544,13 +560,16 @@ class ImgEditEvaluator(BenchmarkEvaluator):
         if self.suite == "uge":
             return self._summarize_uge(records, folder)
         headline = aggregate_basic(records, self.apply_cap, self.official)
-        folder.write_table("basic", basic_table(records, self.label, self.apply_cap), title="ImgEdit-Bench basic (1-5, higher is better)")
+        parser = PARSERS[basic_parser(self.apply_cap, self.official)]
+        title = f"ImgEdit-Bench basic (1-5, higher is better; headline: {parser}; judge: {self.rater})"
+        folder.write_table("basic", basic_table(records, self.label, self.apply_cap, self.official), title=title)
         folder.write_json("summary", {
             "headline": headline,
             "as_judged": aggregate_basic(records),
             "capped": aggregate_basic(records, apply_cap=True),
             "official": aggregate_basic(records, official=True),
             "flags": {"apply_cap": self.apply_cap, "official": self.official},
+            "headline_parser": parser,
             "overall_types": overall_coverage(headline),
         })
         if headline["overall"]["types"] < headline["overall"]["of"]:
@@ -559,14 +578,18 @@ class ImgEditEvaluator(BenchmarkEvaluator):
         return scalars | {"overall/types": headline["overall"]["types"], "failed": headline["overall"]["failed"]}
 
     def _summarize_uge(self, records: list[dict[str, Any]], folder: ResultsFolder) -> dict[str, float]:
-        ours, official = aggregate_uge(records), aggregate_uge(records, official=True)
-        headline, other = (official, ours) if self.official else (ours, official)
+        readings = {"ours": aggregate_uge(records), "official": aggregate_uge(records, official=True)}
+        parsers = {"ours": "our parser (Score: line)", "official": PARSERS["official"].replace("step-1/2", "step-1")}
+        order = ["official", "ours"] if self.official else ["ours", "official"]
         rows = [
-            [name, agg["score"], int(agg["count"]), int(agg["failed"])]
-            for name, agg in ((self.label, headline), (f"{self.label} ({'ours' if self.official else 'official step-1'})", other))
+            [self.label if n == order[0] else f"{self.label} ({parsers[n]})", readings[n]["score"],
+             int(readings[n]["count"]), int(readings[n]["failed"]), parsers[n]]
+            for n in order
         ]
-        folder.write_table("uge", (["", "UGE score", "samples", "failed"], rows), title="ImgEdit-Bench UGE (1-5)")
-        folder.write_json("summary", {"headline": headline, "ours": ours, "official": official})
+        title = f"ImgEdit-Bench UGE (1-5; headline: {parsers[order[0]]}; judge: {self.rater})"
+        folder.write_table("uge", (["", "UGE score", "samples", "failed", "parser"], rows), title=title)
+        headline = readings[order[0]]
+        folder.write_json("summary", {"headline": headline, **readings, "headline_parser": parsers[order[0]]})
         return {"score": headline["score"], "failed": headline["failed"]}
 
     def _summarize_multiturn(self, records: list[dict[str, Any]], folder: ResultsFolder) -> dict[str, float]:

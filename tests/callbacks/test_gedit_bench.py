@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 
-from callbacks.gedit_bench import aggregate_gedit, gedit_record, gedit_table, parse_vie
+from callbacks.gedit_bench import GEditEvaluator, aggregate_gedit, gedit_record, gedit_table, parse_vie
+from callbacks.judges import ToyJudge
+from callbacks.results import ResultsFolder
 from tests.helpers.faults import FaultTable
 from zoo.blocks.chat import ChatError
 
@@ -102,3 +106,14 @@ def test_group_means_intersection_and_overall() -> None:
     assert header == ["", "background_change", "text_change", "overall"]
     assert rows[0][0] == "m full G_SC" and rows[0][1:] == [5, 10, 7.5]
     assert rows[4] == ["full failed", 0, 1, 1]
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_table_and_summary_name_the_parser_and_judge(official: bool, tmp_path: Path) -> None:
+    records = [_rec("background_change", "a", [8, 6], [9, 9], True)]
+    evaluator = GEditEvaluator(ToyJudge(), official_random_guess=official, label="m")
+    evaluator.summarize(records, ResultsFolder(tmp_path))
+    title = (tmp_path / "gedit.md").read_text().splitlines()[0]
+    parser = "official viescore parser" if official else "our parser"
+    assert f"parser: {parser} (" in title and f"judge: {ToyJudge().name}" in title
+    assert json.loads((tmp_path / "summary.json").read_text())["parser"].startswith(parser)

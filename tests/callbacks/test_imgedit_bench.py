@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from callbacks.imgedit_bench import (
+    PARSERS,
     ImgEditEvaluator,
     aggregate_basic,
     aggregate_uge,
@@ -137,11 +138,34 @@ def test_basic_aggregation_hand_computed() -> None:
 
 def test_basic_table_layout() -> None:
     header, rows = basic_table(_records(), "ours", apply_cap=False)
-    assert header == ["", "Add", "Remove", "Style", "Overall", "Overall types"]
-    assert [r[0] for r in rows] == ["ours", "ours (capped)", "ours (official step-1/2)", "samples", "failed"]
+    assert header == ["", "Add", "Remove", "Style", "Overall", "Overall types", "parser"]
+    assert [r[0] for r in rows] == ["ours", "ours (our parser, capped)", "ours (official step-1/2 parser)", "samples", "failed"]
     # The official parser drops the bold 'remove' reply, so its overall covers one type fewer.
-    assert [r[-1] for r in rows] == ["partial: 3 of 9", "partial: 3 of 9", "partial: 2 of 9", "", ""]
-    assert rows[3] == ["samples", 2, 1, 1, 4, ""] and rows[4] == ["failed", 0, 1, 0, 1, ""]
+    assert [r[-2] for r in rows] == ["partial: 3 of 9", "partial: 3 of 9", "partial: 2 of 9", "", ""]
+    assert rows[3][:-1] == ["samples", 2, 1, 1, 4, ""] and rows[4][:-1] == ["failed", 0, 1, 0, 1, ""]
+    assert [r[-1] for r in rows] == [*PARSERS.values(), PARSERS["ours"], PARSERS["ours"]]
+
+
+def test_official_headline_row_and_counts_come_from_the_official_parser(tmp_path: Path) -> None:
+    _, rows = basic_table(_records(), "m", apply_cap=False, official=True)
+    assert [r[0] for r in rows] == ["m", "m (our parser, as judged)", "m (our parser, capped)", "samples", "failed"]
+    assert rows[0][1:4] == [3.5, pytest.approx(float("nan"), nan_ok=True), 1.67] and rows[0][-1] == PARSERS["official"]
+    # The official parser keeps 3 of the 5 replies (it drops the bold one and the refusal).
+    assert rows[3][:-1] == ["samples", 2, 0, 1, 3, ""] and rows[4][:-1] == ["failed", 0, 2, 0, 2, ""]
+    ImgEditEvaluator(ToyJudge(), official=True, label="m").summarize(_records(), ResultsFolder(tmp_path))
+    markdown = (tmp_path / "basic.md").read_text()
+    assert "headline: official step-1/2 parser" in markdown.splitlines()[0]
+    assert json.loads((tmp_path / "summary.json").read_text())["headline_parser"] == PARSERS["official"]
+
+
+def test_uge_table_names_its_parser(tmp_path: Path) -> None:
+    records = [uge_record("x", "Score: 5"), uge_record("y", "Brief reasoning: fine\nScore: 3 (Acceptable)")]
+    for official, top in ((False, ["m", 4.0, 2, 0, "our parser (Score: line)"]), (True, ["m", 5.0, 1, 1, "official step-1 parser"])):
+        ImgEditEvaluator(ToyJudge(), suite="uge", official=official, label="m").summarize(records, ResultsFolder(tmp_path))
+        with (tmp_path / "uge.csv").open(newline="") as handle:
+            table = list(csv.reader(handle))
+        assert table[0][-1] == "parser" and table[1] == [str(v) for v in top]
+        assert f"headline: {top[-1]}" in (tmp_path / "uge.md").read_text().splitlines()[0]
 
 
 def _all_types(failing: str | None = None) -> list[dict]:
@@ -159,7 +183,7 @@ def test_partial_overall_is_marked_in_tables_summary_and_scalars(failing: str | 
     assert summary["overall_types"] == expected and summary["official"]["overall"]["types"] == scalars["overall/types"]
     with (tmp_path / "basic.csv").open(newline="") as handle:
         table = list(csv.reader(handle))
-    assert table[0][-2:] == ["Overall", "Overall types"] and [row[-1] for row in table[1:4]] == [expected] * 3
+    assert table[0][-3:] == ["Overall", "Overall types", "parser"] and [row[-2] for row in table[1:4]] == [expected] * 3
     assert f"| {expected} |" in (tmp_path / "basic.md").read_text()
 
 

@@ -96,8 +96,9 @@ def test_local_judge_failures_are_recorded_cached_and_reproducible(benchmark: Pa
         assert record["error"].startswith("unparsable reply") and isinstance(record["raw"], str) and record["raw"]
         assert record["scores"] is None and record["mean"] is None and record["official"] is None and not record.get("retry")
     table = {row[0]: row[1:] for row in csv.reader((out / "basic.csv").open())}
-    assert table[""] == ["Adjust", "Overall", "Overall types"] and table["samples"] == ["0", "0", ""]
-    assert table["failed"] == [str(CASES), str(CASES), ""] and table["tiny-dim"] == ["nan", "nan", "partial: 0 of 9"]
+    parser = "our parser, as judged"
+    assert table[""] == ["Adjust", "Overall", "Overall types", "parser"] and table["samples"] == ["0", "0", "", parser]
+    assert table["failed"] == [str(CASES), str(CASES), "", parser] and table["tiny-dim"] == ["nan", "nan", "partial: 0 of 9", parser]
     cache = {p: p.stat().st_mtime_ns for p in (out / "judge_cache").rglob("*.json")}
     assert len(cache) == CASES and {json.loads(p.read_text())["reply"] for p in cache} == {r["raw"] for r in records.values()}
 
