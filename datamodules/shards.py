@@ -270,6 +270,17 @@ def check_stage_shards(init_args: dict[str, Any], stage: str) -> None:
             check_shards(spec)
 
 
+def predict_jsonl_kind(init_args: dict[str, Any], stage: str) -> str | None:
+    """The task (``edit``/``t2i``) of the predict jsonl a ``predict`` stage reads from ``ShardDataModule``'s
+    arguments, checked by :func:`~datamodules.formats.dim.predict_kind`; None when it reads none."""
+    path = init_args.get("predict_jsonl")
+    if stage != "predict" or init_args.get("predict_shards") is not None or path is None:
+        return None
+    from datamodules.formats.dim import predict_kind
+
+    return predict_kind(path)
+
+
 class ShardDataModule(L.LightningDataModule):
     """Streams WebDataset shards (schema in this module's docstring) into :class:`~datamodules.samples.EditBatch` batches.
 
@@ -280,7 +291,9 @@ class ShardDataModule(L.LightningDataModule):
         test_shards: Test split (same forms), read in index order.
         predict_shards: Predict split (same forms); targets may be absent.
         predict_jsonl: A DIM "tos" jsonl for ``zoo predict`` (image paths relative to the jsonl's
-            folder); used when ``predict_shards`` is None.
+            folder); used when ``predict_shards`` is None. Its rows are all edits or all
+            text-to-image: a row's ``kind`` ("edit"/"t2i"), else edit when it has ``image_path_target``
+            (edit rows need no target here).
         batch_size: Training batch size per rank.
         val_batch_size: Batch size of val/test/predict; defaults to ``batch_size``.
         num_workers: Dataloader worker processes per rank (0 = read in the main process).
@@ -382,7 +395,7 @@ class ShardDataModule(L.LightningDataModule):
         if "predict" in wanted and self.predict_shards is None and self.predict_jsonl is not None:
             from datamodules.formats.dim import TosJsonl
 
-            self._predict_reader = TosJsonl(self.predict_jsonl, strict=self.strict)
+            self._predict_reader = TosJsonl(self.predict_jsonl, strict=self.strict, targets=False)
 
     @property
     def skipped(self) -> dict[str, int]:

@@ -51,7 +51,7 @@ from callbacks.rng_state import RNGState
 from callbacks.results import BenchmarkEvaluator
 from callbacks.toy_score import ToyEditEvaluator
 from datamodules.samples import DataConfigError
-from datamodules.shards import ShardDataModule, check_stage_shards
+from datamodules.shards import ShardDataModule, check_stage_shards, predict_jsonl_kind
 from zoo.blocks.config import ConfigError
 from zoo.blocks.pretrained import MissingPretrainedError
 from zoo.checkpoint_io import AtomicCheckpointIO
@@ -144,6 +144,12 @@ class ZooCLI(LightningCLI):
         data = config.get("data")
         if isinstance(data, Namespace) and _is_subclass(data.get("class_path"), ShardDataModule):
             check_stage_shards(dict(data.get("init_args") or {}), self.subcommand)
+            kind, mode = predict_jsonl_kind(dict(data.get("init_args") or {}), self.subcommand), config.get("model.init_args.mode")
+            if kind is not None and mode in ("edit", "t2i") and kind != mode:
+                raise ConfigError(
+                    f"data.init_args.predict_jsonl holds {kind} rows, but model.init_args.mode is {mode}: "
+                    f"give a file of {mode} rows, or the model of that task"
+                )
         if self.subcommand == "fit":
             check_schedule(str(config.get("model.init_args.optim.schedule")), int(config.trainer.get("max_steps") or -1))
         logger = self.config[self.subcommand].get("trainer.logger")

@@ -2,8 +2,10 @@
 
 One JSON object per line with string fields ``id``, ``image_path``, ``prompt`` and, for edits,
 ``image_path_target``; extra fields (GEdit's ``task_type``, GenEval's ``meta_data``...) are kept as
-``extra``. A row without ``image_path_target`` is text-to-image: DIM's ``image_path`` there is a
-placeholder or an upstream key, so no image is loaded for it.
+``extra``. A row's task (:func:`row_kind`) is its optional ``kind`` field (``"edit"`` or ``"t2i"``),
+else DIM's rule: a row without ``image_path_target`` is text-to-image, its ``image_path`` a
+placeholder or an upstream key, so no image is loaded for it. A predict file (:func:`predict_kind`)
+holds rows of one kind; an edit row there needs no target (``kind: edit`` and ``image_path`` alone).
 
 DIM's ``*_cot.jsonl`` files have the same rows with ``prompt`` replaced by the GPT-4o 5-section
 blueprint ("1. Edit Instruction: ...  5. Edited Image Imagination: ..."); passing one as
@@ -26,7 +28,7 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from datamodules.samples import ORIGINAL_BYTES, EditSample, T2ISample
+from datamodules.samples import ORIGINAL_BYTES, DataConfigError, EditSample, T2ISample
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,52 @@ BLUEPRINT_SECTIONS = (
     "Edit Area Localization",
     "Edited Image Imagination",
 )
+
+
+KINDS = ("edit", "t2i")
+"""The tasks a row can be: an instruction edit of ``image_path``, or text-to-image from ``prompt``."""
+
+
+def row_kind(raw: dict[str, Any]) -> str:
+    """A row's task: its ``kind`` field when present, else ``edit`` exactly when it has ``image_path_target``.
+
+    Raises:
+        ValueError: ``kind`` is not one of :data:`KINDS`.
+    """
+    kind = raw.get("kind")
+    if kind is None:
+        return "edit" if isinstance(raw.get("image_path_target"), str) else "t2i"
+    if kind not in KINDS:
+        raise ValueError(f"row id={raw.get('id')!r}: kind must be one of {KINDS}, got {kind!r}")
+    return kind
+
+
+def predict_kind(path: str | os.PathLike[str]) -> str:
+    """The one task of a predict jsonl, checked before any model is built.
+
+    Raises:
+        DataConfigError: the file is missing, has no readable row, a row with a bad ``kind``, or
+            rows of both kinds (one batch of a model edits or generates, not both).
+    """
+    if not Path(path).is_file():
+        raise DataConfigError(f"predict_jsonl {path} does not exist")
+    rows, _ = read_jsonl(path)
+    if not rows:
+        raise DataConfigError(f"predict_jsonl {path} has no row with string fields {list(REQUIRED_FIELDS)}")
+    by_kind: dict[str, list[str]] = {kind: [] for kind in KINDS}
+    for row in rows:
+        try:
+            by_kind[row_kind(row)].append(row["id"])
+        except ValueError as error:
+            raise DataConfigError(f"predict_jsonl {path}: {error}") from error
+    if by_kind["edit"] and by_kind["t2i"]:
+        minority = min(KINDS, key=lambda kind: len(by_kind[kind]))
+        raise DataConfigError(
+            f"predict_jsonl {path} mixes {len(by_kind['edit'])} edit rows and {len(by_kind['t2i'])} text-to-image rows "
+            f"(first {minority}: id={by_kind[minority][0]!r}); a predict file holds one kind (a row's \"kind\", else edit "
+            "when it has image_path_target): split it in two"
+        )
+    return "edit" if by_kind["edit"] else "t2i"
 
 
 @dataclass
@@ -104,6 +152,7 @@ class TosJsonl:
         image_root: Folder the image paths are relative to (default: the jsonl's folder).
         cot_jsonl: Optional DIM ``*_cot.jsonl`` joined by id into ``blueprint``.
         strict: Raise on the first bad line or image instead of skipping and counting it.
+        targets: Read edit rows' ``image_path_target`` (False for predict: edits have no target then).
     """
 
     def __init__(
@@ -112,11 +161,13 @@ class TosJsonl:
         image_root: str | None = None,
         cot_jsonl: str | None = None,
         strict: bool = False,
+        targets: bool = True,
     ) -> None:
         self.path = Path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.cot_jsonl = cot_jsonl
         self.strict = strict
+        self.targets = targets
         self.skipped = 0
 
     def _skip(self, message: str) -> None:
@@ -137,15 +188,24 @@ class TosJsonl:
         rows = []
         t2i_with_image = 0
         for raw in raw_rows:
-            extra = {k: v for k, v in raw.items() if k not in REQUIRED_FIELDS and k != "image_path_target"}
+            extra = {k: v for k, v in raw.items() if k not in (*REQUIRED_FIELDS, "image_path_target", "kind")}
+            try:
+                kind = row_kind(raw)
+            except ValueError as error:
+                self._skip(f"{self.path}: {error}")
+                continue
             source = target = None
-            if not isinstance(raw.get("image_path_target"), str):
-                t2i_with_image += resolve_image(self.image_root, raw["image_path"]) is not None
+            if kind == "t2i":
+                t2i_with_image += "kind" not in raw and resolve_image(self.image_root, raw["image_path"]) is not None
             else:
                 source = resolve_image(self.image_root, raw["image_path"])
-                target = resolve_image(self.image_root, raw["image_path_target"])
-                if source is None or target is None:
-                    lost = raw["image_path"] if source is None else raw["image_path_target"]
+                wanted = raw.get("image_path_target") if self.targets else None
+                if self.targets and not isinstance(wanted, str):
+                    self._skip(f"row id={raw['id']!r} of {self.path}: an edit row for training needs image_path_target")
+                    continue
+                target = resolve_image(self.image_root, wanted) if isinstance(wanted, str) else None
+                if source is None or (wanted is not None and target is None):
+                    lost = raw["image_path"] if source is None else wanted
                     self._skip(f"row id={raw['id']!r} of {self.path}: image {lost!r} not found under {self.image_root}")
                     continue
             rows.append(TosRow(raw["id"], raw["prompt"], source, target, blueprints.get(raw["id"]), extra))
@@ -154,7 +214,7 @@ class TosJsonl:
             log.warning(
                 "%d rows of %s have an existing image_path but no image_path_target: they are read as "
                 "text-to-image prompts (DIM's format) and their image is not used; to edit an image, give "
-                "image_path_target too (repeat image_path when there is no target)",
+                'the row "kind": "edit" (or an image_path_target); "kind": "t2i" silences this warning',
                 t2i_with_image, self.path,
             )
         return rows
@@ -164,7 +224,8 @@ class TosJsonl:
         if not row.is_edit:
             return T2ISample(key=row.key, image=None, prompt=row.prompt, blueprint=row.blueprint)
         images = []
-        for path in dict.fromkeys((row.source_path, row.target_path)):  # a repeated file is decoded once
+        files = (row.source_path, row.target_path) if row.target_path is not None else (row.source_path,)
+        for path in dict.fromkeys(files):  # a repeated file is decoded once
             try:
                 data = Path(path).read_bytes()
                 with Image.open(io.BytesIO(data)) as image:
@@ -174,7 +235,7 @@ class TosJsonl:
             rgb.info[ORIGINAL_BYTES] = data
             images.append(rgb)
         # DIM's files repeat the source as the target where there is none: the same image object.
-        source, target = images[0], images[-1]
+        source, target = images[0], (images[-1] if row.target_path is not None else None)
         return EditSample(key=row.key, source=source, target=target, instruction=row.prompt, blueprint=row.blueprint)
 
     def pairs(self) -> Iterator[tuple[TosRow, EditSample | T2ISample]]:

@@ -3,13 +3,15 @@ command-line null is null; data-module mistakes are one line."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.helpers.recipes import ROOT, ParseOnly, configs, error_lines, run_zoo
+from tests.helpers.recipes import NO_GPU_NO_DATA, ROOT, ParseOnly, configs, error_lines, run_zoo
 from zoo.cli import TOOLS, TRAINER_COMMANDS, main
 from zoo.trainer_cli import explicit_nulls
 
@@ -88,3 +90,23 @@ def test_a_command_line_null_is_null_at_any_depth() -> None:
         '--a.init_args.b={"init_args": {"c": {"d": null}}}',
         "--a.init_args.b.c=none",
     ]
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"id": "a", "image_path": "a.png", "image_path_target": "a.png", "prompt": "p"}, {"id": "b", "image_path": "-", "prompt": "q"}],
+         "mixes 1 edit rows and 1 text-to-image rows"),
+        ([{"id": "b", "image_path": "-", "prompt": "a red square"}], "holds t2i rows, but model.init_args.mode is edit"),
+    ],
+)
+def test_a_predict_file_of_mixed_or_wrong_rows_is_one_line_before_any_model(
+    rows: list[dict], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jsonl = tmp_path / "edits.jsonl"
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    # The paper recipe: building its model would fail first on the missing Qwen2.5-VL weights.
+    unset = [*NO_GPU_NO_DATA, "--data.init_args.test_shards=null", f"--data.init_args.predict_jsonl={jsonl}"]
+    assert main(["predict", *configs(["recipes/dim_edit.yaml"]), *unset]) == 2
+    err = capsys.readouterr().err
+    assert error_lines(err) == [line for line in err.splitlines() if line.strip()] and message in err

@@ -176,24 +176,28 @@ def test_tiny_fit_resumes_and_requeue_overwrites_config(toy_data: dict[str, Path
     assert moved, "training after resume must change the trainable weights"
 
 
-def test_tiny_predict_writes_edits_from_a_tos_jsonl(tmp_path: Path) -> None:
+def test_tiny_predict_writes_edits_from_a_tos_jsonl(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     image = tmp_path / "images" / "a.png"
     image.parent.mkdir()
     sample, _ = toy.edit_sample(0, "test", 0, 32)
     sample.source.save(image)
     jsonl = tmp_path / "edits.jsonl"
     row = {"id": "a", "image_path": "images/a.png", "image_path_target": "images/a.png", "prompt": "make the background white"}
-    jsonl.write_text(json.dumps(row) + "\n")
+    untargeted = {"id": "b", "image_path": "images/a.png", "prompt": "make the background white", "kind": "edit"}
+    jsonl.write_text(json.dumps(row) + "\n" + json.dumps(untargeted) + "\n")
     args = _tiny_args("dim_edit", {"edit": tmp_path}, tmp_path)
     shards_unset = [f"--data.init_args.{split}_shards=null" for split in ("train", "val", "test")]
+    caplog.set_level(logging.INFO)
     assert main(["predict", *args, *shards_unset, f"--data.init_args.predict_jsonl={jsonl}"]) == 0
-    [written] = list(tmp_path.glob("**/predictions/a.png"))
-    assert written == tmp_path / "predict" / "predictions" / "a.png", "predict writes into its own stage folder"
-    record = json.loads(written.with_name("predictions.rank0.jsonl").read_text())
-    assert record == {"key": "a", "instruction": "make the background white", "text": "make the background white", "image": "a.png"}
+    folder = tmp_path / "predict" / "predictions"
+    assert sorted(tmp_path.glob("**/predictions/*.png")) == [folder / "a.png", folder / "b.png"], "predict writes into its own stage folder"
+    records = [json.loads(line) for line in (folder / "predictions.rank0.jsonl").read_text().splitlines()]
+    assert records[0] == {"key": "a", "instruction": "make the background white", "text": "make the background white", "image": "a.png"}
+    assert [r["key"] for r in records] == ["a", "b"]
+    assert f"predict: 2 edits written -> {folder}" in caplog.text
     from PIL import Image
 
-    assert Image.open(written).size == (32, 32)
+    assert Image.open(folder / "a.png").size == (32, 32)
 
 
 def test_print_config_shows_the_resolved_recipe() -> None:

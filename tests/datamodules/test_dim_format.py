@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.formats.dim import BLUEPRINT_SECTIONS, TosJsonl, read_blueprints, read_jsonl, resolve_image
-from datamodules.samples import EditSample, T2ISample
+from datamodules.formats.dim import BLUEPRINT_SECTIONS, TosJsonl, predict_kind, read_blueprints, read_jsonl, resolve_image, row_kind
+from datamodules.samples import DataConfigError, EditSample, T2ISample
 
 
 def test_demo_edits_load_with_cot_blueprints(dim_data: Path) -> None:
@@ -83,4 +83,46 @@ def test_a_row_with_an_existing_image_but_no_target_is_t2i_and_says_so(tmp_path:
         samples = [sample for _, sample in TosJsonl(str(path)).pairs()]
     assert all(isinstance(sample, T2ISample) and sample.image is None for sample in samples)
     [warning] = [r.getMessage() for r in caplog.records]
-    assert warning.startswith(f"1 rows of {path} have an existing image_path but no image_path_target") and "repeat image_path" in warning
+    assert warning.startswith(f"1 rows of {path} have an existing image_path but no image_path_target") and '"kind": "edit"' in warning
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_a_row_kind_is_its_field_else_whether_it_has_a_target() -> None:
+    base = {"id": "a", "image_path": "x.png", "prompt": "p"}
+    assert row_kind(base) == "t2i" and row_kind(base | {"image_path_target": "y.png"}) == "edit"
+    assert row_kind(base | {"kind": "edit"}) == "edit" and row_kind(base | {"kind": "t2i", "image_path_target": "y.png"}) == "t2i"
+    with pytest.raises(ValueError, match="kind must be one of"):
+        row_kind(base | {"kind": "inpaint"})
+
+
+def test_explicit_edit_rows_need_no_target_in_predict_and_say_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "cat.png")
+    path = _jsonl(tmp_path / "p.jsonl", [{"id": "a", "image_path": "cat.png", "prompt": "remove the hat", "kind": "edit"}])
+    assert predict_kind(path) == "edit"
+    with caplog.at_level("WARNING", logger="datamodules.formats.dim"):
+        [sample] = list(TosJsonl(str(path), targets=False))
+    assert isinstance(sample, EditSample) and sample.target is None and sample.source.getpixel((0, 0)) == (255, 0, 0)
+    assert not caplog.records
+    # Read for training, an edit row without a target is a counted skip, not a silent text-to-image sample.
+    reader = TosJsonl(str(path))
+    assert list(reader) == [] and reader.skipped == 1
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"id": "a", "image_path": "x", "prompt": "p", "image_path_target": "x"}, {"id": "b", "image_path": "x", "prompt": "q"}],
+         "mixes 1 edit rows and 1 text-to-image rows (first edit: id='a')"),
+        ([{"id": "a", "image_path": "x", "prompt": "p", "kind": "both"}], "kind must be one of ('edit', 't2i'), got 'both'"),
+        ([{"id": "a", "prompt": "p"}], "has no row with string fields"),
+    ],
+)
+def test_a_malformed_predict_file_is_refused(rows: list[dict], message: str, tmp_path: Path) -> None:
+    with pytest.raises(DataConfigError, match=re.escape(message)):
+        predict_kind(_jsonl(tmp_path / "p.jsonl", rows))
+    with pytest.raises(DataConfigError, match="does not exist"):
+        predict_kind(tmp_path / "absent.jsonl")
