@@ -207,7 +207,8 @@ class ChatJudge(Judge):
         if misses:
             self.calls += len(misses)
             answers = complete_many(
-                self.client, [requests[i].content for i in misses], system=self.system, max_workers=self.max_workers
+                self.client, [requests[i].content for i in misses], system=self.system, max_workers=self.max_workers,
+                progress=f"judging ({self.config.model}; {len(requests) - len(misses)} cached)",
             )
             for i, answer in zip(misses, answers):
                 replies[i] = answer

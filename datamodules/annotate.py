@@ -33,10 +33,11 @@ from typing import IO, cast
 from datamodules.convert import read_annotations, shard_key
 from datamodules.formats.humanedit import TEST_SIZE, HumanEditParquet, Split
 from datamodules.samples import EditSample
-from datamodules.shard_format import counting, decode_sample, read_tar, resolve_shards
+from datamodules.shard_format import decode_sample, read_tar, resolve_shards
 from zoo.blocks.chat import ChatClient, ChatConfig, ChatError, build_chat_client, complete_many
 from zoo.blocks.config import ConfigError
 from zoo.blocks.optimized_instruction import OptimizedInstructionError, annotation_prompt, parse
+from zoo.blocks.progress import counting
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out, done = _open_cache(Path(args.out))
     annotator = Annotator(client, out, done, args.workers)
-    with out, counting("annotating", total) as advance:
+    with out, counting("annotating", total, unit="samples") as advance:
         annotator.run(samples, advance)
     print(annotator.summary(args.out))
     asked = sum(n for kind, n in annotator.counts.items() if kind != "cached")

@@ -34,27 +34,15 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
 from datamodules.samples import ORIGINAL_BYTES, DataConfigError, EditSample, T2ISample
+from zoo.blocks.progress import counting
 
 log = logging.getLogger(__name__)
 
@@ -114,26 +102,6 @@ def encode_sample(sample: EditSample | T2ISample, extra: dict[str, Any] | None =
     return record
 
 
-class _Rate(ProgressColumn):
-    """Items per second."""
-
-    def render(self, task: Task) -> Text:
-        return Text(f"{task.speed or 0:.1f}/s")
-
-
-@contextmanager
-def counting(label: str | None, total: int | None = None) -> Iterator[Callable[[], None]]:
-    """A Rich progress bar (count, rate, time left when ``total`` is known) for long data work,
-    as the trainer's bar looks; yields the function that counts one item. ``label`` None: silent."""
-    if label is None:
-        yield lambda: None
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate())
-    with Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn()) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda: bar.advance(task)
-
-
 def write_split(
     out_dir: str | os.PathLike[str],
     records: Iterable[EditSample | T2ISample | tuple[EditSample | T2ISample, dict[str, Any]]],
@@ -144,7 +112,7 @@ def write_split(
     """Write one split folder of tar shards plus its ``index.json``; returns the index.
 
     With ``progress`` (a label) a Rich progress bar counts the samples written, with their rate and,
-    given ``total``, the time left.
+    given ``total``, the time left, and a summary line ends it (:func:`zoo.blocks.progress.counting`).
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -161,7 +129,7 @@ def write_split(
     )
     holder.append(writer)
     seen: set[str] = set()
-    with counting(progress, total) as advance:
+    with counting(progress, total, unit="samples") as advance:
         for item in records:
             sample, extra = item if isinstance(item, tuple) else (item, None)
             if sample.key in seen:

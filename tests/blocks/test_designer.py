@@ -130,6 +130,9 @@ def test_blueprint_or_instruction_counts_fallbacks() -> None:
         assert designer.blueprint_or_instruction(image, "add a cat") == "add a cat"
     assert (designer.requests, designer.fallbacks) == (3, 2)
     assert len(server.requests) == 2 + 6  # the 503s were retried max_retries times
+    summary = designer.summary()
+    assert summary.startswith("designer: 3 blueprints in ") and summary.endswith(", 2 fell back to the raw instruction")
+    assert designer.seconds > 0 and f"({3 / designer.seconds:.1f}/s)" in summary
 
 
 def test_configuration_errors_are_raised_not_counted() -> None:

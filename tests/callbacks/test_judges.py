@@ -4,6 +4,7 @@ key kept out of replies and cache), its config in the recipes, the toy judge."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,7 @@ def test_garbage_reply_is_recorded_with_its_text(tmp_path: Path) -> None:
     assert record["raw"] == "lorem ipsum dolor" and "no score for" in record["error"]
 
 
-def test_concurrent_requests_keep_their_order(tmp_path: Path) -> None:
+def test_concurrent_requests_keep_their_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     def respond(request) -> Reply:
         text = request.body["messages"][0]["content"][0]["text"]
         return completion(f"Prompt Compliance: {text[-1]}\nVisual Naturalness: 1\nPhysical & Detail Integrity: 1")
@@ -88,6 +89,8 @@ def test_concurrent_requests_keep_their_order(tmp_path: Path) -> None:
     with OpenAIServer(respond=respond) as server:
         replies = _judge(server, tmp_path, max_workers=4).ask(requests)
     assert [basic_record(str(i), "add", r, FIELDS)["scores"][0] for i, r in enumerate(replies)] == [1, 2, 3, 4, 5]
+    # Judging shows its progress and ends in one summary line of the calls made.
+    assert re.search(r"^judging \(gpt-4\.1; 0 cached\): 5 calls in \d+\.\d s \(\d+\.\d/s\)$", capsys.readouterr().out, re.M)
 
 
 def test_judge_defaults_follow_the_official_scorers_and_keep_the_cache_identity(tmp_path: Path) -> None:

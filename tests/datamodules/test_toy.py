@@ -137,6 +137,7 @@ def test_writing_shows_progress_with_counts_and_a_summary(tmp_path: Path, capsys
     for split, count in (("train", 7), ("val", 2), ("test", 3)):
         assert re.search(rf"toy {split} .* {count}/{count} +\d+(\.\d)?/s", printed), printed
         assert f"{split}: {count} samples in 1 shard(s)" in printed
+        assert re.search(rf"^toy {split}: {count} samples in \d+\.\d s \(\d+\.\d/s\)$", printed, re.M), printed
 
 
 def test_optimized_instruction_names_the_change_the_context_and_what_goes() -> None:

@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 
 from zoo.blocks.config import ConfigError, TorchDtype, check_choice, check_positive, check_range
+from zoo.blocks.progress import counting
 from zoo.blocks.redact import hide_in_logs, key_forms, redact, shorten
 
 log = logging.getLogger(__name__)
@@ -174,12 +175,15 @@ def complete_many(
     *,
     system: str | None = None,
     max_workers: int = 8,
+    progress: str | None = None,
 ) -> list[str | ChatError]:
     """Run ``client.complete`` on many user turns concurrently; results keep the input order.
 
     A call that fails gives its :class:`ChatError` in place of the reply, so a caller (a judge over
     a whole benchmark) counts and logs the failures instead of losing the finished calls. Use
     ``max_workers=1`` for a :class:`LocalVLMChatClient`: one model cannot run two generations.
+    ``progress`` (a label) shows a progress bar of the finished calls and a summary line
+    (:func:`zoo.blocks.progress.counting`).
     """
     if max_workers < 1:
         raise ValueError(f"max_workers must be at least 1, got {max_workers}")
@@ -190,8 +194,11 @@ def complete_many(
         except ChatError as err:
             return err
 
-    with ThreadPoolExecutor(max_workers=max_workers) as pool:
-        return list(pool.map(one, contents))
+    with counting(progress, len(contents), unit="calls") as advance, ThreadPoolExecutor(max_workers=max_workers) as pool:
+        futures = [pool.submit(one, content) for content in contents]
+        for future in futures:
+            future.add_done_callback(lambda _: advance())
+        return [future.result() for future in futures]
 
 
 def to_pil(image: ChatImage) -> Image.Image:

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from zoo.blocks.chat import ChatClient, ChatConfig, ChatError, ChatImage, ChatPart, build_chat_client
 from zoo.blocks.config import ConfigError
+from zoo.blocks.progress import summary_line
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +183,7 @@ class Designer:
     Attributes:
         requests: blueprints asked for through :meth:`blueprint_or_instruction`.
         fallbacks: how many of those fell back to the raw instruction.
+        seconds: time spent in those calls (:meth:`summary` reports the rate).
     """
 
     def __init__(self, client: ChatClient, prompt: str = BLUEPRINT_PROMPT) -> None:
@@ -189,6 +192,7 @@ class Designer:
         self.prompt = prompt
         self.requests = 0
         self.fallbacks = 0
+        self.seconds = 0.0
 
     @classmethod
     def from_config(cls, config: DesignerConfig) -> Designer:
@@ -219,6 +223,7 @@ class Designer:
         sample the same way, so those raise instead of degrading a whole run.
         """
         self.requests += 1
+        start = time.perf_counter()
         try:
             return self.blueprint(image, instruction)
         except ChatError as err:
@@ -227,8 +232,14 @@ class Designer:
             reason = str(err)
         except BlueprintError as err:
             reason = str(err)
+        finally:
+            self.seconds += time.perf_counter() - start
         self.fallbacks += 1
         log.warning(
             "designer fell back to the raw instruction (%d of %d so far): %s", self.fallbacks, self.requests, reason
         )
         return instruction
+
+    def summary(self) -> str:
+        """``designer: 12 blueprints in 30.0 s (0.4/s), 1 fell back to the raw instruction``."""
+        return summary_line("designer", self.requests, self.seconds, "blueprints") + f", {self.fallbacks} fell back to the raw instruction"
