@@ -176,6 +176,24 @@ def test_tiny_fit_resumes_and_requeue_overwrites_config(toy_data: dict[str, Path
     assert moved, "training after resume must change the trainable weights"
 
 
+def test_loading_a_checkpoint_does_not_list_the_frozen_keys(toy_data: dict[str, Path], tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    # The T2I warm-up freezes the DiT as well as the MLLM: the checkpoint holds the connector only.
+    args = _tiny_args("dim_t2i_warmup", toy_data, tmp_path)
+    assert main(["fit", *args, "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false"]) == 0
+    last = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    from zoo.modules.dim import DIMModule
+
+    recwarn.clear()
+    loaded = DIMModule.load_from_checkpoint(last, map_location="cpu")
+    frozen = set(loaded.state_dict()) - set(saved)
+    assert len(frozen) > 50 and all(k.startswith("denoiser.") for k in frozen)
+    assert sum(1 for _ in loaded.mllm.parameters()) > 50 and not any(k.startswith("mllm.") for k in loaded.state_dict())
+    printed = "".join(str(w.message) for w in recwarn)
+    assert "Found keys" not in printed and len(printed) < 300, printed
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in saved.items())
+
+
 def test_tiny_predict_writes_edits_from_a_tos_jsonl(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     image = tmp_path / "images" / "a.png"
     image.parent.mkdir()

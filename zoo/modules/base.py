@@ -32,7 +32,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -576,6 +576,19 @@ class EditingModule(L.LightningModule):
             if value.shape != own[key].shape:
                 state[key] = _widen_into(own[key].clone(), value, key)
         self.load_state_dict(state, strict=False)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, reporting as missing only the keys a checkpoint should hold.
+
+        Checkpoints leave frozen weights out (:meth:`on_save_checkpoint`), and Lightning's
+        ``load_from_checkpoint`` warns with the list of every key a checkpoint lacks: hundreds of
+        names for a stage-frozen DiT. Those are dropped from ``missing_keys``; a missing trainable
+        tensor was already refused by :meth:`on_load_checkpoint`.
+        """
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        left_out = set(self.state_dict()) - self.trainable_state_keys()
+        result.missing_keys[:] = [key for key in result.missing_keys if key not in left_out]
+        return result
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose trainable tensors do not fit this model (:class:`ConfigError`,
