@@ -34,6 +34,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from callbacks.gather import gather_objects
 from callbacks.results import BenchmarkEvaluator, ResultsFolder
+from zoo.blocks.config import ConfigError
+from zoo.blocks.pretrained import MissingPretrainedError
 from zoo.blocks.vision import torch_hub_file
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ def image_files(folder: str | Path) -> list[Path]:
     """Every image file under ``folder``, recursively, in a fixed order."""
     root = Path(folder)
     if not root.is_dir():
-        raise FileNotFoundError(f"FID reference folder {root} does not exist")
+        raise ConfigError(f"FID reference folder {root} does not exist: set reference to a folder of real images, or null for the test targets")
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
@@ -109,7 +111,7 @@ class FIDEvaluator(BenchmarkEvaluator):
             return FrechetInceptionDistance(feature=self.feature)
         weights = self.inception_weights or str(torch_hub_file(URL_INCEPTION_V3, "FID's Inception v3"))
         if not Path(weights).is_file():
-            raise FileNotFoundError(f"FID Inception weights {weights} do not exist (download {URL_INCEPTION_V3})")
+            raise MissingPretrainedError(f"FID Inception weights {weights} do not exist: download {URL_INCEPTION_V3} there")
         return FrechetInceptionDistance(feature=self.feature, feature_extractor_weights_path=weights)
 
     # -- features --

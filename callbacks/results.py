@@ -11,6 +11,7 @@ Layout of ``<output_dir>`` (one folder per evaluator and stage)::
     <table>.md / <table>.csv    per-type and overall tables, laid out like the papers' tables
     summary.json                the same numbers as JSON
     judge_cache/                the judge's reply cache (see callbacks/judges.py)
+    evaluator.json              which evaluator the folder belongs to (:meth:`ResultsFolder.claim`)
 
 Evaluators consume module outputs and run no generation of their own: at test time the
 ``EditOutputs`` the test step returns, at validation those of ``EditingModule.edit_outputs`` (the
@@ -36,6 +37,7 @@ import io
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ from callbacks.gather import gather_records, run_folder
 from callbacks.toy_score import toy_edit_scores
 from datamodules.benchmarks import edited_image_path
 from datamodules.samples import EditBatch, EditOutputs, signed_to_pil
+from zoo.blocks.config import ConfigError
 from zoo.modules.base import EditingModule
 
 log = logging.getLogger(__name__)
@@ -69,11 +72,58 @@ def _cell(value: Any, digits: int) -> str:
     return str(value)
 
 
+MARKER = "evaluator.json"
+"""The file naming the evaluator a results folder belongs to."""
+
+
+def _owner(marker: Path) -> str | None:
+    """The evaluator a marker names; None when there is none (or another rank is writing it)."""
+    try:
+        return json.loads(marker.read_text())["evaluator"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _is_result(name: str) -> bool:
+    """Whether an entry of a results folder is one an evaluator writes (layout in the module docstring)."""
+    return name in ("images", "val", "judge_cache", "records.jsonl", "summary.json", MARKER) or (
+        name.startswith("generated.rank") or name.endswith((".md", ".csv"))
+    )
+
+
 class ResultsFolder:
     """Reads and writes one results folder (layout in the module docstring)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+
+    def claim(self, evaluator: str, write: bool = True) -> None:
+        """Refuse, before anything is generated, a folder ``evaluator`` cannot write or that holds
+        something else (another evaluator's results, or files of no evaluator); then mark it as
+        ``evaluator``'s (``write``: the rank that writes). Results of an earlier run of the same
+        evaluator are kept and resumed.
+
+        Raises:
+            ConfigError: one line naming the folder and what to do.
+        """
+        existing = next(p for p in (self.root, *self.root.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            problem = "not a folder" if not existing.is_dir() else "not writable"
+            raise ConfigError(f"{evaluator}: cannot write the output folder {self.root} ({existing} is {problem}); set output_dir")
+        marker = self.root / MARKER
+        owner = _owner(marker)
+        if owner is not None and owner != evaluator:
+            raise ConfigError(f"{evaluator}: output folder {self.root} holds the results of {owner}; give each evaluator its own output_dir")
+        if owner is None and self.root.is_dir():
+            foreign = sorted(p.name for p in self.root.iterdir() if not _is_result(p.name))
+            if foreign:
+                raise ConfigError(
+                    f"{evaluator}: output folder {self.root} holds files of no evaluator ({', '.join(foreign[:3])}"
+                    f"{', ...' if len(foreign) > 3 else ''}); choose an empty folder or an earlier results folder of {evaluator}"
+                )
+        if write and owner is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"evaluator": evaluator}) + "\n")
 
     def edited(self, sample_id: str, turn: int | None = None) -> Path:
         """The edit, or the result of turn ``turn`` of a multi-turn case."""
@@ -239,6 +289,7 @@ class BenchmarkEvaluator(L.Callback):
                 f"BenchmarkDataModule(benchmark='imgedit_multiturn'), which serves each case's turns"
             )
         self.folder = ResultsFolder(self._root(trainer, stage))
+        self.folder.claim(self.name, write=trainer.is_global_zero)
         self._new = []
         self._orphans = []
         if trainer.is_global_zero:

@@ -17,6 +17,7 @@ from torchvision.utils import save_image
 from callbacks.fid import FIDEvaluator, image_files
 from tests.helpers.ddp import launch
 from tests.helpers.editors import OracleEditor, edit_batches, run_test
+from zoo.blocks.config import ConfigError
 from zoo.blocks.pretrained import MissingPretrainedError
 
 NUM_SAMPLES, WORLD_SIZE = 24, 2
@@ -90,7 +91,9 @@ def test_missing_inception_weights_or_reference_fail_before_generating(tmp_path:
     message = str(error.value)
     assert "weights-inception-2015-12-05-6726825d.pth" in message and str(tmp_path / "hub" / "checkpoints") in message
     assert "\n" not in message
-    with pytest.raises(FileNotFoundError, match="reference folder"):
+    with pytest.raises(MissingPretrainedError, match=f"FID Inception weights {tmp_path / 'absent.pth'} do not exist: download "):
+        FIDEvaluator(inception_weights=str(tmp_path / "absent.pth")).setup(trainer, L.LightningModule(), "test")
+    with pytest.raises(ConfigError, match="reference folder"):
         FIDEvaluator(feature=TinyFeatures(), reference=str(tmp_path / "missing")).setup(trainer, L.LightningModule(), "test")
 
 

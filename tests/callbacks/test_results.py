@@ -156,3 +156,31 @@ def test_a_judge_that_refuses_the_key_fails_before_any_edit_is_generated(toy_tes
             _trainer(tmp_path, evaluator).test(module, datamodule=data)
     assert generated == [] and len(server.requests) == 1, "one pre-flight request, then nothing"
     assert isinstance(JudgeUnavailableError("x"), ConfigError), "the CLI prints it as one zoo: error: line"
+
+
+def test_an_output_folder_of_something_else_is_refused_before_any_edit(tmp_path: Path) -> None:
+    from callbacks.similarity import SimilarityEvaluator
+    from tests.helpers.editors import OracleEditor, edit_batches, run_test
+
+    def evaluate(out: Path) -> None:
+        evaluator = SimilarityEvaluator(clip=None, dino=None, lpips=None, output_dir=str(out))
+        run_test(evaluator, OracleEditor("target"), edit_batches(num=1), tmp_path / "logs")
+
+    occupied = tmp_path / "my_dataset"
+    occupied.mkdir()
+    (occupied / "train.parquet").write_bytes(b"data")
+    with pytest.raises(ConfigError, match=r"holds files of no evaluator \(train\.parquet\); choose an empty folder"):
+        evaluate(occupied)
+    assert sorted(p.name for p in occupied.iterdir()) == ["train.parquet"], "nothing may be generated into it"
+
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("")
+    with pytest.raises(ConfigError, match=f"cannot write the output folder {a_file / 'x'} \\({a_file} is not a folder\\)"):
+        evaluate(a_file / "x")
+
+    out = tmp_path / "similarity"
+    evaluate(out)
+    evaluate(out)  # an earlier run of the same evaluator resumes
+    assert json.loads((out / "evaluator.json").read_text()) == {"evaluator": "similarity"}
+    with pytest.raises(ConfigError, match=f"output folder {out} holds the results of similarity; give each evaluator its own"):
+        ResultsFolder(out).claim("fid")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import replace
 
 import lightning as L
@@ -208,7 +209,7 @@ def test_stage_two_starts_from_a_t2i_checkpoint_with_widened_input(tmp_path) -> 
         DIMModule(**tiny_dim_kwargs(init_from=str(tmp_path / "missing.ckpt")))
 
 
-def test_designer_writes_the_blueprint_for_samples_without_one() -> None:
+def test_designer_writes_the_blueprint_for_samples_without_one(caplog: pytest.LogCaptureFixture) -> None:
     from tests.helpers.openai_server import OpenAIServer, completion
     from zoo.blocks.designer import DesignerConfig
 
@@ -230,6 +231,10 @@ def test_designer_writes_the_blueprint_for_samples_without_one() -> None:
     content = request.body["messages"][-1]["content"]
     assert any(part.get("type") == "image_url" for part in content)
     assert batch.instruction[0] in json.dumps(content)
+    # The stage ends with the designer's summary line.
+    with caplog.at_level("INFO"):
+        model.teardown("test")
+    assert re.search(r"designer: 1 blueprints in \d+\.\d s \(.+/s\), 0 fell back to the raw instruction", caplog.text)
 
 
 def test_ddp_and_ema_copies_see_only_what_trains(tmp_path) -> None:

@@ -2,7 +2,8 @@
 
 ImgEdit-E1 (paper App. A.3-A.4) generates with FLUX.1-dev; its condition (projected Qwen2.5-VL
 states + projected SigLIP tokens) enters the *text* branch as ``encoder_hidden_states``. UniWorld-V1,
-the closest public code (``official-code-facts.md`` §4A), does the same.
+the closest public code (``PKU-YuanGroup/UniWorld-V1@8403e86:univa/models/modeling_univa_denoise_tower.py``),
+does the same.
 
 :class:`FluxDenoiser` wraps diffusers ``FluxTransformer2DModel`` and does what ``FluxPipeline``
 does around it (diffusers 0.42 ``pipelines/flux/pipeline_flux.py``):

@@ -142,19 +142,10 @@ class DIMModule(EditingModule):
             )
         self.instruction_fallbacks += missing
 
-    def _report_designer(self) -> None:
+    def teardown(self, stage: str) -> None:
         """The designer's summary line (calls, time, rate, fallbacks) at the end of a stage that asked it."""
         if self.designer is not None and self.designer.requests:
             rank_zero_info(self.designer.summary())
-
-    def on_validation_end(self) -> None:
-        self._report_designer()
-
-    def on_test_end(self) -> None:
-        self._report_designer()
-
-    def on_predict_end(self) -> None:
-        self._report_designer()
 
     def prepare_batch(self, batch: EditBatch, keep_given: bool = False) -> EditBatch:
         """The designer (a paid API call) writes a blueprint for each sample that has none."""
