@@ -158,7 +158,7 @@ def test_a_judge_that_refuses_the_key_fails_before_any_edit_is_generated(toy_tes
     assert isinstance(JudgeUnavailableError("x"), ConfigError), "the CLI prints it as one zoo: error: line"
 
 
-def test_an_output_folder_of_something_else_is_refused_before_any_edit(tmp_path: Path) -> None:
+def test_an_output_folder_of_something_else_is_refused_before_any_edit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from callbacks.similarity import SimilarityEvaluator
     from tests.helpers.editors import OracleEditor, edit_batches, run_test
 
@@ -179,7 +179,11 @@ def test_an_output_folder_of_something_else_is_refused_before_any_edit(tmp_path:
         evaluate(a_file / "x")
 
     out = tmp_path / "similarity"
-    evaluate(out)
+    with caplog.at_level("INFO"):
+        evaluate(out)
+    # The evaluation ends by printing its table and its folder.
+    assert f"{out / 'similarity'}.md:\n# Similarity to the reference" in caplog.text
+    assert f"similarity: 1 samples scored now, 1 in total -> {out}" in caplog.text
     evaluate(out)  # an earlier run of the same evaluator resumes
     assert json.loads((out / "evaluator.json").read_text()) == {"evaluator": "similarity"}
     with pytest.raises(ConfigError, match=f"output folder {out} holds the results of similarity; give each evaluator its own"):

@@ -185,6 +185,9 @@ def test_blueprint_is_the_condition_when_present(caplog: pytest.LogCaptureFixtur
     # The fallback is counted once per conditioned sample and announced once, with its count.
     [warning] = [r.getMessage() for r in caplog.records if "no blueprint" in r.getMessage()]
     assert "1 of 2 samples" in warning and model.instruction_fallbacks == 2
+    with caplog.at_level(logging.INFO):
+        model.teardown("test")  # the stage's end gives the total
+    assert "use_blueprint: 2 samples so far had no blueprint (and no designer)" in caplog.text
     plain = DIMModule(**tiny_dim_kwargs(use_blueprint=False))
     plain.edit_batch(batch, torch.Generator().manual_seed(0))
     assert plain.condition_text(batch) == batch.instruction and plain.instruction_fallbacks == 0

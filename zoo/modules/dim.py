@@ -143,9 +143,15 @@ class DIMModule(EditingModule):
         self.instruction_fallbacks += missing
 
     def teardown(self, stage: str) -> None:
-        """The designer's summary line (calls, time, rate, fallbacks) at the end of a stage that asked it."""
+        """At the end of a stage: the designer's summary line (calls, time, rate, fallbacks) when it
+        was asked, and the count of samples conditioned on their raw instruction."""
         if self.designer is not None and self.designer.requests:
             rank_zero_info(self.designer.summary())
+        if self.instruction_fallbacks:
+            rank_zero_info(
+                f"use_blueprint: {self.instruction_fallbacks} samples so far had no blueprint (and no designer) "
+                "and were conditioned on their raw instruction"
+            )
 
     def prepare_batch(self, batch: EditBatch, keep_given: bool = False) -> EditBatch:
         """The designer (a paid API call) writes a blueprint for each sample that has none."""
