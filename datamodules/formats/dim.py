@@ -29,6 +29,7 @@ from typing import Any, Iterator
 from PIL import Image
 
 from datamodules.samples import ORIGINAL_BYTES, DataConfigError, EditSample, T2ISample
+from datamodules.skip_log import SkipLog
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def read_jsonl(
     path: str | os.PathLike[str], strict: bool = False, required: tuple[str, ...] = REQUIRED_FIELDS
 ) -> tuple[list[dict[str, Any]], int]:
     """Rows of a jsonl (by default DIM's tos) with the ``required`` string fields, and the number of bad lines skipped."""
-    rows, bad = [], 0
+    rows, bad, skips = [], 0, SkipLog(log)
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -122,7 +123,7 @@ def read_jsonl(
                 if strict:
                     raise ValueError(f"{path}:{number}: {error}") from error
                 bad += 1
-                log.warning("skipped %s:%d: %s", path, number, error)
+                skips.skipped("bad line", f"{path}:{number}: {error}")
                 continue
             rows.append(row)
     return rows, bad
@@ -169,12 +170,13 @@ class TosJsonl:
         self.strict = strict
         self.targets = targets
         self.skipped = 0
+        self._skips = SkipLog(log)
 
-    def _skip(self, message: str) -> None:
+    def _skip(self, kind: str, message: str) -> None:
         if self.strict:
             raise FileNotFoundError(message)
         self.skipped += 1
-        log.warning("skipped %s", message)
+        self._skips.skipped(kind, message)
 
     def rows(self) -> list[TosRow]:
         """Parsed rows with images resolved; rows whose images are missing are skipped (counted)."""
@@ -192,7 +194,7 @@ class TosJsonl:
             try:
                 kind = row_kind(raw)
             except ValueError as error:
-                self._skip(f"{self.path}: {error}")
+                self._skip("bad kind", f"{self.path}: {error}")
                 continue
             source = target = None
             if kind == "t2i":
@@ -201,12 +203,12 @@ class TosJsonl:
                 source = resolve_image(self.image_root, raw["image_path"])
                 wanted = raw.get("image_path_target") if self.targets else None
                 if self.targets and not isinstance(wanted, str):
-                    self._skip(f"row id={raw['id']!r} of {self.path}: an edit row for training needs image_path_target")
+                    self._skip("no target", f"row id={raw['id']!r} of {self.path}: an edit row for training needs image_path_target")
                     continue
                 target = resolve_image(self.image_root, wanted) if isinstance(wanted, str) else None
                 if source is None or (wanted is not None and target is None):
                     lost = raw["image_path"] if source is None else wanted
-                    self._skip(f"row id={raw['id']!r} of {self.path}: image {lost!r} not found under {self.image_root}")
+                    self._skip("missing image", f"row id={raw['id']!r} of {self.path}: image {lost!r} not found under {self.image_root}")
                     continue
             rows.append(TosRow(raw["id"], raw["prompt"], source, target, blueprints.get(raw["id"]), extra))
         if t2i_with_image:
@@ -246,7 +248,7 @@ class TosJsonl:
             except OSError as error:
                 if self.strict:
                     raise
-                self._skip(str(error))
+                self._skip("undecodable image", str(error))
 
     def __iter__(self) -> Iterator[EditSample | T2ISample]:
         for _, sample in self.pairs():

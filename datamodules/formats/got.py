@@ -40,6 +40,7 @@ from PIL import Image
 
 from datamodules.formats.dim import resolve_image
 from datamodules.samples import EditSample, T2ISample
+from datamodules.skip_log import SkipLog
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +145,14 @@ class GoTReader:
         self.fields = GoTFields.from_dict(fields)
         self.strict = strict
         self.skipped = 0
+        self._skips = SkipLog(log)
 
-    def _skip(self, where: str, why: str) -> None:
+    def _skip(self, kind: str, where: str, why: str) -> None:
         message = f"{self.path} {where}: {why}"
         if self.strict:
             raise ValueError(message)
         self.skipped += 1
-        log.warning("skipped %s", message)
+        self._skips.skipped(kind, message)
 
     def _image(self, relative: Any) -> Image.Image:
         if not isinstance(relative, str):
@@ -222,16 +224,16 @@ class GoTReader:
         for number, row in enumerate(read_rows(self.path), start=1):
             where = f"row {number}"
             if not isinstance(row, dict):
-                self._skip(where, "not a JSON object")
+                self._skip("not an object", where, "not a JSON object")
                 continue
             key = row.get(self.fields.key)
             if not isinstance(key, (str, int)) or isinstance(key, bool) or str(key) == "":
-                self._skip(where, f"missing id field {self.fields.key!r}")
+                self._skip("no id", where, f"missing id field {self.fields.key!r}")
                 continue
             try:
                 samples = self._samples(row, str(key))
             except ValueError as error:
-                self._skip(f"{where} (id {key!r})", str(error))
+                self._skip("bad row", f"{where} (id {key!r})", str(error))
                 continue
             yield from samples
 

@@ -38,6 +38,7 @@ from PIL import Image
 
 from datamodules.formats.images import as_rgb, decode_image
 from datamodules.samples import EditSample
+from datamodules.skip_log import SkipLog
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ class HumanEditParquet:
         self.files = parquet_files(paths)
         self.strict = strict
         self.skipped = 0
+        self._skips = SkipLog(log)
         for file in self.files:
             missing = [c for c in COLUMNS if c not in pq.ParquetFile(file).schema_arrow.names]
             if missing:
@@ -157,7 +159,7 @@ class HumanEditParquet:
         if self.strict:
             raise ValueError(f"{where}: {error}") from error
         self.skipped += 1
-        log.warning("skipped %s: %s", where, error)
+        self._skips.skipped(str(error), f"{where}: {error}")
 
     def pairs(self, split: Split = "all") -> Iterator[tuple[EditSample, dict[str, Any]]]:
         """``(sample, extra)`` for every good row of ``split``, in file and row order."""

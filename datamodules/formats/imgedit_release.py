@@ -53,6 +53,7 @@ from datamodules.formats.imgedit_segmentation import (
     row_image_id,
 )
 from datamodules.samples import DataConfigError, EditSample
+from datamodules.skip_log import SkipLog
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ class ImgEditRelease:
         self.segmentations, self.repeated_json = read_segmentations(json) if json else ({}, [])
         self.strict = strict
         self.skipped: Counter[str] = Counter()
+        self._skips = SkipLog(log)
         self.counts: Counter[str] = Counter()
         self.missing: dict[str, str] = {}
         """Path a row names that no image source holds -> the first row naming it."""
@@ -244,7 +246,7 @@ class ImgEditRelease:
         if self.strict:
             raise DataConfigError(f"{where}: {error}") from error
         self.skipped[reason] += 1
-        log.warning("skipped %s: %s", where, error)
+        self._skips.skipped(reason, f"{where}: {error}")
 
     def pairs(self) -> Iterator[tuple[EditSample, dict[str, Any]]]:
         """``(sample, extra)`` for every good row, in file and row order."""

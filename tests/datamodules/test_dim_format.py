@@ -126,3 +126,17 @@ def test_a_malformed_predict_file_is_refused(rows: list[dict], message: str, tmp
         predict_kind(_jsonl(tmp_path / "p.jsonl", rows))
     with pytest.raises(DataConfigError, match="does not exist"):
         predict_kind(tmp_path / "absent.jsonl")
+
+
+def test_many_skips_of_one_class_log_a_few_lines_and_count_all(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rows = [{"id": str(i), "image_path": f"gone{i}.png", "image_path_target": f"gone{i}.png", "prompt": "p"} for i in range(40)]
+    path = _jsonl(tmp_path / "edits.jsonl", [*rows, {"id": "x", "image_path": "a", "prompt": "p", "kind": "?"}])
+    reader = TosJsonl(str(path))
+    with caplog.at_level("WARNING", logger="datamodules.formats.dim"):
+        assert list(reader) == []
+    assert reader.skipped == 41
+    lines = [r.getMessage() for r in caplog.records]
+    # A wrong image folder skips every row: three in full, then one line for the rest of that class.
+    assert [line.startswith("skipped row id=") for line in lines[:3]] == [True] * 3 and "gone2.png" in lines[2]
+    assert lines[3] == "further skips (missing image) are counted, not logged: see the summary at the end"
+    assert len(lines) == 5 and "kind must be one of" in lines[4]
