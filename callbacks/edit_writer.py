@@ -12,11 +12,12 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image, ImageDraw
 from torchvision.utils import save_image
 
 from callbacks.gather import gather_objects, run_folder
+from callbacks.results import check_writable
 from datamodules.samples import EditBatch, EditOutputs
 from zoo.blocks.spatial import Box, box_pixels, parse_boxes
 
@@ -41,6 +42,15 @@ class EditWriter(BasePredictionWriter):
         if self.folder is None:
             self.folder = run_folder(trainer) / "predictions"
         self.written = 0
+        if stage != "predict":
+            return
+        check_writable(self.folder, "zoo predict")  # before the first edit, not after it
+        earlier = sum(len(p.read_text().splitlines()) for p in self.folder.glob("predictions.rank*.jsonl"))
+        if earlier:
+            rank_zero_warn(
+                f"{self.folder} already lists {earlier} predictions of an earlier run: new rows are appended and "
+                "images of the same keys replaced (--trainer.logger.init_args.version=NAME writes elsewhere)"
+            )
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """One summary line: the edits of every rank and the folder they are in."""

@@ -76,6 +76,14 @@ MARKER = "evaluator.json"
 """The file naming the evaluator a results folder belongs to."""
 
 
+def check_writable(folder: Path, who: str) -> None:
+    """Raise :class:`ConfigError` (one line) unless ``folder`` can be created or written by ``who``."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "not a folder" if not existing.is_dir() else "not writable"
+        raise ConfigError(f"{who}: cannot write the output folder {folder} ({existing} is {problem}); set output_dir")
+
+
 def _owner(marker: Path) -> str | None:
     """The evaluator a marker names; None when there is none (or another rank is writing it)."""
     try:
@@ -106,10 +114,7 @@ class ResultsFolder:
         Raises:
             ConfigError: one line naming the folder and what to do.
         """
-        existing = next(p for p in (self.root, *self.root.parents) if p.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            problem = "not a folder" if not existing.is_dir() else "not writable"
-            raise ConfigError(f"{evaluator}: cannot write the output folder {self.root} ({existing} is {problem}); set output_dir")
+        check_writable(self.root, evaluator)
         marker = self.root / MARKER
         owner = _owner(marker)
         if owner is not None and owner != evaluator:
