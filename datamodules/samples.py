@@ -21,6 +21,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from datamodules.features import collate_features, expand_features
+
+
 class DataConfigError(ValueError):
     """A data module's argument is out of range or inconsistent with another: the CLI prints it as
     one ``zoo: error:`` line (as it does :class:`zoo.blocks.config.ConfigError`), before any model is built."""
@@ -90,6 +93,8 @@ class EditSample:
     history: list[str] = field(default_factory=list)
     turn_targets: list[Image.Image] = field(default_factory=list)
     turn_masks: list[Image.Image] = field(default_factory=list)
+    features: dict[str, Tensor] | None = None
+    """The frozen encoders' outputs stored by a feature cache (:mod:`datamodules.features`), or None."""
 
     def __post_init__(self) -> None:
         if not all(isinstance(text, str) for text in self.history):
@@ -118,6 +123,8 @@ class T2ISample:
     blueprint: str | None = None
     boxes: list[dict[str, Any]] = field(default_factory=list)
     chain: str | None = None
+    features: dict[str, Tensor] | None = None
+    """As in EditSample."""
 
     def __post_init__(self) -> None:
         if self.image is not None and self.image.mode != "RGB":
@@ -238,6 +245,10 @@ class EditBatch:
     """``[B, 3, M, M]`` in [0, 1]: the full source squashed for the MLLM; T2I rows are zeros (no image)."""
     mask: Tensor | None = None
     """``[B, 1, H, W]`` in {0, 1}, 1 inside the edit region; only when every sample has one."""
+    features: dict[str, Tensor] | None = None
+    """The frozen encoders' outputs read from a feature cache, batch-first (names as the module's
+    ``frozen_features`` gives them); None when the batch is encoded online. :meth:`to_float` pads
+    them to the lengths the module computes (:func:`datamodules.features.expand_features`)."""
 
     def __post_init__(self) -> None:
         # A batch built by hand with another task would silently count as text-to-image in ``edits``.
@@ -273,6 +284,8 @@ class EditBatch:
                 return None
             if isinstance(value, Tensor):
                 return value[index.to(value.device)]
+            if isinstance(value, dict):
+                return {name: take(tensor) for name, tensor in value.items()}
             return [value[i] for i in rows]
 
         return EditBatch(**{f.name: self.size if f.name == "size" else take(getattr(self, f.name)) for f in fields(self)})
@@ -286,15 +299,17 @@ class EditBatch:
             raise ValueError(f"shifting the texts of a batch of {len(self)} by {shift} gives every sample its own again")
         order = [(i + shift) % len(self) for i in range(len(self))]
         texts = ("instruction", "blueprint", "chain", "boxes", "turns", "optimized_instruction", "history")
-        return replace(self, **{name: [getattr(self, name)[i] for i in order] for name in texts})
+        # Cached features encode each sample's own texts: the shifted batch is encoded online.
+        return replace(self, features=None, **{name: [getattr(self, name)[i] for i in order] for name in texts})
 
     def to_float(self) -> EditBatch:
         """The batch with uint8 pixel levels (``collate(..., levels=True)``, on any device) turned into
         the float ranges above, bit-identical to the floats ``collate`` returns on the CPU; a batch
         without uint8 tensors is returned as it is."""
         images = [self.source, self.target, self.mllm_image, self.mask] + [t for row in self.turn_target + self.turn_mask for t in row]
+        features = None if self.features is None else expand_features(self.features)
         if not any(t is not None and t.dtype == torch.uint8 for t in images):
-            return self
+            return self if features is None else replace(self, features=features)
 
         def signed(levels: Tensor | None) -> Tensor | None:
             return _lookup(_SIGNED, levels) if levels is not None and levels.dtype == torch.uint8 else levels
@@ -311,6 +326,7 @@ class EditBatch:
             mask=mask(self.mask),
             turn_target=[[signed(t) for t in row] for row in self.turn_target],
             turn_mask=[[mask(t) for t in row] for row in self.turn_mask],
+            features=features,
         )
 
     def replace(self, **changes: Any) -> EditBatch:
@@ -322,7 +338,8 @@ class EditBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         tensors = {k: v.to(device) for k, v in moved.items() if isinstance(v, Tensor)}
         later = {k: [[t.to(device) for t in row] for row in moved[k]] for k in ("turn_target", "turn_mask")}
-        return replace(self, **tensors, **later)
+        features = None if self.features is None else {name: t.to(device) for name, t in self.features.items()}
+        return replace(self, **tensors, **later, features=features)
 
     @classmethod
     def for_inference(
@@ -428,6 +445,11 @@ def collate(
     elif any(present):
         missing = [s.key for s, p in zip(samples, present) if not p]
         raise ValueError(f"some samples of the batch have a target image and some do not (missing: {missing})")
+    cached = [s.features is not None for s in samples]
+    if all(cached):
+        batch.features = collate_features([s.features for s in samples])
+    elif any(cached):
+        raise ValueError(f"some samples of the batch carry cached features and some do not (without: {[s.key for s, c in zip(samples, cached) if not c][:3]})")
     return batch if levels else batch.to_float()
 
 

@@ -41,6 +41,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from datamodules.features import unpack
 from datamodules.samples import ORIGINAL_BYTES, DataConfigError, EditSample, T2ISample
 from zoo.blocks.progress import counting
 
@@ -170,6 +171,18 @@ def resolve_shards(spec: str) -> list[tuple[str, int]]:
     return [(url, _count_tar(url) if n is None else n) for url, n in listed]
 
 
+def cache_of(spec: str) -> dict[str, Any] | None:
+    """The feature-cache description (``index.json``'s ``"features"``, :func:`datamodules.features.cache_info`)
+    of a split, or None for plain shards; every part of a ``::`` mix must agree, else :class:`DataConfigError`."""
+    infos = []
+    for part in spec.split("::"):
+        index = Path(part) / INDEX_NAME
+        infos.append(json.loads(index.read_text()).get("features") if index.is_file() else None)
+    if any(info != infos[0] for info in infos):
+        raise DataConfigError(f"shard spec {spec} mixes splits of different feature caches (or cached with plain shards): cache them together")
+    return infos[0]
+
+
 def check_shards(spec: str) -> None:
     """Raise :class:`DataConfigError` naming the spec and the problem unless every shard it names
     exists and a split folder's index lists samples; reads no tar (``zoo`` checks a stage's splits
@@ -238,11 +251,14 @@ def _optional_text(meta: dict[str, Any], name: str) -> str | None:
     return value
 
 
-def decode_sample(raw: dict[str, Any], need_target: bool = False, max_pixels: int | None = MAX_PIXELS) -> EditSample | T2ISample:
+def decode_sample(
+    raw: dict[str, Any], need_target: bool = False, max_pixels: int | None = MAX_PIXELS, features: bool = True
+) -> EditSample | T2ISample:
     """Raw webdataset sample (member suffix -> bytes) -> typed record; raises on any defect.
 
     ``need_target``: a sample without a target image is a defect (training and validation compute a
     loss on it; a batch cannot mix samples with and without one). ``max_pixels``: cap of each image.
+    ``features``: read a feature cache's member (:mod:`datamodules.features`) into ``features``.
     """
     key = raw["__key__"]
     if "json" not in raw:
@@ -262,8 +278,11 @@ def decode_sample(raw: dict[str, Any], need_target: bool = False, max_pixels: in
         raise ValueError("no target.png (training and validation need a target image)")
     target = _open_image(raw["target.png"], "RGB", max_pixels) if "target.png" in raw else None
     boxes = meta.get("boxes") or []
+    cached = unpack(raw) if features else None
     if meta["task"] == "t2i":
-        return T2ISample(key=key, image=target, prompt=meta["instruction"], blueprint=texts["blueprint"], boxes=boxes, chain=texts["chain"])
+        return T2ISample(
+            key=key, image=target, prompt=meta["instruction"], blueprint=texts["blueprint"], boxes=boxes, chain=texts["chain"], features=cached
+        )
     if "source.png" not in raw:
         raise ValueError("edit sample without source.png")
     source = _open_image(raw["source.png"], "RGB", max_pixels)
@@ -284,6 +303,7 @@ def decode_sample(raw: dict[str, Any], need_target: bool = False, max_pixels: in
         turns=turns,
         turn_targets=_turn_images(raw, "target", "RGB", max_pixels),
         turn_masks=_turn_images(raw, "mask", "L", max_pixels),
+        features=cached,
     )
 
 

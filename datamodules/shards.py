@@ -43,7 +43,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from datamodules.samples import DataConfigError, EditBatch, EditSample, T2ISample, collate
-from datamodules.shard_format import MAX_PIXELS, check_shards, decode_sample, read_tar, resolve_shards
+from datamodules.shard_format import MAX_PIXELS, cache_of, check_shards, decode_sample, read_tar, resolve_shards
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,10 @@ class ShardStream(IterableDataset):
         skipped: Any,
         need_target: bool,
         max_pixels: int | None,
+        features: bool = False,
     ) -> None:
         self.shards, self.rank, self.world_size = shards, rank, world_size
+        self.features = features
         self.need_target, self.max_pixels = need_target, max_pixels
         self.batch_size, self.resolution, self.mllm_resolution = batch_size, resolution, mllm_resolution
         self.train, self.seed, self.shuffle_buffer, self.strict = train, seed, shuffle_buffer, strict
@@ -187,7 +189,7 @@ class ShardStream(IterableDataset):
             samples = []
             for url, raw in raws:
                 try:
-                    samples.append(decode_sample(raw, self.need_target, self.max_pixels))
+                    samples.append(decode_sample(raw, self.need_target, self.max_pixels, self.features))
                 except Exception as error:
                     self._count_skip(url, raw.get("__key__", "?"), error)
             if not samples:
@@ -309,6 +311,9 @@ class ShardDataModule(L.LightningDataModule):
         wrong_instructions: Ablation for ``zoo test``: each test sample gets the instruction (and
             blueprint, chain, boxes) of the next sample in its batch (:meth:`EditBatch.with_texts_of`),
             so the score shows how much the model uses its instruction. Needs ``val_batch_size >= 2``.
+        use_cached_features: Read the frozen-encoder features of a split written by ``zoo data
+            cache-features`` (detected from its ``index.json``), so the module skips those encoders;
+            False encodes online from the same shards' images.
     """
 
     def __init__(
@@ -329,6 +334,7 @@ class ShardDataModule(L.LightningDataModule):
         max_pixels: int | None = MAX_PIXELS,
         limit_val_samples: int | None = None,
         wrong_instructions: bool = False,
+        use_cached_features: bool = True,
     ) -> None:
         super().__init__()
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
@@ -350,6 +356,9 @@ class ShardDataModule(L.LightningDataModule):
                 "wrong_instructions swaps texts between the samples of a test batch: set val_batch_size >= 2"
             )
         self.wrong_instructions = wrong_instructions
+        self.use_cached_features = use_cached_features
+        self.feature_caches: dict[str, dict[str, Any]] = {}
+        """Per split read from a feature cache, its description (:func:`datamodules.features.cache_info`)."""
         self.rank, self.world_size = 0, 1
         self.streams: dict[str, ShardStream] = {}
         self._counters: dict[str, Any] = {}
@@ -370,6 +379,15 @@ class ShardDataModule(L.LightningDataModule):
                 continue
             self._counters.setdefault(split, multiprocessing.Value("q", 0))
             train = split == "train"
+            cache = cache_of(specs[split]) if self.use_cached_features else None
+            if cache is not None:
+                view = (cache["resolution"], cache["mllm_resolution"])
+                if view != (self.resolution, self.mllm_resolution):
+                    raise DataConfigError(
+                        f"{split}_shards {specs[split]} hold features cached at resolution {view[0]} / mllm_resolution {view[1]}, "
+                        f"but this DataModule reads {self.resolution} / {self.mllm_resolution}: cache again or set use_cached_features=false"
+                    )
+                self.feature_caches[split] = cache
             self.streams[split] = ShardStream(
                 resolve_shards(specs[split]),
                 rank=self.rank,
@@ -385,6 +403,7 @@ class ShardDataModule(L.LightningDataModule):
                 skipped=self._counters[split],
                 need_target=split in ("train", "val"),
                 max_pixels=self.max_pixels,
+                features=cache is not None,
             )
         test = self.streams.get("test")
         if self.wrong_instructions and test is not None and 1 in test.rank_batch_sizes:

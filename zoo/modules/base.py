@@ -29,8 +29,11 @@ DDP, DeepSpeed, EMA and checkpoints see only what trains; frozen parts are rebui
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib
 import inspect
+import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -183,6 +186,9 @@ class EditingModule(L.LightningModule):
     codec: nn.Module
     resolution: int
     mllm_resolution: int
+    cache_config: tuple[str, ...] = ()
+    """Init arguments that decide what :meth:`frozen_features` returns: with the class and the training
+    view they make the fingerprint (:meth:`feature_fingerprint`) a feature cache must match."""
 
     def __init__(
         self,
@@ -301,6 +307,70 @@ class EditingModule(L.LightningModule):
         """Image sides must be multiples of this (codec downsampling x denoiser patching)."""
         return self.codec.downsample_factor
 
+    # -- frozen features: computed online or read from a feature cache ------------------------------
+
+    def frozen_features(self, batch: EditBatch) -> dict[str, Tensor]:
+        """What the frozen encoders make of ``batch`` for :meth:`encode_condition`, batch-first, by name;
+        a padded group ``g`` is ``g.<name>`` tensors ``[B, L, ...]`` with its right-padding mask
+        ``g.mask`` ``[B, L]``. ``zoo data cache-features`` stores exactly this (and the target latent),
+        so it must be a deterministic function of the sample. Default: none (nothing cached but the
+        target latent)."""
+        return {}
+
+    def features(self, batch: EditBatch) -> dict[str, Tensor]:
+        """:meth:`frozen_features` of ``batch``: its feature cache's tensors when it carries one (floating
+        ones in the module's dtype), else computed by the frozen encoders. The one place that decides
+        whether the frozen encoders run."""
+        if batch.features is None:
+            with torch.no_grad():
+                return self.frozen_features(batch)
+        return {
+            name: value.to(self.device, self.dtype) if value.is_floating_point() else value.to(self.device)
+            for name, value in batch.features.items()
+        }
+
+    def target_latent(self, batch: EditBatch) -> Tensor:
+        """The codec's latent of ``batch.target`` (the objective's x0), or its feature cache's."""
+        if batch.features is not None and "target_latent" in batch.features:
+            return batch.features["target_latent"].to(self.device, self.dtype)
+        if batch.target is None:
+            raise ValueError(f"training needs target images; samples {batch.key[:3]} have none (a prediction set?)")
+        with torch.no_grad():
+            return self.codec.encode(batch.target.to(self.device, self.dtype))
+
+    def features_to_cache(self, batch: EditBatch) -> dict[str, Tensor]:
+        """Everything a feature cache stores of ``batch``: :meth:`frozen_features` and, given targets, the target latent."""
+        online = batch.replace(features=None)
+        features = self.features(online)
+        if online.target is not None:
+            features["target_latent"] = self.target_latent(online)
+        return features
+
+    def feature_fingerprint(self) -> tuple[str, dict[str, Any]]:
+        """``(fingerprint, config)``: what a feature cache of this module was computed from — the class,
+        the training view and the :attr:`cache_config` init arguments — and a short hash of it."""
+        config = {
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "resolution": self.resolution,
+            "mllm_resolution": self.mllm_resolution,
+            **{name: self.hparams.get(name) for name in self.cache_config},
+        }
+        plain = json.loads(json.dumps(config, sort_keys=True, default=_plain))
+        return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16], plain
+
+    def check_feature_cache(self, cache: dict[str, Any], where: str) -> None:
+        """Refuse (:class:`ConfigError`) a feature cache written for another configuration of the frozen parts."""
+        fingerprint, config = self.feature_fingerprint()
+        if cache.get("fingerprint") == fingerprint:
+            return
+        stored = cache.get("config", {})
+        differ = sorted(name for name in set(stored) | set(config) if stored.get(name) != config.get(name))
+        raise ConfigError(
+            f"{where} holds features cached for another configuration (fingerprint {cache.get('fingerprint')}, "
+            f"this {type(self).__name__}: {fingerprint}; differs in {', '.join(differ) or 'its format'}): "
+            "run `zoo data cache-features` with this recipe, or set data.init_args.use_cached_features=false"
+        )
+
     # -- the objective ---------------------------------------------------------------------------
 
     def training_loss(self, batch: EditBatch) -> dict[str, Tensor]:
@@ -321,9 +391,7 @@ class EditingModule(L.LightningModule):
 
     def diffusion_loss(self, batch: EditBatch, condition: Condition) -> Tensor:
         """The objective's MSE of the denoiser on the noised target latent."""
-        if batch.target is None:
-            raise ValueError(f"training needs target images; samples {batch.key[:3]} have none (a prediction set?)")
-        x0 = self.codec.encode(batch.target.to(self.device, self.dtype))
+        x0 = self.target_latent(batch)
         noise = self.objective.sample_noise(x0)
         t = self.objective.sample_timesteps(x0.shape[0], device=x0.device)
         x_t, _, model_t = self.objective.add_noise(x0, noise, t)
@@ -377,6 +445,8 @@ class EditingModule(L.LightningModule):
     ) -> tuple[Tensor, list[str]]:
         """Images for every sample of ``batch`` and, per sample, the text that produced them."""
         prepared = self.prepare_batch(batch, keep_given=keep_given)
+        if prepared is not batch:  # texts were written: cached features encode the old ones
+            prepared = prepared.replace(features=None)
         return self.synthesize(prepared, generator), self.condition_text(prepared)
 
     @torch.no_grad()
@@ -495,6 +565,8 @@ class EditingModule(L.LightningModule):
         data = self.trainer.datamodule if self._trainer is not None else None
         if data is not None and hasattr(data, "resolution") and hasattr(data, "mllm_resolution"):
             self.resolution, self.mllm_resolution = int(data.resolution), int(data.mllm_resolution)
+        for split, cache in getattr(data, "feature_caches", {}).items():
+            self.check_feature_cache(cache, f"data.init_args.{split}_shards")
 
     def training_step(self, batch: EditBatch, batch_idx: int) -> Tensor:
         terms = self.training_loss(batch)
@@ -638,6 +710,13 @@ class EditingModule(L.LightningModule):
         for group in optimizer.param_groups:
             group.update(initial_lr=peak, lr=lr, **{k: v for k, v in hyper.items() if k in group})
         scheduler.base_lrs = [peak] * len(optimizer.param_groups)
+
+
+def _plain(value: Any) -> Any:
+    """JSON form of a config value: dataclasses as dicts, anything else as its string."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return str(value)
 
 
 def _widen_into(target: Tensor, value: Tensor, key: str) -> Tensor:

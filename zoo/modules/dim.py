@@ -30,6 +30,7 @@ import logging
 from typing import Literal
 
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 
 from datamodules.samples import EditBatch
 from zoo.blocks.autoencoders import CodecConfig, build_codec
@@ -69,6 +70,8 @@ class DIMModule(EditingModule):
         optim: optimiser and schedule.
         eval_seed: seed of evaluation noise.
     """
+
+    cache_config = ("mllm", "autoencoder", "mode", "use_blueprint")
 
     def __init__(
         self,
@@ -181,17 +184,27 @@ class DIMModule(EditingModule):
             "stage, so give it a text-to-image split, or use mode='edit' (stage 2, init_from the T2I checkpoint)"
         )
 
-    def encode_condition(self, batch: EditBatch, losses: bool = False) -> Condition:
-        """Projected MLLM states over the user turn (padded to the condition length) and, for
-        editing, the source latent as the channel condition."""
+    def frozen_features(self, batch: EditBatch) -> dict[str, Tensor]:
+        """The frozen MLLM's states over the user turn (``vlm.states``, ``vlm.mask``, padded to the
+        condition length) of the blueprint or instruction and, for editing, the source latent."""
         self.check_task(batch)
         edit = self.mode == "edit"
         if edit and batch.source is None:
             raise ValueError("an edit-mode DIMModule needs the source image of every sample (batch.source)")
-        self.count_instruction_fallbacks(batch)
         states, mask = self.mllm.condition(batch.mllm_image if edit else None, self.condition_text(batch))
-        channels = self.codec.encode(batch.source.to(self.device, self.dtype)) if edit else None
-        return Condition(context=self.connector(states.to(self.dtype)), mask=mask, channels=channels)
+        features = {"vlm.states": states, "vlm.mask": mask}
+        if edit:
+            features["source_latent"] = self.codec.encode(batch.source.to(self.device, self.dtype))
+        return features
+
+    def encode_condition(self, batch: EditBatch, losses: bool = False) -> Condition:
+        """Projected MLLM states over the user turn (padded to the condition length) and, for
+        editing, the source latent as the channel condition (:meth:`frozen_features`, online or cached)."""
+        self.check_task(batch)
+        self.count_instruction_fallbacks(batch)
+        features = self.features(batch)
+        context = self.connector(features["vlm.states"].to(self.dtype))
+        return Condition(context=context, mask=features["vlm.mask"], channels=features.get("source_latent"))
 
     def null_condition(self, condition: Condition) -> Condition:
         """The learned null caption under the same mask; the source latent stays (official)."""

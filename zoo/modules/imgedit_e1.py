@@ -92,6 +92,8 @@ class ImgEditE1Module(EditingModule):
         eval_seed: seed of evaluation noise.
     """
 
+    cache_config = ("mllm", "autoencoder", "siglip", "pooled_text", "stage")
+
     def __init__(
         self,
         mllm: VLMConfig,
@@ -177,21 +179,36 @@ class ImgEditE1Module(EditingModule):
     def encode_condition(self, batch: EditBatch, losses: bool = False) -> Condition:
         """Projected VLM states (+ projected SigLIP patch features in stage 2) joined as FLUX's
         ``encoder_hidden_states``; FLUX's guidance value and pooled projection as added inputs."""
-        if not all(batch.edits) or batch.source is None:
-            t2i = [key for key, edit in zip(batch.key, batch.edits) if not edit]
-            raise ValueError(f"ImgEdit-E1 edits images; samples {t2i[:3]} are text-to-image (no source image)")
-        texts = self.condition_text(batch)
-        states, mask, ids = self.mllm.condition_and_ids(batch.mllm_images, texts)
-        parts = [(self.vlm_projector(states.to(self.dtype)), mask)]
+        self.check_edits(batch)
+        features = self.features(batch)
+        parts = [(self.vlm_projector(features["vlm.states"].to(self.dtype)), features["vlm.mask"])]
         if self.siglip_projector is not None:
-            features = self.siglip.image_features((batch.source.to(self.device) + 1) / 2)
-            tokens = self.siglip_projector(features.to(self.dtype))
+            tokens = self.siglip_projector(features["siglip"].to(self.dtype))
             parts.append((tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)))
-        context, context_mask = self._join(parts, ids)
-        added = self._added(texts)
+        context, context_mask = self._join(parts, features["vlm.ids"])
+        added = {"pooled": features["pooled"].to(self.dtype)} if "pooled" in features else {}
         if self.siglip_positions == "grid" and self.siglip_projector is not None:
             added["text_ids"] = self._grid_ids(context.shape[1], len(batch), batch.size)
         return Condition(context=context, mask=context_mask, added=added)
+
+    def check_edits(self, batch: EditBatch) -> None:
+        """Raise unless every sample of ``batch`` is an edit with its source image."""
+        if not all(batch.edits) or batch.source is None:
+            t2i = [key for key, edit in zip(batch.key, batch.edits) if not edit]
+            raise ValueError(f"ImgEdit-E1 edits images; samples {t2i[:3]} are text-to-image (no source image)")
+
+    def frozen_features(self, batch: EditBatch) -> dict[str, Tensor]:
+        """The frozen VLM's states and token ids over the user turn (``vlm.*``), in stage 2 SigLIP's
+        patch features of the source (``siglip``), and CLIP-L's pooled text with ``pooled_text``."""
+        self.check_edits(batch)
+        texts = self.condition_text(batch)
+        states, mask, ids = self.mllm.condition_and_ids(batch.mllm_images, texts)
+        features = {"vlm.states": states, "vlm.mask": mask, "vlm.ids": ids}
+        if self.stage == 2:
+            features["siglip"] = self.siglip.image_features((batch.source.to(self.device) + 1) / 2)
+        if "pooled_text" in self.frozen_parts:
+            features["pooled"] = self.pooled_text.pooled(texts).to(self.device, self.dtype)
+        return features
 
     def _join(self, parts: list[tuple[Tensor, Tensor]], ids: Tensor) -> tuple[Tensor, Tensor]:
         """The joined condition ``[B, L, D]`` and its mask: ``vlm_first`` puts every sample's VLM
@@ -228,13 +245,6 @@ class ImgEditE1Module(EditingModule):
         ids = torch.zeros(length, 3, device=self.device)
         ids[length - tokens :] = grid
         return ids.expand(batch, -1, -1)
-
-    def _added(self, texts: list[str]) -> dict[str, Tensor]:
-        """FLUX's pooled projection: CLIP-L's pooled instruction with ``pooled_text``, else none
-        (the denoiser then feeds zeros); the guidance value is the denoiser's constant."""
-        if "pooled_text" not in self.frozen_parts:
-            return {}
-        return {"pooled": self.pooled_text.pooled(texts).to(self.device, self.dtype)}
 
     def null_condition(self, condition: Condition) -> Condition:
         """Zero tokens under the same mask and a zero pooled projection (training dropout only:
