@@ -1,8 +1,8 @@
 """``python -m zoo COMMAND``: the zoo's command line, dispatched before anything heavy is imported.
 
 ``fit/validate/test/predict`` are LightningCLI's over recipes (:mod:`zoo.trainer_cli`); ``data
-convert|toy`` are the shard writers of :mod:`datamodules` and ``data annotate`` its chat-model
-annotator; ``toy-report`` merges toy evaluations into one table (:mod:`callbacks.toy_score`);
+convert|toy`` are the shard writers of :mod:`datamodules`, ``data annotate`` its chat-model
+annotator and ``data cache-features`` the frozen-encoder feature cache (:mod:`zoo.feature_cache`); ``toy-report`` merges toy evaluations into one table (:mod:`callbacks.toy_score`);
 ``demo`` runs the toy-learning harness (:mod:`zoo.demo`). Each command's module is imported only
 when that command runs, so ``zoo --help`` lists them all in about the time Python takes to start.
 """
@@ -24,6 +24,7 @@ TOOLS = {
     "data convert": ("datamodules.convert", "write shards from a DIM, GoT, HumanEdit or ImgEdit release (JSONL/JSON/parquet + images)"),
     "data annotate": ("datamodules.annotate", "write MIND-Edit optimized instructions of edit samples with a chat model (resumable JSONL)"),
     "data toy": ("datamodules.toy", "write the procedural toy edit (and T2I) shards"),
+    "data cache-features": ("zoo.feature_cache", "run a recipe's frozen encoders once over its shards and write shards carrying their outputs"),
     "toy-report": ("callbacks.toy_score", "merge toy evaluations (metrics.json) into one table with checks"),
     "demo": ("zoo.demo", "train a tiny model on toy edits on the CPU and prove that it learned (make demo)"),
 }

@@ -33,6 +33,7 @@ import types
 import typing
 import warnings
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -344,9 +345,15 @@ def _config_type(annotation: object) -> object | None:
 
 def run(argv: list[str] | None) -> int:
     """``fit/validate/test/predict`` with ``argv`` (None: ``sys.argv``); returns the exit status."""
+    # args=None lets LightningCLI read sys.argv itself (it warns when given both).
+    return guarded(lambda: ZooCLI(args=argv))
+
+
+def guarded(body: Callable[[], object]) -> int:
+    """Run ``body`` (a command over recipes) and return its exit status: a configuration mistake,
+    missing weights or bad data is one ``zoo: error:`` line and 2, non-finite training 1, preemption 0."""
     try:
-        # args=None lets LightningCLI read sys.argv itself (it warns when given both).
-        ZooCLI(args=argv)
+        body()
     except Preempted:
         return 0  # saved at a safe point and logged by the callback; the scheduler restarts the job
     except NonFinite as error:

@@ -189,6 +189,8 @@ class EditingModule(L.LightningModule):
     cache_config: tuple[str, ...] = ()
     """Init arguments that decide what :meth:`frozen_features` returns: with the class and the training
     view they make the fingerprint (:meth:`feature_fingerprint`) a feature cache must match."""
+    cached_encoders: tuple[str, ...] = ("codec",)
+    """The encoders :meth:`frozen_features` runs: a feature cache is refused while any of them trains."""
 
     def __init__(
         self,
@@ -322,8 +324,8 @@ class EditingModule(L.LightningModule):
         ones in the module's dtype), else computed by the frozen encoders. The one place that decides
         whether the frozen encoders run."""
         if batch.features is None:
-            with torch.no_grad():
-                return self.frozen_features(batch)
+            return self.frozen_features(batch)
+        self.check_cacheable()
         return {
             name: value.to(self.device, self.dtype) if value.is_floating_point() else value.to(self.device)
             for name, value in batch.features.items()
@@ -340,11 +342,22 @@ class EditingModule(L.LightningModule):
 
     def features_to_cache(self, batch: EditBatch) -> dict[str, Tensor]:
         """Everything a feature cache stores of ``batch``: :meth:`frozen_features` and, given targets, the target latent."""
+        self.check_cacheable()
         online = batch.replace(features=None)
-        features = self.features(online)
+        with torch.no_grad():
+            features = self.frozen_features(online)
         if online.target is not None:
             features["target_latent"] = self.target_latent(online)
         return features
+
+    def check_cacheable(self) -> None:
+        """Refuse (:class:`ConfigError`) cached features while an encoder that makes them trains (LoRA, unfrozen)."""
+        training = [name for name in self.cached_encoders if name not in self.frozen_parts and isinstance(getattr(self, name, None), nn.Module)]
+        if training:
+            raise ConfigError(
+                f"{type(self).__name__}'s {', '.join(training)} trains here, so its outputs cannot come from a feature "
+                "cache: freeze it, or set data.init_args.use_cached_features=false"
+            )
 
     def feature_fingerprint(self) -> tuple[str, dict[str, Any]]:
         """``(fingerprint, config)``: what a feature cache of this module was computed from — the class,

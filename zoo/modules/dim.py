@@ -72,6 +72,7 @@ class DIMModule(EditingModule):
     """
 
     cache_config = ("mllm", "autoencoder", "mode", "use_blueprint")
+    cached_encoders = ("mllm", "codec")
 
     def __init__(
         self,

@@ -93,6 +93,7 @@ class ImgEditE1Module(EditingModule):
     """
 
     cache_config = ("mllm", "autoencoder", "siglip", "pooled_text", "stage")
+    cached_encoders = ("mllm", "codec", "siglip", "pooled_text")
 
     def __init__(
         self,

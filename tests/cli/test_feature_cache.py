@@ -1,0 +1,154 @@
+"""``zoo data cache-features``: a model trained from cached features equals one trained online, the
+frozen encoders do not run on cached batches, CFG dropout still reaches the null condition, and what a
+cache would freeze (a designer, another configuration) is refused in one line."""
+
+from __future__ import annotations
+
+from itertools import islice
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from datamodules.shards import ShardDataModule
+from datamodules.toy import main as toy_main
+from tests.helpers.recipes import configs, error_lines
+from tests.modules.conftest import TINY_MLLM, tiny_dim_kwargs
+from tests.modules.test_imgedit_e1 import make as make_imgedit
+from zoo import feature_cache
+from zoo.blocks.config import ConfigError
+from zoo.blocks.mllm import TinyVLMConfig, VLMConfig
+from zoo.feature_cache import cache_split
+from zoo.modules.base import EditingModule, build_optimizer
+from zoo.modules.dim import DIMModule
+from zoo.trainer_cli import run
+
+
+TINY_DIM = ["recipes/dim_edit_stage1.yaml", "recipes/tiny/dim.yaml"]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("toy")
+    toy_main(["--out", str(out), "--train", "24", "--val", "4", "--test", "4", "--resolution", "16", "--samples-per-shard", "24"])
+    return out
+
+
+def data(spec: Path, cached: bool = True, shuffle_buffer: int = 1) -> ShardDataModule:
+    """Batches of 4 at 16²; ``shuffle_buffer`` 1 keeps the shard's order (the cache's batches)."""
+    module = ShardDataModule(
+        train_shards=str(spec), batch_size=4, resolution=16, mllm_resolution=16, num_workers=0, shuffle_buffer=shuffle_buffer,
+        use_cached_features=cached,
+    )
+    module.setup("fit")
+    return module
+
+
+def dim(**overrides: object) -> DIMModule:
+    torch.manual_seed(0)
+    return DIMModule(**tiny_dim_kwargs(**overrides))
+
+
+def cache(module: EditingModule, toy: Path, out: Path, dtype: str = "float32") -> Path:
+    cache_split(module, data(toy / "train"), str(toy / "train"), out, dtype=dtype)
+    return out
+
+
+def calls(encoder: nn.Module) -> list[int]:
+    """A counter of the forward calls of ``encoder``'s submodules (forward hooks)."""
+    counter = [0]
+    for sub in encoder.modules():
+        sub.register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+    return counter
+
+
+def train(module: EditingModule, loader: ShardDataModule, steps: int = 4) -> dict[str, torch.Tensor]:
+    """``steps`` optimiser steps of ``module`` over the loader's first batches, seed 0; its trainable weights."""
+    torch.manual_seed(0)
+    module.train()
+    optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], module.optim)
+    for batch in islice(loader.train_dataloader(), steps):
+        module.training_loss(batch)["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def max_delta(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_dim_trained_from_float32_features_equals_online_and_skips_the_mllm(toy: Path, tmp_path: Path) -> None:
+    cached = cache(dim(), toy, tmp_path / "fp32")
+    plain, stored = data(toy / "train"), data(cached)
+    assert stored.feature_caches["train"]["dtype"] == "float32" and plain.feature_caches == {}
+    online_model, cached_model = dim(), dim()
+    online_calls, cached_calls = calls(online_model.mllm), calls(cached_model.mllm)
+    online, from_cache = train(online_model, plain), train(cached_model, stored)
+    assert online_calls[0] > 0 and cached_calls[0] == 0
+    start = dim().state_dict()
+    assert max_delta(online, {k: start[k] for k in online}) > 1e-4  # it trained
+    assert max_delta(online, from_cache) == 0.0  # batches of the cache's composition: bit for bit
+    # Shuffled batches pad the MLLM's inputs to other lengths than the cache's batches did, so its
+    # states agree to float32 rounding only (measured 1.5e-6 after 4 AdamW steps).
+    shuffled = train(dim(), data(toy / "train", shuffle_buffer=24)), train(dim(), data(cached, shuffle_buffer=24))
+    assert 0 < max_delta(*shuffled) <= 1e-5
+
+
+def test_bfloat16_features_drift_little(toy: Path, tmp_path: Path) -> None:
+    stored = data(cache(dim(), toy, tmp_path / "bf16", dtype="bfloat16"))
+    online, from_cache = train(dim(), data(toy / "train")), train(dim(), stored)
+    drift = max_delta(online, from_cache)
+    print(f"bf16 feature storage: max |dw| after 4 steps {drift:.2e}")
+    assert 1e-6 < drift < 1e-2
+
+
+def test_cfg_dropout_reaches_the_null_condition_after_the_cache(toy: Path, tmp_path: Path) -> None:
+    """Dropout happens after the cache: with p = 1 every cached sample is trained on DIM's learned
+    null caption, exactly as online, and that differs from the conditional loss."""
+    stored, plain = data(cache(dim(), toy, tmp_path / "cfg")), data(toy / "train")
+    losses = {}
+    for name, loader, p in (("cached", stored, 1.0), ("online", plain, 1.0), ("kept", stored, 0.0)):
+        model = dim(cfg_dropout=p).train()
+        torch.manual_seed(0)
+        losses[name] = model.training_loss(next(iter(loader.train_dataloader())))["loss"].item()
+    assert losses["cached"] == pytest.approx(losses["online"], abs=1e-6) and abs(losses["cached"] - losses["kept"]) > 1e-4
+
+
+def test_imgedit_e1_stage1_from_features_equals_online(toy: Path, tmp_path: Path) -> None:
+    stored = data(cache(make_imgedit(1), toy, tmp_path / "e1"))
+    assert {"vlm.states", "vlm.ids", "target_latent"} <= set(next(iter(stored.train_dataloader())).features)
+    online, from_cache = train(make_imgedit(1), data(toy / "train"), 3), train(make_imgedit(1), stored, 3)
+    assert max_delta(online, from_cache) == 0.0
+
+
+def test_a_cache_of_another_configuration_is_refused(toy: Path, tmp_path: Path) -> None:
+    stored = data(cache(dim(), toy, tmp_path / "other"))
+    other = dim(mllm=VLMConfig(tiny=TinyVLMConfig(seed=1, hidden_size=32, num_layers=1), max_condition_length=96, image_size=16))
+    with pytest.raises(ConfigError, match="differs in mllm"):
+        other.check_feature_cache(stored.feature_caches["train"], "train")
+    dim().check_feature_cache(stored.feature_caches["train"], "train")  # the same configuration passes
+    assert TINY_MLLM.tiny.seed == 0
+
+
+def test_fit_on_a_cache_of_another_recipe_is_one_error_line(toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    args = ["--data.init_args.train_shards=" + str(toy / "train"), "--data.init_args.val_shards=null", "--data.init_args.test_shards=null",
+            "--data.init_args.resolution=16", "--data.init_args.mllm_resolution=16", "--data.init_args.batch_size=4"]
+    assert feature_cache.main([*configs(TINY_DIM), "--out", str(out), "--dtype", "float32", *args]) == 0
+    assert "cached 24 train samples in 1 shard(s)" in capsys.readouterr().out
+    fit = ["fit", *configs(TINY_DIM), *args[1:], f"--data.init_args.train_shards={out / 'train'}", "--model.init_args.mllm.tiny.seed=3",
+           f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.logger=false", "--trainer.max_steps=1"]
+    assert run(fit) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert "features cached for another configuration" in line and "differs in mllm" in line
+
+
+def test_a_designer_is_refused_before_any_model_is_built(toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    designer = "--model.init_args.designer={kind: openai, base_url: 'http://127.0.0.1:9', model: m}"
+    status = feature_cache.main([*configs(TINY_DIM), "--out", str(tmp_path / "d"), f"--data.init_args.train_shards={toy / 'train'}", designer])
+    assert status == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert "never asks a designer" in line and not (tmp_path / "d").exists()
