@@ -32,6 +32,6 @@ demo: $(STAMP)
 	$(PY) -m zoo demo $(MODEL)
 
 # Every benchmark of benchmarks/README.md (a few minutes each on a CPU) -> benchmarks/results/<name>.{json,md}.
-BENCHMARKS ?= data_streaming loop_overhead paper_size_cost inference
+BENCHMARKS ?= data_streaming loop_overhead paper_size_cost feature_cache inference
 bench: $(STAMP)
 	for name in $(BENCHMARKS); do $(PY) -m benchmarks.$$name || exit 1; done

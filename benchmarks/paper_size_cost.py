@@ -15,8 +15,12 @@ weights; the VLMs with the toy vocabulary, see there). Per module:
 * a step's cost: a frozen part's forward once; a trained part's forward + backward = 3x forward; a
   frozen part that gradients pass through (ImgEdit-E1's FLUX, GoT's LoRA-wrapped VLM) 2x forward
   (input gradients only), plus 1x forward times the share of its parameters that train;
-* the expected speed-up of a frozen-feature cache = step FLOPs / (step FLOPs - cacheable FLOPs),
-  assuming time proportional to FLOPs (same MFU for every part; loading cached features free).
+* the expected speed-up of a frozen-feature cache (``zoo data cache-features``) = step FLOPs /
+  (step FLOPs - cacheable FLOPs), assuming time proportional to FLOPs (same MFU for every part;
+  loading cached features free), and the bytes it stores per sample: each cacheable part's output
+  in bf16 (VLM states over the condition's real tokens, not its padding; ImgEdit-E1 adds the int64
+  token ids), as ``zoo data cache-features --dtype bfloat16`` writes them before compression
+  (zlib saves little on such floats; benchmarks/feature_cache.py measures it at tiny size).
 
 Sequence lengths (stated, per sample): DIM's VLM reads the source squashed to 1036² (74² patches ->
 1,369 tokens) + 64 text tokens; DiT 32² latent tokens at 1024² (DC-AE f32). GoT: 448² (256 image
@@ -53,6 +57,8 @@ from zoo.modules.imgedit_e1 import ImgEditE1Module
 
 VOCAB = 151_936
 """Qwen2.5's published vocabulary (the LM head GoT's chain loss runs through; the toy one is smaller)."""
+BF16, IDS = 2, 8
+"""Bytes of a cached bf16 float and of a cached int64 token id."""
 
 
 @dataclass
@@ -66,6 +72,8 @@ class Part:
     """Forward-equivalents per step: 1 frozen, 3 trained, 2 frozen with gradients through it."""
     cacheable: bool
     """Frozen, with no gradient through it and a per-sample deterministic output: a feature cache removes it."""
+    cached_bytes: int = 0
+    """Bytes a feature cache stores per sample for this part's output (bf16 floats, int64 token ids)."""
 
     @property
     def step_flops(self) -> float:
@@ -123,8 +131,9 @@ def dim_parts(side: int = 1024) -> tuple[nn.Module, list[Part]]:
         encode = counted(lambda: codec.encode(torch.randn(1, 3, side, side)))
     parts = [
         Part("VLM vision tower (Qwen2.5-VL-3B, frozen)", _count(model.mllm.model.model.visual), vision, 1, True),
-        Part(f"VLM LLM, {tokens} tokens (frozen)", _count(model.mllm) - _count(model.mllm.model.model.visual), llm, 1, True),
-        Part("DC-AE encode x2 (source, target; frozen)", _count(model.codec), 2 * encode, 1, True),
+        Part(f"VLM LLM, {tokens} tokens (frozen)", _count(model.mllm) - _count(model.mllm.model.model.visual), llm, 1, True,
+             BF16 * tokens * QWEN_3B.hidden_size),
+        Part("DC-AE encode x2 (source, target; frozen)", _count(model.codec), 2 * encode, 1, True, BF16 * 2 * 32 * latent * latent),
         Part("connector (trained)", _count(model.connector), 2 * _count(model.connector) * tokens, 3, False),
         Part("SANA-1.6B DiT (trained)", _count(model.denoiser), sana, 3, False),
     ]
@@ -146,7 +155,7 @@ def got_parts(side: int = 1024) -> tuple[nn.Module, list[Part]]:
     lora_share = _count(model.mllm, True) / vlm
     parts = [
         Part("VLM vision tower + LLM with LoRA (base frozen, gradients through)", vlm, vision + llm, 2 + lora_share, False),
-        Part("SDXL VAE encode x2 (source, target; frozen)", _count(model.codec), 2 * encode, 1, True),
+        Part("SDXL VAE encode x2 (source, target; frozen)", _count(model.codec), 2 * encode, 1, True, BF16 * 2 * 4 * latent * latent),
         Part("projectors (trained)", _count(model.context_projector) + _count(model.pooled_projector),
              2 * (_count(model.context_projector) * mllm.image_tokens + _count(model.pooled_projector)), 3, False),
         Part("SDXL UNet (trained)", _count(model.denoiser), forward, 3, False),
@@ -178,8 +187,9 @@ def imgedit_parts(stage: int, side: int = 1024) -> tuple[nn.Module, list[Part]]:
     projector = _count(model.vlm_projector)
     parts = [
         Part("VLM vision tower (Qwen2.5-VL-7B, frozen)", _count(model.mllm.model.model.visual), vision, 1, True),
-        Part(f"VLM LLM, {tokens} tokens (frozen)", _count(model.mllm) - _count(model.mllm.model.model.visual), llm, 1, True),
-        Part("FLUX VAE encode (target; frozen)", _count(model.codec), encode, 1, True),
+        Part(f"VLM LLM, {tokens} tokens (frozen)", _count(model.mllm) - _count(model.mllm.model.model.visual), llm, 1, True,
+             (BF16 * QWEN_7B.hidden_size + IDS) * tokens),
+        Part("FLUX VAE encode (target; frozen)", _count(model.codec), encode, 1, True, BF16 * 16 * (side // 8) ** 2),
         Part("VLM projector (trained)", projector, 2 * projector * tokens, 3, False),
     ]
     if stage == 2:
@@ -187,7 +197,7 @@ def imgedit_parts(stage: int, side: int = 1024) -> tuple[nn.Module, list[Part]]:
         patches = siglip.num_tokens
         width, depth = SIGLIP_SO400M_512["hidden_size"], SIGLIP_SO400M_512["num_layers"]
         flops = 2 * _linear_params(siglip, "") * patches + 4 * depth * patches * patches * width
-        parts.append(Part("SigLIP-so400m at 512² (frozen)", _count(siglip), float(flops), 1, True))
+        parts.append(Part("SigLIP-so400m at 512² (frozen)", _count(siglip), float(flops), 1, True, BF16 * patches * width))
         parts.append(Part("SigLIP projector (trained)", _count(model.siglip_projector), 2 * _count(model.siglip_projector) * patches, 3, False))
     flux_role = "image branch trained, gradients through" if stage == 2 else "frozen, gradients through"
     parts.append(Part(f"FLUX.1-dev, {image_tokens} + {context} tokens ({flux_role})", _count(model.denoiser), forward, 2 + trained_share, False))
@@ -205,7 +215,7 @@ def mind_edit_parts() -> tuple[None, list[Part]]:
     parts = [
         Part("SigLIP-so400m, 5 x 729 patches (trained with the VLM)", siglip_params, 2 * siglip_params * 3645 + 4 * 27 * 729 * 729 * 1152 * 5, 3, False),
         Part(f"Qwen2-7B LLM, {tokens} tokens (trained)", llm_params, 2 * llm_params * tokens + 4 * layers * tokens * tokens * d, 3, False),
-        Part("CLIP ViT-H/14 on the target (frozen)", clip_params, 2 * clip_params * 257 + 4 * 32 * 257 * 257 * 1280, 1, True),
+        Part("CLIP ViT-H/14 on the target (frozen)", clip_params, 2 * clip_params * 257 + 4 * 32 * 257 * 257 * 1280, 1, True, BF16 * 1024),
     ]
     return None, parts
 
@@ -224,7 +234,7 @@ def summary(model: nn.Module | None, parts: list[Part]) -> dict[str, Any]:
         "trainable_params": trainable, "frozen_params": frozen,
         "optimizer_state_bytes": 8 * trainable, "checkpoint_bytes": 12 * trainable, "full_checkpoint_bytes": 12 * trainable + 2 * frozen,
         "step_flops_per_sample": step, "cacheable_flops_per_sample": cached, "cacheable_share": cached / step,
-        "cache_speedup": step / (step - cached), "parts": [asdict(p) | {"step_flops": p.step_flops} for p in parts],
+        "cache_speedup": step / (step - cached), "cache_bytes_per_sample": sum(p.cached_bytes for p in parts), "parts": [asdict(p) | {"step_flops": p.step_flops} for p in parts],
     }
 
 
@@ -246,11 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         [name, f"{r['trainable_params'] / 1e9:.3f}B", f"{r['frozen_params'] / 1e9:.2f}B", f"{r['optimizer_state_bytes'] / 2**30:.1f}",
          f"{r['checkpoint_bytes'] / 2**30:.1f}", f"{r['full_checkpoint_bytes'] / 2**30:.1f}", f"{r['step_flops_per_sample'] / 1e12:.1f}",
-         f"{r['cacheable_share']:.1%}", f"{r['cache_speedup']:.2f}x"]
+         f"{r['cacheable_share']:.1%}", f"{r['cache_speedup']:.2f}x", f"{r['cache_bytes_per_sample'] / 2**20:.2f}"]
         for name, r in results.items()
     ]
     header = ["module", "trainable", "frozen", "AdamW state GiB", "zoo ckpt GiB", "all-weights ckpt GiB", "TFLOPs / sample / step",
-              "cacheable share", "feature-cache speed-up"]
+              "cacheable share", "feature-cache speed-up", "cache MiB / sample (bf16)"]
     parts = [[name, p["name"], f"{p['params'] / 1e6:,.0f}M", f"{p['forward_flops'] / 1e12:.2f}", p["passes"] if isinstance(p["passes"], int) else round(p["passes"], 3),
               f"{p['step_flops'] / 1e12:.2f}", "yes" if p["cacheable"] else ""] for name, r in results.items() for p in r["parts"]]
     markdown = (table(header, rows) + "\n\nPer part (forward TFLOPs per sample; passes = forward-equivalents per step):\n\n"

@@ -89,3 +89,25 @@ def test_inference_benchmark_measures_every_case(tmp_path: Path) -> None:
     dim = _record(tmp_path, "inference")["DIM"]
     assert set(dim["ratio_to_base"]) == {"base", "steps x2", "steps x4", "res x2", "one by one"} and dim["ratio_to_base"]["base"] == 1.0
     assert dim["steps"] == 4 and dim["latency_per_edit_s"] > 0
+
+
+def test_feature_cache_times_both_cases_and_measures_the_cache(tmp_path: Path) -> None:
+    from benchmarks import feature_cache
+
+    args = ["--steps", "1", "--batch-size", "2", "--repeats", "1", "--only", "ImgEdit-E1 stage 1 (tiny)", "--out", str(tmp_path)]
+    assert feature_cache.main(args) == 0
+    result = _record(tmp_path, "feature_cache")["ImgEdit-E1 stage 1 (tiny)"]
+    assert set(result["rates"]) == {"online", "cached"} and result["ratio_cached_to_online"] > 0
+    assert result["max_abs_update"] > 0 and result["bf16_max_abs_dw"] < 10 * result["max_abs_update"]
+    sizes = result["cache_bytes_per_sample"]
+    # bf16 halves the float32 bytes (ids and the safetensors header aside); the written cache is the bf16 one.
+    assert 0.4 < sizes["bfloat16/none"] / sizes["float32/none"] < 0.6 and sizes["features (bf16, auto)"] <= sizes["bfloat16/none"]
+
+
+def test_paper_size_cache_bytes_are_the_cached_outputs(tmp_path: Path) -> None:
+    from benchmarks import paper_size_cost
+
+    assert paper_size_cost.main(["--only", "DIM-4.6B-Edit", "--out", str(tmp_path)]) == 0
+    dim = _record(tmp_path, "paper_size_cost")["DIM-4.6B-Edit"]
+    # 1,433 VLM states of 2,048 and two 32-channel 32² DC-AE latents, bf16.
+    assert dim["cache_bytes_per_sample"] == 2 * (1433 * 2048 + 2 * 32 * 32 * 32)
