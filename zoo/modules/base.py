@@ -8,6 +8,8 @@ The base owns that flow; a paper module composes blocks and implements its parts
 to change                                   override
 ==========================================  ====================================================
 what the denoiser is conditioned on         :meth:`encode_condition` (-> ``Condition``)
+what the frozen encoders compute            :meth:`frozen_features` (read through :meth:`features`:
+                                            online, or from ``zoo data cache-features`` shards)
 the unconditional branch of CFG             :meth:`null_condition`
 training-time condition dropout             :meth:`drop_condition` (default: whole samples -> null)
 the guidance rule                           :meth:`guidance_branches` (the branches' denoiser batch,

@@ -20,6 +20,9 @@ released, showlab/DIM#4):
   p = 0.1 in training; the source latent goes to both branches.
 - Designer (§3.2): an external VLM turns instruction + source into the 5-section blueprint that
   replaces the instruction (:mod:`zoo.blocks.designer`); asked once per evaluated sample without one.
+- Feature cache: :meth:`~DIMModule.frozen_features` (the frozen MLLM's states and the source latent)
+  is what ``zoo data cache-features`` stores; the blueprint's encoding is cached, never a designer's
+  reply (the command refuses a designer).
 - Stages: T2I pretraining, then editing; a model trains one task, so a batch holding samples of
   the other task is an error, never a silent edit of a black source.
 """
