@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from datamodules.samples import DataConfigError
 from datamodules.shards import ShardDataModule
 from datamodules.toy import main as toy_main
 from tests.helpers.recipes import configs, error_lines
@@ -131,6 +132,18 @@ def test_a_cache_of_another_configuration_is_refused(toy: Path, tmp_path: Path) 
         other.check_feature_cache(stored.feature_caches["train"], "train")
     dim().check_feature_cache(stored.feature_caches["train"], "train")  # the same configuration passes
     assert TINY_MLLM.tiny.seed == 0
+
+
+def test_the_data_module_reads_or_ignores_a_cache(toy: Path, tmp_path: Path) -> None:
+    cached = cache(dim(), toy, tmp_path / "read")
+    batch = next(iter(data(cached).train_dataloader()))
+    assert batch.features is not None and batch.features["vlm.states"].shape == (4, 96, 32)  # padded back to the condition length
+    assert batch.select([2, 0]).features["source_latent"].equal(batch.features["source_latent"][[2, 0]])
+    assert batch.with_texts_of(1).features is None  # shifted texts are encoded online
+    ignored = data(cached, cached=False)
+    assert ignored.feature_caches == {} and next(iter(ignored.train_dataloader())).features is None
+    with pytest.raises(DataConfigError, match="cached at resolution 16"):
+        ShardDataModule(train_shards=str(cached), resolution=32, mllm_resolution=16).setup("fit")
 
 
 def test_fit_on_a_cache_of_another_recipe_is_one_error_line(toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
