@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import json
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,12 @@ def refuse_frozen_randomness(config: Any, splits: list[str]) -> None:
         check_shards(spec)
 
 
+def refuse_existing(out: Path) -> None:
+    """Raise :class:`DataConfigError` when ``out`` already holds a split: a cache never overwrites one."""
+    if (out / INDEX_NAME).exists():
+        raise DataConfigError(f"{out} already holds a split ({INDEX_NAME}); choose another --out or remove it")
+
+
 def _kept(raw: dict[str, Any]) -> dict[str, Any]:
     """A raw sample's members as they are, less webdataset's bookkeeping and any earlier cache."""
     return {k: v for k, v in raw.items() if (k == "__key__" or not k.startswith("__")) and k not in (MEMBER, ZLIB_MEMBER)}
@@ -102,8 +109,7 @@ def cache_split(
 ) -> dict[str, Any]:
     """Write the cached copy of split ``spec`` to ``out`` (module docstring); returns its ``index.json``.
     ``precision``: the context the encoders run in (the trainer's ``precision_plugin.forward_context``)."""
-    if (out / INDEX_NAME).exists():
-        raise DataConfigError(f"{out} already holds a split ({INDEX_NAME}); choose another --out or remove it")
+    refuse_existing(out)
     module.resolution, module.mllm_resolution = int(data.resolution), int(data.mllm_resolution)
     fingerprint, config = module.feature_fingerprint()
     out.mkdir(parents=True, exist_ok=True)
@@ -178,7 +184,10 @@ def _summary(split: str, out: Path, index: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``zoo data cache-features``; returns the exit status (2: one ``zoo: error:`` line)."""
-    parser = argparse.ArgumentParser(prog="zoo data cache-features", allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="zoo data cache-features", allow_abbrev=False,
+        description="Run a recipe's frozen encoders once over its shards and write shards carrying their outputs.",
+    )
     parser.add_argument("--config", action="append", required=True, help="recipe, then overlays (as zoo fit)")
     parser.add_argument("--out", type=Path, required=True, help="output folder: one split folder per --splits entry")
     parser.add_argument("--splits", nargs="+", choices=("train", "val"), default=["train"], help="splits to cache (default: train)")
@@ -193,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     recipe = [word for path in args.config for word in ("--config", path)] + overrides
+    for split in args.splits:  # before any model is built
+        try:
+            refuse_existing(args.out / split)
+        except DataConfigError as error:
+            print(f"zoo: error: {error}", file=sys.stderr)
+            return 2
     return guarded(lambda: _cache(args, recipe))
 
 
