@@ -39,9 +39,10 @@ import webdataset as wds
 
 from datamodules.features import COMPRESSIONS, DTYPES, MEMBER, ZLIB_MEMBER, cache_info, pack, sample_features
 from datamodules.samples import DataConfigError, EditSample, T2ISample, collate
-from datamodules.shard_format import INDEX_NAME, SHARD_PATTERN, check_shards, counting, decode_sample, read_tar, resolve_shards
+from datamodules.shard_format import INDEX_NAME, SHARD_PATTERN, check_shards, decode_sample, read_tar, resolve_shards
 from datamodules.shards import ShardDataModule
 from zoo.blocks.config import ConfigError
+from zoo.blocks.progress import counting
 from zoo.modules.base import EditingModule
 from zoo.trainer_cli import ZooCLI, guarded
 
@@ -118,7 +119,7 @@ def cache_split(
     stats = {"samples": 0, "skipped": 0, "feature_bytes": 0, "original_bytes": 0, "compressed": 0}
     listed = []
     module.eval()
-    with counting(progress, sum(n for _, n in shards)) as advance:
+    with counting(progress, sum(n for _, n in shards), unit="samples") as advance:
         for index, (url, _) in enumerate(shards):
             name = SHARD_PATTERN % index
             with wds.TarWriter(str(out / name)) as writer:
