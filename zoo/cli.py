@@ -2,7 +2,9 @@
 
 ``fit/validate/test/predict`` are LightningCLI's over recipes (:mod:`zoo.trainer_cli`); ``data
 convert|toy`` are the shard writers of :mod:`datamodules`, ``data annotate`` its chat-model
-annotator and ``data cache-features`` the frozen-encoder feature cache (:mod:`zoo.feature_cache`); ``toy-report`` merges toy evaluations into one table (:mod:`callbacks.toy_score`);
+annotator and ``data cache-features`` the frozen-encoder feature cache (:mod:`zoo.feature_cache`);
+``export`` writes a checkpoint as a ``from_pretrained`` folder (:mod:`zoo.export`); ``toy-report``
+merges toy evaluations into one table (:mod:`callbacks.toy_score`);
 ``demo`` runs the toy-learning harness (:mod:`zoo.demo`). Each command's module is imported only
 when that command runs, so ``zoo --help`` lists them all in about the time Python takes to start.
 """
@@ -25,6 +27,7 @@ TOOLS = {
     "data annotate": ("datamodules.annotate", "write MIND-Edit optimized instructions of edit samples with a chat model (resumable JSONL)"),
     "data toy": ("datamodules.toy", "write the procedural toy edit (and T2I) shards"),
     "data cache-features": ("zoo.feature_cache", "run a recipe's frozen encoders once over its shards and write shards carrying their outputs"),
+    "export": ("zoo.export", "write a checkpoint (file or ZeRO folder) as a self-contained folder: safetensors, config, diffusers subfolder"),
     "toy-report": ("callbacks.toy_score", "merge toy evaluations (metrics.json) into one table with checks"),
     "demo": ("zoo.demo", "train a tiny model on toy edits on the CPU and prove that it learned (make demo)"),
 }

@@ -57,6 +57,7 @@ from zoo.blocks.frozen import FrozenParts
 from zoo.blocks.guidance import text_cfg
 from zoo.blocks.pretrained import MissingPretrainedError
 from zoo.blocks.sampling import sample
+from zoo import export
 
 
 @dataclass
@@ -638,20 +639,35 @@ class EditingModule(L.LightningModule):
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["zoo_view"] = {"resolution": self.resolution, "mllm_resolution": self.mllm_resolution}
+        # The class, for `zoo export` of a checkpoint not written through the CLI (no hparams `_class_path`).
+        checkpoint["zoo_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+    def save_pretrained(self, out: str | Path) -> Path:
+        """Write this module as a self-contained folder (trainable weights as safetensors, a config
+        that rebuilds it, references to its frozen bases, a diffusers subfolder per trained diffusers
+        model): the folder ``zoo export`` writes (:mod:`zoo.export`)."""
+        return export.save_pretrained(self, out)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> EditingModule:
+        """The module a :meth:`save_pretrained` / ``zoo export`` folder holds, in eval mode: rebuilt from
+        its config (frozen bases from their sources), its trainable weights loaded (:mod:`zoo.export`)."""
+        return export.from_pretrained(cls, folder)
 
     def load_trainable(self, checkpoint_path: str) -> None:
-        """Initialise trainable weights from a zoo checkpoint of an earlier stage.
+        """Initialise trainable weights from a zoo checkpoint of an earlier stage: a checkpoint file
+        or a DeepSpeed ZeRO checkpoint folder (consolidated to fp32, :func:`zoo.export.read_checkpoint`).
 
         An input layer widened in this stage (T2I → edit: extra channels for the concatenated
         source latent) takes the checkpoint's weights in its leading channels and keeps its own
         initialisation for the new ones — the official order "load, then expand channels".
         """
-        if not Path(checkpoint_path).is_file():
+        if not (Path(checkpoint_path).is_file() or export.is_zero_checkpoint(Path(checkpoint_path))):
             raise MissingPretrainedError(
                 f"init_from checkpoint '{checkpoint_path}' does not exist: train the previous stage first "
                 f"or set model.init_args.init_from to its last.ckpt"
             )
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["state_dict"]
+        state = export.read_checkpoint(checkpoint_path)["state_dict"]
         own = self.state_dict()
         unexpected = sorted(set(state) - set(own))
         if unexpected:
@@ -679,8 +695,11 @@ class EditingModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose trainable tensors do not fit this model (:class:`ConfigError`,
-        before anything is loaded), then adopt its training view."""
-        mismatch = self._checkpoint_mismatch(checkpoint["state_dict"])
+        before anything is loaded), then adopt its training view.
+
+        A DeepSpeed checkpoint folder has no ``state_dict`` here: its engine loads the weights itself,
+        after this hook (and refuses tensors of another shape)."""
+        mismatch = self._checkpoint_mismatch(checkpoint["state_dict"]) if "state_dict" in checkpoint else None
         if mismatch is not None:
             raise ConfigError(f"the checkpoint does not fit this {type(self).__name__} configuration: {mismatch}")
         view = checkpoint.get("zoo_view")
