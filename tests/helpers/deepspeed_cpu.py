@@ -8,8 +8,9 @@ its ZeRO optimiser, partitioning and checkpoint folders are DeepSpeed's own. Run
 the engine initialises torch.distributed, which must not leak into the test process.
 
 Each run fits a tiny DIM (frozen MLLM and codec outside the module tree, SANA DiT and connector
-trained) for STEPS steps with the overlay's strategy arguments (resuming from run RESUME's ZeRO
-folder if given), saves the ZeRO folder ``OUT/NAME/zero`` and writes ``OUT/NAME/report.json``: which
+trained) for STEPS steps with the overlay's strategy arguments (resuming from the ZeRO folder
+``OUT/RESUME`` if given), saves ZeRO folders ``OUT/NAME/checkpoints/step=K.ckpt`` every 2 steps (as
+``ModelCheckpoint`` does in a fit) and ``OUT/NAME/zero`` at the end, and writes ``OUT/NAME/report.json``: which
 parameters DeepSpeed tagged as ZeRO-3 partitioned (``ds_id`` / ``ds_status``), in the module tree
 and in the frozen parts, and the ZeRO config the engine ran with. The runs share one process (and
 its one process group), in order.
@@ -28,6 +29,7 @@ import lightning as L  # noqa: E402  (DS_ACCELERATOR is read when deepspeed is f
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from lightning.fabric.utilities.seed import reset_seed  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -67,10 +69,13 @@ def fit(overlay: str, out: Path, steps: int, resume: Path | None = None) -> None
     strategy = CPUDeepSpeedStrategy(**arguments, logging_batch_size_per_gpu=2)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, strategy=strategy, max_steps=steps, max_epochs=-1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[RNGState()],
+        enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[RNGState(), ModelCheckpoint(out / "checkpoints", "{step}", every_n_train_steps=2, save_top_k=-1)],
     )
-    # One batch per epoch: a resumed fit starts the next epoch, so it reads what an uninterrupted fit reads.
-    trainer.fit(module, DataLoader([toy_batch(2)], batch_size=None), ckpt_path=resume)
+    # The same batch at every step, so the data position cannot differ; the loader's own generator
+    # keeps its iterator's seed draw off the global stream RNGState restores.
+    data = DataLoader([toy_batch(2)] * 8, batch_size=None, generator=torch.Generator().manual_seed(0))
+    trainer.fit(module, data, ckpt_path=resume, weights_only=False)
     trainer.save_checkpoint(out / "zero")
     report = {
         "global_step": trainer.global_step,
@@ -88,7 +93,7 @@ def fit(overlay: str, out: Path, steps: int, resume: Path | None = None) -> None
 def main(out: str, runs: list[str]) -> None:
     for run in runs:
         name, overlay, steps, *resume = run.split(":")
-        fit(overlay, Path(out) / name, int(steps), Path(out) / resume[0] / "zero" if resume else None)
+        fit(overlay, Path(out) / name, int(steps), Path(out) / resume[0] if resume else None)
 
 
 if __name__ == "__main__":
