@@ -56,10 +56,20 @@ def is_zero_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / "latest").is_file()
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+def zero_client_state(folder: Path) -> dict[str, Any]:
+    """Lightning's part of a ZeRO folder (hyperparameters, callback and loop state, no weights): rank
+    0's model-states file of the tag named in ``latest``, read without consolidating the shards."""
+    tag = (folder / "latest").read_text().strip()
+    [states, *_] = sorted((folder / tag).glob("*mp_rank_00_model_states.pt"))
+    return torch.load(states, map_location="cpu", weights_only=False, mmap=True)
+
+
+def read_checkpoint(path: str | Path, weights_only: bool = True) -> dict[str, Any]:
     """The Lightning checkpoint dictionary at ``path``: a file, or a ZeRO folder consolidated to fp32.
 
-    Raises :class:`ConfigError` for a path that is neither.
+    ``weights_only=False`` also reads a file whose hparams hold typed configs (a module built in
+    Python, not by the CLI), unpickling it as Lightning's ``load_from_checkpoint`` does: for trusted
+    files. Raises :class:`ConfigError` for a path that is neither.
     """
     path = Path(path)
     if is_zero_checkpoint(path):
@@ -72,9 +82,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path} is neither a checkpoint file nor a DeepSpeed checkpoint folder (one with a 'latest' file)")
     try:
-        # Not weights_only: hparams of a module built in Python hold its typed configs (dataclasses),
-        # which Lightning's own load_from_checkpoint unpickles too.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError... for a non-checkpoint
         raise ConfigError(f"{path} is not a readable checkpoint: {type(error).__name__}: {str(error).splitlines()[0][:200]}") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -136,7 +144,8 @@ def build(class_path: str, arguments: dict[str, Any], where: str) -> EditingModu
 
 def module_from_checkpoint(path: str | Path, ema: bool = False) -> EditingModule:
     """The module a checkpoint file or ZeRO folder holds, with its trainable (or EMA) weights loaded."""
-    checkpoint = read_checkpoint(path)
+    # The user's own checkpoint, read as load_from_checkpoint reads it (see read_checkpoint).
+    checkpoint = read_checkpoint(path, weights_only=False)
     class_path = checkpoint_class_path(checkpoint)
     module_class(class_path, str(path))
     if not checkpoint.get("hyper_parameters"):

@@ -56,6 +56,7 @@ from datamodules.shards import ShardDataModule, check_stage_shards, predict_json
 from zoo.blocks.config import ConfigError
 from zoo.blocks.pretrained import MissingPretrainedError
 from zoo.checkpoint_io import AtomicCheckpointIO
+from zoo.export import checkpoint_class_path, is_zero_checkpoint, zero_client_state
 from zoo.modules.base import EditingModule, check_schedule
 
 
@@ -372,13 +373,14 @@ def guarded(body: Callable[[], object]) -> int:
 
 
 def _written_by(path: str) -> str | None:
-    """The module class path a checkpoint file records (LightningCLI's ``hyper_parameters._class_path``);
-    None for a DeepSpeed checkpoint folder, a keyword such as ``last``, or a checkpoint without it."""
+    """The module class path a checkpoint file or DeepSpeed checkpoint folder records (LightningCLI's
+    ``hyper_parameters._class_path``); None for a keyword such as ``last`` or a checkpoint without it."""
+    if is_zero_checkpoint(Path(path)):
+        return checkpoint_class_path(zero_client_state(Path(path)))
     if not Path(path).is_file():
         return None
     # Memory-mapped: the class path is read without loading the weights into memory.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    return checkpoint_class_path(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
 
 
 def _is_subclass(class_path: object, base: type) -> bool:

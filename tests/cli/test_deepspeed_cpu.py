@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers.recipes import ROOT
+from tests.helpers.recipes import ROOT, error_lines
 from tests.modules.conftest import tiny_dim_kwargs
 from tests.modules.test_export import edits
 from zoo.cli import main
@@ -120,3 +120,15 @@ def test_resuming_from_a_zero_folder_is_exact(runs: Path, name: str) -> None:
     assert resumed.keys() == full.keys()
     for key in full:
         assert torch.equal(resumed[key], full[key]), f"{key}: max diff {(resumed[key] - full[key]).abs().max():.3g}"
+
+
+def test_ckpt_path_of_a_zero_folder_of_another_module_is_one_line(runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = runs / "zero2" / "zero"
+    recipes = ["--config", str(ROOT / "recipes/got_pretrain.yaml"), "--config", str(ROOT / "recipes/tiny/got.yaml")]
+    no_data = ["--data.init_args.train_shards=null", "--data.init_args.val_shards=null"]
+    assert main(["fit", *recipes, *no_data, f"--ckpt_path={folder}"]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert line == (
+        f"zoo: error: --ckpt_path {folder} was written by zoo.modules.dim.DIMModule, "
+        "but this configuration builds zoo.modules.got.GoTModule"
+    )

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from datamodules.samples import DataConfigError, EditBatch, EditOutputs, EditSample, TurnOutputs, collate, signed_to_pil
+from zoo import export
 from zoo.blocks.condition import Condition
 from zoo.blocks.config import ConfigError, check_range
 from zoo.blocks.dialogue import source_version
@@ -57,7 +58,6 @@ from zoo.blocks.frozen import FrozenParts
 from zoo.blocks.guidance import text_cfg
 from zoo.blocks.pretrained import MissingPretrainedError
 from zoo.blocks.sampling import sample
-from zoo import export
 
 
 @dataclass
@@ -194,6 +194,8 @@ class EditingModule(L.LightningModule):
     view they make the fingerprint (:meth:`feature_fingerprint`) a feature cache must match."""
     cached_encoders: tuple[str, ...] = ("codec",)
     """The encoders :meth:`frozen_features` runs: a feature cache is refused while any of them trains."""
+    exported_from: dict[str, Any] | None = None
+    """Where ``zoo export`` read the weights (checkpoint, global step, live or EMA); None when built fresh."""
 
     def __init__(
         self,
