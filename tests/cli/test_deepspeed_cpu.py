@@ -47,7 +47,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = os.environ | {"DS_ACCELERATOR": "cpu"}
     done = subprocess.run(
         [sys.executable, "-m", "tests.helpers.deepspeed_cpu", str(out), *RUNS],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return out

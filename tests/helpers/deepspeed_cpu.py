@@ -23,19 +23,20 @@ import os
 import sys
 from pathlib import Path
 
+# Read when deepspeed is first imported (by the Lightning imports below).
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import lightning as L  # noqa: E402  (DS_ACCELERATOR is read when deepspeed is first imported)
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from lightning.fabric.utilities.seed import reset_seed  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+import lightning as L
+import torch
+import yaml
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from torch.utils.data import DataLoader
 
-from callbacks.rng_state import RNGState  # noqa: E402
-from tests.modules.conftest import tiny_dim_kwargs, toy_batch  # noqa: E402
-from zoo.modules.dim import DIMModule  # noqa: E402
+from callbacks.rng_state import RNGState
+from tests.modules.conftest import tiny_dim_kwargs, toy_batch
+from zoo.modules.dim import DIMModule
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
