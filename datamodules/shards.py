@@ -43,7 +43,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from datamodules.samples import DataConfigError, EditBatch, EditSample, T2ISample, collate
-from datamodules.shard_format import MAX_PIXELS, cache_of, check_shards, decode_sample, read_tar, resolve_shards
+from datamodules.shard_format import INDEX_NAME, MAX_PIXELS, cache_of, check_shards, decode_sample, read_tar, resolve_shards
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class ShardStream(IterableDataset):
 
     def _count_skip(self, url: str, key: str, error: BaseException, lost: int = 1) -> None:
         if self.strict:
-            raise RuntimeError(f"undecodable sample in shard {url}, key {key!r}: {error}") from error
+            raise RuntimeError(f"bad data in shard {url}, key {key!r}: {error}") from error
         with self.skipped.get_lock():
             self.skipped.value += lost
         log.warning("skipped %d sample(s) in shard %s, key %r: %s", lost, url, key, error)
@@ -149,22 +149,30 @@ class ShardStream(IterableDataset):
                     return
                 continue
             expected = sum(b - a for a, b in wanted)
-            delivered = 0
+            # The one reader of the shard's last indexed sample reads on to the tar's end, so samples
+            # an index under-claims are counted instead of never being read.
+            reads_end = wanted[-1][1] == cursor
+            delivered = unlisted = 0
             position, key = first, "<start of shard>"
             try:
                 for raw in read_tar(url):
                     key = raw.get("__key__", key)
-                    if position >= wanted[-1][1]:
+                    if position >= wanted[-1][1] and not reads_end:
                         break
-                    if any(a <= position < b for a, b in wanted):
+                    if position >= cursor:
+                        unlisted += 1
+                    elif any(a <= position < b for a, b in wanted):
                         delivered += 1
                         yield url, raw
                     position += 1
             except Exception as error:  # a damaged tar ends its shard; the rest is counted as lost
                 self._count_skip(url, f"after {key}", error, lost=expected - delivered)
                 delivered = expected
+            held = f"the tar holds {position - first} samples, {INDEX_NAME} says {count}"
             if delivered < expected:
-                self._count_skip(url, "<end of shard>", ValueError("fewer samples than index.json"), expected - delivered)
+                self._count_skip(url, "<end of shard>", ValueError(f"{held}: {expected - delivered} lost"), expected - delivered)
+            if unlisted:
+                self._count_skip(url, "<end of shard>", ValueError(f"{held}: {unlisted} never read (rewrite the index)"), unlisted)
 
     def _shuffled(self, stream: Iterator[Any], worker: int) -> Iterator[Any]:
         """webdataset's buffer shuffle with an rng pinned to (seed, epoch, rank, worker)."""
@@ -203,6 +211,9 @@ class ShardStream(IterableDataset):
                 samples = previous
             previous = samples
             yield collate(samples, self.resolution, self.mllm_resolution, levels=True)
+        # The batches took every planned sample; reading on checks the last shard's tail against the index.
+        for _ in stream:
+            pass
 
 
 # --- the DataModule ----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ CASES = {
     "nested typo": (["--model.init_args.mllm.tiny.hiden_size=3"], "model.init_args.mllm.tiny: unknown key 'hiden_size' (did you mean 'hidden_size'?)"),
     "empty shard folder": (["--data.init_args.train_shards={empty}"], "shard folder {empty} has no index.json"),
     "missing shard folder": (["--data.init_args.train_shards={missing}"], "shard spec {missing}: no such folder or file(s)"),
+    "index lists a missing shard": (["--data.init_args.train_shards={lost}"], "shard folder {lost}: index.json lists 1 missing shard(s)"),
     "negative max_pixels": (["--data.init_args.max_pixels=0"], "max_pixels must be >= 1 or null, got 0"),
     "DeepSpeed on CPU": (["--trainer.strategy=deepspeed"], "trainer.strategy deepspeed runs on CUDA GPUs only"),
 }
@@ -44,7 +45,10 @@ def test_config_mistake_is_one_line_before_any_model(
     (data / "train").mkdir(parents=True)
     (data / "train" / "index.json").write_text('{"shards": [{"url": "s.tar", "samples": 1}], "total": 1}')
     (data / "train" / "s.tar").write_bytes(b"")
-    names = {"empty": tmp_path / "empty", "missing": tmp_path / "missing"}
+    lost = tmp_path / "lost"
+    lost.mkdir()
+    (lost / "index.json").write_text('{"shards": [{"url": "gone.tar", "samples": 4}], "total": 4}')
+    names = {"empty": tmp_path / "empty", "missing": tmp_path / "missing", "lost": lost}
     options, message = CASES[kind]
     recipes = configs(["recipes/dim_edit_stage1.yaml", "recipes/tiny/dim.yaml"])
     base = [f"--data.init_args.{split}_shards={data / 'train'}" for split in ("train", "val")]

@@ -162,3 +162,36 @@ def test_unusable_split_is_a_config_error_at_setup(
     with pytest.raises(DataConfigError, match=f"{tmp_path / 'train'}.*{message}".replace("(", r"\(").replace(")", r"\)")):
         ShardDataModule(train_shards=str(tmp_path / "train")).setup("fit")
     fault.survived(f"data: {kind}")
+
+
+@pytest.mark.parametrize(
+    "kind, claimed, held, message",
+    [
+        ("index under-claims a shard", 2, 4, "the tar holds 4 samples, index.json says 2: 2 never read"),
+        ("index over-claims a shard", 6, 4, "the tar holds 4 samples, index.json says 6: 2 lost"),
+    ],
+)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_index_that_miscounts_a_shard_is_a_counted_skip_naming_shard_and_counts(
+    kind: str, claimed: int, held: int, message: str, workers: int, tmp_path: Path, caplog: pytest.LogCaptureFixture, fault: FaultTable
+) -> None:
+    fault.injected(f"data: {kind}")
+    split = write(tmp_path / "train")
+    index = json.loads((split / INDEX_NAME).read_text())
+    index["shards"][1]["samples"], index["total"] = claimed, 4 + claimed
+    (split / INDEX_NAME).write_text(json.dumps(index))
+    dm = ShardDataModule(train_shards=str(split), batch_size=2, shuffle_buffer=1, num_workers=workers)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == dm.num_batches_per_epoch == (4 + claimed) // 2  # the epoch plan follows the index
+    keys = sorted(k for b in batches for k in b.key)
+    assert set(keys) >= {f"b_{i:06d}" for i in range(4 + min(claimed, held))}
+    assert dm.skipped["train"] == abs(claimed - held)
+    shard = split / "shard-000001.tar"
+    if workers == 0:  # a worker process logs where caplog does not see it
+        assert any(f"shard {shard}" in r.getMessage() and message in r.getMessage() for r in caplog.records)
+    strict = ShardDataModule(train_shards=str(split), batch_size=2, shuffle_buffer=1, num_workers=workers, strict=True)
+    strict.setup("fit")
+    with pytest.raises(RuntimeError, match=f"(?s)shard {shard}.*{message}"):
+        list(strict.train_dataloader())
+    fault.survived(f"data: {kind}", lost=0)
