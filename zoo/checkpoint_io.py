@@ -10,11 +10,16 @@ and fsynced, then ``os.replace``\\ d over it (atomic within one filesystem): a r
 checkpoint or the new one, never part of one. Temp files left by a killed write are removed after
 the next successful save into that folder (only global rank 0 writes checkpoints).
 Remote paths (``s3://`` ...) keep Lightning's fsspec behaviour.
+
+Loading is always ``torch.load(weights_only=True)``: tensors and plain values only, whatever
+``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` or the caller asks, because unpickling anything else can run
+code (``torch.load``'s documentation); every checkpoint the zoo writes loads this way.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,19 @@ from typing_extensions import override
 
 TEMP_MARK = ".tmp-"
 """Infix of the temp files: ``.<name>.tmp-<pid>`` beside ``<name>``."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, file too large, ...); the file it would have
+    replaced is intact and no temp file is left. ``zoo`` prints it as one ``zoo: error:`` line."""
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError that ``error`` is or was raised while handling, if any."""
+    seen: BaseException | None = error
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__cause__ or seen.__context__
+    return seen
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -48,12 +66,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temp, target)
-        except BaseException:
+        except BaseException as error:
             temp.unlink(missing_ok=True)
-            raise
+            cause = _os_error(error)
+            if cause is None:
+                raise
+            # torch.save reports a failed write (a full disk) as a zip-writer RuntimeError; say what happened.
+            raise CheckpointWriteError(cause.errno, f"writing checkpoint {target} failed ({cause.strerror}); the previous one is kept") from error
         _fsync_folder(target.parent)
         for stray in target.parent.glob(f".*{TEMP_MARK}*"):
             stray.unlink(missing_ok=True)
+
+
+    @override
+    def load_checkpoint(
+        self, path: _PATH, map_location: Callable | None = lambda storage, loc: storage, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Lightning's load (storages kept where they are read, its default), with ``weights_only=True``
+        (see the module docstring)."""
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
 def _fsync_folder(folder: Path) -> None:

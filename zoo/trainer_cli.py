@@ -16,7 +16,8 @@ the step, exit status 1, no non-finite checkpoint; ``--trainer.callbacks+=callba
 --trainer.callbacks.init_args.policy=skip`` replaces the default). Every fit is resumable and preemption-safe: :class:`~callbacks.rng_state.RNGState` checkpoints the
 RNG streams, :class:`~callbacks.preemption.Preemption` turns SIGTERM/SIGUSR1 into a checkpoint at the
 next step (exit status 0), and :class:`~zoo.checkpoint_io.AtomicCheckpointIO` writes checkpoint files
-atomically.
+atomically (a write that fails, e.g. on a full disk, is one ``zoo: error:`` line and exit status 1,
+the previous checkpoint kept) and reads them weights-only.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import importlib
 import inspect
 import json
 import logging
+import pickle
 import re
 import sys
 import types
@@ -55,7 +57,7 @@ from datamodules.samples import DataConfigError
 from datamodules.shards import ShardDataModule, check_stage_shards, predict_jsonl_kind
 from zoo.blocks.config import ConfigError
 from zoo.blocks.pretrained import MissingPretrainedError
-from zoo.checkpoint_io import AtomicCheckpointIO
+from zoo.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from zoo.export import checkpoint_class_path, is_zero_checkpoint, zero_client_state
 from zoo.modules.base import EditingModule, check_schedule
 
@@ -357,7 +359,7 @@ def guarded(body: Callable[[], object]) -> int:
         body()
     except Preempted:
         return 0  # saved at a safe point and logged by the callback; the scheduler restarts the job
-    except NonFinite as error:
+    except (NonFinite, CheckpointWriteError) as error:
         print(f"zoo: error: {error}", file=sys.stderr)
         return 1
     except ArgumentError as error:
@@ -379,8 +381,17 @@ def _written_by(path: str) -> str | None:
         return checkpoint_class_path(zero_client_state(Path(path)))
     if not Path(path).is_file():
         return None
-    # Memory-mapped: the class path is read without loading the weights into memory.
-    return checkpoint_class_path(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    try:
+        # Memory-mapped: the class path is read without loading the weights into memory.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(
+            f"--ckpt_path {path} holds objects other than tensors and plain values: refused, as checkpoints "
+            "are read with weights_only=True (a pickle can run code when loaded)"
+        ) from None
+    except (RuntimeError, EOFError) as error:
+        raise ConfigError(f"--ckpt_path {path} is not a readable checkpoint: {str(error).split('. ')[0]}") from None
+    return checkpoint_class_path(checkpoint)
 
 
 def _is_subclass(class_path: object, base: type) -> bool:

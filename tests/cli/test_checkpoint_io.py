@@ -15,6 +15,7 @@ import torch
 
 from callbacks.preemption import Preemption
 from callbacks.rng_state import RNGState
+from tests.helpers.faults import FaultTable
 from tests.helpers.recipes import ROOT, configs
 from zoo.checkpoint_io import AtomicCheckpointIO
 from zoo.trainer_cli import ZooCLI
@@ -32,7 +33,9 @@ AtomicCheckpointIO().save_checkpoint({"weights": torch.full((1000,), 2.0), "stal
 """
 
 
-def test_kill_9_during_a_write_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.faults
+def test_kill_9_during_a_write_keeps_the_previous_checkpoint(tmp_path: Path, fault: FaultTable) -> None:
+    fault.injected("checkpoint: kill -9 during a write")
     target, marker = tmp_path / "last.ckpt", tmp_path / "writing"
     AtomicCheckpointIO().save_checkpoint({"weights": torch.ones(1000)}, target)
     writer = subprocess.Popen([sys.executable, "-c", STALLED_WRITE, str(target), str(marker)], cwd=ROOT)
@@ -47,6 +50,7 @@ def test_kill_9_during_a_write_keeps_the_previous_checkpoint(tmp_path: Path) -> 
     AtomicCheckpointIO().save_checkpoint({"weights": torch.zeros(1000)}, target)
     assert torch.equal(torch.load(target, weights_only=True)["weights"], torch.zeros(1000))
     assert not stray.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "writing"]
+    fault.survived("checkpoint: kill -9 during a write")
 
 
 def test_a_write_failing_midway_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
