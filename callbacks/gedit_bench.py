@@ -7,7 +7,10 @@ judge is asked twice. Semantic consistency (SC) gets the source and edited image
 answers two (naturalness, artifacts). ``SC = min``, ``PQ = min``, ``O = sqrt(SC * PQ)`` per sample;
 per group the means of the three, over all cases and over the "intersection" subset
 (``Intersection_exist``); overall = unweighted mean over the 11 groups. Case ids are
-``(task_type, key)``: two keys repeat across groups.
+``(task_type, key)``: two keys repeat across groups. An overall over fewer groups (some absent or
+all failed) is marked ``partial: k of 11`` in every table and in ``summary.json``
+(``overall_groups``), logged with the scalar ``overall/groups`` = k, and warned about; a task type
+that is not a GEdit group gets its own column and stays out of the overall.
 
 The official parser (``viescore/utils.py:154-187``, ``mllm_output_to_dict``) guesses
 ``random.randint(0, 10)`` for a score it cannot read (and for failed calls, whose reply is empty).
@@ -25,6 +28,7 @@ The SC/PQ prompts below follow VIEScore's structure (task context, rules, JSON a
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import re
@@ -32,9 +36,11 @@ from collections import defaultdict
 from typing import Any
 
 from callbacks.judges import Judge, JudgeRequest
-from callbacks.results import BenchmarkEvaluator, ResultsFolder, Table
+from callbacks.results import BenchmarkEvaluator, ResultsFolder, Table, coverage
 from datamodules.formats.gedit import GROUPS
 from zoo.blocks.chat import ChatError
+
+log = logging.getLogger(__name__)
 
 SC_PROMPT = """You evaluate an AI image edit. The first image is the original, the second is the edited result.
 Editing instruction: <instruction>
@@ -135,36 +141,44 @@ def gedit_record(
 
 
 def aggregate_gedit(records: list[dict[str, Any]], intersection: bool = False) -> dict[str, dict[str, float]]:
-    """Per-group means of SC, PQ, O with ``count``/``failed``; ``overall`` = unweighted mean over groups present."""
+    """Per-group means of SC, PQ, O with ``count``/``failed``; ``overall`` = unweighted mean over the
+    GEdit groups with a score, ``groups`` of them out of the suite's ``of`` (11); see :func:`overall_coverage`.
+    Task types outside :data:`GROUPS` come after them, out of the overall."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         if not intersection or record["intersection"]:
             groups[record["task_type"]].append(record)
     table: dict[str, dict[str, float]] = {}
-    for group in [g for g in GROUPS if g in groups]:
+    for group in [g for g in GROUPS if g in groups] + sorted(set(groups) - set(GROUPS)):
         scored = [r for r in groups[group] if r["error"] is None]
         table[group] = {m: (sum(r[m] for r in scored) / len(scored) if scored else math.nan) for m in ("sc", "pq", "o")}
         table[group] |= {"count": float(len(scored)), "failed": float(len(groups[group]) - len(scored))}
-    present = [v for v in table.values() if v["count"]]
+    present = [v for g, v in table.items() if g in GROUPS and v["count"]]
     overall = {m: (sum(v[m] for v in present) / len(present) if present else math.nan) for m in ("sc", "pq", "o")}
     overall |= {"count": sum(v["count"] for v in table.values()), "failed": sum(v["failed"] for v in table.values())}
-    table["overall"] = overall
+    table["overall"] = overall | {"groups": float(len(present)), "of": float(len(GROUPS))}
     return table
 
 
+def overall_coverage(aggregate: dict[str, dict[str, float]]) -> str:
+    """``11 of 11``, or ``partial: k of 11`` when the overall of ``aggregate`` misses groups."""
+    return coverage(int(aggregate["overall"]["groups"]), int(aggregate["overall"]["of"]))
+
+
 def gedit_table(records: list[dict[str, Any]], label: str) -> Table:
-    """Step1X-Edit layout: rows per subset and metric (G_SC, G_PQ, G_O), columns = groups + overall."""
+    """Step1X-Edit layout: rows per subset and metric (G_SC, G_PQ, G_O), columns = groups + overall
+    + the groups the overall averages (``partial: k of 11`` when some have no score)."""
     rows: list[list[Any]] = []
-    header: list[str] = [""]
+    columns: list[str] = []
     for subset, flag in (("full", False), ("intersection", True)):
         agg = aggregate_gedit(records, flag)
-        columns = [g for g in GROUPS if g in agg] + ["overall"]
-        header = ["", *columns] if subset == "full" else header
+        columns = columns or [g for g in agg if g != "overall"] + ["overall"]
         for metric in ("sc", "pq", "o"):
-            rows.append([f"{label} {subset} G_{metric.upper()}", *(agg.get(c, {}).get(metric, math.nan) for c in header[1:])])
-        rows.append([f"{subset} samples", *(int(agg.get(c, {}).get("count", 0)) for c in header[1:])])
-        rows.append([f"{subset} failed", *(int(agg.get(c, {}).get("failed", 0)) for c in header[1:])])
-    return header, rows
+            row = [f"{label} {subset} G_{metric.upper()}", *(agg.get(c, {}).get(metric, math.nan) for c in columns)]
+            rows.append([*row, overall_coverage(agg)])
+        rows.append([f"{subset} samples", *(int(agg.get(c, {}).get("count", 0)) for c in columns), ""])
+        rows.append([f"{subset} failed", *(int(agg.get(c, {}).get("failed", 0)) for c in columns), ""])
+    return ["", *columns, "Overall groups"], rows
 
 
 class GEditEvaluator(BenchmarkEvaluator):
@@ -231,6 +245,10 @@ class GEditEvaluator(BenchmarkEvaluator):
         title = f"GEdit-Bench (0-10, higher is better; parser: {self.parser}; judge: {self.judge.name})"
         folder.write_table("gedit", gedit_table(records, self.label), title=title)
         full, inter = aggregate_gedit(records), aggregate_gedit(records, intersection=True)
+        groups = {"full": overall_coverage(full), "intersection": overall_coverage(inter)}
         flags = {"official_random_guess": self.official_random_guess}
-        folder.write_json("summary", {"full": full, "intersection": inter, "flags": flags, "parser": self.parser})
-        return {f"full/{m}": full["overall"][m] for m in ("sc", "pq", "o")} | {f"intersection/{m}": inter["overall"][m] for m in ("sc", "pq", "o")} | {"failed": full["overall"]["failed"]}
+        folder.write_json("summary", {"full": full, "intersection": inter, "overall_groups": groups, "flags": flags, "parser": self.parser})
+        if full["overall"]["groups"] < full["overall"]["of"]:
+            log.warning("GEdit-Bench overall is %s groups: the others have no score", groups["full"])
+        scalars = {f"full/{m}": full["overall"][m] for m in ("sc", "pq", "o")} | {f"intersection/{m}": inter["overall"][m] for m in ("sc", "pq", "o")}
+        return scalars | {"overall/groups": full["overall"]["groups"], "failed": full["overall"]["failed"]}

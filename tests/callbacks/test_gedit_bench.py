@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import random
@@ -12,6 +13,7 @@ import pytest
 from callbacks.gedit_bench import GEditEvaluator, aggregate_gedit, gedit_record, gedit_table, parse_vie
 from callbacks.judges import ToyJudge
 from callbacks.results import ResultsFolder
+from datamodules.formats.gedit import GROUPS
 from tests.helpers.faults import FaultTable
 from zoo.blocks.chat import ChatError
 
@@ -103,9 +105,9 @@ def test_group_means_intersection_and_overall() -> None:
     assert inter["background_change"]["sc"] == 6 and inter["background_change"]["count"] == 1
     assert inter["overall"]["pq"] == pytest.approx((9 + 1) / 2)
     header, rows = gedit_table(records, "m")
-    assert header == ["", "background_change", "text_change", "overall"]
-    assert rows[0][0] == "m full G_SC" and rows[0][1:] == [5, 10, 7.5]
-    assert rows[4] == ["full failed", 0, 1, 1]
+    assert header == ["", "background_change", "text_change", "overall", "Overall groups"]
+    assert rows[0][0] == "m full G_SC" and rows[0][1:] == [5, 10, 7.5, "partial: 2 of 11"]
+    assert rows[4] == ["full failed", 0, 1, 1, ""]
 
 
 @pytest.mark.parametrize("official", [False, True])
@@ -117,3 +119,41 @@ def test_table_and_summary_name_the_parser_and_judge(official: bool, tmp_path: P
     parser = "official viescore parser" if official else "our parser"
     assert f"parser: {parser} (" in title and f"judge: {ToyJudge().name}" in title
     assert json.loads((tmp_path / "summary.json").read_text())["parser"].startswith(parser)
+
+
+def _all_groups(failing: str | None, extra: str | None = None) -> list[dict]:
+    """One record per GEdit group (SC 6, PQ 8 each); ``failing``'s judge call failed; ``extra``: one
+    more record of a task type that is not a GEdit group."""
+    records = [_rec(g, "k", [6, 9], [8, 8], True) for g in GROUPS if g != failing]
+    if failing is not None:
+        records.append(gedit_record({"id": f"{failing}/k", "task_type": failing, "intersection": True, "language": "en"}, "", ""))
+    if extra is not None:
+        records.append(_rec(extra, "k", [0, 0], [0, 0], True))
+    return records
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    "failing, extra, expected",
+    [(None, None, "11 of 11"), ("text_change", None, "partial: 10 of 11"), (None, "recolour", "11 of 11")],
+    ids=["all groups", "one group unscored", "a task type outside GEdit"],
+)
+def test_partial_overall_is_marked_in_tables_summary_and_scalars(
+    failing: str | None, extra: str | None, expected: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, fault: FaultTable
+) -> None:
+    kind = "judge: GEdit overall over fewer groups" if failing else "judge: GEdit records outside its groups"
+    if failing or extra:
+        fault.injected(kind)
+    scalars = GEditEvaluator(ToyJudge(), label="m").summarize(_all_groups(failing, extra), ResultsFolder(tmp_path))
+    assert scalars["full/sc"] == 6.0 and scalars["full/pq"] == 8.0  # the extra type's zeros stay out of the overall
+    assert scalars["overall/groups"] == (10.0 if failing else 11.0)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["overall_groups"] == {"full": expected, "intersection": expected}
+    with (tmp_path / "gedit.csv").open(newline="") as handle:
+        table = list(csv.reader(handle))
+    assert table[0][-2:] == ["overall", "Overall groups"] and [row[-1] for row in table[1:4]] == [expected] * 3
+    assert table[0][1:-2] == [*GROUPS, *([extra] if extra else [])]  # an unscored group keeps its column (nan)
+    assert f"| {expected} |" in (tmp_path / "gedit.md").read_text()
+    assert any("GEdit-Bench overall is partial: 10 of 11" in r.getMessage() for r in caplog.records) == bool(failing)
+    if failing or extra:
+        fault.survived(kind)

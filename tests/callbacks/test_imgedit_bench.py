@@ -174,8 +174,11 @@ def _all_types(failing: str | None = None) -> list[dict]:
     return [basic_record(t, t, REFUSAL if t == failing else reply, FIELDS) for t in BASIC_TYPES]
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("failing, expected", [(None, "9 of 9"), ("compose", "partial: 8 of 9")])
-def test_partial_overall_is_marked_in_tables_summary_and_scalars(failing: str | None, expected: str, tmp_path: Path) -> None:
+def test_partial_overall_is_marked_in_tables_summary_and_scalars(failing: str | None, expected: str, tmp_path: Path, fault: FaultTable) -> None:
+    if failing:
+        fault.injected("judge: ImgEdit overall over fewer types")
     records = _all_types(failing)
     scalars = ImgEditEvaluator(ToyJudge(), label="m").summarize(records, ResultsFolder(tmp_path))
     assert scalars["overall/score"] == 4.0 and scalars["overall/types"] == (9.0 if failing is None else 8.0)
@@ -185,6 +188,8 @@ def test_partial_overall_is_marked_in_tables_summary_and_scalars(failing: str | 
         table = list(csv.reader(handle))
     assert table[0][-3:] == ["Overall", "Overall types", "parser"] and [row[-2] for row in table[1:4]] == [expected] * 3
     assert f"| {expected} |" in (tmp_path / "basic.md").read_text()
+    if failing:
+        fault.survived("judge: ImgEdit overall over fewer types")
 
 
 def test_legacy_alter_and_unknown_types() -> None:
