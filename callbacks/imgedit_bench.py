@@ -22,7 +22,9 @@ Where this differs from the official scorer, the official behaviour is available
   the capped ones for the headline.
 - a reply naming the dimensions in its own words ("Instruction Compliance" for "Prompt
   Compliance") is read by position when it holds exactly three ``Name: n`` lines (``by_position``
-  in the record), as the official parser would count it; any other count is a failure.
+  in the record), as the official parser would count it; any other count is a failure, and so is a
+  dimension scored twice with different values (a reply rating each image: the official parser
+  averages them all).
 - legacy ``alter`` labels (before 2025-06-16) are read as ``adjust``.
 
 UGE suite: one score per sample. The official prompt shows no score line and its parser then drops
@@ -123,11 +125,17 @@ def _checked(field: str, value: float, denominator: int | None, low: float, high
 
 
 def _by_name(lines: list[tuple[str, float, int | None]], fields: tuple[str, ...], low: float, high: float) -> Parsed:
-    """The scores of the lines naming ``fields``; the first line naming a field counts."""
+    """The scores of the lines naming ``fields``; a field repeated with the same score counts once,
+    with another score (a reply rating each image, or two answers) it is a failure, not a guess."""
     wanted = {_norm(f): i for i, f in enumerate(fields)}
     scores: list[float | None] = [None] * len(fields)
     for name, value, denominator in lines:
-        if name not in wanted or scores[wanted[name]] is not None:
+        if name not in wanted:
+            continue
+        earlier = scores[wanted[name]]
+        if earlier is not None:
+            if earlier != value:
+                return Parsed(None, f"{fields[wanted[name]]} is scored both {earlier:g} and {value:g} (a reply for more than one edit?)")
             continue
         problem = _checked(fields[wanted[name]], value, denominator, low, high)
         if problem is not None:
@@ -151,7 +159,7 @@ def _by_position(lines: list[tuple[str, float, int | None]], fields: tuple[str, 
 def parse_scores(text: str, fields: tuple[str, ...], low: float = 1.0, high: float = 5.0) -> Parsed:
     """The scores named ``fields`` (case, markdown and ``&``/``and`` ignored), each in [low, high].
 
-    A ``/n`` fraction must have ``n == high``. The first line naming a field counts. When the names
+    A ``/n`` fraction must have ``n == high``. A field scored twice differently is a failure. When the names
     do not all appear but the reply holds exactly ``len(fields)`` ``Name: n`` lines (a judge that
     paraphrases the dimensions: "Instruction Compliance" for "Prompt Compliance"), they are read by
     position, as the official step-1 parser counts them; any other count is a failure.
