@@ -12,6 +12,12 @@ rank's positions and shuffles it through a buffer seeded by ``(seed, epoch, rank
 workers therefore cover each kept sample exactly once per epoch, and the order is a pure function of
 ``(seed, epoch, world_size, num_workers, batch_size, shuffle_buffer)``.
 
+The plan trusts ``index.json``'s counts; a tar that disagrees is counted, never silent: samples it
+lacks are skipped (lost), and the reader of a shard's last indexed sample reads on to the tar's end,
+counting samples the index does not list as skipped (never read), with a warning naming shard and
+both counts (``strict``: an error). A shard whose end falls in an epoch's dropped tail (train) or
+past ``limit_val_samples`` is not read to its end, so that epoch does not check it.
+
 Resume: the DataModule's ``state_dict`` stores the epoch and the number of batches the trainer has
 *processed* in it (Lightning prefetches a batch ahead, so batches handed out would over-count);
 every rank processes the same number, and the derived per-worker positions are stored keyed by rank.

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from callbacks.gedit_bench import GEditEvaluator, aggregate_gedit, gedit_record, gedit_table, parse_vie
+from callbacks.gedit_bench import (
+    GEditEvaluator,
+    aggregate_gedit,
+    gedit_record,
+    gedit_table,
+    parse_vie,
+)
 from callbacks.judges import ToyJudge
 from callbacks.results import ResultsFolder
 from datamodules.formats.gedit import GROUPS

@@ -23,7 +23,6 @@ from callbacks.imgedit_bench import basic_record
 from callbacks.judges import ChatJudge, JudgeConfig, JudgeRequest
 from tests.helpers.faults import FaultTable
 from tests.helpers.openai_server import OpenAIServer, Reply, Request, completion, error
-from zoo.blocks.chat import ChatError
 
 KEY = "sk-judge-7c31d09e55b2"
 FIELDS = ("Prompt Compliance", "Visual Naturalness", "Physical & Detail Integrity")

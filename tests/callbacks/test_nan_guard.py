@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules import toy
 from tests.helpers.faults import FaultTable
-from tests.helpers.recipes import configs, error_lines, tiny_run_overlay
+from tests.helpers.recipes import configs, error_lines, tiny_run_overlay, toy_edits
 from tests.helpers.variants import NaNAtStepDIM
 from zoo.cli import main
 
@@ -19,10 +18,7 @@ pytestmark = pytest.mark.faults
 
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("toy")
-    args = ["--out", str(root), "--train", "16", "--val", "4", "--test", "4", "--seed", "0", "--resolution", "32"]
-    assert toy.main([*args, "--samples-per-shard", "8", "--task", "edit"]) == 0
-    return root
+    return toy_edits(tmp_path_factory.mktemp("toy"), train=16)
 
 
 def fit(data: Path, run_dir: Path, *extra: str) -> int:

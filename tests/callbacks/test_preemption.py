@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from callbacks.preemption import requeue, slurm_job_id
-from datamodules import toy
-from tests.helpers.recipes import ROOT, configs, tiny_run_overlay
+from tests.helpers.recipes import ROOT, configs, tiny_run_overlay, toy_edits
 from tests.helpers.recorders import LRRecorder
 from zoo.cli import main
 
@@ -26,10 +25,7 @@ EVERY = 3
 
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("toy")
-    args = ["--out", str(root), "--train", "48", "--val", "4", "--test", "4", "--seed", "0", "--resolution", "32"]
-    assert toy.main([*args, "--samples-per-shard", "8", "--task", "edit"]) == 0
-    return root
+    return toy_edits(tmp_path_factory.mktemp("toy"), train=48)
 
 
 def fit_args(data: Path, run_dir: Path, max_steps: int) -> list[str]:

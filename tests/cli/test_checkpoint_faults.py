@@ -7,6 +7,7 @@ import ast
 import errno
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,9 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules import toy
 from tests.helpers.faults import FaultTable
-from tests.helpers.recipes import ROOT, configs, error_lines, tiny_run_overlay
+from tests.helpers.recipes import (
+    ROOT,
+    configs,
+    error_lines,
+    tiny_run_overlay,
+    toy_edits,
+)
 from zoo.checkpoint_io import TEMP_MARK, AtomicCheckpointIO, CheckpointWriteError
 from zoo.cli import main
 
@@ -32,10 +38,7 @@ PACKAGES = ("zoo", "datamodules", "callbacks", "benchmarks")
 
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("toy")
-    args = ["--out", str(root), "--train", "16", "--val", "4", "--test", "4", "--seed", "0", "--resolution", "32"]
-    assert toy.main([*args, "--samples-per-shard", "8", "--task", "edit"]) == 0
-    return root
+    return toy_edits(tmp_path_factory.mktemp("toy"), train=16)
 
 
 def fit_args(data: Path, run_dir: Path, max_steps: int) -> list[str]:
@@ -75,8 +78,8 @@ def disk_of(folder: Path, size: int) -> Iterator[str]:
     """Writes into ``folder`` fail past ``size`` bytes: a tmpfs of that size where this process may
     mount one (root), else ``RLIMIT_FSIZE`` on this process (per file; the write fails with EFBIG)."""
     folder.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
-    if mount.returncode == 0:
+    command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+    if shutil.which("mount") and subprocess.run(command, capture_output=True, check=False).returncode == 0:
         try:
             yield "tmpfs"
         finally:

@@ -8,8 +8,7 @@ import pytest
 import torch
 import yaml
 
-from datamodules import toy
-from tests.helpers.recipes import configs, error_lines, tiny_run_overlay
+from tests.helpers.recipes import configs, error_lines, tiny_run_overlay, toy_edits
 from tests.helpers.recorders import LRRecorder
 from zoo.cli import main
 
@@ -19,10 +18,7 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("toy")
-    args = ["--out", str(root), "--train", "24", "--val", "4", "--test", "4", "--seed", "0", "--resolution", "32"]
-    assert toy.main([*args, "--samples-per-shard", "8", "--task", "edit"]) == 0
-    return root
+    return toy_edits(tmp_path_factory.mktemp("toy"), train=24)
 
 
 def fit_args(data: Path, run_dir: Path, workers: int = 0) -> list[str]:

@@ -67,7 +67,7 @@ def test_resume_continues_with_exactly_the_uninterrupted_samples(
     first = _fit(toy_root, workers, stop + 6 * at_epoch_end, tmp_path / "ckpt", every=stop, at_epoch_end=at_epoch_end)
     first = first[: sum(4 if step % 6 < 5 else 2 for step in range(stop))]  # epoch = 5 batches of 4 + one of 2
     ckpt = tmp_path / "ckpt" / f"step={stop}.ckpt"
-    state = torch.load(ckpt, weights_only=False)["ShardDataModule"]
+    state = torch.load(ckpt, weights_only=True)["ShardDataModule"]
     epoch = (stop - 1) // 6  # a checkpoint after an epoch's last batch still belongs to that epoch
     assert state["epoch"] == epoch and state["batches_consumed"] == stop - 6 * epoch
     assert sum(state["ranks"]["0"]["worker_batches_consumed"]) == stop - 6 * epoch

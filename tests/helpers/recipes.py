@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from datamodules import toy
 from zoo.trainer_cli import ZooCLI
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +39,14 @@ def run_zoo(*args: str) -> subprocess.CompletedProcess[str]:
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("zoo: error:")]
+
+
+def toy_edits(root: Path, train: int) -> Path:
+    """Toy edit splits under ``root`` (``zoo data toy``): ``train`` training samples, 4 val, 4 test,
+    32 px, 8 samples per shard, seed 0; returns ``root``."""
+    args = ["--out", str(root), "--train", str(train), "--val", "4", "--test", "4", "--seed", "0", "--resolution", "32"]
+    assert toy.main([*args, "--samples-per-shard", "8", "--task", "edit"]) == 0
+    return root
 
 
 def tiny_run_overlay(
