@@ -39,7 +39,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
 
 from datamodules.features import unpack
 from datamodules.samples import ORIGINAL_BYTES, DataConfigError, EditSample, T2ISample
@@ -227,12 +227,14 @@ MAX_PIXELS = 64_000_000
 def _open_image(data: bytes, mode: str, max_pixels: int | None) -> Image.Image:
     """Decode ``data`` as ``mode`` ("RGB" or "L"); images over ``max_pixels`` are refused from their
     header, before decoding. 16-bit greyscale (``I;16*``, and ``I`` as PIL opens some 16-bit files)
-    is scaled to 8 bits: PIL's own conversion clips it to 255, a white image."""
+    is scaled to 8 bits: PIL's own conversion clips it to 255, a white image. An EXIF orientation
+    (a camera's JPEG stored sideways) is applied, so the pixels are the upright image a viewer shows."""
     image = Image.open(io.BytesIO(data))
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
         raise ValueError(f"{width}x{height} image ({width * height / 1e6:.1f} MP) is over the {max_pixels / 1e6:g} MP cap (max_pixels)")
     image.load()
+    ImageOps.exif_transpose(image, in_place=True)
     if image.mode.startswith("I;16") or image.mode == "I":
         levels = np.asarray(image, dtype=np.float64)
         if levels.min() < 0 or levels.max() > 65535:

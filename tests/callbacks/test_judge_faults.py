@@ -170,17 +170,21 @@ LOAD, LIMIT = 64, 8
 @pytest.mark.faults
 def test_64_requests_at_once_keep_the_concurrency_limit_and_every_reply(tmp_path: Path, fault: FaultTable) -> None:
     fault.injected("judge: 64 concurrent requests", LOAD)
-    lock, active, peak, first_tries = threading.Lock(), [0], [0], set()
+    full, active, peak, first_tries = threading.Condition(), [0], [0], set()
 
     def respond(request: Request) -> Reply:
         case = _case(request)
-        with lock:
+        with full:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
             throttled = case % 8 == 0 and case not in first_tries
             first_tries.add(case)
-        time.sleep(0.05)  # long enough for every worker to have its request in flight
-        with lock:
+            full.notify_all()
+            # Held until the limit's worth of requests is in flight (or 1 s): a client that sends
+            # more shows a higher peak, one that sends fewer than it may is seen too (a loaded
+            # machine's slow client threads cannot hide either).
+            full.wait_for(lambda: active[0] >= LIMIT, timeout=1.0)
+        with full:
             active[0] -= 1
         return error(429, "slow down", {"Retry-After": "0"}) if throttled else completion(answer(case))
 

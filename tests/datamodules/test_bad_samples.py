@@ -195,3 +195,37 @@ def test_an_index_that_miscounts_a_shard_is_a_counted_skip_naming_shard_and_coun
     with pytest.raises(RuntimeError, match=f"(?s)shard {shard}.*{message}"):
         list(strict.train_dataloader())
     fault.survived(f"data: {kind}", lost=0)
+
+
+def test_an_exif_rotated_photo_decodes_upright(fault: FaultTable) -> None:
+    fault.injected("data: EXIF-rotated image")
+    stored = Image.new("RGB", (16, 8), (255, 0, 0))
+    stored.paste((0, 0, 255), (8, 0, 16, 8))  # left half red, right half blue, as the file stores it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the viewer turns it 90 degrees clockwise
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    raw = encode_sample(edit_sample(0, "b", 0)[0])
+    raw["source.png"] = buffer.getvalue()
+    upright = np.asarray(decode_sample(raw).source).astype(int)
+    assert upright.shape == (16, 8, 3)  # portrait, as shown
+    top, bottom = upright[:6].mean(axis=(0, 1)), upright[10:].mean(axis=(0, 1))
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]  # the stored left half is now on top
+    fault.survived("data: EXIF-rotated image")
+
+
+def test_a_10k_character_unicode_instruction_survives_shards_and_batches(tmp_path: Path, fault: FaultTable) -> None:
+    fault.injected("data: 10k-character unicode instruction")
+    text = ("把杯子换成红色 🍋 إزالة الليمون ñ\u200d\u0301 " * 400)[:10_000]
+    sample = edit_sample(0, "u", 0)[0]
+    sample.instruction = text
+    split = tmp_path / "val"
+    split.mkdir()
+    with wds.TarWriter(str(split / "shard-000000.tar")) as tar:
+        tar.write(encode_sample(sample))
+    (split / INDEX_NAME).write_text(json.dumps({"shards": [{"url": "shard-000000.tar", "samples": 1}], "total": 1}))
+    dm = ShardDataModule(val_shards=str(split), val_batch_size=1)
+    dm.setup("validate")
+    [batch] = list(dm.val_dataloader())
+    assert batch.instruction == [text] and len(text) == 10_000 and dm.skipped["val"] == 0
+    fault.survived("data: 10k-character unicode instruction")
