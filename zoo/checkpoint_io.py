@@ -77,7 +77,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         for stray in target.parent.glob(f".*{TEMP_MARK}*"):
             stray.unlink(missing_ok=True)
 
-
     @override
     def load_checkpoint(
         self, path: _PATH, map_location: Callable | None = lambda storage, loc: storage, weights_only: bool | None = None
