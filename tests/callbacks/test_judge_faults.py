@@ -55,7 +55,7 @@ class Fault:
 
 
 FAULTS = {
-    "timeout": Fault(first=Reply(body={}, delay=1.5)),
+    "timeout": Fault(first=Reply(body={}, delay=3.0)),
     "429 with Retry-After": Fault(first=error(429, f"rate limited for {KEY}", {"Retry-After": "0.3"})),
     "500 then success": Fault(first=error(500, f"upstream failed with key {KEY}", {"Retry-After": "0"})),
     "500 on every attempt": Fault(every=error(500, f"upstream failed with key {KEY}", {"Retry-After": "0"}), outcome="retry", reason="HTTP 500"),
@@ -82,7 +82,8 @@ def _request(case: int) -> JudgeRequest:
 
 
 def _judge(server: OpenAIServer, cache: Path) -> ChatJudge:
-    config = JudgeConfig(base_url=server.base_url, model="gpt-4.1", api_key_env="ZOO_JUDGE_KEY", max_retries=2, timeout=0.75)
+    # 1.5 s: a loaded machine's local reply comes well within it, the timeout fault's 3 s reply does not.
+    config = JudgeConfig(base_url=server.base_url, model="gpt-4.1", api_key_env="ZOO_JUDGE_KEY", max_retries=2, timeout=1.5)
     return ChatJudge(config, cache_dir=str(cache), max_workers=4)
 
 
@@ -129,7 +130,7 @@ def test_judge_fault_is_scored_after_a_retry_or_recorded_and_the_rerun_asks_only
     # Asked again after a transient fault and after each failed attempt (2 retries); a readable reply is final.
     assert seen[FAULTY] == (2 if spec.first is not None else 3 if spec.outcome == "retry" else 1)
     if kind in ("429 with Retry-After", "timeout"):
-        assert times[1] - times[0] >= (0.3 if kind.startswith("429") else 0.75), "the retry came before Retry-After / the timeout"
+        assert times[1] - times[0] >= (0.3 if kind.startswith("429") else 1.5), "the retry came before Retry-After / the timeout"
 
     # The rerun (a healthy server now) asks again only for the failed call; every other reply is cached.
     with OpenAIServer(respond=lambda request: completion(answer(_case(request)))) as server:
