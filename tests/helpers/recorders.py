@@ -17,3 +17,29 @@ class LRRecorder(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         [optimizer] = trainer.optimizers
         type(self).steps.append((trainer.global_step, optimizer.param_groups[0]["lr"]))
+
+
+class WeightRecorder(Callback):
+    """Records the module's trainable weights after every optimiser step (``after_step[s]``, ``s`` =
+    ``global_step``, 0 = at the start of the fit) and as each validation pass sees them."""
+
+    def __init__(self) -> None:
+        self.after_step: dict[int, dict[str, Any]] = {}
+        self.in_validation: list[tuple[int, dict[str, Any]]] = []
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.after_step[0] = _trainable(pl_module)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.after_step[trainer.global_step] = _trainable(pl_module)
+
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.in_validation.append((trainer.global_step, _trainable(pl_module)))
+
+
+def _trainable(module: L.LightningModule) -> dict[str, Any]:
+    return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
