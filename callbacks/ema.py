@@ -125,11 +125,11 @@ class EMA(Callback):
         self._loaded = state_dict["weights"]
         self.updates, self.last_step = int(state_dict["updates"]), int(state_dict["last_step"])
 
-    def _track(self, pl_module: L.LightningModule) -> None:
+    def track(self, module: nn.Module) -> None:
         """Find the trainable parameters; start the average from the checkpoint's or from the weights."""
-        named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
+        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
         if not named:
-            raise ConfigError(f"EMA: {type(pl_module).__name__} has no trainable parameters to average")
+            raise ConfigError(f"EMA: {type(module).__name__} has no trainable parameters to average")
         self._params = [p for _, p in named]
         device = torch.device("cpu") if self.cpu else None
         loaded, self._loaded = self._loaded, None
@@ -143,14 +143,18 @@ class EMA(Callback):
     # -- training ----------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._track(pl_module)
+        self.track(pl_module)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
+        self.update(trainer.global_step)
+
+    def update(self, step: int) -> None:
+        """Average (or copy, up to ``start_step``) the tracked weights after optimiser step ``step``;
+        nothing when no optimiser step was taken since the last call (accumulating gradients)."""
         if step <= self.last_step:
-            return  # accumulating gradients: no optimiser step since the last call
+            return
         self.last_step = step
         copy = step <= self.start_step
         if not copy and (step - self.start_step) % self.every_n_steps:
@@ -164,39 +168,42 @@ class EMA(Callback):
     # -- evaluation --------------------------------------------------------------------------------
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._swap_in(trainer, pl_module)
+        self.swap_in(pl_module)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._swap_out()
+        self.swap_out()
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._swap_in(trainer, pl_module)
+        self.swap_in(pl_module)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._swap_out()
+        self.swap_out()
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._swap_in(trainer, pl_module)
+        self.swap_in(pl_module)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._swap_out()
+        self.swap_out()
 
-    def _swap_in(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def swap_in(self, module: nn.Module) -> None:
+        """Put the average into the tracked parameters, keeping the training weights aside
+        (nothing without ``swap_for_eval``)."""
         if not self.swap_for_eval or self._backup is not None:
             return
         if not self._params:
             if self._loaded is None:
                 raise ConfigError(
-                    f"EMA swap_for_eval: {trainer.state.fn} has no averaged weights to evaluate "
-                    "(give --ckpt_path of a fit with the EMA callback, or set swap_for_eval false)"
+                    "EMA swap_for_eval: there are no averaged weights to evaluate (give --ckpt_path of a "
+                    "fit that ran with the EMA callback, or set swap_for_eval false)"
                 )
-            self._track(pl_module)
+            self.track(module)
         with _gathered(self._params, modifier_rank=0):
             self._backup = [p.detach().clone() for p in self._params]
             for param, average in zip(self._params, self.weights.values()):
                 param.data.copy_(average)
 
-    def _swap_out(self) -> None:
+    def swap_out(self) -> None:
+        """Put the training weights back (after :meth:`swap_in`)."""
         if self._backup is None:
             return
         with _gathered(self._params, modifier_rank=0):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from callbacks.ema import ema_weights
 from tests.helpers.recipes import configs, error_lines, tiny_run_overlay, toy_edits
 from tests.helpers.recorders import LRRecorder
 from zoo.cli import main
@@ -21,12 +22,18 @@ def toy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return toy_edits(tmp_path_factory.mktemp("toy"), train=24)
 
 
-def fit_args(data: Path, run_dir: Path, workers: int = 0) -> list[str]:
-    """DIM edit + tiny overlay, batch 4, checkpoints every 2 steps, in ``run_dir``."""
+EMA_DECAY = 0.9
+"""The EMA runs' decay (``recipes/ema.yaml``'s 0.9999 would leave the average at its start in 8 steps)."""
+
+
+def fit_args(data: Path, run_dir: Path, workers: int = 0, ema: bool = False) -> list[str]:
+    """DIM edit + tiny overlay, batch 4, checkpoints every 2 steps, in ``run_dir``; ``ema`` adds
+    ``recipes/ema.yaml`` with decay :data:`EMA_DECAY`."""
     overlay = tiny_run_overlay(
         run_dir, data, max_steps=STEPS, data_args={"batch_size": 4, "num_workers": workers}, model_args={"num_inference_steps": 2}
     )
-    return [*configs(["recipes/dim_edit.yaml", "recipes/tiny/dim.yaml"]), *overlay, "--trainer.enable_progress_bar=false"]
+    with_ema = [*configs(["recipes/ema.yaml"]), f"--trainer.callbacks.init_args.decay={EMA_DECAY}"] if ema else []
+    return [*configs(["recipes/dim_edit.yaml", "recipes/tiny/dim.yaml"]), *overlay, *with_ema, "--trainer.enable_progress_bar=false"]
 
 
 def checkpoint(run_dir: Path, step: int) -> dict:
@@ -38,6 +45,13 @@ def checkpoint(run_dir: Path, step: int) -> dict:
 def uninterrupted(toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     assert main(["fit", *fit_args(toy_data, run_dir)]) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_ema(toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted_ema")
+    assert main(["fit", *fit_args(toy_data, run_dir, ema=True)]) == 0
     return run_dir
 
 
@@ -67,6 +81,30 @@ def test_stopped_and_resumed_fit_is_bit_identical(
     for index, state in full["optimizer_states"][0]["state"].items():
         assert all(torch.equal(value, resumed["optimizer_states"][0]["state"][index][name]) for name, value in state.items())
     assert not [w for w in recwarn if "not resumable" in str(w.message)], "the zoo's loader is resumable"
+
+
+def test_stopped_and_resumed_fit_with_ema_is_bit_identical(
+    toy_data: Path, uninterrupted: Path, uninterrupted_ema: Path, tmp_path: Path
+) -> None:
+    args = fit_args(toy_data, tmp_path, ema=True)
+    assert main(["fit", *args, "--trainer.max_steps=4"]) == 0
+    [path] = (tmp_path / "train" / "checkpoints").glob("*step=4.ckpt")
+    assert main(["fit", *args, f"--ckpt_path={path}"]) == 0
+    for step in (6, 8):
+        full, resumed = checkpoint(uninterrupted_ema, step), checkpoint(tmp_path, step)
+        assert_same_trainable_state(full, resumed)
+        averages, resumed_averages = ema_weights(full), ema_weights(resumed)
+        assert averages.keys() == resumed_averages.keys()
+        differ = [k for k, v in averages.items() if not torch.equal(v, resumed_averages[k])]
+        assert not differ, f"{len(differ)} averaged tensors differ after the resume, e.g. {differ[0]}"
+        assert {k: resumed["callbacks"]["EMA"][k] for k in ("updates", "last_step")} == {"updates": step, "last_step": step}
+    last = checkpoint(tmp_path, STEPS)
+    # The tiny DIM's trainable modules hold no buffers: the checkpoint keeps exactly the averaged tensors.
+    assert set(ema_weights(last)) == set(last["state_dict"])
+    # The checkpoint's weights are the training weights (those of the run without EMA), the average another tensor.
+    assert_same_trainable_state(checkpoint(uninterrupted, STEPS), last)
+    lag = max(float((v - last["state_dict"][k]).abs().max()) for k, v in ema_weights(last).items())
+    assert lag > 1e-4, f"the average at decay {EMA_DECAY} lags the weights (largest difference {lag:.3g})"
 
 
 def test_resume_takes_lr_and_schedule_from_the_command_line(toy_data: Path, uninterrupted: Path, tmp_path: Path) -> None:
