@@ -31,6 +31,7 @@ def test_every_recipe_is_covered() -> None:
     listed |= {path for files in GOT_STAGES.values() for path in files}
     listed |= {"recipes/mind_edit.yaml"}  # tests/cli/test_mind_edit_recipes.py
     listed |= {"recipes/imgedit_e1_stage1.yaml", "recipes/imgedit_e1_stage2.yaml"}  # tests/cli/test_imgedit_e1_recipes.py
+    listed |= {"recipes/ema.yaml"}  # an overlay for any recipe: tests/cli/test_ema_overlay.py
     on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "recipes").glob("*.yaml")}
     assert on_disk == listed
 
