@@ -107,6 +107,7 @@ class EMA(Callback):
         """``global_step`` of the last update or copy (an optimiser step is applied once)."""
         self.weights: dict[str, Tensor] = {}
         """Parameter name -> float32 average."""
+        self._names: list[str] = []
         self._params: list[nn.Parameter] = []
         self._loaded: dict[str, Tensor] | None = None
         self._backup: list[Tensor] | None = None
@@ -124,26 +125,38 @@ class EMA(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = state_dict["weights"]
         self.updates, self.last_step = int(state_dict["updates"]), int(state_dict["last_step"])
+        if self._params:  # a trainer that already fitted, evaluating a checkpoint
+            self._adopt_loaded()
 
     def track(self, module: nn.Module) -> None:
         """Find the trainable parameters; start the average from the checkpoint's or from the weights."""
         named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
         if not named:
             raise ConfigError(f"EMA: {type(module).__name__} has no trainable parameters to average")
-        self._params = [p for _, p in named]
-        device = torch.device("cpu") if self.cpu else None
-        loaded, self._loaded = self._loaded, None
-        if loaded is not None:
-            _check_names(set(loaded), {name for name, _ in named})
-            self.weights = {name: loaded[name].to(device or p.device, torch.float32, copy=True) for name, p in named}
+        self._names, self._params = [name for name, _ in named], [p for _, p in named]
+        if self._loaded is not None:
+            self._adopt_loaded()
             return
         with _gathered(self._params):
-            self.weights = {name: p.detach().to(device or p.device, torch.float32, copy=True) for name, p in named}
+            self.weights = {name: p.detach().to(self._device(p), torch.float32, copy=True) for name, p in named}
+
+    def _adopt_loaded(self) -> None:
+        loaded, self._loaded = self._loaded, None
+        assert loaded is not None
+        _check_names(set(loaded), set(self._names))
+        self.weights = {
+            name: loaded[name].to(self._device(p), torch.float32, copy=True) for name, p in zip(self._names, self._params)
+        }
+
+    def _device(self, param: nn.Parameter) -> torch.device:
+        return torch.device("cpu") if self.cpu else param.device
 
     # -- training ----------------------------------------------------------------------------------
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.track(pl_module)
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not on_fit_start: DeepSpeed restores a checkpoint (weights and this state) after that hook.
+        if not self._params:
+            self.track(pl_module)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -168,6 +181,8 @@ class EMA(Callback):
     # -- evaluation --------------------------------------------------------------------------------
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._params and trainer.state.fn == "fit":
+            self.track(pl_module)  # the sanity check, before on_train_start
         self.swap_in(pl_module)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -60,7 +60,7 @@ def max_difference(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
 @pytest.mark.parametrize("decay, start, every", [(0.7, 0, 1), (0.5, 2, 2)], ids=["every-step", "start-2-every-2"])
 def test_average_follows_the_closed_form(decay: float, start: int, every: int) -> None:
     ema = EMA(decay=decay, start_step=start, every_n_steps=every)
-    model, recorder = fit(ema, max_steps=6)
+    _, recorder = fit(ema, max_steps=6)
     expected = closed_form(recorder.after_step, decay, start, every, 6)
     assert_close(ema.weights, expected)
     assert ema.updates == (6 - start) // every and ema.last_step == 6

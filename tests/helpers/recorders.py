@@ -21,13 +21,13 @@ class LRRecorder(Callback):
 
 class WeightRecorder(Callback):
     """Records the module's trainable weights after every optimiser step (``after_step[s]``, ``s`` =
-    ``global_step``, 0 = at the start of the fit) and as each validation pass sees them."""
+    ``global_step``, 0 = when training starts) and as each validation pass sees them."""
 
     def __init__(self) -> None:
         self.after_step: dict[int, dict[str, Any]] = {}
         self.in_validation: list[tuple[int, dict[str, Any]]] = []
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.after_step[0] = _trainable(pl_module)
 
     def on_train_batch_end(
