@@ -33,7 +33,9 @@ evaluated silently with the training weights.
 ZeRO-3 partitions each parameter over the ranks (``param.data`` is empty outside a gather). Tracked
 parameters that carry DeepSpeed's ``ds_id`` are gathered with ``deepspeed.zero.GatheredParameters``
 for each update and swap (diffusers' ``EMAModel.step`` does the same), so every rank keeps the full
-average of the trainable parameters; ZeRO-2 and DDP keep full parameters on every rank already.
+average of the trainable parameters (4 bytes each; ``cpu`` moves it to host memory); ZeRO-2 and DDP
+keep full parameters on every rank already. Under DeepSpeed's bf16 the module's parameters are bf16
+copies of the optimiser's float32 master weights: the average follows those bf16 values.
 
 Why not Lightning's ``WeightAveraging`` / ``EMAWeightAveraging``: it deep-copies the whole module
 (frozen parts inside the tree too), puts the average into ``checkpoint["state_dict"]``, which
@@ -43,7 +45,6 @@ DeepSpeed's checkpoint drops, and copies the average over the training weights w
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Any
 
 import lightning as L
@@ -53,8 +54,6 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from zoo.blocks.config import ConfigError, check_range
-
-log = logging.getLogger(__name__)
 
 STATE_KEY = "EMA"
 """Key of the callback's state in ``checkpoint["callbacks"]``."""

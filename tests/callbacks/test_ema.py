@@ -125,3 +125,21 @@ def test_bad_settings_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError) as error:
         EMA(**kwargs)
     assert str(error.value) == message
+
+
+def test_an_average_of_other_parameters_is_refused() -> None:
+    torch.manual_seed(0)
+    model = DIMModule(**tiny_dim_kwargs(train_denoiser=False))
+    ema = EMA()
+    trainable = {name: p.detach().float() for name, p in model.named_parameters() if p.requires_grad}
+    # What a checkpoint of the same model with its DiT trained holds: one tensor more than trains here.
+    ema.load_state_dict({"weights": trainable | {"denoiser.model.proj_out.bias": torch.zeros(3)}, "updates": 3, "last_step": 3})
+    with pytest.raises(ConfigError) as error:
+        ema.track(model)
+    assert str(error.value) == (
+        "the checkpoint's EMA does not fit this model's trainable parameters: it holds "
+        "denoiser.model.proj_out.bias, which does not train here (0 missing, 1 not trained here)"
+    )
+    ema.load_state_dict({"weights": trainable, "updates": 3, "last_step": 3})
+    ema.track(model)
+    assert ema.weights.keys() == trainable.keys() and all(torch.equal(ema.weights[k], v) for k, v in trainable.items())
