@@ -110,12 +110,17 @@ class EMA(Callback):
         self._params: list[nn.Parameter] = []
         self._loaded: dict[str, Tensor] | None = None
         self._backup: list[Tensor] | None = None
+        self._trainer: L.Trainer | None = None
         self._average = get_ema_multi_avg_fn(decay)
         self._copy = get_ema_multi_avg_fn(0.0)
 
     # -- state -------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        # A save by a callback whose on_train_batch_end runs before this one's (Preemption's, when it
+        # comes first in the list) must hold the average of the step it saves.
+        if self._trainer is not None and self._trainer.training:
+            self.update(self._trainer.global_step)
         return {
             "weights": self.weights, "updates": self.updates, "last_step": self.last_step,
             "decay": self.decay, "every_n_steps": self.every_n_steps, "start_step": self.start_step,
@@ -154,8 +159,12 @@ class EMA(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Not on_fit_start: DeepSpeed restores a checkpoint (weights and this state) after that hook.
+        self._trainer = trainer
         if not self._params:
             self.track(pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._trainer = None
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -3,13 +3,18 @@ average against its closed form, only trainable parameters, the swap for validat
 
 from __future__ import annotations
 
+import os
+import signal
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from callbacks.ema import EMA
+from callbacks.ema import EMA, ema_weights
+from callbacks.preemption import Preempted, Preemption
 from tests.helpers.recorders import WeightRecorder
 from tests.modules.conftest import tiny_dim_kwargs, toy_batch
 from zoo.blocks.config import ConfigError
@@ -143,3 +148,32 @@ def test_an_average_of_other_parameters_is_refused() -> None:
     ema.load_state_dict({"weights": trainable, "updates": 3, "last_step": 3})
     ema.track(model)
     assert ema.weights.keys() == trainable.keys() and all(torch.equal(ema.weights[k], v) for k, v in trainable.items())
+
+
+class _SigtermAtStep(L.Callback):
+    """Sends this process SIGTERM as the batch of optimiser step ``step`` starts (what ``scancel`` does)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, batch_idx: int) -> None:
+        if trainer.global_step == self.step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_preemption_save_listed_before_the_ema_holds_the_average_of_its_step(tmp_path: Path) -> None:
+    # Preemption saves and stops in its on_train_batch_end; listed first, it runs before the EMA's.
+    torch.manual_seed(0)
+    model = DIMModule(**tiny_dim_kwargs(train_denoiser=False, optim=Optimization(lr=1e-2)))
+    ema, recorder = EMA(decay=0.7), WeightRecorder()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=[_SigtermAtStep(3), Preemption(), ema, recorder],
+    )
+    with pytest.raises(Preempted):
+        trainer.fit(model, train_dataloaders=DataLoader([toy_batch(2) for _ in range(6)], batch_size=None))
+    # Not weights_only: this checkpoint's hyperparameters hold the module's typed configs (no CLI here).
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 3 and saved["callbacks"]["EMA"]["updates"] == 3
+    recorder.after_step[3] = {k: v for k, v in saved["state_dict"].items() if k in recorder.after_step[0]}
+    assert_close(ema_weights(saved), closed_form(recorder.after_step, 0.7, 0, 1, 3))
