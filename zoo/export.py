@@ -16,8 +16,8 @@ reads, in the ``save_pretrained``/``from_pretrained`` convention of transformers
 
 A ZeRO folder is consolidated with Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``
 (DeepSpeed's ``zero_to_fp32``): the same dictionary as a single-file checkpoint, in fp32.
-EMA weights (``--ema``) are read from the checkpoint's callback state under the key :data:`EMA_KEY`:
-a mapping of state-dict names to tensors covering every trainable parameter.
+EMA weights (``--ema``) are the average :class:`callbacks.ema.EMA` keeps in the checkpoint's callback
+state (:func:`callbacks.ema.ema_weights`); it must cover every trainable parameter.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from callbacks.ema import ema_weights
 from zoo.blocks.config import ConfigError
 from zoo.blocks.pretrained import MissingPretrainedError
 
@@ -44,9 +45,6 @@ if TYPE_CHECKING:
 FORMAT = "zoo-pretrained/1"
 """``config.json``'s ``format``: the layout of the folder this module writes."""
 WEIGHTS = "model.safetensors"
-EMA_KEY = "ema"
-"""Callback state key of EMA weights in a checkpoint: ``checkpoint["callbacks"]["ema"]`` maps
-state-dict names to tensors (non-tensor entries, such as a decay or an update count, are ignored)."""
 _BASE_KEYS = ("pretrained", "tiny", "config", "seed")
 """An init argument that is a mapping with one of these keys names a component's source."""
 
@@ -153,7 +151,7 @@ def module_from_checkpoint(path: str | Path, ema: bool = False) -> EditingModule
     module = build(class_path, init_arguments(checkpoint["hyper_parameters"]), str(path))
     state = dict(checkpoint["state_dict"])
     if ema:
-        state.update(ema_weights(checkpoint, module, str(path)))
+        state.update(trainable_ema(checkpoint, module, str(path)))
     load_state(module, state, str(path))
     view = checkpoint.get("zoo_view")
     if view is not None:
@@ -162,12 +160,11 @@ def module_from_checkpoint(path: str | Path, ema: bool = False) -> EditingModule
     return module.eval()
 
 
-def ema_weights(checkpoint: dict[str, Any], module: EditingModule, where: str) -> dict[str, Tensor]:
-    """The EMA tensors of every trainable parameter (:data:`EMA_KEY`); :class:`ConfigError` if absent."""
-    found = (checkpoint.get("callbacks") or {}).get(EMA_KEY)
-    if not isinstance(found, dict):
-        raise ConfigError(f"--ema: {where} holds no EMA weights (no callback state '{EMA_KEY}'); export without --ema")
-    weights = {k: v for k, v in found.items() if isinstance(v, Tensor)}
+def trainable_ema(checkpoint: dict[str, Any], module: EditingModule, where: str) -> dict[str, Tensor]:
+    """The EMA average of every trainable parameter; :class:`ConfigError` if the checkpoint has none."""
+    weights = ema_weights(checkpoint)
+    if weights is None:
+        raise ConfigError(f"--ema: {where} holds no EMA weights (it was not trained with recipes/ema.yaml); export without --ema")
     trainable = sorted(n for n, p in module.named_parameters() if p.requires_grad)
     missing = [n for n in trainable if n not in weights]
     if missing:
@@ -257,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zoo export", allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a checkpoint file (last.ckpt) or a DeepSpeed ZeRO checkpoint folder")
     parser.add_argument("out", help="the folder to write (config.json, bases.json, model.safetensors, diffusers subfolders)")
-    parser.add_argument("--ema", action="store_true", help=f"export the EMA weights of callback state '{EMA_KEY}' instead of the live ones")
+    parser.add_argument("--ema", action="store_true", help="export the average of the EMA callback (recipes/ema.yaml) instead of the live weights")
     args = parser.parse_args(argv)
     try:
         module = module_from_checkpoint(args.checkpoint, ema=args.ema)

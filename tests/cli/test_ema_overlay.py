@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from callbacks.ema import ema_weights
 from datamodules import toy
@@ -94,3 +95,19 @@ def test_a_bad_decay_is_one_line_before_anything_runs(
     assert line == "zoo: error: EMA decay must be in [0, 1), got 1.5"
     assert not (tmp_path / "train").exists()
 
+
+
+def test_export_of_a_fit_with_the_overlay_writes_its_average_or_its_live_weights(fitted: tuple[Path, Path], tmp_path: Path) -> None:
+    """``zoo export --ema`` of a checkpoint ``zoo fit`` wrote with the overlay holds the EMA's average; without
+    ``--ema`` the training weights (the CLI-written checkpoint, ``_class_path`` in its hyperparameters)."""
+    _, run_dir = fitted
+    path = run_dir / "train" / "checkpoints" / "last.ckpt"
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    averages = ema_weights(saved)
+    assert main(["export", str(path), str(tmp_path / "ema"), "--ema"]) == 0
+    assert main(["export", str(path), str(tmp_path / "live")]) == 0
+    ema, live = load_file(str(tmp_path / "ema" / "model.safetensors")), load_file(str(tmp_path / "live" / "model.safetensors"))
+    assert ema.keys() == live.keys() == averages.keys()
+    assert all(torch.equal(ema[k], averages[k].to(ema[k].dtype)) for k in ema)
+    assert all(torch.equal(live[k], saved["state_dict"][k]) for k in live)
+    assert any(not torch.equal(ema[k], live[k]) for k in ema)

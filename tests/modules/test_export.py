@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from datamodules.samples import EditBatch
+from callbacks.ema import STATE_KEY
 from datamodules.toy import edit_sample
 from tests.helpers.recipes import error_lines
 from tests.modules import test_got, test_imgedit_e1, test_mind_edit
@@ -124,7 +125,7 @@ def test_ema_flag_exports_the_ema_weights(tmp_path: Path) -> None:
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     ema = {n: torch.full_like(p, 0.5) for n, p in module.named_parameters() if p.requires_grad}
-    checkpoint["callbacks"]["ema"] = {**ema, "decay": 0.999}
+    checkpoint["callbacks"][STATE_KEY] = {"weights": ema, "updates": 3, "last_step": 3, "decay": 0.999}
     torch.save(checkpoint, tmp_path / "ema.ckpt")
     assert main(["export", str(tmp_path / "ema.ckpt"), str(tmp_path / "out"), "--ema"]) == 0
     again = DIMModule.from_pretrained(tmp_path / "out")
