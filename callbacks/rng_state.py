@@ -12,6 +12,10 @@ trainer state, not model state, so it serves every LightningModule (the paper mo
 subclass) without a ``super()`` call to forget, and Lightning keeps callback state in DeepSpeed's
 client state too. The state is applied in ``on_train_start``, the last hook before the first resumed
 batch, so nothing Lightning does while setting up (sanity check, loader creation) can consume it.
+
+Each rank's intra-op thread count is stored beside its streams: CPU kernels sum in an order that
+depends on it, so a CPU run resumed with another count drifts from the run it continues (measured:
+5.7e-7 two steps after a 1-thread run resumed with 2 threads), and the restore says so.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ def collect() -> dict[str, Any]:
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
                   "has_gauss": int(has_gauss), "gauss": float(gauss)},
         "torch": torch.get_rng_state(),
+        "threads": torch.get_num_threads(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -86,3 +91,10 @@ class RNGState(Callback):
             )
             return
         restore(mine)
+        threads = mine.get("threads", torch.get_num_threads())
+        if pl_module.device.type == "cpu" and threads != torch.get_num_threads():
+            log.warning(
+                "rank %d computed with %d threads before the checkpoint and %d now: CPU sums are "
+                "ordered by thread, so the resume is not bit-exact (set OMP_NUM_THREADS=%d to make it so)",
+                trainer.global_rank, threads, torch.get_num_threads(), threads,
+            )

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
 
 from callbacks.rng_state import RNGState, collect, restore
 from datamodules.samples import EditBatch
@@ -82,3 +83,19 @@ def test_each_rank_resumes_its_own_rng_streams(tmp_path: Path) -> None:
     for rank in range(WORLD_SIZE):
         assert _draws(tmp_path / "resumed", rank) == _draws(tmp_path / "full", rank)[STOP:]
     assert _draws(tmp_path / "full", 0) != _draws(tmp_path / "full", 1)
+
+
+def test_a_cpu_resume_with_another_thread_count_says_it_is_not_bit_exact(caplog: pytest.LogCaptureFixture) -> None:
+    callback = RNGState()
+    saved = callback.state_dict()
+    saved["ranks"]["0"]["threads"] = torch.get_num_threads() + 1
+    callback.load_state_dict(saved)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, callbacks=[callback], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    with caplog.at_level("WARNING", logger="callbacks.rng_state"):
+        trainer.fit(BoringModel())
+    now = torch.get_num_threads()
+    assert f"rank 0 computed with {now + 1} threads before the checkpoint and {now} now" in caplog.text
+    assert f"set OMP_NUM_THREADS={now + 1}" in caplog.text
