@@ -1,7 +1,12 @@
-"""Test-only callbacks that record what a fit did, for assertions after ``zoo fit`` in the same process."""
+"""Test-only callbacks that record what a fit did (in this process, or in files for fits in other
+processes), and one that interrupts it with a signal."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -43,3 +48,27 @@ class WeightRecorder(Callback):
 
 def _trainable(module: L.LightningModule) -> dict[str, Any]:
     return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+
+
+class BatchKeys(Callback):
+    """Appends ``[global step, sample keys]`` of every training batch to ``<out>/keys.rank<R>.jsonl`` of its rank."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / f"keys.rank{trainer.global_rank}.jsonl", "a") as file:
+            file.write(json.dumps([trainer.global_step, list(batch.key)]) + "\n")
+
+
+class SignalAt(Callback):
+    """Sends ``signal`` to its own process at the start of step ``step`` on global rank ``rank``: a
+    real signal, as a scheduler sends it to one task of a job."""
+
+    def __init__(self, step: int, rank: int = 0, signal: str = "SIGTERM") -> None:
+        self.step, self.rank, self.signal = step, rank, signal
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), signal.Signals[self.signal])
