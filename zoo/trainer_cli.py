@@ -179,6 +179,9 @@ class ZooCLI(LightningCLI):
         """Print the stage's logged metrics (validate/test), the samples its data skipped, and the
         folder its outputs went to."""
         trainer = self.trainer
+        # A collective under DDP (rank 0's folder, broadcast): every rank asks, or rank 0 waits for
+        # ranks that have already exited (measured: gloo "Connection reset by peer" ending a 2-rank fit).
+        log_dir = trainer.log_dir
         if not trainer.is_global_zero:
             return
         for line in (c.summary() for c in trainer.callbacks if isinstance(c, DataSkips)):
@@ -193,7 +196,7 @@ class ZooCLI(LightningCLI):
             elif not any(isinstance(c, (BenchmarkEvaluator, ToyEditEvaluator)) for c in trainer.callbacks):
                 hint = "add an evaluator, e.g. --trainer.callbacks+=callbacks.toy_score.ToyEditEvaluator"
                 print(f"{self.subcommand}: no metric was logged ({hint})")
-        print(f"zoo: {self.subcommand} outputs in {trainer.log_dir}")
+        print(f"zoo: {self.subcommand} outputs in {log_dir}")
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """The trainer, with :class:`StepProgressBar` unless the progress bar is disabled or the
