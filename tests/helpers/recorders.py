@@ -63,12 +63,12 @@ class BatchKeys(Callback):
 
 
 class SignalAt(Callback):
-    """Sends ``signal`` to its own process at the start of step ``step`` on global rank ``rank``: a
-    real signal, as a scheduler sends it to one task of a job."""
+    """Sends the signal ``signal_name`` to its own process at the start of step ``step`` on global rank
+    ``rank``: a real signal, as a scheduler sends it to one task of a job."""
 
-    def __init__(self, step: int, rank: int = 0, signal: str = "SIGTERM") -> None:
-        self.step, self.rank, self.signal = step, rank, signal
+    def __init__(self, step: int, rank: int = 0, signal_name: str = "SIGTERM") -> None:
+        self.step, self.rank, self.signum = step, rank, signal.Signals[signal_name]
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self.step and trainer.global_rank == self.rank:
-            os.kill(os.getpid(), signal.Signals[self.signal])
+            os.kill(os.getpid(), self.signum)
