@@ -13,6 +13,11 @@ subclass) without a ``super()`` call to forget, and Lightning keeps callback sta
 client state too. The state is applied in ``on_train_start``, the last hook before the first resumed
 batch, so nothing Lightning does while setting up (sanity check, loader creation) can consume it.
 
+A fresh fit (nothing to restore) on more than one rank moves rank r > 0 to the seed ``s + r``
+(``s``: ``seed_everything``'s, ``PL_GLOBAL_SEED``), as DiT's ``train.py`` seeds ``global_seed *
+world_size + rank``: Lightning seeds every rank alike, so every GPU would draw the same noise,
+timesteps and dropout masks for its different samples. Rank 0 (and a one-process run) keeps ``s``.
+
 Each rank's intra-op thread count is stored beside its streams: CPU kernels sum in an order that
 depends on it, so a CPU run resumed with another count drifts from the run it continues (measured:
 5.7e-7 two steps after a 1-thread run resumed with 2 threads), and the restore says so.
@@ -21,6 +26,7 @@ depends on it, so a CPU run resumed with another count drifts from the run it co
 from __future__ import annotations
 
 import logging
+import os
 import random
 from typing import Any
 
@@ -60,6 +66,14 @@ def restore(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def reseed(seed: int) -> None:
+    """Seed this process's Python, NumPy and torch (CPU and every CUDA device) generators with ``seed``;
+    unlike ``seed_everything`` it leaves ``PL_GLOBAL_SEED``, which loader workers derive their seeds from."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 class RNGState(Callback):
     """Checkpoints and restores the RNG streams of every rank (see the module docstring)."""
 
@@ -80,6 +94,9 @@ class RNGState(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._pending is None:
+            seed = os.environ.get("PL_GLOBAL_SEED")
+            if trainer.global_rank > 0 and seed is not None:
+                reseed(int(seed) + trainer.global_rank)
             return
         ranks, self._pending = self._pending["ranks"], None
         mine = ranks.get(str(trainer.global_rank))
