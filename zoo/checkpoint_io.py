@@ -13,13 +13,20 @@ Remote paths (``s3://`` ...) keep Lightning's fsspec behaviour.
 
 Loading is always ``torch.load(weights_only=True)``: tensors and plain values only, whatever
 ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` or the caller asks, because unpickling anything else can run
-code (``torch.load``'s documentation); every checkpoint the zoo writes loads this way.
+code (``torch.load``'s documentation); every checkpoint the zoo writes loads this way. A module
+built in Python (not by the CLI) keeps its typed configs in its hyperparameters: those plain
+dataclasses of the zoo's own packages are allowed (:func:`config_globals`), nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import importlib
 import os
-from collections.abc import Callable
+import pkgutil
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,8 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
+CONFIG_PACKAGES = ("zoo", "datamodules", "callbacks")
+"""Packages whose dataclasses (typed configs) a checkpoint's hyperparameters may hold."""
 TEMP_MARK = ".tmp-"
 """Infix of the temp files: ``.<name>.tmp-<pid>`` beside ``<name>``."""
 
@@ -83,7 +92,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         """Lightning's load (storages kept where they are read, its default), with ``weights_only=True``
         (see the module docstring)."""
-        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        with allowing_configs():
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
+
+def config_globals() -> list[type]:
+    """Every dataclass of :data:`CONFIG_PACKAGES`' modules (imported first): the typed configs a module
+    built in Python pickles into its hyperparameters. Unpickling one sets its fields and runs no code."""
+    for package in ("zoo.blocks", "zoo.modules"):
+        for info in pkgutil.iter_modules(importlib.import_module(package).__path__, f"{package}."):
+            importlib.import_module(info.name)
+    found = {
+        value
+        for name, module in list(sys.modules.items())
+        if name.split(".")[0] in CONFIG_PACKAGES
+        for value in vars(module).values()
+        if isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__ == name
+    }
+    return sorted(found, key=lambda cls: f"{cls.__module__}.{cls.__qualname__}")
+
+
+@contextlib.contextmanager
+def allowing_configs() -> Iterator[None]:
+    """``torch.load(weights_only=True)`` inside also accepts the zoo's typed configs (:func:`config_globals`)."""
+    with torch.serialization.safe_globals(config_globals()):
+        yield
 
 
 def _fsync_folder(folder: Path) -> None:

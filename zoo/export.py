@@ -38,6 +38,7 @@ from torch import Tensor
 from callbacks.ema import ema_weights
 from zoo.blocks.config import ConfigError
 from zoo.blocks.pretrained import MissingPretrainedError
+from zoo.checkpoint_io import allowing_configs
 
 if TYPE_CHECKING:
     from zoo.modules.base import EditingModule
@@ -59,15 +60,14 @@ def zero_client_state(folder: Path) -> dict[str, Any]:
     0's model-states file of the tag named in ``latest``, read without consolidating the shards."""
     tag = (folder / "latest").read_text().strip()
     [states, *_] = sorted((folder / tag).glob("*mp_rank_00_model_states.pt"))
-    return torch.load(states, map_location="cpu", weights_only=False, mmap=True)
+    with allowing_configs():
+        return torch.load(states, map_location="cpu", weights_only=True, mmap=True)
 
 
-def read_checkpoint(path: str | Path, weights_only: bool = True) -> dict[str, Any]:
-    """The Lightning checkpoint dictionary at ``path``: a file, or a ZeRO folder consolidated to fp32.
-
-    ``weights_only=False`` also reads a file whose hparams hold typed configs (a module built in
-    Python, not by the CLI), unpickling it as Lightning's ``load_from_checkpoint`` does: for trusted
-    files. Raises :class:`ConfigError` for a path that is neither.
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The Lightning checkpoint dictionary at ``path``: a file, or a ZeRO folder consolidated to fp32,
+    read weights-only (tensors, plain values and the zoo's typed configs, :func:`allowing_configs`).
+    Raises :class:`ConfigError` for a path that is neither.
     """
     path = Path(path)
     if is_zero_checkpoint(path):
@@ -76,11 +76,13 @@ def read_checkpoint(path: str | Path, weights_only: bool = True) -> dict[str, An
         with tempfile.TemporaryDirectory() as scratch:
             merged = Path(scratch) / "merged.ckpt"
             convert_zero_checkpoint_to_fp32_state_dict(str(path), str(merged))
-            return torch.load(merged, map_location="cpu", weights_only=False)
+            with allowing_configs():
+                return torch.load(merged, map_location="cpu", weights_only=True)
     if not path.is_file():
         raise ConfigError(f"{path} is neither a checkpoint file nor a DeepSpeed checkpoint folder (one with a 'latest' file)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+        with allowing_configs():
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError... for a non-checkpoint
         raise ConfigError(f"{path} is not a readable checkpoint: {type(error).__name__}: {str(error).splitlines()[0][:200]}") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -142,8 +144,7 @@ def build(class_path: str, arguments: dict[str, Any], where: str) -> EditingModu
 
 def module_from_checkpoint(path: str | Path, ema: bool = False) -> EditingModule:
     """The module a checkpoint file or ZeRO folder holds, with its trainable (or EMA) weights loaded."""
-    # The user's own checkpoint, read as load_from_checkpoint reads it (see read_checkpoint).
-    checkpoint = read_checkpoint(path, weights_only=False)
+    checkpoint = read_checkpoint(path)
     class_path = checkpoint_class_path(checkpoint)
     module_class(class_path, str(path))
     if not checkpoint.get("hyper_parameters"):

@@ -57,7 +57,7 @@ from datamodules.samples import DataConfigError
 from datamodules.shards import ShardDataModule, check_stage_shards, predict_jsonl_kind
 from zoo.blocks.config import ConfigError
 from zoo.blocks.pretrained import MissingPretrainedError
-from zoo.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
+from zoo.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError, allowing_configs
 from zoo.export import checkpoint_class_path, is_zero_checkpoint, zero_client_state
 from zoo.modules.base import EditingModule, check_schedule
 
@@ -386,7 +386,8 @@ def _written_by(path: str) -> str | None:
         return None
     try:
         # Memory-mapped: the class path is read without loading the weights into memory.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with allowing_configs():
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:
         raise ConfigError(
             f"--ckpt_path {path} holds objects other than tensors and plain values: refused, as checkpoints "

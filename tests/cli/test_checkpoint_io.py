@@ -75,3 +75,19 @@ def test_zoo_fit_checkpoints_atomically_with_rng_and_preemption() -> None:
     assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
     assert sum(isinstance(c, RNGState) for c in cli.trainer.callbacks) == 1
     assert sum(isinstance(c, Preemption) for c in cli.trainer.callbacks) == 1
+
+
+def test_weights_only_load_takes_the_zoos_typed_configs_and_nothing_else(tmp_path: Path) -> None:
+    """A module built in Python keeps dataclass configs in its hyperparameters: they load weights-only
+    (checkpoint_io.config_globals); an object of any other class is still refused."""
+    from zoo.blocks.mllm import VLMConfig
+    from zoo.checkpoint_io import config_globals
+
+    assert VLMConfig in config_globals() and all(cls.__module__.split(".")[0] in ("zoo", "datamodules", "callbacks") for cls in config_globals())
+    config = VLMConfig(pretrained="Qwen/Qwen2.5-VL-3B-Instruct", max_condition_length=77)
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": {"mllm": config}}, tmp_path / "typed.ckpt")
+    loaded = AtomicCheckpointIO().load_checkpoint(tmp_path / "typed.ckpt")
+    assert loaded["hyper_parameters"]["mllm"] == config and torch.equal(loaded["state_dict"]["w"], torch.ones(2))
+    torch.save({"state_dict": {}, "hyper_parameters": {"path": Path("/x")}}, tmp_path / "other.ckpt")
+    with pytest.raises(Exception, match="Unsupported global"):
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "other.ckpt")
