@@ -73,6 +73,9 @@ warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__`
 # Testing a checkpoint into its own stage folder: the checkpoint's ModelCheckpoint state names the
 # training folder, and nothing is saved while testing.
 warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+# On a machine with SLURM installed, a fit started without srun is a local run; jobs go through
+# recipes/cluster/launch.sh, which starts every task with srun.
+warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
 
 
 class _NoAdvert(logging.Filter):
