@@ -8,7 +8,8 @@ directory, where Lightning's ``SaveConfigCallback`` would otherwise refuse to re
 
 Configuration mistakes (an unknown key at any depth, with the closest valid one; a value out of
 range, :class:`~zoo.blocks.config.ConfigError`), missing pretrained weights, a ``--ckpt_path`` of
-another module class or configuration, and a DeepSpeed strategy on a machine without CUDA end in one
+another module class or configuration, shards of a feature cache written for another configuration
+(:func:`check_feature_caches`) and a DeepSpeed strategy on a machine without CUDA end in one
 ``zoo: error: ...`` line and exit status 2, not a stack trace.
 
 Every fit is guarded against non-finite training (:class:`~callbacks.nan_guard.NaNGuard`: stop at
@@ -39,7 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from jsonargparse import ArgumentError, Namespace, set_parsing_settings
+from jsonargparse import ArgumentError, ArgumentParser, Namespace, set_parsing_settings
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -54,12 +55,13 @@ from callbacks.rng_state import RNGState
 from callbacks.results import BenchmarkEvaluator
 from callbacks.toy_score import ToyEditEvaluator
 from datamodules.samples import DataConfigError
-from datamodules.shards import ShardDataModule, check_stage_shards, predict_jsonl_kind
+from datamodules.shard_format import cache_of
+from datamodules.shards import STAGE_SPLITS, ShardDataModule, check_stage_shards, predict_jsonl_kind
 from zoo.blocks.config import ConfigError
 from zoo.blocks.pretrained import MissingPretrainedError
 from zoo.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError, allowing_configs
 from zoo.export import checkpoint_class_path, is_zero_checkpoint, zero_client_state
-from zoo.modules.base import EditingModule, check_schedule
+from zoo.modules.base import EditingModule, cache_fingerprint, check_schedule, refuse_other_cache
 
 
 # Typed configs document each field with a string literal after it: those become --help.
@@ -151,6 +153,7 @@ class ZooCLI(LightningCLI):
         data = config.get("data")
         if isinstance(data, Namespace) and _is_subclass(data.get("class_path"), ShardDataModule):
             check_stage_shards(dict(data.get("init_args") or {}), self.subcommand)
+            check_feature_caches(config, self.subcommand)
             kind, mode = predict_jsonl_kind(dict(data.get("init_args") or {}), self.subcommand), config.get("model.init_args.mode")
             if kind is not None and mode in ("edit", "t2i") and kind != mode:
                 raise ConfigError(
@@ -401,14 +404,52 @@ def _written_by(path: str) -> str | None:
     return checkpoint_class_path(checkpoint)
 
 
-def _is_subclass(class_path: object, base: type) -> bool:
-    """Whether the dotted ``class_path`` names ``base`` or a subclass of it."""
+def _class(class_path: object) -> type | None:
+    """The class the dotted ``class_path`` names, or None."""
     module, _, name = str(class_path).rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
-        return False
-    return isinstance(cls, type) and issubclass(cls, base)
+        return None
+    return cls if isinstance(cls, type) else None
+
+
+def _is_subclass(class_path: object, base: type) -> bool:
+    """Whether the dotted ``class_path`` names ``base`` or a subclass of it."""
+    cls = _class(class_path)
+    return cls is not None and issubclass(cls, base)
+
+
+def check_feature_caches(config: Namespace, stage: str) -> None:
+    """Refuse the feature-cache shards of another configuration that ``stage`` would read, before any
+    model is built: the fingerprint :meth:`EditingModule.check_feature_cache` checks once the model is
+    built (its class, the DataModule's training view, its ``cache_config`` init arguments), computed
+    from the parsed configuration by the same :func:`~zoo.modules.base.cache_fingerprint`."""
+    init = config.get("data.init_args") or Namespace()
+    model = _class(config.get("model.class_path"))
+    if not init.get("use_cached_features") or model is None or not issubclass(model, EditingModule):
+        return
+    for split in STAGE_SPLITS.get(stage, []):
+        spec = init.get(f"{split}_shards")
+        cache = cache_of(spec) if spec is not None else None
+        if cache is None:
+            continue
+        args = _init_values(model, config.get("model.init_args") or Namespace(), model.cache_config)
+        fingerprint, plain = cache_fingerprint(f"{model.__module__}.{model.__qualname__}", init.resolution, init.mllm_resolution, args)
+        refuse_other_cache(cache, fingerprint, plain, model.__name__, f"data.init_args.{split}_shards")
+
+
+def _init_values(cls: type, init_args: Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    """The values ``cls.__init__`` would receive for ``names`` from parsed ``init_args``, typed configs
+    built as their dataclasses by jsonargparse as LightningCLI builds them for the model (which is not built)."""
+    types_ = _arguments(cls)
+    known = [name for name in names if types_.get(name) is not None]
+    parser = ArgumentParser(exit_on_error=False)
+    for name in known:
+        parser.add_argument(f"--{name}", type=types_[name])
+    given = {name: value.as_dict() if isinstance(value := init_args.get(name), Namespace) else value for name in known}
+    built = parser.instantiate(parser.parse_object(given))
+    return {name: built.get(name) if name in known else None for name in names}
 
 
 def _check_accelerator(trainer: Namespace) -> None:

@@ -146,18 +146,34 @@ def test_the_data_module_reads_or_ignores_a_cache(toy: Path, tmp_path: Path) -> 
         ShardDataModule(train_shards=str(cached), resolution=32, mllm_resolution=16).setup("fit")
 
 
-def test_fit_from_a_cache_and_on_a_cache_of_another_recipe(toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_cache_of_another_recipe_is_refused_before_any_model_is_built(toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The fingerprint is checked from the parsed configuration: a changed frozen-part setting or view
+    is one line, and the seeded RNG stream is left as seeding left it, so no weight was initialised."""
     out = tmp_path / "cli"
     args = ["--data.init_args.train_shards=" + str(toy / "train"), "--data.init_args.val_shards=null", "--data.init_args.test_shards=null",
             "--data.init_args.resolution=16", "--data.init_args.mllm_resolution=16", "--data.init_args.batch_size=4"]
     assert feature_cache.main([*configs(TINY_DIM), "--out", str(out), "--dtype", "float32", *args]) == 0
     assert "cached 24 train samples in 1 shard(s)" in capsys.readouterr().out
-    fit = ["fit", *configs(TINY_DIM), *args[1:], f"--data.init_args.train_shards={out / 'train'}", "--model.init_args.mllm.tiny.seed=3",
-           f"--trainer.default_root_dir={tmp_path / 'run'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'run'}", "--trainer.max_steps=1", "--trainer.limit_val_batches=0"]
-    assert run(fit) == 2
-    [line] = error_lines(capsys.readouterr().err)
-    assert "features cached for another configuration" in line and "differs in mllm" in line
-    assert run([word for word in fit if "tiny.seed" not in word]) == 0  # the recipe it was cached with trains from it
+    common = [*configs(TINY_DIM), *args[1:], f"--trainer.default_root_dir={tmp_path / 'run'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'run'}"]
+    fit = ["fit", *common, f"--data.init_args.train_shards={out / 'train'}", "--trainer.max_steps=1", "--trainer.limit_val_batches=0"]
+    torch.manual_seed(0)
+    seeded = torch.get_rng_state()
+    dim()  # building a model draws its initial weights from the seeded stream
+    assert not torch.equal(torch.get_rng_state(), seeded)
+    changes = [
+        (fit, "--model.init_args.mllm.max_condition_length=64", "mllm"),
+        (fit, "--model.init_args.mllm.tiny.seed=3", "mllm"),
+        (fit, "--data.init_args.resolution=32", "resolution"),
+        (["validate", *common, "--data.init_args.train_shards=null", f"--data.init_args.val_shards={out / 'train'}"], "--model.init_args.use_blueprint=true", "use_blueprint"),
+    ]
+    for command, change, differs in changes:
+        torch.rand(8)  # the CLI's seed_everything (recipe seed 0) must reset this
+        assert run([*command, change]) == 2, change
+        [line] = error_lines(capsys.readouterr().err)
+        assert "features cached for another configuration" in line and f"differs in {differs})" in line, line
+        assert torch.equal(torch.get_rng_state(), seeded), f"a model was built before {change} was refused"
+    assert run(fit) == 0  # the recipe it was cached with passes the check and trains from it
+    assert not torch.equal(torch.get_rng_state(), seeded)
 
 
 def test_a_designer_is_refused_before_any_model_is_built(toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -189,9 +189,10 @@ class EditingModule(L.LightningModule):
     codec: nn.Module
     resolution: int
     mllm_resolution: int
-    cache_config: tuple[str, ...] = ()
-    """Init arguments that decide what :meth:`frozen_features` returns: with the class and the training
-    view they make the fingerprint (:meth:`feature_fingerprint`) a feature cache must match."""
+    cache_config: tuple[str, ...] = ("autoencoder",)
+    """Init arguments that decide what a feature cache holds (:meth:`frozen_features`, and the target
+    latent of the codec's ``autoencoder`` config): with the class and the training view they make the
+    fingerprint (:meth:`feature_fingerprint`) a feature cache must match, checked before the model is built."""
     cached_encoders: tuple[str, ...] = ("codec",)
     """The encoders :meth:`frozen_features` runs: a feature cache is refused while any of them trains."""
     exported_from: dict[str, Any] | None = None
@@ -365,29 +366,15 @@ class EditingModule(L.LightningModule):
             )
 
     def feature_fingerprint(self) -> tuple[str, dict[str, Any]]:
-        """``(fingerprint, config)``: what a feature cache of this module was computed from — the class,
-        the training view and the :attr:`cache_config` init arguments — and a short hash of it."""
-        config = {
-            "class": f"{type(self).__module__}.{type(self).__qualname__}",
-            "resolution": self.resolution,
-            "mllm_resolution": self.mllm_resolution,
-            **{name: self.hparams.get(name) for name in self.cache_config},
-        }
-        plain = json.loads(json.dumps(config, sort_keys=True, default=_plain))
-        return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16], plain
+        """:func:`cache_fingerprint` of this module: its class, its training view and its
+        :attr:`cache_config` init arguments."""
+        module = f"{type(self).__module__}.{type(self).__qualname__}"
+        return cache_fingerprint(module, self.resolution, self.mllm_resolution, {name: self.hparams.get(name) for name in self.cache_config})
 
     def check_feature_cache(self, cache: dict[str, Any], where: str) -> None:
-        """Refuse (:class:`ConfigError`) a feature cache written for another configuration of the frozen parts."""
-        fingerprint, config = self.feature_fingerprint()
-        if cache.get("fingerprint") == fingerprint:
-            return
-        stored = cache.get("config", {})
-        differ = sorted(name for name in set(stored) | set(config) if stored.get(name) != config.get(name))
-        raise ConfigError(
-            f"{where} holds features cached for another configuration (fingerprint {cache.get('fingerprint')}, "
-            f"this {type(self).__name__}: {fingerprint}; differs in {', '.join(differ) or 'its format'}): "
-            "run `zoo data cache-features` with this recipe, or set data.init_args.use_cached_features=false"
-        )
+        """Refuse (:class:`ConfigError`) a feature cache written for another configuration of the frozen
+        parts: the backstop of ``zoo``'s check before any model is built (:func:`refuse_other_cache`)."""
+        refuse_other_cache(cache, *self.feature_fingerprint(), type(self).__name__, where)
 
     # -- the objective ---------------------------------------------------------------------------
 
@@ -746,6 +733,30 @@ class EditingModule(L.LightningModule):
         for group in optimizer.param_groups:
             group.update(initial_lr=peak, lr=lr, **{k: v for k, v in hyper.items() if k in group})
         scheduler.base_lrs = [peak] * len(optimizer.param_groups)
+
+
+def cache_fingerprint(module: str, resolution: int, mllm_resolution: int, cache_args: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``(fingerprint, config)``: what a feature cache of module class ``module`` (its dotted path) was
+    computed from — the class, the training view and the values of its :attr:`EditingModule.cache_config`
+    init arguments (typed configs as their dataclasses) — and a short hash of it. The module computes it
+    from itself, ``zoo fit/validate/test/predict`` from the parsed configuration before building it."""
+    config = {"class": module, "resolution": int(resolution), "mllm_resolution": int(mllm_resolution), **cache_args}
+    plain = json.loads(json.dumps(config, sort_keys=True, default=_plain))
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16], plain
+
+
+def refuse_other_cache(cache: Mapping[str, Any], fingerprint: str, config: Mapping[str, Any], owner: str, where: str) -> None:
+    """Raise :class:`ConfigError` unless feature cache ``cache`` (:func:`datamodules.features.cache_info`)
+    has ``fingerprint`` (:func:`cache_fingerprint`); the line names the settings that differ."""
+    if cache.get("fingerprint") == fingerprint:
+        return
+    stored = cache.get("config", {})
+    differ = sorted(name for name in set(stored) | set(config) if stored.get(name) != config.get(name))
+    raise ConfigError(
+        f"{where} holds features cached for another configuration (fingerprint {cache.get('fingerprint')}, "
+        f"this {owner}: {fingerprint}; differs in {', '.join(differ) or 'its format'}): "
+        "run `zoo data cache-features` with this recipe, or set data.init_args.use_cached_features=false"
+    )
 
 
 def _plain(value: Any) -> Any:
