@@ -16,6 +16,7 @@ from datamodules.shards import ShardDataModule
 from datamodules.toy import main as toy_main
 from tests.helpers.recipes import configs, error_lines
 from tests.modules.conftest import TINY_MLLM, tiny_dim_kwargs
+from tests.modules.test_got import make as make_got
 from tests.modules.test_imgedit_e1 import make as make_imgedit
 from zoo import feature_cache
 from zoo.blocks.config import ConfigError
@@ -122,6 +123,22 @@ def test_imgedit_e1_stage1_from_features_equals_online(toy: Path, tmp_path: Path
     stored = data(cache(make_imgedit(1), toy, tmp_path / "e1"))
     assert {"vlm.states", "vlm.ids", "target_latent"} <= set(next(iter(stored.train_dataloader())).features)
     online, from_cache = train(make_imgedit(1), data(toy / "train"), 3), train(make_imgedit(1), stored, 3)
+    assert max_delta(online, from_cache) == 0.0
+
+
+def test_got_trained_from_float32_features_equals_online_and_runs_no_vae_encode(tmp_path: Path) -> None:
+    """GoT's VLM trains (LoRA), so only its VAE encodes are cached: reference, box canvases, target.
+    On a mixed T2I + edit split, training from them equals training online and never runs the VAE."""
+    toy_main(["--out", str(tmp_path / "mixed"), "--train", "16", "--val", "2", "--test", "2", "--resolution", "16", "--samples-per-shard", "16", "--task", "mixed"])
+    stored = data(cache(make_got(), tmp_path / "mixed", tmp_path / "got"))
+    first = next(iter(stored.train_dataloader()))
+    assert set(first.features) == {"reference_latent", "spatial_latent", "target_latent"} and set(first.task) == {"edit", "t2i"}
+    online_model, cached_model = make_got(), make_got()
+    online_vae, cached_vae, cached_vlm = calls(online_model.codec), calls(cached_model.codec), calls(cached_model.mllm)
+    online, from_cache = train(online_model, data(tmp_path / "mixed" / "train")), train(cached_model, stored)
+    assert online_vae[0] > 0 and cached_vae[0] == 0 and cached_vlm[0] > 0
+    start = make_got().state_dict()
+    assert max_delta(online, {k: start[k] for k in online}) > 1e-4  # it trained
     assert max_delta(online, from_cache) == 0.0
 
 

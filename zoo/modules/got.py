@@ -28,6 +28,9 @@ released (rongyaofang/GoT#1):
   weights; noise offset 0.1; each partially-conditioned combination of (context, reference, mask)
   sampled with probability 5%, the full one otherwise; LoRA + projectors + UNet trainable, VAE
   frozen (outside the module tree).
+- Feature cache: :meth:`~GoTModule.frozen_features` (the VAE latents of the reference and the box
+  canvases; with the target latent, every VAE encode of a step) from ``zoo data cache-features``
+  shards; the LoRA VLM has no frozen output to cache.
 - Interactive generation (§6.2): ``generate(prompt, chain=...)`` / ``edit(image, instruction,
   chain=...)`` take a chain the user edited (e.g. :func:`~zoo.blocks.spatial.replace_box`) and skip
   reasoning; evaluation reasons anew for every sample unless ``teacher_chains``.
@@ -192,13 +195,27 @@ class GoTModule(EditingModule):
             source[rows] = batch.source.to(self.device, self.dtype)[rows]
         return self.codec.encode_unscaled(source)
 
-    def encode_condition(self, batch: EditBatch, losses: bool = False) -> Condition:
-        """Image-token states of prompt + chain, projected (context, SDXL pooled), with the reference
-        and box-mask latents as channels; with ``losses``, the chain CE of the same forward."""
+    def chains(self, batch: EditBatch) -> list[str]:
+        """The reasoning chain of every sample (ValueError naming those without one)."""
         chains = list(batch.chain)
         missing = [key for key, chain in zip(batch.key, chains) if not chain]
         if missing:
             raise ValueError(f"GoT conditions on reasoning chains; samples {missing[:3]} have none")
+        return chains
+
+    def frozen_features(self, batch: EditBatch) -> dict[str, Tensor]:
+        """The frozen VAE's unscaled latents of each sample's reference (``reference_latent``: its source,
+        a black image for T2I) and of its chain's SSGM box canvases (``spatial_latent``, §5.2): every
+        encode of a step but the target's, so a feature cache holds them (the LoRA VLM runs online)."""
+        height, width = batch.size
+        spatial = box_mask_latents(self.codec, self.chains(batch), height, width, self.device, self.dtype)
+        return {"reference_latent": self.reference_latent(batch), "spatial_latent": spatial}
+
+    def encode_condition(self, batch: EditBatch, losses: bool = False) -> Condition:
+        """Image-token states of prompt + chain, projected (context, SDXL pooled), with the reference
+        and box-mask latents as channels (:meth:`frozen_features`, online or cached); with ``losses``,
+        the chain CE of the same forward."""
+        chains = self.chains(batch)
         images, prompts = batch.mllm_images, list(batch.instruction)
         terms = {}
         if losses:
@@ -206,8 +223,9 @@ class GoTModule(EditingModule):
         else:
             states = self.mllm.image_token_states(images, prompts, chains)
         context, pooled = self.project(states)
+        features = self.features(batch)
+        channels = torch.cat([features["reference_latent"], features["spatial_latent"]], dim=1)
         height, width = batch.size
-        channels = torch.cat([self.reference_latent(batch), box_mask_latents(self.codec, chains, height, width, self.device, self.dtype)], dim=1)
         time_ids = sdxl_time_ids(height, width).to(self.device).expand(len(batch), -1)
         mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
         return Condition(context, mask, channels, {"text_embeds": pooled, "time_ids": time_ids}, terms)
