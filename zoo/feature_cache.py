@@ -9,7 +9,8 @@ shard with the same samples in the same order (so a fit over the cache draws the
 over the originals), every original member kept (images, masks, json: what evaluation and the image
 logger read) plus each sample's ``features.safetensors`` — the module's
 :meth:`~zoo.modules.base.EditingModule.features_to_cache` (frozen MLLM states with their ids, the VAE
-latents of source and target (GoT: reference, box canvases, target), SigLIP / pooled CLIP features where frozen; :mod:`datamodules.features`).
+latents of source and target (GoT: reference, box canvases, target), SigLIP / pooled CLIP features
+where frozen; :mod:`datamodules.features`).
 Floating tensors are stored in ``--dtype`` (default bfloat16); ``--compression auto`` keeps a
 sample's member zlib-compressed only where that saves 10% or more. ``index.json`` records the
 fingerprint of the frozen parts' configuration, which ``zoo fit/validate/test/predict`` check before
