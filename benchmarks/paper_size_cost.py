@@ -24,9 +24,10 @@ weights; the VLMs with the toy vocabulary, see there). Per module:
 
 Sequence lengths (stated, per sample): DIM's VLM reads the source squashed to 1036² (74² patches ->
 1,369 tokens) + 64 text tokens; DiT 32² latent tokens at 1024² (DC-AE f32). GoT: 448² (256 image
-tokens) + 300 tokens of instruction and chain + its [IMG] tokens; SDXL UNet at 128² latents. ImgEdit-E1:
-448² + 40 text tokens; FLUX 64² image tokens at 1024²; stage 2 adds SigLIP-so400m at 512² (1,024
-tokens) to the context. MIND-Edit: formulas only (its frozen tiny side is pretrained at build time,
+tokens) + 300 tokens of instruction and chain + its [IMG] tokens; SDXL UNet at 128² latents; the VAE
+encodes the reference, the target and each box canvas of the chain (:data:`GOT_BOXES` per chain).
+ImgEdit-E1: 448² + 40 text tokens; FLUX 64² image tokens at 1024²; stage 2 adds SigLIP-so400m at
+512² (1,024 tokens) to the context. MIND-Edit: formulas only (its frozen tiny side is pretrained at build time,
 the published one needs its weights): LLaVA-OneVision-7B fine-tuned on 5 x 729 image + 200 text
 tokens, the frozen CLIP ViT-H/14 embedding of the target (the frozen SD1.5 side is not in its
 training step). ``python -m benchmarks.paper_size_cost``.
@@ -59,6 +60,9 @@ VOCAB = 151_936
 """Qwen2.5's published vocabulary (the LM head GoT's chain loss runs through; the toy one is smaller)."""
 BF16, IDS = 2, 8
 """Bytes of a cached bf16 float and of a cached int64 token id."""
+GOT_BOXES = 3.78
+"""Boxes per GoT reasoning chain: LAHR-GoT's mean (3.78 per image, HF ``LucasFang/GoT-6B`` README). The
+SSGM (GoT §5.2) VAE-encodes one canvas per box, as the official ``GenCot.generate`` does."""
 
 
 @dataclass
@@ -155,7 +159,9 @@ def got_parts(side: int = 1024) -> tuple[nn.Module, list[Part]]:
     lora_share = _count(model.mllm, True) / vlm
     parts = [
         Part("VLM vision tower + LLM with LoRA (base frozen, gradients through)", vlm, vision + llm, 2 + lora_share, False),
-        Part("SDXL VAE encode x2 (source, target; frozen)", _count(model.codec), 2 * encode, 1, True, BF16 * 2 * 4 * latent * latent),
+        # Cached: the reference, the target and the mean of the box-canvas latents (one latent each).
+        Part(f"SDXL VAE encode x{2 + GOT_BOXES:g} (reference, target, {GOT_BOXES:g} box canvases; frozen)", _count(model.codec),
+             (2 + GOT_BOXES) * encode, 1, True, BF16 * 3 * 4 * latent * latent),
         Part("projectors (trained)", _count(model.context_projector) + _count(model.pooled_projector),
              2 * (_count(model.context_projector) * mllm.image_tokens + _count(model.pooled_projector)), 3, False),
         Part("SDXL UNet (trained)", _count(model.denoiser), forward, 3, False),

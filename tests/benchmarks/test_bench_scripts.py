@@ -111,3 +111,16 @@ def test_paper_size_cache_bytes_are_the_cached_outputs(tmp_path: Path) -> None:
     dim = _record(tmp_path, "paper_size_cost")["DIM-4.6B-Edit"]
     # 1,433 VLM states of 2,048 and two 32-channel 32² DC-AE latents, bf16.
     assert dim["cache_bytes_per_sample"] == 2 * (1433 * 2048 + 2 * 32 * 32 * 32)
+
+
+def test_paper_size_got_counts_every_vae_encode_of_a_step() -> None:
+    """GoT's VAE encodes the reference, the target and one canvas per box of the chain (SSGM); the
+    cache stores three latents (reference, mean box-canvas latent, target), as ``frozen_features`` does."""
+    from benchmarks.paper_size_cost import GOT_BOXES, _codec, counted, got_parts
+
+    model, parts = got_parts()
+    [vae] = [part for part in parts if part.cacheable]
+    with torch.device("meta"):
+        one = counted(lambda: _codec(model).encode(torch.randn(1, 3, 1024, 1024)))
+    assert vae.forward_flops == (2 + GOT_BOXES) * one and vae.passes == 1
+    assert vae.cached_bytes == 2 * 3 * 4 * 128 * 128
