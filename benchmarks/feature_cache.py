@@ -1,8 +1,10 @@
 """Feature cache: training steps/s from cached frozen-encoder features against online encoding, on the
-tiny DIM and ImgEdit-E1 stage-1 recipes; cache bytes per sample by storage dtype and compression.
+tiny DIM, ImgEdit-E1 stage-1 and GoT pretraining recipes; cache bytes per sample by storage dtype and
+compression.
 
 Per recipe (``recipes/dim_edit_stage1.yaml`` + ``recipes/tiny/dim.yaml``; ``recipes/imgedit_e1_stage1.yaml``
-+ ``recipes/tiny/imgedit_e1_stage1.yaml``, built by ``ZooCLI(run=False)``), toy shards are written to a
++ ``recipes/tiny/imgedit_e1_stage1.yaml``; ``recipes/got_pretrain.yaml`` + ``recipes/tiny/got.yaml``, its
+LoRA VLM online, T2I and edit samples mixed; built by ``ZooCLI(run=False)``), toy shards are written to a
 temporary folder and cached with :func:`zoo.feature_cache.cache_split` (the code of ``zoo data
 cache-features``) in bf16. Cases, each a trial of ``--steps`` steps of ``training_loss`` -> ``backward``
 -> optimiser step from the same weights and seed, batches read by the recipe's ``ShardDataModule``
@@ -45,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {
     "DIM (tiny, stage 1)": (("recipes/dim_edit_stage1.yaml", "recipes/tiny/dim.yaml"), "edit"),
     "ImgEdit-E1 stage 1 (tiny)": (("recipes/imgedit_e1_stage1.yaml", "recipes/tiny/imgedit_e1_stage1.yaml"), "imgedit"),
+    "GoT pretrain (tiny)": (("recipes/got_pretrain.yaml", "recipes/tiny/got.yaml"), "mixed"),
 }
 """Benchmarked recipe -> (recipe + overlay, toy task)."""
 CLOCKS = {"process": time.process_time, "wall": time.perf_counter}
