@@ -14,8 +14,8 @@ where frozen; :mod:`datamodules.features`).
 Floating tensors are stored in ``--dtype`` (default bfloat16); ``--compression auto`` keeps a
 sample's member zlib-compressed only where that saves 10% or more. ``index.json`` records the
 fingerprint of the frozen parts' configuration, which ``zoo fit/validate/test/predict`` check before
-building the model (a cache of another recipe is one ``zoo: error:`` line). The encoders run under the recipe's precision (``trainer.precision``), as in
-the online fit.
+building the model (a cache of another recipe is one ``zoo: error:`` line). The encoders run under
+the recipe's precision (``trainer.precision``), as in the online fit.
 
 What a cache would freeze is refused before any model is built: a DIM designer (it would be asked
 once per sample and its reply frozen; write blueprints into the shards instead), a KL codec that

@@ -422,21 +422,31 @@ def _is_subclass(class_path: object, base: type) -> bool:
 
 def check_feature_caches(config: Namespace, stage: str) -> None:
     """Refuse the feature-cache shards of another configuration that ``stage`` would read, before any
-    model is built: the fingerprint :meth:`EditingModule.check_feature_cache` checks once the model is
-    built (its class, the DataModule's training view, its ``cache_config`` init arguments), computed
-    from the parsed configuration by the same :func:`~zoo.modules.base.cache_fingerprint`."""
+    model is built (:func:`recipe_fingerprint`; the model checks the same once built, in its ``setup``)."""
     init = config.get("data.init_args") or Namespace()
-    model = _class(config.get("model.class_path"))
-    if not init.get("use_cached_features") or model is None or not issubclass(model, EditingModule):
+    if not init.get("use_cached_features"):
         return
-    for split in STAGE_SPLITS.get(stage, []):
-        spec = init.get(f"{split}_shards")
-        cache = cache_of(spec) if spec is not None else None
-        if cache is None:
-            continue
-        args = _init_values(model, config.get("model.init_args") or Namespace(), model.cache_config)
-        fingerprint, plain = cache_fingerprint(f"{model.__module__}.{model.__qualname__}", init.resolution, init.mllm_resolution, args)
-        refuse_other_cache(cache, fingerprint, plain, model.__name__, f"data.init_args.{split}_shards")
+    specs = {split: init.get(f"{split}_shards") for split in STAGE_SPLITS.get(stage, [])}
+    caches = {split: cache for split, spec in specs.items() if spec is not None and (cache := cache_of(spec)) is not None}
+    computed = recipe_fingerprint(config) if caches else None
+    if computed is None:
+        return
+    owner = str(config.get("model.class_path")).rpartition(".")[2]
+    for split, cache in caches.items():
+        refuse_other_cache(cache, *computed, owner, f"data.init_args.{split}_shards")
+
+
+def recipe_fingerprint(config: Namespace) -> tuple[str, dict[str, Any]] | None:
+    """The feature-cache fingerprint (:func:`~zoo.modules.base.cache_fingerprint`) of the model a parsed
+    configuration builds over a ``ShardDataModule``, without building it: its class, the DataModule's
+    training view (which the model adopts) and its ``cache_config`` init arguments; None for another
+    model or DataModule."""
+    model = _class(config.get("model.class_path"))
+    if model is None or not issubclass(model, EditingModule) or not _is_subclass(config.get("data.class_path"), ShardDataModule):
+        return None
+    init = config.get("data.init_args") or Namespace()
+    args = _init_values(model, config.get("model.init_args") or Namespace(), model.cache_config)
+    return cache_fingerprint(f"{model.__module__}.{model.__qualname__}", init.resolution, init.mllm_resolution, args)
 
 
 def _init_values(cls: type, init_args: Namespace, names: tuple[str, ...]) -> dict[str, Any]:

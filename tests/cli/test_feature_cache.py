@@ -1,6 +1,7 @@
-"""``zoo data cache-features``: a model trained from cached features equals one trained online, the
-frozen encoders do not run on cached batches, CFG dropout still reaches the null condition, and what a
-cache would freeze (a designer, another configuration) is refused in one line."""
+"""``zoo data cache-features``: a model trained from cached features equals one trained online (DIM,
+ImgEdit-E1, GoT), the frozen encoders do not run on cached batches, CFG dropout still reaches the null
+condition, and what a cache would freeze (a designer, another configuration) is refused in one line
+before any model is built."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from zoo.blocks.mllm import TinyVLMConfig, VLMConfig
 from zoo.feature_cache import cache_split
 from zoo.modules.base import EditingModule, build_optimizer
 from zoo.modules.dim import DIMModule
-from zoo.trainer_cli import run
+from zoo.trainer_cli import ZooCLI, recipe_fingerprint, run
 
 
 TINY_DIM = ["recipes/dim_edit_stage1.yaml", "recipes/tiny/dim.yaml"]
@@ -191,6 +192,21 @@ def test_a_cache_of_another_recipe_is_refused_before_any_model_is_built(toy: Pat
         assert torch.equal(torch.get_rng_state(), seeded), f"a model was built before {change} was refused"
     assert run(fit) == 0  # the recipe it was cached with passes the check and trains from it
     assert not torch.equal(torch.get_rng_state(), seeded)
+
+
+@pytest.mark.parametrize(("recipes", "overrides"), [
+    (TINY_DIM, []),
+    (["recipes/imgedit_e1_stage2.yaml", "recipes/tiny/imgedit_e1_stage2.yaml"], ["--model.init_args.init_from=null"]),
+    (["recipes/got_pretrain.yaml", "recipes/tiny/got.yaml"], []),
+    (["recipes/mind_edit.yaml", "recipes/tiny/mind_edit.yaml"], []),
+], ids=["dim", "imgedit_e1_stage2", "got", "mind_edit"])
+def test_a_recipe_fingerprint_is_the_one_its_built_model_computes(recipes: list[str], overrides: list[str]) -> None:
+    """No false refusal: the check before building sees what the built model's setup() check sees."""
+    no_shards = ["--data.init_args.train_shards=null", "--data.init_args.val_shards=null", "--data.init_args.test_shards=null"]
+    cli = ZooCLI(args=[*configs(recipes), *no_shards, *overrides], run=False)
+    model, data = cli.model, cli.datamodule
+    model.resolution, model.mllm_resolution = data.resolution, data.mllm_resolution  # as setup() adopts them
+    assert recipe_fingerprint(cli.config) == model.feature_fingerprint()
 
 
 def test_a_designer_is_refused_before_any_model_is_built(toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
