@@ -3,6 +3,8 @@ to use the image embedding."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,22 @@ def test_pretrained_side_loads_like_the_paper_and_uses_the_image_embedding() -> 
     own = palette_agreement(generate(side.denoiser, side.condition(captions, embeds), side.scheduler, steps=20), images).mean()
     zero = palette_agreement(generate(side.denoiser, side.condition(captions, torch.zeros_like(embeds)), side.scheduler, steps=20), images).mean()
     assert own > zero + 0.1, (own, zero)
+
+
+def test_inpainting_option_builds_a_seven_channel_unet_deterministically_under_its_own_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    options = dataclasses.replace(QUICK, inpainting=True)
+    assert "inpainting" not in QUICK.key() and options.key()["inpainting"] is True  # plain keys predate the option
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "a"))
+    first = tiny_ip_adapter_sd15(options)
+    assert first == cache_folder(options) != cache_folder(QUICK)
+    assert json.loads((first / "options.json").read_text())["full_mask_rate"] == 0.25
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "b"))
+    a, b = weights_of(first), weights_of(tiny_ip_adapter_sd15(options))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["conv_in.weight"].shape[1] == 3 + 1 + 3  # noisy image, mask, masked image
+    side = IPAdapterSD15(IPAdapterSD15Config(tiny=options.key()))
+    assert side.inpainting and side.denoiser.condition_channels == 4 and side.denoiser.in_channels == 3
+    with pytest.raises(ConfigError, match="tiny.full_mask_rate"):
+        TinyIPAdapterOptions(inpainting=True, full_mask_rate=1.5)

@@ -3,6 +3,7 @@ the optimized instruction's parsing, and the ablations by config."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -154,3 +155,26 @@ def test_insight_cosine_is_the_held_out_embed_term(model: MINDEditModule) -> Non
     source = model.image_encoder.image_embeds(list((batch.source + 1) / 2))
     target = model.image_encoder.image_embeds(list((batch.target + 1) / 2))
     torch.testing.assert_close(cosines["embed_cos_copy"], cosine_embedding_loss(source, target))
+
+
+def test_an_inpainting_unet_gets_the_mask_and_masked_source_as_input_channels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path))
+    quick = {"steps": 2, "batch_size": 4, "images": 8, "inpainting": True}
+    model = make(diffusion=IPAdapterSD15Config(tiny=quick), teacher_instructions=True, strength=0.7)
+    inputs: list[torch.Tensor] = []
+    model.denoiser.model.register_forward_pre_hook(lambda module, args: inputs.append(args[0].clone()))
+    batch = model.prepare_batch(toy_batch(2))
+    model.synthesize(batch, torch.Generator().manual_seed(0))
+    # Conditional and null branches in one call, both given the mask and masked source (as diffusers' CFG);
+    # every step runs: no img2img start with a mask.
+    assert len(inputs) == 3 and all(x.shape == (4, 7, 32, 32) for x in inputs)
+    for x in inputs:
+        torch.testing.assert_close(x[:, 3:4], batch.mask.repeat(2, 1, 1, 1))  # 1 = repaint
+        torch.testing.assert_close(x[:, 4:], (batch.source * (1 - batch.mask)).repeat(2, 1, 1, 1))
+    inputs.clear()
+    model.use_masks = False
+    model.synthesize(batch, torch.Generator().manual_seed(0))
+    assert len(inputs) == int(3 * 0.7)  # started from the source noised to strength
+    assert inputs[0][:, 3].eq(1).all() and inputs[0][:, 4:].eq(0).all()  # diffusers' mask-free: all masked

@@ -88,7 +88,8 @@ def scene_from_json(record: dict) -> Scene:
 
 
 def toy_images(split: str, count: int, resolution: int = 32) -> tuple[torch.Tensor, list[str]]:
-    """``count`` toy images ``[N, 3, R, R]`` in [0, 1] with their captions: T2I scenes and edit targets alternating."""
+    """``count`` toy images ``[N, 3, R, R]`` in [0, 1] with their captions: T2I scenes and edit targets alternating
+    (:func:`toy_edit_masks` gives the edit targets' masks)."""
     images, captions = [], []
     for i in range(count):
         if i % 2:
@@ -100,3 +101,13 @@ def toy_images(split: str, count: int, resolution: int = 32) -> tuple[torch.Tens
         images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255)
         captions.append(caption)
     return torch.stack(images), captions
+
+
+def toy_edit_masks(split: str, count: int, resolution: int = 32) -> torch.Tensor:
+    """``[N, 1, R, R]`` in {0, 1}: the edit mask of each edit target of :func:`toy_images` (same order),
+    zeros for its T2I scenes (they have none)."""
+    masks = torch.zeros(count, 1, resolution, resolution)
+    for i in range(1, count, 2):
+        mask = edit_sample(TOY_SEED, split, i // 2, resolution)[0].mask
+        masks[i, 0] = torch.from_numpy(np.asarray(mask) > 127)
+    return masks

@@ -16,6 +16,12 @@ the image at high noise, so in a few hundred steps an ε model learns to ignore 
 schedule is saved as the pipeline's ``scheduler/`` (as
 SD1.5's is), where :class:`~zoo.blocks.sd15_ip_adapter.IPAdapterSD15` reads it.
 
+With ``inpainting: true`` the UNet is an SD-inpainting UNet instead (:mod:`zoo.blocks.inpainting`:
+3 pixel + 1 mask + 3 masked-image input channels) trained as the ``stable-diffusion-inpainting``
+model card describes its recipe: synthetic masks, and a quarter of the samples fully masked (then
+it is a plain text/image-to-image model). Our masks are the toy edit masks of the edit targets
+(the pixels an edit changes) or random boxes, half each, and random boxes on the T2I scenes.
+
 The result is written once, atomically, as the published folders are laid out, and reused:
 ``<cache>/sd15/{unet,text_encoder,tokenizer,scheduler}``, ``<cache>/ip_adapter/models/ip-adapter_sd15.safetensors``
 and ``<cache>/ip_adapter/models/image_encoder``, under ``$ZOO_CACHE/tiny`` (default
@@ -37,13 +43,14 @@ from diffusers import SchedulerMixin, UNet2DConditionModel
 
 from zoo.blocks.condition import Condition
 from zoo.blocks.denoisers import Denoiser
+from zoo.blocks.inpainting import inpainting_channels, inpainting_condition_channels, masked_source
 from zoo.blocks.config import check_positive, check_range
 from zoo.blocks.ip_adapter import init_ip_adapter_weights, install_ip_adapter, ip_adapter_weights, save_ip_adapter_weights
 from zoo.blocks.objectives import EpsilonDiffusion
 from zoo.blocks.sampling import sample
 from zoo.blocks.sd_text import SDTextEncoder
 from zoo.blocks.tiny import TINY_SD15_UNET
-from zoo.blocks.tiny_cache import build_once, cache_root, options_of, toy_images
+from zoo.blocks.tiny_cache import build_once, cache_root, options_of, toy_edit_masks, toy_images
 from zoo.blocks.vision import CLIPImageEmbedder
 
 FACTORY_VERSION = 2
@@ -86,12 +93,26 @@ class TinyIPAdapterOptions:
     character, which a tiny text encoder and UNet cannot read in a few hundred steps)."""
     resolution: int = 32
     """Toy image side; the UNet works in pixel space."""
+    inpainting: bool = False
+    """Pretrain an SD-inpainting UNet (input: noisy image, mask, masked image; 7 channels) instead of
+    a plain one, on random and toy edit masks (see the module docstring)."""
+    full_mask_rate: float = 0.25
+    """Inpainting only: share of samples with everything masked (the SD-inpainting model card: 25%)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "learning_rate", "images", "max_length"):
             check_positive(f"tiny.{name}", getattr(self, name))
         check_range("tiny.drop_rate", self.drop_rate, 0.0, 1 / 3)
         check_range("tiny.resolution", self.resolution, 12)
+        check_range("tiny.full_mask_rate", self.full_mask_rate, 0.0, 1.0)
+
+    def key(self) -> dict[str, object]:
+        """The options as the cache key holds them: a plain UNet's key leaves out the inpainting
+        options, so caches built before they existed stay valid."""
+        options = dataclasses.asdict(self)
+        if not self.inpainting:
+            del options["inpainting"], options["full_mask_rate"]
+        return options
 
 
 def options_from_dict(options: dict) -> TinyIPAdapterOptions:
@@ -102,15 +123,34 @@ def options_from_dict(options: dict) -> TinyIPAdapterOptions:
 def cache_folder(options: TinyIPAdapterOptions) -> Path:
     """Where the side built from ``options`` lives (a hash of everything that decides its weights)."""
     recipe = {"version": FACTORY_VERSION, "unet": TINY_SD15_UNET, "schedule": TINY_SCHEDULE}
-    key = json.dumps({**recipe, **dataclasses.asdict(options)}, sort_keys=True)
+    key = json.dumps({**recipe, **options.key()}, sort_keys=True)
     return cache_root() / f"ip_adapter_sd15-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _random_box(rng: random.Random, size: int) -> torch.Tensor:
+    """``[1, size, size]``: 1 inside a random box with sides in [size / 8, size / 2]."""
+    mask = torch.zeros(1, size, size)
+    h, w = (rng.randint(max(1, size // 8), size // 2) for _ in range(2))
+    top, left = rng.randint(0, size - h), rng.randint(0, size - w)
+    mask[:, top : top + h, left : left + w] = 1
+    return mask
+
+
+def _training_mask(rng: random.Random, edit_mask: torch.Tensor, options: TinyIPAdapterOptions) -> torch.Tensor:
+    """One inpainting training mask ``[1, R, R]`` (1 = generate): everything, the toy edit mask, or a box."""
+    if rng.random() < options.full_mask_rate:
+        return torch.ones_like(edit_mask)
+    if edit_mask.any() and rng.random() < 0.5:
+        return edit_mask
+    return _random_box(rng, options.resolution)
 
 
 def _pretrain(
     unet: UNet2DConditionModel, images: torch.Tensor, context: torch.Tensor, null_context: torch.Tensor,
-    embeds: torch.Tensor, options: TinyIPAdapterOptions,
+    embeds: torch.Tensor, edit_masks: torch.Tensor, options: TinyIPAdapterOptions,
 ) -> None:
-    """IP-Adapter's training step over the whole UNet (see the module docstring)."""
+    """IP-Adapter's training step over the whole UNet (see the module docstring); an inpainting UNet
+    also gets each sample's mask and masked image."""
     objective = EpsilonDiffusion(**TINY_SCHEDULE)
     generator = torch.Generator().manual_seed(options.seed)
     rng = random.Random(options.seed)
@@ -130,6 +170,9 @@ def _pretrain(
         noise = objective.sample_noise(x0, generator)
         t = objective.sample_timesteps(options.batch_size, generator)
         x_t, _, model_t = objective.add_noise(x0, noise, t)
+        if options.inpainting:
+            mask = torch.stack([_training_mask(rng, edit_masks[i], options) for i in index.tolist()])
+            x_t = torch.cat([x_t, inpainting_channels(mask, masked_source(x0, mask))], dim=1)
         pred = unet(x_t, model_t, encoder_hidden_states=ctx, added_cond_kwargs={"image_embeds": [emb[:, None]]}).sample
         loss = objective.loss(pred, objective.target(x0, noise, t))
         optimizer.zero_grad(set_to_none=True)
@@ -144,7 +187,8 @@ def _build(options: TinyIPAdapterOptions, folder: Path) -> None:
     image_encoder = CLIPImageEmbedder(tiny={"seed": options.seed + 1, "image_size": options.resolution})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed + 2)
-        unet = UNet2DConditionModel(**{**TINY_SD15_UNET, "sample_size": options.resolution})
+        in_channels = TINY_SD15_UNET["out_channels"] + (inpainting_condition_channels(TINY_SD15_UNET["out_channels"]) if options.inpainting else 0)
+        unet = UNet2DConditionModel(**{**TINY_SD15_UNET, "sample_size": options.resolution, "in_channels": in_channels})
     plain_config = dict(unet.config)
     install_ip_adapter(unet, init_ip_adapter_weights(unet, image_encoder.embed_dim, options.seed + 3))
     images, captions = toy_images("train", options.images, options.resolution)
@@ -152,7 +196,7 @@ def _build(options: TinyIPAdapterOptions, folder: Path) -> None:
     null_context = text_encoder.encode([""]).context[0]
     embeds = image_encoder.image_embeds(list(images))
     with torch.random.fork_rng(devices=[]):
-        _pretrain(unet, images, context, null_context, embeds, options)
+        _pretrain(unet, images, context, null_context, embeds, toy_edit_masks("train", options.images, options.resolution), options)
     weights = ip_adapter_weights(unet)
     # The SD1.5 folder holds the plain UNet (as the published one): drop the adapter, keep the trained weights.
     plain = UNet2DConditionModel.from_config(plain_config)
@@ -175,8 +219,9 @@ def tiny_ip_adapter_sd15(options: TinyIPAdapterOptions | None = None) -> Path:
     """
     options = options or TinyIPAdapterOptions()
     folder = cache_folder(options)
-    what = f"the tiny pretrained SD1.5 + IP-Adapter side ({options.steps} steps)"
-    return build_once(folder, lambda scratch: _build(options, scratch), dataclasses.asdict(options), what)
+    kind = "inpainting " if options.inpainting else ""
+    what = f"the tiny pretrained SD1.5 + IP-Adapter side ({kind}{options.steps} steps)"
+    return build_once(folder, lambda scratch: _build(options, scratch), options.key(), what)
 
 
 @torch.no_grad()
@@ -189,10 +234,18 @@ def generate(
     inpaint: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Images ``[B, 3, R, R]`` in [0, 1] from a pixel-space ``denoiser`` without guidance;
-    ``inpaint = (source in [0, 1], mask [B, 1, R, R], 1 = generate)``."""
+    ``inpaint = (source in [0, 1], mask [B, 1, R, R], 1 = generate)``: the source is kept outside
+    the mask after every step (a plain UNet), or the mask and masked source are the input channels
+    of an inpainting UNet (:mod:`zoo.blocks.inpainting`). An inpainting UNet without ``inpaint``
+    generates with everything masked."""
     size = denoiser.sample_size
     noise = torch.randn(len(condition), denoiser.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
-    known = {} if inpaint is None else {"source": inpaint[0] * 2 - 1, "keep": 1 - inpaint[1]}
+    known: dict[str, torch.Tensor] = {}
+    if denoiser.condition_channels:
+        source, mask = inpaint if inpaint is not None else (torch.zeros_like(noise), torch.ones_like(noise[:, :1]))
+        condition = condition.replace(channels=inpainting_channels(mask, masked_source(source * 2 - 1, mask)))
+    elif inpaint is not None:
+        known = {"source": inpaint[0] * 2 - 1, "keep": 1 - inpaint[1]}
     x = sample(
         lambda x_t, t: denoiser.predict(x_t, t, condition),
         noise,

@@ -20,9 +20,17 @@ design are the references):
   ``v_insight`` the image embedding. Text CFG as IP-Adapter samples: the negative branch is the
   negative prompt with a zero image embedding; 7.5 / 30 steps by default (DDIM).
 - How the source enters the frozen SD1.5 (the paper implies HumanEdit's masks and shows mask-free
-  edits without saying how): with a mask, the latent outside it is replaced by the noised source
-  after every step (diffusers' inpainting with a plain 4-channel UNet); without one, SDEdit-style
-  img2img from the source noised to ``strength`` (see :func:`zoo.blocks.sampling.sample`).
+  edits without saying how), as diffusers' ``StableDiffusionInpaintPipeline`` does for each UNet
+  kind (:class:`~zoo.blocks.sd15_ip_adapter.IPAdapterSD15` tells them apart by ``in_channels``):
+
+  - plain UNet (SD1.5, the paper's): with a mask, the latent outside it is replaced by the noised
+    source after every step; without one, SDEdit-style img2img from the source noised to
+    ``strength`` (:func:`zoo.blocks.sampling.sample`).
+  - inpainting UNet (``stable-diffusion-v1-5/stable-diffusion-inpainting``, which the same SD1.5
+    IP-Adapter fits): every step's input is ``[x_t, mask (1 = repaint), latent of source * (mask <
+    0.5)]`` (:mod:`zoo.blocks.inpainting`) and nothing is blended back, so the UNet sees where the
+    edit goes. Without a mask: diffusers' convention of a mask of all ones (the masked source is
+    blank), started from the source noised to ``strength`` as in img2img.
 
 Ablations by config (Table 2): ``use_optimized_instruction: false`` (#2, insight only: the raw
 instruction is the prompt), ``use_insight: false`` (#1, text only: a zero image embedding),
@@ -47,6 +55,7 @@ from zoo.blocks.autoencoders import CodecConfig, build_codec
 from zoo.blocks.condition import Condition
 from zoo.blocks.config import ConfigError, check_choice, check_range
 from zoo.blocks.connectors import VisionHead, cosine_embedding_loss
+from zoo.blocks.inpainting import inpainting_channels, masked_source
 from zoo.blocks.mllm import VLMConfig, VLMEncoder
 from zoo.blocks.sd15_ip_adapter import IPAdapterSD15, IPAdapterSD15Config
 from zoo.blocks.optimized_instruction import (
@@ -308,11 +317,11 @@ class MINDEditModule(EditingModule):
 
     # -- generation ---------------------------------------------------------------------------------
 
-    def _keep(self, batch: EditBatch, size: tuple[int, int]) -> Tensor | None:
-        """Where the source is kept at latent ``size`` (1 outside the edit region), or None (mask-free)."""
+    def _edit_mask(self, batch: EditBatch) -> Tensor | None:
+        """The image-size edit masks ``[B, 1, H, W]`` (1 = edit) the edit is confined to, or None (mask-free)."""
         if not self.use_masks or batch.mask is None:
             return None
-        return (1 - self.mask_at(batch.mask, size)).to(self.dtype)
+        return batch.mask.to(self.device, self.dtype)
 
     def sampling_scheduler(self) -> DDIMScheduler | DDPMScheduler:
         """A fresh ``sampler`` on the frozen pipeline's noise schedule (DDIM as SD1.5's: ``set_alpha_to_one=False``)."""
@@ -324,10 +333,16 @@ class MINDEditModule(EditingModule):
     def synthesize_with_condition(self, batch: EditBatch, generator: torch.Generator | None = None) -> tuple[Tensor, Condition]:
         """Edited images in [-1, 1] and the condition that produced them, for a prepared batch."""
         condition = self.encode_condition(batch)
+        pixels = batch.source.to(self.device, self.dtype)
+        source = self.codec.encode(pixels)
+        mask, keep = self._edit_mask(batch), None
+        if self.denoiser.condition_channels:  # an inpainting UNet: mask and masked source as input channels
+            repaint = torch.ones_like(pixels[:, :1]) if mask is None else mask
+            condition = condition.replace(channels=inpainting_channels(repaint, self.codec.encode(masked_source(pixels, repaint))))
+        elif mask is not None:
+            keep = (1 - self.mask_at(mask, source.shape[-2:])).to(self.dtype)
         null = self._negative(condition, [p.negative_prompt for p in self.prompts(batch)])
-        source = self.codec.encode(batch.source.to(self.device, self.dtype))
         noise = torch.randn(source.shape, generator=generator).to(self.device, self.dtype)
-        keep = self._keep(batch, source.shape[-2:])
         branches = self.guidance_branches(condition, null)
 
         def predict(x_t: Tensor, timestep: Tensor) -> Tensor:
@@ -340,14 +355,14 @@ class MINDEditModule(EditingModule):
             self.num_inference_steps,
             generator=generator,
             source=source,
-            strength=1.0 if keep is not None else self.strength,
+            strength=1.0 if mask is not None else self.strength,
             keep=keep,
         )
         return self.codec.decode(latents).clamp(-1, 1), condition
 
     @torch.no_grad()
     def synthesize(self, batch: EditBatch, generator: torch.Generator | None = None) -> Tensor:
-        """Edited images in [-1, 1] (inside the masks when given, else img2img at ``strength``)."""
+        """Edited images in [-1, 1] (inside the masks when given, else from the source noised to ``strength``)."""
         return self.synthesize_with_condition(batch, generator)[0]
 
     @torch.no_grad()
