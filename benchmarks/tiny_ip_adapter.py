@@ -53,7 +53,9 @@ EMBEDDINGS = ("target", "source", "zero")
 
 def inpainting_scores(side: IPAdapterSD15, count: int, steps: int = 30) -> dict[str, dict[str, float]]:
     """Toy edit ``score`` and inside-the-mask ``edit`` agreement of inpainting held-out edits, per
-    :data:`EMBEDDINGS` entry and edit type (``overall`` too), and of copying the source."""
+    :data:`EMBEDDINGS` entry and edit type (``overall`` too), and of copying the source; and
+    ``cos_source_target``, how alike the image encoder finds source and target (1: it cannot tell the
+    edit from the source)."""
     samples = [edit_sample(TOY_SEED, "test", i) for i in range(count)]
     source = torch.stack([pil(s.source).permute(2, 0, 1) / 255 for s, _ in samples])
     target = torch.stack([pil(s.target).permute(2, 0, 1) / 255 for s, _ in samples])
@@ -67,6 +69,8 @@ def inpainting_scores(side: IPAdapterSD15, count: int, steps: int = 30) -> dict[
         edited = generate(side.denoiser, side.condition(captions, embeds[name]), side.scheduler, steps=steps, inpaint=(source, mask))
         results[name] = by_type(toy_edit_scores(edited, target, mask), types)
     results["copy_source"] = by_type(toy_edit_scores(source, target, mask), types)
+    cos = torch.nn.functional.cosine_similarity(embeds["source"], target_embeds, dim=-1)
+    results["cos_source_target"] = by_type({"score": cos, "edit": cos}, types)
     return results
 
 
@@ -114,6 +118,8 @@ def main() -> None:
     print(json.dumps(results, indent=2))
     for metric in ("score", "edit"):
         print(f"\n{metric}:\n" + table(results, metric))
+    for name, runs in results.items():
+        print(f"\n{name}: cos(CLIP(source), CLIP(target)) " + json.dumps({k.split("/")[1]: v for k, v in runs["inpaint"]["cos_source_target"].items() if k.startswith("score/")}))
     Path(__file__).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
 
 

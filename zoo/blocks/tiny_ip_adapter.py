@@ -17,10 +17,14 @@ schedule is saved as the pipeline's ``scheduler/`` (as
 SD1.5's is), where :class:`~zoo.blocks.sd15_ip_adapter.IPAdapterSD15` reads it.
 
 With ``inpainting: true`` the UNet is an SD-inpainting UNet instead (:mod:`zoo.blocks.inpainting`:
-3 pixel + 1 mask + 3 masked-image input channels) trained as the ``stable-diffusion-inpainting``
-model card describes its recipe: synthetic masks, and a quarter of the samples fully masked (then
-it is a plain text/image-to-image model). Our masks are the toy edit masks of the edit targets
-(the pixels an edit changes) or random boxes, half each, and random boxes on the T2I scenes.
+3 pixel + 1 mask + 3 masked-image input channels), trained as the model card of
+``runwayml/stable-diffusion-inpainting`` describes that model's inpainting stage: the UNet gets the
+mask and the masked image as extra input channels, the masks are synthetic, and a quarter of the
+samples have everything masked (then it learns plain text/image-to-image generation). The card's
+UNet started from a non-inpainting SD checkpoint with the extra channels zero-initialised; there is
+none at toy size, so ours trains from its seed like the plain one. Our masks are the toy edit masks
+of the edit targets (the pixels an edit changes) or random boxes, half each, and random boxes on
+the T2I scenes; the loss, drops and schedule are the plain side's.
 
 The result is written once, atomically, as the published folders are laid out, and reused:
 ``<cache>/sd15/{unet,text_encoder,tokenizer,scheduler}``, ``<cache>/ip_adapter/models/ip-adapter_sd15.safetensors``
