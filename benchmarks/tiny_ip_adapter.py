@@ -70,16 +70,16 @@ def inpainting_scores(side: IPAdapterSD15, count: int, steps: int = 30) -> dict[
         results[name] = by_type(toy_edit_scores(edited, target, mask), types)
     results["copy_source"] = by_type(toy_edit_scores(source, target, mask), types)
     cos = torch.nn.functional.cosine_similarity(embeds["source"], target_embeds, dim=-1)
-    results["cos_source_target"] = by_type({"score": cos, "edit": cos}, types)
+    results["cos_source_target"] = by_type({"cos": cos}, types, ("cos",))
     return results
 
 
-def by_type(scores: dict[str, torch.Tensor], types: list[str]) -> dict[str, float]:
-    """``score/<type>`` and ``edit/<type>`` means per edit type and ``overall``."""
+def by_type(scores: dict[str, torch.Tensor], types: list[str], metrics: tuple[str, ...] = ("score", "edit")) -> dict[str, float]:
+    """``<metric>/<type>`` means of per-sample ``scores`` per edit type and ``overall``."""
     out = {}
     for kind in [*sorted(set(types)), "overall"]:
         rows = torch.tensor([kind in ("overall", t) for t in types])
-        for metric in ("score", "edit"):
+        for metric in metrics:
             out[f"{metric}/{kind}"] = round(scores[metric][rows].mean().item(), 4)
     return out
 
@@ -119,7 +119,7 @@ def main() -> None:
     for metric in ("score", "edit"):
         print(f"\n{metric}:\n" + table(results, metric))
     for name, runs in results.items():
-        print(f"\n{name}: cos(CLIP(source), CLIP(target)) " + json.dumps({k.split("/")[1]: v for k, v in runs["inpaint"]["cos_source_target"].items() if k.startswith("score/")}))
+        print(f"\n{name}: cos(CLIP(source), CLIP(target)) " + json.dumps({k.split("/")[1]: v for k, v in runs["inpaint"]["cos_source_target"].items()}))
     Path(__file__).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
 
 

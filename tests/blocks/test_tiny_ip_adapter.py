@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 from callbacks.toy_score import palette_agreement
@@ -23,6 +24,7 @@ from zoo.blocks.tiny_ip_adapter import (
     generate,
     tiny_ip_adapter_sd15,
 )
+from zoo.blocks.tiny import TINY_SD15_UNET
 from zoo.blocks.tiny_cache import toy_images
 
 QUICK = TinyIPAdapterOptions(steps=2, batch_size=4, images=8)
@@ -89,3 +91,9 @@ def test_inpainting_option_builds_a_seven_channel_unet_deterministically_under_i
     assert side.inpainting and side.denoiser.condition_channels == 4 and side.denoiser.in_channels == 3
     with pytest.raises(ConfigError, match="tiny.full_mask_rate"):
         TinyIPAdapterOptions(inpainting=True, full_mask_rate=1.5)
+
+
+def test_a_unet_neither_plain_nor_inpainting_is_a_config_error(tmp_path: Path) -> None:
+    UNet2DConditionModel(**{**TINY_SD15_UNET, "in_channels": 5}).save_pretrained(tmp_path / "unet")
+    with pytest.raises(ConfigError, match="takes 5 input channels for 3 latent channels: neither a plain \\(3\\) nor an inpainting \\(7\\)"):
+        IPAdapterSD15(IPAdapterSD15Config(pretrained=str(tmp_path)))

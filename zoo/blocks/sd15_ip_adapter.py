@@ -24,7 +24,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import Tensor
 
 from zoo.blocks.condition import Condition
-from zoo.blocks.config import check_range
+from zoo.blocks.config import ConfigError, check_range
 from zoo.blocks.denoisers import UNetConfig, UNetDenoiser
 from zoo.blocks.inpainting import inpainting_condition_channels
 from zoo.blocks.ip_adapter import install_ip_adapter, load_ip_adapter_weights
@@ -99,12 +99,13 @@ class IPAdapterSD15:
 
     @staticmethod
     def _condition_channels(sd15: str) -> int:
-        """0 for a plain UNet, 1 + latent channels for an inpainting one (read from ``unet/config.json``)."""
+        """0 for a plain UNet, 1 + latent channels for an inpainting one (read from ``unet/config.json``);
+        any other count is a :class:`ConfigError` before the weights are loaded."""
         config = UNet2DConditionModel.load_config(resolve_pretrained(sd15, "unet"), subfolder="unet")
         latent = config["out_channels"]
         extra = config["in_channels"] - latent
         if extra not in (0, inpainting_condition_channels(latent)):
-            raise ValueError(
+            raise ConfigError(
                 f"the UNet of '{sd15}' takes {config['in_channels']} input channels for {latent} latent channels: "
                 f"neither a plain ({latent}) nor an inpainting ({latent + inpainting_condition_channels(latent)}) UNet"
             )

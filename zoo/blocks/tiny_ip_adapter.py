@@ -46,9 +46,9 @@ import torch
 from diffusers import SchedulerMixin, UNet2DConditionModel
 
 from zoo.blocks.condition import Condition
+from zoo.blocks.config import check_positive, check_range
 from zoo.blocks.denoisers import Denoiser
 from zoo.blocks.inpainting import inpainting_channels, inpainting_condition_channels, masked_source
-from zoo.blocks.config import check_positive, check_range
 from zoo.blocks.ip_adapter import init_ip_adapter_weights, install_ip_adapter, ip_adapter_weights, save_ip_adapter_weights
 from zoo.blocks.objectives import EpsilonDiffusion
 from zoo.blocks.sampling import sample
@@ -191,7 +191,8 @@ def _build(options: TinyIPAdapterOptions, folder: Path) -> None:
     image_encoder = CLIPImageEmbedder(tiny={"seed": options.seed + 1, "image_size": options.resolution})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed + 2)
-        in_channels = TINY_SD15_UNET["out_channels"] + (inpainting_condition_channels(TINY_SD15_UNET["out_channels"]) if options.inpainting else 0)
+        pixels = TINY_SD15_UNET["out_channels"]
+        in_channels = pixels + (inpainting_condition_channels(pixels) if options.inpainting else 0)
         unet = UNet2DConditionModel(**{**TINY_SD15_UNET, "sample_size": options.resolution, "in_channels": in_channels})
     plain_config = dict(unet.config)
     install_ip_adapter(unet, init_ip_adapter_weights(unet, image_encoder.embed_dim, options.seed + 3))
