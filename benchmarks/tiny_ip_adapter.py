@@ -1,13 +1,14 @@
 """What the tiny pretrained SD1.5 + IP-Adapter side has learned, on held-out toy images.
 
 Per side (``plain``: the default UNet, the source kept outside the mask at every step;
-``inpainting``: ``tiny: {inpainting: true}``, mask and masked source as input channels): generation
+``inpainting``: ``tiny: {inpainting: true}``, mask and masked source as input channels; each also
+with a ``contrastive-`` image encoder, ``tiny: {contrastive_steps: 1000}``): generation
 from (caption, the image's own CLIP embedding) vs (caption, zero embedding) vs (empty caption,
 embedding), scored by toy palette agreement over all pixels; and inpainting held-out toy edits
 inside their ground-truth masks with the target caption and CLIP(target) (a perfect vision head),
 CLIP(source) (copying) or a zero embedding, scored by the toy edit score (and its inside-the-mask
 ``edit`` agreement) overall and per edit type, against copy-the-source.
-``python benchmarks/tiny_ip_adapter.py [--count N] [--sides plain inpainting]`` prints and writes
+``python benchmarks/tiny_ip_adapter.py [--count N] [--sides plain ...]`` prints and writes
 ``benchmarks/tiny_ip_adapter.json``.
 """
 
@@ -94,8 +95,14 @@ def table(results: dict[str, dict], metric: str) -> str:
     return "\n".join(lines)
 
 
-SIDES = {"plain": {}, "inpainting": {"inpainting": True}}
-"""The tiny sides measured: their ``IPAdapterSD15Config.tiny`` options."""
+SIDES = {
+    "plain": {},
+    "inpainting": {"inpainting": True},
+    "contrastive-plain": {"contrastive_steps": 1000},
+    "contrastive-inpainting": {"inpainting": True, "contrastive_steps": 1000},
+}
+"""The tiny sides measured: their ``IPAdapterSD15Config.tiny`` options (``contrastive-``: the image
+encoder pretrained with CLIP's loss on layout captions first)."""
 
 
 def main() -> None:

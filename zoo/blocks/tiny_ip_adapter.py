@@ -54,6 +54,7 @@ from zoo.blocks.objectives import EpsilonDiffusion
 from zoo.blocks.sampling import sample
 from zoo.blocks.sd_text import SDTextEncoder
 from zoo.blocks.tiny import TINY_SD15_UNET
+from zoo.blocks.tiny_clip_contrastive import pretrain_contrastively
 from zoo.blocks.tiny_cache import build_once, cache_root, options_of, toy_edit_masks, toy_images
 from zoo.blocks.vision import CLIPImageEmbedder
 
@@ -102,6 +103,10 @@ class TinyIPAdapterOptions:
     a plain one, on random and toy edit masks (see the module docstring)."""
     full_mask_rate: float = 0.25
     """Inpainting only: share of samples with everything masked (the SD-inpainting model card: 25%)."""
+    contrastive_steps: int = 0
+    """Steps of CLIP's contrastive pretraining of the image encoder on the sources and targets of
+    ``images`` toy edits with layout captions, before the UNet trains
+    (:mod:`zoo.blocks.tiny_clip_contrastive`; 0: the encoder stays random)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "learning_rate", "images", "max_length"):
@@ -109,13 +114,16 @@ class TinyIPAdapterOptions:
         check_range("tiny.drop_rate", self.drop_rate, 0.0, 1 / 3)
         check_range("tiny.resolution", self.resolution, 12)
         check_range("tiny.full_mask_rate", self.full_mask_rate, 0.0, 1.0)
+        check_range("tiny.contrastive_steps", self.contrastive_steps, 0)
 
     def key(self) -> dict[str, object]:
         """The options as the cache key holds them: a plain UNet's key leaves out the inpainting
-        options, so caches built before they existed stay valid."""
+        options and a random encoder's the contrastive one, so caches built before they existed stay valid."""
         options = dataclasses.asdict(self)
         if not self.inpainting:
             del options["inpainting"], options["full_mask_rate"]
+        if not self.contrastive_steps:
+            del options["contrastive_steps"]
         return options
 
 
@@ -189,6 +197,8 @@ def _pretrain(
 def _build(options: TinyIPAdapterOptions, folder: Path) -> None:
     text_encoder = SDTextEncoder(tiny={"seed": options.seed, "max_length": options.max_length, "whole_words": options.whole_words})
     image_encoder = CLIPImageEmbedder(tiny={"seed": options.seed + 1, "image_size": options.resolution})
+    if options.contrastive_steps:
+        pretrain_contrastively(image_encoder, options.contrastive_steps, options.images, options.seed + 4)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed + 2)
         pixels = TINY_SD15_UNET["out_channels"]
@@ -224,7 +234,7 @@ def tiny_ip_adapter_sd15(options: TinyIPAdapterOptions | None = None) -> Path:
     """
     options = options or TinyIPAdapterOptions()
     folder = cache_folder(options)
-    kind = "inpainting " if options.inpainting else ""
+    kind = ("inpainting " if options.inpainting else "") + ("contrastive-encoder " if options.contrastive_steps else "")
     what = f"the tiny pretrained SD1.5 + IP-Adapter side ({kind}{options.steps} steps)"
     return build_once(folder, lambda scratch: _build(options, scratch), options.key(), what)
 
