@@ -124,9 +124,12 @@ def test_text_without_boxes_and_non_strings() -> None:
     ],
 )
 def test_adversarial_chains_parse_in_bounded_time(chain: str) -> None:
-    start = time.perf_counter()
+    """A guard against catastrophic backtracking (which takes minutes on such chains), not a speed
+    test: this process's CPU time, which other jobs on a loaded machine do not inflate as they do
+    wall time; the parse is linear (the 30,000 nested starts: 0.03 s, 60,000: 0.12 s)."""
+    start = time.process_time()
     result = parse_boxes(chain)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert all(isinstance(b, Box) for b in result.boxes)
 
 
