@@ -159,10 +159,10 @@ def _training_mask(rng: random.Random, edit_mask: torch.Tensor, options: TinyIPA
 
 def _pretrain(
     unet: UNet2DConditionModel, images: torch.Tensor, context: torch.Tensor, null_context: torch.Tensor,
-    embeds: torch.Tensor, edit_masks: torch.Tensor, options: TinyIPAdapterOptions,
+    embeds: torch.Tensor, edit_masks: torch.Tensor | None, options: TinyIPAdapterOptions,
 ) -> None:
     """IP-Adapter's training step over the whole UNet (see the module docstring); an inpainting UNet
-    also gets each sample's mask and masked image."""
+    also gets each sample's mask and masked image (``edit_masks``: the toy edit masks, inpainting only)."""
     objective = EpsilonDiffusion(**TINY_SCHEDULE)
     generator = torch.Generator().manual_seed(options.seed)
     rng = random.Random(options.seed)
@@ -182,7 +182,7 @@ def _pretrain(
         noise = objective.sample_noise(x0, generator)
         t = objective.sample_timesteps(options.batch_size, generator)
         x_t, _, model_t = objective.add_noise(x0, noise, t)
-        if options.inpainting:
+        if edit_masks is not None:
             mask = torch.stack([_training_mask(rng, edit_masks[i], options) for i in index.tolist()])
             x_t = torch.cat([x_t, inpainting_channels(mask, masked_source(x0, mask))], dim=1)
         pred = unet(x_t, model_t, encoder_hidden_states=ctx, added_cond_kwargs={"image_embeds": [emb[:, None]]}).sample
@@ -211,7 +211,8 @@ def _build(options: TinyIPAdapterOptions, folder: Path) -> None:
     null_context = text_encoder.encode([""]).context[0]
     embeds = image_encoder.image_embeds(list(images))
     with torch.random.fork_rng(devices=[]):
-        _pretrain(unet, images, context, null_context, embeds, toy_edit_masks("train", options.images, options.resolution), options)
+        edit_masks = toy_edit_masks("train", options.images, options.resolution) if options.inpainting else None
+        _pretrain(unet, images, context, null_context, embeds, edit_masks, options)
     weights = ip_adapter_weights(unet)
     # The SD1.5 folder holds the plain UNet (as the published one): drop the adapter, keep the trained weights.
     plain = UNet2DConditionModel.from_config(plain_config)
