@@ -22,6 +22,7 @@ from zoo.blocks.tiny_ip_adapter import (
     TinyIPAdapterOptions,
     cache_folder,
     generate,
+    object_pixels,
     tiny_ip_adapter_sd15,
 )
 from zoo.blocks.tiny import TINY_SD15_UNET
@@ -97,3 +98,22 @@ def test_a_unet_neither_plain_nor_inpainting_is_a_config_error(tmp_path: Path) -
     UNet2DConditionModel(**{**TINY_SD15_UNET, "in_channels": 5}).save_pretrained(tmp_path / "unet")
     with pytest.raises(ConfigError, match="takes 5 input channels for 3 latent channels: neither a plain \\(3\\) nor an inpainting \\(7\\)"):
         IPAdapterSD15(IPAdapterSD15Config(pretrained=str(tmp_path)))
+
+
+def test_object_loss_weight_is_a_keyed_option_and_finds_the_toy_objects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    options = dataclasses.replace(QUICK, object_loss_weight=16.0)
+    assert "object_loss_weight" not in QUICK.key() and options.key()["object_loss_weight"] == 16.0  # default keys predate it
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "a"))
+    first = tiny_ip_adapter_sd15(options)
+    assert first == cache_folder(options) != cache_folder(QUICK)
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "b"))
+    a, b = weights_of(first), weights_of(tiny_ip_adapter_sd15(options))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["conv_in.weight"], weights_of(tiny_ip_adapter_sd15(QUICK))["conv_in.weight"])
+    scene = torch.full((1, 3, 8, 8), -1.0)
+    scene[:, 0, 2:4, 2:5] = 1.0  # a 2x3 red object on black
+    assert object_pixels(scene).sum() == 6 and object_pixels(scene)[0, 0, 2:4, 2:5].all()
+    images, _ = toy_images("train", 8)
+    assert 0 < object_pixels(images * 2 - 1).mean() < 0.2
+    with pytest.raises(ConfigError, match="tiny.object_loss_weight"):
+        TinyIPAdapterOptions(object_loss_weight=0.0)
