@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -220,3 +223,10 @@ def test_whole_word_clip_tokenizer_keeps_every_toy_word_whole_and_is_determinist
     # The default stays character-level; an unknown word still tokenizes (by pieces), nothing is lost.
     assert len(tiny_clip_tokenizer(77)("red").input_ids) == 2 + 3
     assert words.decode(words("optimized red").input_ids, skip_special_tokens=True) == "optimized red"
+
+
+def test_whole_word_clip_tokenizer_gives_every_process_the_same_ids() -> None:
+    # The BPE trainer orders tied merges per process; the vocabulary must not follow that order.
+    script = "from zoo.blocks.tiny import tiny_clip_tokenizer; print(sorted(tiny_clip_tokenizer(77, whole_words=True).get_vocab().items()))"
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout for _ in range(3)]
+    assert runs[0] and runs[0] == runs[1] == runs[2]

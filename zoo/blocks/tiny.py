@@ -596,7 +596,9 @@ def tiny_clip_tokenizer(model_max_length: int = 77, whole_words: bool = False) -
     """
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     merges = list(_word_merges()) if whole_words else []
-    merged = [left + right for left, right in merges]
+    # Sorted: the BPE trainer orders merges of equal count differently in every process (the same set),
+    # and numbering symbols in that order gave every process its own token ids for the same words.
+    merged = sorted(left + right for left, right in merges)
     symbols = list(dict.fromkeys([*CLIP_SPECIAL_TOKENS, *alphabet, *(symbol + "</w>" for symbol in alphabet), *merged]))
     start, end = CLIP_SPECIAL_TOKENS
     return CLIPTokenizer(

@@ -27,7 +27,7 @@ from zoo.blocks.objectives import FlowMatching
 from zoo.blocks.sd_text import SDTextEncoder
 from zoo.blocks.tiny_cache import build_once, cache_root, options_of, toy_images
 
-FACTORY_VERSION = 1
+FACTORY_VERSION = 2
 """Part of the cache key (with the options and :data:`TINY_FLUX`): bump when the code below changes
 what a given set of options builds."""
 

@@ -58,7 +58,7 @@ from zoo.blocks.tiny_clip_contrastive import pretrain_contrastively
 from zoo.blocks.tiny_cache import build_once, cache_root, options_of, toy_edit_masks, toy_images
 from zoo.blocks.vision import CLIPImageEmbedder
 
-FACTORY_VERSION = 2
+FACTORY_VERSION = 3
 """Part of the cache key (with the options, :data:`TINY_SD15_UNET` and :data:`TINY_SCHEDULE`): bump when
 the code below changes what a given set of options builds."""
 
