@@ -96,8 +96,11 @@ def test_matches_golden_fixture(case: str) -> None:
     expected_texts = json.loads((GOLDEN / f"{case}.json").read_text())
     got, texts = compute(case)
     assert set(expected) <= set(got), "every recorded term is still computed (new terms may be added)"
+    # Not bit-exact: float sums differ in their last bits between CPU kernels (recorded on one machine, these
+    # differ by up to 2.4e-7 in the losses and 4.1e-6 in the sampled images on an AVX-512 Xeon); a change of
+    # behaviour moves them by orders of magnitude more.
     for key, value in expected.items():
-        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=lambda m, k=key: f"{case} {k}: {m}")
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5, msg=lambda m, k=key: f"{case} {k}: {m}")
     assert texts == expected_texts
 
 
