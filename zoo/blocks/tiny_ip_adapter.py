@@ -189,6 +189,8 @@ def _pretrain(
     optimizer = torch.optim.AdamW(unet.parameters(), lr=options.learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, options.steps)
     x0_all = images * 2 - 1
+    # Per-pixel loss weights of every training image, found once (None: plain MSE).
+    weights = None if options.object_loss_weight == 1.0 else 1 + (options.object_loss_weight - 1) * object_pixels(x0_all)
     unet.train()
     for _ in range(options.steps):
         index = torch.randint(0, len(images), (options.batch_size,), generator=generator)
@@ -206,11 +208,7 @@ def _pretrain(
             mask = torch.stack([_training_mask(rng, edit_masks[i], options) for i in index.tolist()])
             x_t = torch.cat([x_t, inpainting_channels(mask, masked_source(x0, mask))], dim=1)
         pred = unet(x_t, model_t, encoder_hidden_states=ctx, added_cond_kwargs={"image_embeds": [emb[:, None]]}).sample
-        target = objective.target(x0, noise, t)
-        if options.object_loss_weight == 1.0:
-            loss = objective.loss(pred, target)
-        else:
-            loss = mean_squared_error(pred, target, 1 + (options.object_loss_weight - 1) * object_pixels(x0))
+        loss = mean_squared_error(pred, objective.target(x0, noise, t), None if weights is None else weights[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
