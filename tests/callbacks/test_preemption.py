@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from callbacks.preemption import requeue, slurm_job_id
-from tests.helpers.recipes import ROOT, configs, tiny_run_overlay, toy_edits
+from tests.helpers.recipes import ROOT, configs, lr_steps, run_zoo, tiny_run_overlay, toy_edits
 
 EVERY = 3
 """Periodic checkpoint interval of the preempted runs."""
@@ -60,19 +59,11 @@ def preempt(args: list[str], run_dir: Path, signum: signal.Signals, env: dict[st
 
 def fit_in_fresh_process(args: list[str], run_dir: Path) -> str:
     """Run ``zoo fit`` to completion in a new process with this one's thread count; its output."""
-    done = subprocess.run(
-        [sys.executable, "-m", "zoo", "fit", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
-    )
+    done = run_zoo("fit", *args, timeout=600, same_threads=True)
     output = done.stdout + done.stderr
     (run_dir / "fit_fresh.log").write_text(output)
     assert done.returncode == 0, output[-3000:]
     return output
-
-
-def lr_steps(events: Path) -> list[int]:
-    """Steps at which a TensorBoard events file logged the learning rate."""
-    return [event.step for event in EventAccumulator(str(events)).Reload().Scalars("lr-AdamW")]
 
 
 def steps_on_disk(run_dir: Path) -> tuple[int, list[int]]:

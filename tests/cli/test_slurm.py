@@ -5,7 +5,6 @@ its save into the same TensorBoard run, and ends with the weights of a run never
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -13,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datamodules import toy
-from tests.helpers.recipes import ROOT, configs, tiny_run_overlay
+from tests.helpers.recipes import ROOT, configs, lr_steps, run_zoo, tiny_run_overlay
 from tests.helpers.slurm import LocalCluster, install
 
 EVERY, STEPS, JOB = 3, 12, "zoo-requeue"
@@ -44,10 +42,6 @@ def overlay(data: Path, run_dir: Path) -> tuple[str, list[str]]:
         checkpoint_args={"every_n_train_steps": EVERY},
     )
     return path, ["--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false"]
-
-
-def lr_steps(events: Path) -> list[int]:
-    return [event.step for event in EventAccumulator(str(events)).Reload().Scalars("lr-AdamW")]
 
 
 @pytest.mark.slow
@@ -103,10 +97,7 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(cluster
     tiny, overrides = overlay(data, reference)
     # A fresh process, as the job's were: this one has run other tests, and a CPU kernel's choices can
     # depend on what a process did before (CI measured 1e-6 drift against an in-process reference).
-    done = subprocess.run(
-        [sys.executable, "-m", "zoo", "fit", *configs([*RECIPES, tiny]), *overrides], cwd=ROOT, capture_output=True,
-        text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
-    )
+    done = run_zoo("fit", *configs([*RECIPES, tiny]), *overrides, timeout=600, same_threads=True)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     [a] = folder.glob(f"*step={STEPS}.ckpt")
     [b] = (reference / "train" / "checkpoints").glob(f"*step={STEPS}.ckpt")

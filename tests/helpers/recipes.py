@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datamodules import toy
 from zoo.trainer_cli import ZooCLI
@@ -32,9 +35,17 @@ def configs(files: list[str]) -> list[str]:
     return [arg for path in files for arg in ("--config", str(ROOT / path))]
 
 
-def run_zoo(*args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m zoo ARGS`` in a subprocess from the repository root."""
-    return subprocess.run([sys.executable, "-m", "zoo", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run_zoo(*args: str, timeout: int = 300, same_threads: bool = False) -> subprocess.CompletedProcess[str]:
+    """``python -m zoo ARGS`` in a subprocess from the repository root; with ``same_threads``, computing
+    with this process's torch thread count (CPU sums are ordered by thread, so runs compared bit for
+    bit must share it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())} if same_threads else None
+    return subprocess.run([sys.executable, "-m", "zoo", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def lr_steps(events: Path) -> list[int]:
+    """Steps at which a TensorBoard events file logged the AdamW learning rate."""
+    return [event.step for event in EventAccumulator(str(events)).Reload().Scalars("lr-AdamW")]
 
 
 def error_lines(stderr: str) -> list[str]:
