@@ -27,12 +27,16 @@ from zoo.demo import DEMOS  # noqa: E402
 NOTES = "<!-- hand-written notes below are kept when the tables above are rewritten -->"
 
 
-def collect() -> dict[str, dict]:
-    """Every demo that has run: its metrics.json plus its steps and batch size."""
+def collect(earlier: dict[str, dict]) -> dict[str, dict]:
+    """Every demo that has run: its metrics.json plus its steps and batch size, from ``runs/`` where
+    it ran here, else ``earlier``'s (the last ``toy_learning.json``), so a rerun of one demo rewrites
+    only its own section."""
     results = {}
     for name, demo in DEMOS.items():
         folder = ROOT / demo.folder
         if not (folder / "metrics.json").is_file():
+            if name in earlier:
+                results[name] = earlier[name]
             continue
         metrics = json.loads((folder / "metrics.json").read_text())
         config = yaml.safe_load((folder / "train" / "config.yaml").read_text())
@@ -96,13 +100,14 @@ def markdown(results: dict[str, dict], host: dict[str, str | int]) -> str:
 
 
 def main() -> int:
-    results = collect()
+    saved = ROOT / "benchmarks" / "toy_learning.json"
+    results = collect(json.loads(saved.read_text())["models"] if saved.is_file() else {})
     if not results:
         print("no demo results under runs/: run `make demo` (and `make demo MODEL=got`) first", file=sys.stderr)
         return 2
     host = machine()
-    out = ROOT / "benchmarks"
-    (out / "toy_learning.json").write_text(json.dumps({"machine": host, "models": results}, indent=2) + "\n")
+    out = saved.parent
+    saved.write_text(json.dumps({"machine": host, "models": results}, indent=2) + "\n")
     page = out / "toy_learning.md"
     notes = page.read_text().split(NOTES, 1)[1] if page.is_file() and NOTES in page.read_text() else "\n"
     page.write_text(markdown(results, host) + "\n" + NOTES + notes)

@@ -124,3 +124,18 @@ def test_paper_size_got_counts_every_vae_encode_of_a_step() -> None:
         one = counted(lambda: _codec(model).encode(torch.randn(1, 3, 1024, 1024)))
     assert vae.forward_flops == (2 + GOT_BOXES) * one and vae.passes == 1
     assert vae.cached_bytes == 2 * 3 * 4 * 128 * 128
+
+
+def test_toy_learning_keeps_the_demos_that_did_not_run_here(tmp_path: Path, monkeypatch) -> None:
+    """A rerun of one demo rewrites its own results; the others come from the last toy_learning.json."""
+    from benchmarks import toy_learning
+
+    folder = tmp_path / "runs" / "demo_mind_edit"
+    (folder / "train").mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"trained": {"overall": {"score": 0.7}}}))
+    (folder / "train" / "config.yaml").write_text("trainer: {max_steps: 3000}\ndata: {init_args: {batch_size: 16}}\n")
+    monkeypatch.setattr(toy_learning, "ROOT", tmp_path)
+    earlier = {"dim": {"steps": 1100}, "mind_edit": {"steps": 1000}, "retired": {"steps": 1}}
+    results = toy_learning.collect(earlier)
+    assert list(results) == ["dim", "mind_edit"] and results["dim"] == {"steps": 1100}
+    assert results["mind_edit"]["steps"] == 3000 and results["mind_edit"]["metrics"]["trained"]["overall"]["score"] == 0.7
