@@ -62,7 +62,7 @@ def _table(metrics: dict, labels: list[str], groups: list[str], name: str) -> li
 def markdown(results: dict[str, dict], host: dict[str, str | int]) -> str:
     lines = ["# Toy learning: tiny models on the procedural toy edits", ""]
     lines += [
-        "Written by `python benchmarks/toy_learning.py` from `make demo` (DIM), `make demo MODEL=got` (GoT) and `make demo MODEL=mind_edit` (MIND-Edit).",
+        "Written by `python benchmarks/toy_learning.py` from `make demo` (DIM), `make demo MODEL=got` (GoT), `make demo MODEL=mind_edit` (MIND-Edit) and `make demo MODEL=imgedit_e1` (ImgEdit-E1).",
         "Score = (agreement inside the edit region + agreement outside) / 2 on the 128-sample held-out split;",
         "copy_source = returning the source unchanged.",
         "",

@@ -47,6 +47,16 @@ def test_tiny_overlay_replaces_every_pretrained_part() -> None:
     assert init.diffusion.tiny == {} and init.autoencoder.kind == "identity" and init.autoencoder.pretrained is None
 
 
+def test_demo_overlay_selects_the_object_weighted_side() -> None:
+    """`make demo MODEL=mind_edit` runs on the side whose UNet draws the objects an embedding names."""
+    from zoo.blocks.tiny_ip_adapter import TinyIPAdapterOptions
+
+    config = ParseOnly(args=configs([PAPER, TINY, "recipes/demo/mind_edit.yaml"]), run=False).config
+    options = TinyIPAdapterOptions(**config.model.init_args.diffusion.tiny)
+    assert (options.contrastive_steps, options.object_loss_weight, options.steps) == (1000, 16.0, 2400)
+    assert config.trainer.max_steps == 3000
+
+
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("toy")
