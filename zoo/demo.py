@@ -111,7 +111,7 @@ DEMOS: dict[str, Demo] = {
         beside=("text_only", "insight_only", "mask_free"),
         above_copy=("mask_free",),
         every_type_above_copy=False,
-        budget_s=2100.0,  # 1341 s measured with the side cached, on one thread of a shared 2-core machine; its build adds ~550 s
+        budget_s=2700.0,  # 6000 steps: ~1350 s of training at 2 threads + ~350 s of evaluation, with the side cached (its build adds ~550 s)
     ),
     # Two fits as the paper trains (stage 1: the VLM projector on frozen FLUX; stage 2: + SigLIP
     # and FLUX's image branch), on toy ImgEdit edits mixed with toy dialogue turns; scored on the

@@ -54,7 +54,7 @@ def test_demo_overlay_selects_the_object_weighted_side() -> None:
     config = ParseOnly(args=configs([PAPER, TINY, "recipes/demo/mind_edit.yaml"]), run=False).config
     options = TinyIPAdapterOptions(**config.model.init_args.diffusion.tiny)
     assert (options.contrastive_steps, options.object_loss_weight, options.steps) == (1000, 16.0, 2400)
-    assert config.trainer.max_steps == 3000
+    assert config.trainer.max_steps == 6000
 
 
 @pytest.fixture(scope="module")
