@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
 from PIL import Image
 
 from zoo.blocks.autoencoders import CodecConfig, build_codec
-from zoo.blocks.inpainting import inpainting_channels, inpainting_condition_channels, masked_source
+from zoo.blocks.condition import Condition
+from zoo.blocks.inpainting import inpainting_channels, inpainting_condition_channels, masked_source, source_inputs
 from zoo.blocks.tiny import TINY_KL, TINY_SD15_UNET
 
 LATENT = TINY_KL["latent_channels"]
@@ -68,3 +70,28 @@ def test_masked_source_blanks_exactly_the_region_to_repaint() -> None:
     mask[1] = 0.49  # below diffusers' threshold: kept
     out = masked_source(source, mask)
     assert out[0, :, :4].abs().sum() == 0 and torch.equal(out[0, :, 4:], source[0, :, 4:]) and torch.equal(out[1], source[1])
+
+
+def halve(pixels: torch.Tensor) -> torch.Tensor:
+    """A stand-in encoder with a real factor-2 downsampling, so latent-size handling is exercised."""
+    return F.avg_pool2d(pixels, 2)
+
+
+def test_source_inputs_blend_a_plain_unet_and_feed_an_inpainting_unet() -> None:
+    condition = Condition(context=torch.randn(2, 3, 8), mask=torch.ones(2, 3, dtype=torch.bool))
+    pixels = torch.rand(2, 3, 8, 8) * 2 - 1
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, :, 1, 1] = 1  # one pixel: its whole latent cell is generated
+    mask[1, :, 4:8, 0:4] = 1
+
+    plain, keep = source_inputs(condition, pixels, mask, halve, (4, 4), inpainting=False)
+    assert plain is condition and keep is not None and keep.shape == (2, 1, 4, 4)
+    assert keep[0, 0, 0, 0] == 0 and keep[0].sum() == 15
+    assert keep[1, 0, 2:, :2].eq(0).all() and keep[1].sum() == 12
+    assert source_inputs(condition, pixels, None, halve, (4, 4), inpainting=False) == (condition, None)
+
+    fed, keep = source_inputs(condition, pixels, mask, halve, (4, 4), inpainting=True)
+    assert keep is None and fed.channels is not None
+    torch.testing.assert_close(fed.channels, inpainting_channels(mask, halve(masked_source(pixels, mask))))
+    free, _ = source_inputs(condition, pixels, None, halve, (4, 4), inpainting=True)
+    assert free.channels is not None and free.channels[:, 0].eq(1).all() and free.channels[:, 1:].eq(0).all()

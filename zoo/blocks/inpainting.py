@@ -14,13 +14,21 @@ builds that input as:
 
 :class:`~zoo.blocks.denoisers.UNetDenoiser` appends a condition after the noisy latent, so the
 condition is ``cat([mask, masked_image_latents])`` (:func:`inpainting_channels`).
+
+A plain UNet is confined to the mask by blending instead: the source is put back outside the mask
+after every step (:func:`zoo.blocks.sampling.sample`'s ``keep``). :func:`source_inputs` makes that
+choice for both kinds, so the module and the tiny side's sampler share it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from zoo.blocks.condition import Condition
 
 
 def inpainting_condition_channels(latent_channels: int) -> int:
@@ -44,3 +52,27 @@ def inpainting_channels(mask: Tensor, masked_latents: Tensor) -> Tensor:
     the masked latents."""
     small = F.interpolate(binarize(mask.float()), size=tuple(masked_latents.shape[-2:]))
     return torch.cat([small.to(masked_latents.dtype), masked_latents], dim=1)
+
+
+def source_inputs(
+    condition: Condition,
+    pixels: Tensor,
+    mask: Tensor | None,
+    encode: Callable[[Tensor], Tensor],
+    latent_size: tuple[int, int],
+    inpainting: bool,
+) -> tuple[Condition, Tensor | None]:
+    """How the source ``pixels [B, 3, H, W]`` in [-1, 1] and the edit ``mask [B, 1, H, W]`` (1 = edit,
+    None = mask-free) enter sampling: the condition and the latent-size ``keep`` mask to blend with.
+
+    - an inpainting UNet: the condition gets :func:`inpainting_channels` of the mask and the
+      ``encode``-d masked source (everything masked when ``mask`` is None); nothing is blended;
+    - a plain UNet: the condition is unchanged and ``keep = 1 - mask`` at ``latent_size`` (a latent
+      cell touching the mask is generated), or None when mask-free.
+    """
+    if inpainting:
+        repaint = torch.ones_like(pixels[:, :1]) if mask is None else mask
+        return condition.replace(channels=inpainting_channels(repaint, encode(masked_source(pixels, repaint)))), None
+    if mask is None:
+        return condition, None
+    return condition, (1 - F.adaptive_max_pool2d(mask.float(), tuple(latent_size))).to(pixels.dtype)

@@ -48,7 +48,7 @@ from diffusers import SchedulerMixin, UNet2DConditionModel
 from zoo.blocks.condition import Condition
 from zoo.blocks.config import check_positive, check_range
 from zoo.blocks.denoisers import Denoiser
-from zoo.blocks.inpainting import inpainting_channels, inpainting_condition_channels, masked_source
+from zoo.blocks.inpainting import inpainting_channels, inpainting_condition_channels, masked_source, source_inputs
 from zoo.blocks.ip_adapter import init_ip_adapter_weights, install_ip_adapter, ip_adapter_weights, save_ip_adapter_weights
 from zoo.blocks.objectives import EpsilonDiffusion, mean_squared_error
 from zoo.blocks.sampling import sample
@@ -278,12 +278,12 @@ def generate(
     generates with everything masked."""
     size = denoiser.sample_size
     noise = torch.randn(len(condition), denoiser.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
-    known: dict[str, torch.Tensor] = {}
-    if denoiser.condition_channels:
-        source, mask = inpaint if inpaint is not None else (torch.zeros_like(noise), torch.ones_like(noise[:, :1]))
-        condition = condition.replace(channels=inpainting_channels(mask, masked_source(source * 2 - 1, mask)))
-    elif inpaint is not None:
-        known = {"source": inpaint[0] * 2 - 1, "keep": 1 - inpaint[1]}
+    source, mask = inpaint if inpaint is not None else (torch.zeros_like(noise), None)
+    pixels = source * 2 - 1
+    condition, keep = source_inputs(
+        condition, pixels, mask, lambda x: x, (size, size), inpainting=bool(denoiser.condition_channels)
+    )
+    known = {"source": pixels, "keep": keep} if keep is not None else {}
     x = sample(
         lambda x_t, t: denoiser.predict(x_t, t, condition),
         noise,

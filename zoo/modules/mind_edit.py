@@ -55,7 +55,7 @@ from zoo.blocks.autoencoders import CodecConfig, build_codec
 from zoo.blocks.condition import Condition
 from zoo.blocks.config import ConfigError, check_choice, check_range
 from zoo.blocks.connectors import VisionHead, cosine_embedding_loss
-from zoo.blocks.inpainting import inpainting_channels, masked_source
+from zoo.blocks.inpainting import source_inputs
 from zoo.blocks.mllm import VLMConfig, VLMEncoder
 from zoo.blocks.sd15_ip_adapter import IPAdapterSD15, IPAdapterSD15Config
 from zoo.blocks.optimized_instruction import (
@@ -335,12 +335,10 @@ class MINDEditModule(EditingModule):
         condition = self.encode_condition(batch)
         pixels = batch.source.to(self.device, self.dtype)
         source = self.codec.encode(pixels)
-        mask, keep = self._edit_mask(batch), None
-        if self.denoiser.condition_channels:  # an inpainting UNet: mask and masked source as input channels
-            repaint = torch.ones_like(pixels[:, :1]) if mask is None else mask
-            condition = condition.replace(channels=inpainting_channels(repaint, self.codec.encode(masked_source(pixels, repaint))))
-        elif mask is not None:
-            keep = (1 - self.mask_at(mask, source.shape[-2:])).to(self.dtype)
+        mask = self._edit_mask(batch)
+        condition, keep = source_inputs(
+            condition, pixels, mask, self.codec.encode, source.shape[-2:], inpainting=bool(self.denoiser.condition_channels)
+        )
         null = self._negative(condition, [p.negative_prompt for p in self.prompts(batch)])
         noise = torch.randn(source.shape, generator=generator).to(self.device, self.dtype)
         branches = self.guidance_branches(condition, null)
