@@ -5,8 +5,8 @@ Run after ``make demo`` (and ``make demo MODEL=got``)::
     python benchmarks/toy_learning.py            # reads runs/demo*/metrics.json and their train configs
 
 Per model: training steps, wall times (set-up apart), the toy edit score per edit type of every
-evaluation (untrained, trained, ablations, copy-the-source) and the checks, plus the machine. The
-hand-written notes after the ``NOTES`` marker (the routes measured on the way) are kept.
+evaluation (untrained, trained, ablations, copy-the-source) and the checks, plus the machine that
+demo ran on (a demo kept from the last ``toy_learning.json`` keeps its own machine). The hand-written notes after the ``NOTES`` marker (the routes measured on the way) are kept.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from zoo.demo import DEMOS  # noqa: E402
 NOTES = "<!-- hand-written notes below are kept when the tables above are rewritten -->"
 
 
-def collect(earlier: dict[str, dict]) -> dict[str, dict]:
-    """Every demo that has run: its metrics.json plus its steps and batch size, from ``runs/`` where
-    it ran here, else ``earlier``'s (the last ``toy_learning.json``), so a rerun of one demo rewrites
-    only its own section."""
+def collect(earlier: dict[str, dict], host: dict[str, str | int]) -> dict[str, dict]:
+    """Every demo that has run: its metrics.json plus its steps, batch size and ``host`` (this
+    machine), from ``runs/`` where it ran here, else ``earlier``'s (the last ``toy_learning.json``),
+    so a rerun of one demo rewrites only its own section."""
     results = {}
     for name, demo in DEMOS.items():
         folder = ROOT / demo.folder
@@ -45,6 +45,7 @@ def collect(earlier: dict[str, dict]) -> dict[str, dict]:
             "steps": config["trainer"]["max_steps"],
             "batch_size": config["data"]["init_args"]["batch_size"],
             "bar": demo.bar,
+            "machine": host,
             "metrics": metrics,
         }
     return results
@@ -59,14 +60,12 @@ def _table(metrics: dict, labels: list[str], groups: list[str], name: str) -> li
     return rows
 
 
-def markdown(results: dict[str, dict], host: dict[str, str | int]) -> str:
+def markdown(results: dict[str, dict]) -> str:
     lines = ["# Toy learning: tiny models on the procedural toy edits", ""]
     lines += [
         "Written by `python benchmarks/toy_learning.py` from `make demo` (DIM), `make demo MODEL=got` (GoT), `make demo MODEL=mind_edit` (MIND-Edit) and `make demo MODEL=imgedit_e1` (ImgEdit-E1).",
         "Score = (agreement inside the edit region + agreement outside) / 2 on the 128-sample held-out split;",
         "copy_source = returning the source unchanged.",
-        "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in host.items()),
         "",
     ]
     for name, result in results.items():
@@ -80,6 +79,8 @@ def markdown(results: dict[str, dict], host: dict[str, str | int]) -> str:
             f"training + evaluation {timings.get('train_and_evaluate', float('nan')):.0f} s, set-up (toy shards) "
             f"{timings.get('setup_data', float('nan')):.0f} s. Bar in zoo/demo.py now: {result['bar']:.2f}; "
             f"the checks below are those of this run. Learned: {metrics.get('learned')}.",
+            "",
+            "Machine: " + ", ".join(f"{k} {v}" for k, v in result.get("machine", {}).items()),
             "",
         ]
         lines += _table(metrics, labels, groups, "score")
@@ -101,16 +102,18 @@ def markdown(results: dict[str, dict], host: dict[str, str | int]) -> str:
 
 def main() -> int:
     saved = ROOT / "benchmarks" / "toy_learning.json"
-    results = collect(json.loads(saved.read_text())["models"] if saved.is_file() else {})
+    last = json.loads(saved.read_text()) if saved.is_file() else {}
+    # a file written before results carried their machine has one machine line for all of them
+    earlier = {name: {"machine": last.get("machine", {}), **result} for name, result in last.get("models", {}).items()}
+    results = collect(earlier, machine())
     if not results:
         print("no demo results under runs/: run `make demo` (and `make demo MODEL=got`) first", file=sys.stderr)
         return 2
-    host = machine()
     out = saved.parent
-    saved.write_text(json.dumps({"machine": host, "models": results}, indent=2) + "\n")
+    saved.write_text(json.dumps({"models": results}, indent=2) + "\n")
     page = out / "toy_learning.md"
     notes = page.read_text().split(NOTES, 1)[1] if page.is_file() and NOTES in page.read_text() else "\n"
-    page.write_text(markdown(results, host) + "\n" + NOTES + notes)
+    page.write_text(markdown(results) + "\n" + NOTES + notes)
     print(f"wrote {out / 'toy_learning.md'} and {out / 'toy_learning.json'} for {', '.join(results)}")
     return 0
 

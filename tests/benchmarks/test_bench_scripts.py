@@ -135,7 +135,9 @@ def test_toy_learning_keeps_the_demos_that_did_not_run_here(tmp_path: Path, monk
     (folder / "metrics.json").write_text(json.dumps({"trained": {"overall": {"score": 0.7}}}))
     (folder / "train" / "config.yaml").write_text("trainer: {max_steps: 3000}\ndata: {init_args: {batch_size: 16}}\n")
     monkeypatch.setattr(toy_learning, "ROOT", tmp_path)
-    earlier = {"dim": {"steps": 1100}, "mind_edit": {"steps": 1000}, "retired": {"steps": 1}}
-    results = toy_learning.collect(earlier)
-    assert list(results) == ["dim", "mind_edit"] and results["dim"] == {"steps": 1100}
+    there, here = {"cpus": 16}, {"cpus": 2}
+    earlier = {"dim": {"steps": 1100, "machine": there}, "mind_edit": {"steps": 1000, "machine": there}, "retired": {"steps": 1}}
+    results = toy_learning.collect(earlier, here)
+    assert list(results) == ["dim", "mind_edit"] and results["dim"] == {"steps": 1100, "machine": there}
     assert results["mind_edit"]["steps"] == 3000 and results["mind_edit"]["metrics"]["trained"]["overall"]["score"] == 0.7
+    assert results["mind_edit"]["machine"] == here  # only the demo that ran here is stamped with this machine
